@@ -18,7 +18,8 @@ def load_recipe(path, overrides=()):
 
 
 def run(recipe, overrides=(), resume: bool = False):
-    """Run a recipe (a path or a loaded :class:`finetune.recipe.Recipe`); returns a :class:`finetune.pipeline.RunResult`."""
+    """Run a recipe (a path or a loaded :class:`finetune.recipe.Recipe`); returns a
+    :class:`finetune.pipeline.RunResult`."""
     from finetune.pipeline import run as _run
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe, overrides)

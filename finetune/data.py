@@ -115,7 +115,8 @@ def prepare(recipe: Recipe) -> PreparedData:
         for k, n in t.rendered.trained_tokens_by_kind().items():
             by_kind[k] += n
     stats = {
-        "train_rows": len(train_ex), "train_examples": len(train), "eval_rows": len(eval_ex), "eval_examples": len(evals),
+        "train_rows": len(train_ex), "train_examples": len(train),
+        "eval_rows": len(eval_ex), "eval_examples": len(evals),
         "dropped_overlong": counts["dropped_overlong"], "truncated": counts["truncated"],
         "eval_dropped_overlong": eval_counts["dropped_overlong"],
         "train_tokens": sum(len(t.ids) for t in train),

@@ -173,8 +173,7 @@ def run(recipe: Recipe, resume: bool = False, echo=print) -> RunResult:
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     tracker, info = _start_tracking(recipe, run_dir, previous, prepared.stats, setup)
     try:
-        result = _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup["device"], tracker, resume,
-                                     echo)
+        result = _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, tracker, resume, echo)
     except BaseException:
         _write_json(run_dir / "run.json", info | {"status": "failed"})
         tracker.close("FAILED")
@@ -185,6 +184,7 @@ def run(recipe: Recipe, resume: bool = False, echo=print) -> RunResult:
 
 def _prepare_data(recipe: Recipe, echo):
     import torch
+
     from finetune.data import prepare
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
@@ -252,18 +252,30 @@ def _record(result: RunResult, info: dict, tracker, started: float, echo) -> Non
          + (f"\nMLflow run {tracker.run_id} in {tracker.uri}" if tracker.run_id else ""))
 
 
-def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, device, tracker, resume, echo) -> RunResult:
+def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, tracker, resume, echo) -> RunResult:
     from tqdm.auto import tqdm
 
     from finetune.train import build_trainer
+    from inference.engine import Engine
     from inference.evaluate import evaluate
 
     loss_examples = [(t.ids, t.weights) for t in prepared.eval]
     ev = recipe.evaluation
+    device = setup["device"]
 
-    def run_eval(label: str) -> dict:
-        with tqdm(total=len(prepared.eval_cases), desc=f"evaluating ({label})", unit="conv", leave=False) as bar:
-            return evaluate(model, loss_examples, prepared.eval_cases, ev.max_new_tokens, device=device, progress=bar)
+    def run_eval(label: str, adapter_dir: Path | None = None) -> dict:
+        # The runtime's own evaluation (as `python -m inference eval`), on the base or on the adapter as saved.
+        engine = Engine.load(setup["model_dir"], adapters={"run": adapter_dir} if adapter_dir else None,
+                             dtype=setup["dtype"], device=device)
+        try:
+            with tqdm(total=len(prepared.eval_cases), desc=f"evaluating ({label})", unit="conv", leave=False) as bar:
+                return evaluate(engine, loss_examples, prepared.eval_cases, ev.max_new_tokens,
+                                model="run" if adapter_dir else None, progress=bar)
+        finally:
+            del engine
+            if device.type == "cuda":
+                import torch
+                torch.cuda.empty_cache()
 
     has_eval = bool(loss_examples or prepared.eval_cases)
     before = None
@@ -288,7 +300,7 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, device, tra
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
 
-    after = run_eval("after") if has_eval else None
+    after = run_eval("after", adapter_dir) if has_eval else None
     if after:
         tracker.log_metrics({f"eval.{k}": v for k, v in after.items() if isinstance(v, (int, float))},
                             trainer.state.global_step)

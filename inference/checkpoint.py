@@ -49,7 +49,8 @@ def read_config(model_dir: str | Path):
     return GptOssConfig.from_dict(raw)
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files (sharded through an index, or one file); only safetensors is read."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -66,7 +67,7 @@ def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     from safetensors import safe_open
     model_dir = Path(model_dir)
     raw: dict[str, torch.Tensor] = {}
-    for path in _safetensors_files(model_dir):
+    for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in f.keys():
                 raw[key] = f.get_tensor(key)

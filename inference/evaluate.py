@@ -1,15 +1,18 @@
 """Evaluation on held-out Harmony conversations: loss/perplexity and what the model actually answers.
 
-Two measurements, one report:
+Two measurements, one report, both on the runtime (:class:`inference.engine.Engine`), for the base model or any
+loaded adapter:
 
-- **loss**: the weighted next-token loss (:mod:`inference.loss`) over the rendered conversations, the same loss
-  training optimises, so "before" and "after" are comparable.
+- **loss**: the weighted next-token loss (:func:`inference.loss.weighted_nll`) over the rendered conversations, the
+  same loss training optimises, so "before" and "after" are comparable.
 - **generation**: each conversation is cut before its last assistant turn; the model completes it greedily from the
-  Harmony prompt; the completion is parsed into channels by openai-harmony. ``exact_match`` compares the final-channel
-  text with the reference (whitespace-stripped); ``final_rate`` is the share of completions that reach a final
-  channel; ``tool_call_json_valid`` the share of generated tool calls whose arguments parse as JSON.
+  Harmony prompt (batched, KV-cached); the completion is parsed into channels by openai-harmony. ``exact_match``
+  compares the final-channel text with the reference (whitespace-stripped); ``final_rate`` is the share of
+  completions that reach a final channel; ``tool_call_json_valid`` the share of generated tool calls whose arguments
+  parse as JSON.
 
-Training's end-of-run evaluation calls :func:`evaluate`; so will ``python -m inference eval``.
+``python -m inference eval`` (:func:`evaluate_file`) and training's before/after evaluation both call
+:func:`evaluate`.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from inference import harmony
-from inference.loss import weighted_loss_sum
-
-PAD_ID = 199999  # <|endoftext|>
+from inference.generate import PAD_ID, greedy_batch
+from inference.loss import weighted_nll
 
 
 @dataclass
@@ -66,51 +69,43 @@ def pad_weighted(ids_rows: list[list[int]], weight_rows: list[list[float]]):
             pad_rows(weight_rows, 0.0, dtype=torch.float32))
 
 
-@torch.no_grad()
-def mean_loss(model, examples: list[tuple[list[int], list[float]]], batch_size: int = 8,
-              device: str | torch.device = "cpu") -> dict:
+@torch.inference_mode()
+def mean_loss(engine, examples: list[tuple[list[int], list[float]]], model: str | None = None,
+              batch_size: int = 8) -> dict:
     """Weighted mean loss over ``(ids, weights)`` examples, and the matching perplexity."""
+    rt, adapter = engine.model, engine.adapter_for(model)
+    head_w = rt.lm_head.effective_weight(adapter)
     total, weight, tokens = 0.0, 0.0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        ids, mask, w = (t.to(device) for t in pad_weighted([c[0] for c in chunk], [c[1] for c in chunk]))
-        s, ws, n = weighted_loss_sum(model, ids, mask, w)
+        ids, mask, w = (t.to(rt.embed.device) for t in pad_weighted([c[0] for c in chunk], [c[1] for c in chunk]))
+        s, ws, n = weighted_nll(rt(ids, mask, adapter=adapter), head_w, rt.lm_head.bias, ids, w)
         total, weight, tokens = total + s.item(), weight + ws.item(), tokens + int(n)
     loss = total / weight if weight else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "loss_tokens": tokens}
 
 
-@torch.no_grad()
-def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-                    device: str | torch.device = "cpu", progress=None) -> list[list[int]]:
-    """Greedy completions (token ids, stop token included if reached) for a batch of Harmony prompts."""
-    stops = harmony.stop_token_ids()
-    outputs = []
+def generate_greedy(engine, prompts: list[list[int]], max_new_tokens: int, model: str | None = None,
+                    batch_size: int = 16, progress=None) -> list[list[int]]:
+    """Greedy completions (token ids, stop token included if reached) of Harmony prompts, in batches."""
+    adapter, stops = engine.adapter_for(model), set(harmony.stop_token_ids())
+    outputs: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids = pad_rows(chunk, PAD_ID, left=True).to(device)
-        mask = pad_rows([[1] * len(p) for p in chunk], 0, left=True).to(device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stops, pad_token_id=PAD_ID)
-        for row in gen[:, ids.shape[1]:].tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            outputs.append(row[:cut])
+        room = engine.context_length - max(len(p) for p in chunk)
+        outputs += greedy_batch(engine.model, chunk, max(0, min(max_new_tokens, room)), stops, adapter) \
+            if room > 0 else [[] for _ in chunk]
         if progress is not None:
             progress.update(len(chunk))
     return outputs
 
 
-def evaluate(model, loss_examples: list[tuple[list[int], list[float]]], cases: list[Case], max_new_tokens: int,
-             device: str | torch.device = "cpu", samples: int = 5, progress=None) -> dict:
-    """The evaluation report (a JSON-able dict) for ``model`` on held-out data."""
-    was_training = model.training
-    model.eval()
-    try:
-        report = mean_loss(model, loss_examples, device=device) if loss_examples else {}
-        completions = generate_greedy(model, [c.prompt_ids for c in cases], max_new_tokens, device=device,
-                                      progress=progress) if cases else []
-    finally:
-        model.train(was_training)
+def evaluate(engine, loss_examples: list[tuple[list[int], list[float]]], cases: list[Case], max_new_tokens: int,
+             model: str | None = None, samples: int = 5, progress=None) -> dict:
+    """The evaluation report (a JSON-able dict) for ``model`` (base id or adapter name) on held-out data."""
+    report = mean_loss(engine, loss_examples, model) if loss_examples else {}
+    completions = generate_greedy(engine, [c.prompt_ids for c in cases], max_new_tokens, model,
+                                  progress=progress) if cases else []
     replies = [harmony.parse_completion(toks) for toks in completions]
     scored = [(c, r) for c, r in zip(cases, replies) if c.reference is not None]
     calls = [call for r in replies for call in r.tool_calls]
@@ -125,6 +120,35 @@ def evaluate(model, loss_examples: list[tuple[list[int], list[float]]], cases: l
                     for c, r in list(zip(cases, replies))[:samples]],
     }
     return report
+
+
+def evaluate_file(engine, path: str | Path, model: str | None = None, max_new_tokens: int = 256,
+                  reasoning_effort: str = "medium", loss_weights: dict[str, float] | None = None,
+                  limit: int | None = None, samples: int = 5, progress=None) -> dict:
+    """Evaluate on a JSON-lines conversation file (OpenAI chat or ShareGPT records, as training reads them).
+
+    Loss weights default to the final channel only; conversations longer than the context window are left out of
+    the loss and counted as ``skipped_overlong``. An example's own ``reasoning_effort`` wins over the argument.
+    """
+    from inference.conversations import load_jsonl_examples
+    examples = load_jsonl_examples(path, limit=limit)
+    weights = loss_weights or {"final": 1.0}
+    loss_examples, cases, skipped = [], [], 0
+    for ex in examples:
+        options = harmony.HarmonyOptions(reasoning_effort=ex.reasoning_effort or reasoning_effort)
+        rendered = harmony.render_for_training(ex.messages, ex.tools, options, weights)
+        if len(rendered.ids) > engine.context_length:
+            skipped += 1
+        elif any(w > 0 for w in rendered.weights):
+            loss_examples.append((rendered.ids, rendered.weights))
+        case = make_case(ex.messages, ex.tools, options, ex.source)
+        if case is not None:
+            cases.append(case)
+    if progress is not None:
+        progress.reset(total=len(cases))
+    report = evaluate(engine, loss_examples, cases, max_new_tokens, model, samples, progress)
+    return {"data": str(path), "model": model or engine.base_id, "max_new_tokens": max_new_tokens,
+            "reasoning_effort": reasoning_effort, "loss_weights": weights, "skipped_overlong": skipped, **report}
 
 
 def _is_json(text: str) -> bool:

@@ -328,6 +328,50 @@ def parse_completion(tokens: list[int]) -> Reply:
     return reply
 
 
+class ReplyStream:
+    """openai-harmony's streaming parser turned into channel deltas, one generated token at a time.
+
+    :meth:`feed` returns ``(kind, text, call)`` pieces: ``kind`` is ``analysis``, ``final``, ``commentary`` (a
+    preamble to the user) or ``tool_call``; ``call`` is the tool-call number (0, 1, ...) and the first piece of
+    each call has ``text == ""`` and announces it (its name is ``self.calls[call]``). After a token Harmony cannot
+    parse, ``broken`` is set and nothing more is parsed.
+    """
+
+    def __init__(self):
+        from openai_harmony import Role, StreamableParser
+        self._parser = StreamableParser(encoding(), role=Role.ASSISTANT)
+        self._announced = -1                # parser message index whose tool call was announced
+        self.calls: list[str] = []          # function names, in call order
+        self.broken = False
+
+    def feed(self, token: int) -> list[tuple[str, str, int]]:
+        if self.broken:
+            return []
+        p = self._parser
+        try:
+            p.process(token)
+        except Exception:  # the model wrote something that is not Harmony: keep what was parsed
+            self.broken = True
+            return []
+        out: list[tuple[str, str, int]] = []
+        recipient = p.current_recipient or ""
+        if recipient.startswith("functions.") and self._announced != len(p.messages):
+            self._announced = len(p.messages)
+            self.calls.append(recipient.removeprefix("functions."))
+            out.append(("tool_call", "", len(self.calls) - 1))
+        text = p.last_content_delta
+        if text:
+            if recipient.startswith("functions."):
+                out.append(("tool_call", text, len(self.calls) - 1))
+            elif recipient:                 # addressed to a built-in tool (browser, python): not for the user
+                pass
+            elif p.current_channel in ("analysis", "final"):
+                out.append((p.current_channel, text, -1))
+            else:
+                out.append(("commentary", text, -1))
+        return out
+
+
 def rendering_hash(options: HarmonyOptions, loss_weights: dict[str, float]) -> str:
     """A short hash identifying how data is rendered (Harmony version, options, weights) for lineage."""
     from importlib.metadata import version

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 CHUNK_ROWS = 1024  # 1024 x 201,088 fp32 logits = 824 MB per chunk at most
 
 
@@ -71,7 +70,7 @@ def causal_lm_parts(model):
 
 def weighted_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum over tokens of ``weight * -log p(token | prefix)``.
+    """Sum over tokens of ``weight * -log p(token | prefix)`` for a transformers causal LM (PEFT-wrapped or not).
 
     ``input_ids``, ``attention_mask``, ``weights``: ``(B, T)``; ``weights[b, t]`` weighs predicting token ``t`` from
     the prefix before it (so position 0 is never predicted). Returns ``(weighted_sum, weight_total, token_count)``,
@@ -79,12 +78,19 @@ def weighted_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     backbone, head = causal_lm_parts(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B,T,H)
+    return weighted_nll(hidden, head.weight, head.bias, input_ids, weights)
+
+
+def weighted_nll(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
+                 input_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`weighted_loss_sum` from final hidden states ``(B, T, H)`` and the output layer ``(V, H)``."""
     target_w = weights[:, 1:].to(torch.float32)          # (B, T-1)
     keep = target_w > 0
     picked = hidden[:, :-1][keep]                        # (N, H): only positions that predict a weighted token
-    if head.bias is not None:  # gpt-oss has no output bias; keep the plain path for heads that do
-        nll = F.cross_entropy(head(picked).float(), input_ids[:, 1:][keep], reduction="none")
+    if head_bias is not None:  # gpt-oss has no output bias; keep the plain path for heads that do
+        nll = F.cross_entropy(F.linear(picked, head_weight, head_bias).float(), input_ids[:, 1:][keep],
+                              reduction="none")
     else:
-        nll = linear_cross_entropy(picked, head.weight, input_ids[:, 1:][keep])
+        nll = linear_cross_entropy(picked, head_weight, input_ids[:, 1:][keep])
     w = target_w[keep]
     return (nll * w).sum(), w.sum(), keep.sum()

@@ -1,0 +1,282 @@
+"""The Python face of the runtime: load once, then chat, complete or stream, with adapters chosen per call.
+
+``Engine.load(model, adapters={"name": dir}, merge=False)`` loads an HF-layout gpt-oss directory (or the tiny
+model's name) with its MXFP4 experts kept packed, plus any number of PEFT adapters. Each adapter is a *model id*:
+``engine.model_ids`` is ``[engine.base_id, *adapter names]`` and every call picks one with ``model=``. With
+``merge=True`` (one adapter) the adapter is folded into the weights and the merged model is served under the
+adapter's name; its experts are then held dense, which costs about four times the packed memory.
+
+Streams yield :class:`Delta` events as tokens arrive and end with exactly one :class:`Completion`. Closing the
+generator early (``gen.close()``, or dropping it) stops generation and frees its KV cache. Generation steps of
+concurrent streams interleave under one lock, so one Engine may serve several threads.
+
+Errors a caller can cause are :class:`inference.errors.UserError` subclasses: bad messages
+(``inference.conversations.MessageError``), :class:`UnknownModel`, :class:`PromptTooLong`, :class:`BadParameter`,
+raised before any token is computed.
+
+    engine = Engine.load("tiny-gpt-oss")
+    reply = engine.chat([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=64)
+    reply.reasoning, reply.content
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+from inference import harmony
+from inference.errors import UserError
+
+
+class UnknownModel(UserError):
+    """A call named a model id that is neither the base nor a loaded adapter."""
+
+
+class PromptTooLong(UserError):
+    """The prompt leaves no room to generate within the context window (checked before any compute)."""
+
+
+class BadParameter(UserError):
+    """A sampling parameter is out of range (the message names it)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` is greedy; ``seed`` makes sampling reproducible."""
+
+    max_tokens: int | None = None     # None: up to the end of the context window
+    temperature: float = 1.0          # 0 <= t <= 2
+    top_p: float = 1.0                # 0 < p <= 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()        # stop strings, matched in the final (content) text; not included in it
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of the reply as it streams.
+
+    ``kind``: ``reasoning`` (analysis channel), ``content`` (final channel, and commentary preambles) or
+    ``tool_call`` (arguments text of tool call number ``index``; the first delta of each call carries ``name`` and
+    ``call_id``).
+    """
+
+    kind: Literal["reasoning", "content", "tool_call"]
+    text: str = ""
+    index: int = 0
+    name: str | None = None
+    call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole reply. ``finish_reason``: ``stop`` (end of turn or a stop string), ``length`` (max_tokens or the
+    context window) or ``tool_calls`` (the model called a tool and waits for its result)."""
+
+    reasoning: str | None
+    content: str | None
+    tool_calls: list[dict]            # [{"id", "name", "arguments"}], arguments a JSON string as the model wrote it
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """A loaded model with its adapters; see the module docstring."""
+
+    def __init__(self, model, base_id: str, context_length: int | None = None):
+        self.model = model                          # inference.runtime.GptOss
+        self.base_id = base_id
+        self.context_length = min(context_length or model.context_length, model.context_length)
+        self._lock = threading.Lock()               # one forward step at a time; streams interleave per token
+        self._stop_ids = set(harmony.stop_token_ids())
+        self._call_id = harmony.encoding().encode("<|call|>", allowed_special="all")[0]
+
+    @property
+    def adapter_ids(self) -> list[str]:
+        return list(self.model.adapters)
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [self.base_id, *self.adapter_ids]
+
+    @classmethod
+    def load(cls, model: str | Path, adapters: dict[str, str | Path] | None = None, merge: bool = False,
+             dtype=None, device=None, name: str | None = None, context_length: int | None = None) -> "Engine":
+        """Load ``model`` (directory, ``tiny-gpt-oss[@seed]`` or a hub id already in the local cache) and adapters.
+
+        ``dtype``/``device`` default to bf16 on CUDA, else fp32 on CPU. ``name`` is the base model's id (default:
+        the name given, or the directory's name). ``context_length`` caps the window below the model's own.
+        """
+        from inference import adapters as lora
+        from inference import runtime
+        from inference.tiny import resolve_model
+        adapters = dict(adapters or {})
+        if merge and len(adapters) != 1:
+            raise UserError(f"merge needs exactly one adapter, got {len(adapters)}")
+        if context_length is not None and context_length < 2:
+            raise UserError(f"context_length must be at least 2, got {context_length}")
+        model_dir = resolve_model(str(model))
+        base_id = name or (str(model) if not Path(str(model)).expanduser().is_dir() else model_dir.name)
+        for adapter_name in adapters:
+            if not adapter_name or adapter_name == base_id or any(c.isspace() for c in adapter_name):
+                raise UserError(f"bad adapter name {adapter_name!r}: needs a non-empty name without spaces that "
+                                f"differs from the base model's id {base_id!r}")
+        rt = runtime.load(model_dir, dtype=dtype, device=device)
+        read = {n: lora.read_adapter(p, rt) for n, p in adapters.items()}  # all checked before any is applied
+        if merge:
+            (base_id, adapter), = read.items()
+            lora.merge(rt, adapter)
+        else:
+            for adapter_name, adapter in read.items():
+                lora.attach(rt, adapter_name, adapter)
+        return cls(rt, base_id, context_length)
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    reasoning_effort: str | None = None) -> list[int]:
+        """OpenAI-style chat messages (+ tools) → Harmony prompt ids ending with ``<|start|>assistant``."""
+        from inference.conversations import normalize_messages, normalize_tools
+        if reasoning_effort is not None and reasoning_effort not in ("low", "medium", "high"):
+            raise BadParameter(f"reasoning_effort must be low, medium or high, got {reasoning_effort!r}")
+        msgs = normalize_messages(messages, where="messages", strict_keys=False)
+        specs = normalize_tools(tools, "tools")
+        options = harmony.HarmonyOptions(reasoning_effort=reasoning_effort or "medium")
+        return harmony.render_prompt(msgs, specs, options)
+
+    def adapter_for(self, model: str | None) -> str | None:
+        """The runtime adapter behind a model id (None for the base); UnknownModel for an id that is not loaded."""
+        model = model or self.base_id
+        if model not in self.model_ids:
+            raise UnknownModel(f"model {model!r} does not exist (available: {', '.join(self.model_ids)})")
+        return None if model == self.base_id else model
+
+    def _check(self, prompt_ids: list[int], params: SamplingParams, model: str | None) -> tuple[str | None, int]:
+        """Validate a request; returns (adapter or None, tokens that may be generated)."""
+        adapter = self.adapter_for(model)
+        checks = [
+            (params.max_tokens is not None and (isinstance(params.max_tokens, bool)
+             or not isinstance(params.max_tokens, int) or params.max_tokens < 1), "max_tokens must be an integer >= 1"),
+            (not isinstance(params.temperature, (int, float)) or not 0 <= params.temperature <= 2,
+             "temperature must be between 0 and 2"),
+            (not isinstance(params.top_p, (int, float)) or not 0 < params.top_p <= 1, "top_p must be in (0, 1]"),
+            (params.seed is not None and (isinstance(params.seed, bool) or not isinstance(params.seed, int)),
+             "seed must be an integer"),
+            (not all(isinstance(x, str) and x for x in params.stop), "stop must be non-empty strings"),
+        ]
+        for bad, message in checks:
+            if bad:
+                raise BadParameter(message)
+        if not prompt_ids:
+            raise BadParameter("the prompt is empty")
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise PromptTooLong(f"the prompt is {len(prompt_ids)} tokens; the context window is {self.context_length}, "
+                                "so no token can be generated")
+        return adapter, min(params.max_tokens or room, room)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+               model: str | None = None) -> Iterator[Delta | Completion]:
+        """Deltas as tokens arrive, then one Completion. Validates ``model``, ``params`` and the prompt length
+        now (this is not a generator function), so errors come before any compute."""
+        adapter, max_new = self._check(list(prompt_ids), params, model)
+        return self._run(list(prompt_ids), params, adapter, max_new)
+
+    def _run(self, prompt: list[int], params: SamplingParams, adapter: str | None,
+             max_new: int) -> Iterator[Delta | Completion]:
+        from inference.generate import stream_tokens
+        parser = harmony.ReplyStream()
+        content = _StopText(params.stop)
+        reasoning: list[str] = []
+        calls: list[dict] = []
+        tokens: list[int] = []
+        finish = "length"
+        gen = stream_tokens(self.model, prompt, max_new, self._stop_ids, params.temperature, params.top_p,
+                            params.seed, adapter, self._lock)
+        try:
+            for token in gen:
+                tokens.append(token)
+                for kind, text, call in parser.feed(token):
+                    if kind == "analysis":
+                        reasoning.append(text)
+                        yield Delta("reasoning", text)
+                    elif kind == "tool_call" and not text:
+                        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "name": parser.calls[call],
+                                      "arguments": ""})
+                        yield Delta("tool_call", "", call, calls[call]["name"], calls[call]["id"])
+                    elif kind == "tool_call":
+                        calls[call]["arguments"] += text
+                        yield Delta("tool_call", text, call)
+                    else:
+                        if content.stopped:
+                            continue
+                        piece = content.add(text)
+                        if piece:
+                            yield Delta("content", piece)
+                if content.stopped or parser.broken:
+                    finish = "stop"
+                    break
+                if token in self._stop_ids:
+                    finish = "tool_calls" if token == self._call_id and calls else "stop"
+        finally:
+            gen.close()     # frees the KV cache now, also when our consumer stopped early
+        rest = content.flush()
+        if rest:
+            yield Delta("content", rest)
+        yield Completion("".join(reasoning) or None, content.text or None, calls, finish, len(prompt), len(tokens),
+                         tokens)
+
+    def complete(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                 model: str | None = None) -> Completion:
+        """Generate to the end and return the whole reply."""
+        *_, done = self.stream(prompt_ids, params, model)
+        return done
+
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, reasoning_effort: str | None = None,
+             model: str | None = None, **sampling) -> Completion:
+        """``complete`` for chat messages; ``sampling`` are :class:`SamplingParams` fields."""
+        return self.complete(self.encode_chat(messages, tools, reasoning_effort), _params(sampling), model)
+
+    def stream_chat(self, messages: list[dict], tools: list[dict] | None = None, reasoning_effort: str | None = None,
+                    model: str | None = None, **sampling) -> Iterator[Delta | Completion]:
+        """``stream`` for chat messages; ``sampling`` are :class:`SamplingParams` fields."""
+        return self.stream(self.encode_chat(messages, tools, reasoning_effort), _params(sampling), model)
+
+
+def _params(sampling: dict) -> SamplingParams:
+    known = set(asdict(SamplingParams()))
+    unknown = sorted(set(sampling) - known)
+    if unknown:
+        raise BadParameter(f"unknown sampling parameter {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    if isinstance(sampling.get("stop"), str):
+        sampling["stop"] = (sampling["stop"],)
+    return SamplingParams(**{**sampling, "stop": tuple(sampling.get("stop", ()))})
+
+
+class _StopText:
+    """Reply text with stop strings cut out: holds back just enough characters to see a stop string whole."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""          # released so far
+        self.pending = ""
+        self.stopped = False
+
+    def add(self, piece: str) -> str:
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
+        else:
+            cut = len(self.pending) - self.hold
+            out, self.pending = self.pending[:max(cut, 0)], self.pending[max(cut, 0):]
+        self.text += out
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        self.text += out
+        return out

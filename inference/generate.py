@@ -1,0 +1,89 @@
+"""Token generation over the runtime's KV cache: one stream with sampling, or a greedy batch for evaluation.
+
+This module knows tokens only (no Harmony text, no HTTP): :func:`stream_tokens` yields one id at a time and stops at
+a stop token or after ``max_new`` tokens; closing the generator frees its cache at once. :func:`greedy_batch`
+completes many prompts together (left-padded) for evaluation. Sampling follows the usual order: temperature, then
+nucleus (top-p) filtering, then a draw from a seeded CPU generator, so a seed gives the same tokens on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from inference.runtime import GptOss
+
+PAD_ID = 199999  # <|endoftext|>: never attended (masked), only fills ragged batches
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Choose the next token from ``logits (V,)``: argmax when ``temperature == 0``, else a tempered nucleus draw."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+        drop = sorted_p.cumsum(0) - sorted_p >= top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def stream_tokens(model: GptOss, prompt: list[int], max_new: int, stop_ids: set[int], temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int | None = None, adapter: str | None = None,
+                  lock: contextlib.AbstractContextManager | None = None) -> Iterator[int]:
+    """Yield up to ``max_new`` generated ids; a stop id is yielded and ends the stream.
+
+    ``lock`` (held around each forward step) lets streams of several threads share one model, interleaved.
+    """
+    lock = lock or contextlib.nullcontext()
+    device = model.embed.device
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    cache = model.new_cache(1, len(prompt) + max_new)
+    ids = torch.tensor([prompt], device=device)
+    with lock:
+        logits = model.logits(model(ids, cache=cache, adapter=adapter)[:, -1], adapter)[0]   # (V,)
+    for step in range(max_new):
+        token = pick(logits, temperature, top_p, generator)
+        yield token
+        if token in stop_ids or step == max_new - 1:
+            return
+        with lock:
+            hidden = model(torch.tensor([[token]], device=device), cache=cache, adapter=adapter)
+            logits = model.logits(hidden[:, -1], adapter)[0]
+
+
+@torch.inference_mode()
+def greedy_batch(model: GptOss, prompts: list[list[int]], max_new: int, stop_ids: set[int],
+                 adapter: str | None = None) -> list[list[int]]:
+    """Greedy completions of ``prompts`` decoded together; each stops at its first stop id (which it keeps)."""
+    device = model.embed.device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):            # left padding: every row's last prompt token in the same column
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        mask[i, width - len(p):] = 1
+    cache = model.new_cache(len(prompts), width + max_new)
+    logits = model.logits(model(ids, mask, cache, adapter)[:, -1], adapter)               # (B, V)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    stops = torch.tensor(sorted(stop_ids), device=device)
+    for step in range(max_new):
+        nxt = torch.argmax(logits, dim=-1)                                                 # (B,)
+        for i in torch.nonzero(~done).flatten().tolist():
+            out[i].append(int(nxt[i]))
+        done |= torch.isin(nxt, stops)
+        if bool(done.all()) or step == max_new - 1:
+            break
+        step_mask = (~done).long()[:, None]   # finished rows feed padding: they no longer change anything
+        hidden = model(torch.where(done, PAD_ID, nxt)[:, None], step_mask, cache, adapter)
+        logits = model.logits(hidden[:, -1], adapter)
+    return out

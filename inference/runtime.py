@@ -1,0 +1,397 @@
+"""The gpt-oss forward pass for inference, with MXFP4 experts kept packed and LoRA adapters beside the base.
+
+This module owns the model: its weights as loaded from an HF-layout directory, the forward pass over a
+:class:`KVCache`, and where adapter weights plug in. It mirrors transformers' eager ``GptOssForCausalLM`` operation
+for operation (RMSNorm in fp32, YaRN rotary embedding, attention with per-head sinks and a sliding window on
+alternate layers, top-k softmax routing, clamped SwiGLU experts with biases), which is its oracle in the tests.
+
+Memory: expert weights stay as the checkpoint's MXFP4 ``*_blocks`` (uint8, 4 bits per weight) and ``*_scales``;
+each forward decodes only the experts its tokens were routed to, one expert at a time, through
+:func:`inference.mxfp4.unpack`. A checkpoint with dense experts (or an adapter merged into them) is held dense.
+
+Shapes: ``B`` batch, ``T`` new tokens, ``S`` keys attended, ``H`` hidden, ``nh``/``kvh`` query/key-value heads,
+``D`` head dim, ``E`` experts, ``I`` expert intermediate size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from inference import mxfp4
+from inference.errors import UserError
+
+QUERY_CHUNK = 1024   # attention scores are (B, nh, QUERY_CHUNK, S) at most, so long prompts don't need T*T memory
+
+
+@dataclass
+class Lora:
+    """One adapter's low-rank update of one weight: ``delta = scale * B @ A``.
+
+    Linear: ``A (r, in)``, ``B (out, r)``. Experts: ``A (E, r, in)``, ``B (E, r, out)`` (per expert).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+class Linear(torch.nn.Module):
+    """``y = x W^T + b`` plus, for the adapter chosen per call, ``scale * (x A^T) B^T`` (never merged unless asked)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)   # (out, in)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.loras: dict[str, Lora] = {}
+
+    def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        lora = self.loras.get(adapter) if adapter else None
+        if lora is not None:
+            y = y + F.linear(F.linear(x, lora.A), lora.B) * lora.scale
+        return y
+
+    def effective_weight(self, adapter: str | None) -> torch.Tensor:
+        """The weight this layer applies for ``adapter``, merged (for losses that take the weight itself)."""
+        lora = self.loras.get(adapter) if adapter else None
+        if lora is None:
+            return self.weight
+        return (self.weight.float() + (lora.B.float() @ lora.A.float()) * lora.scale).to(self.weight.dtype)
+
+    def merge(self, lora: Lora) -> None:
+        delta = (lora.B.float() @ lora.A.float()) * lora.scale
+        self.weight.data = (self.weight.float() + delta).to(self.weight.dtype)
+
+
+class Experts(torch.nn.Module):
+    """The experts of one MoE layer: packed MXFP4 (decoded per routed expert) or dense, plus LoRA side paths.
+
+    Packed: ``gate_up_blocks (E, 2I, H/32, 16)``, ``gate_up_scales (E, 2I, H/32)``, ``down_blocks (E, H, I/32, 16)``,
+    ``down_scales (E, H, I/32)``: rows are output features, as on disk. Dense: ``gate_up (E, H, 2I)``,
+    ``down (E, I, H)``, transformers' layout. Gate and up are interleaved in the 2I outputs (even = gate).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], alpha: float, limit: float, dtype: torch.dtype):
+        super().__init__()
+        self.packed = "gate_up_blocks" in tensors
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.alpha, self.limit, self.dtype = alpha, limit, dtype
+        self.loras: dict[str, dict[str, Lora]] = {}   # adapter -> {"gate_up": Lora, "down": Lora}
+
+    def _weight(self, proj: str, e: int) -> tuple[torch.Tensor, bool]:
+        """Expert ``e``'s weight for ``proj`` and whether it is ``(out, in)`` (packed) rather than ``(in, out)``."""
+        if self.packed:
+            blocks, scales = getattr(self, proj + "_blocks")[e], getattr(self, proj + "_scales")[e]
+            return mxfp4.unpack(blocks, scales, self.dtype), True
+        return getattr(self, proj)[e], False
+
+    def _project(self, x: torch.Tensor, proj: str, e: int, lora: dict[str, Lora] | None) -> torch.Tensor:
+        w, out_in = self._weight(proj, e)
+        y = (F.linear(x, w) if out_in else x @ w) + getattr(self, proj + "_bias")[e]
+        if lora and proj in lora:
+            ab = lora[proj]
+            y = y + (x @ ab.A[e].T) @ ab.B[e] * ab.scale
+        return y
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                adapter: str | None = None) -> torch.Tensor:
+        """``x (N, H)`` routed to ``indices (N, k)`` with ``weights (N, k)`` → ``(N, H)``."""
+        out = torch.zeros_like(x)
+        lora = self.loras.get(adapter) if adapter else None
+        for e in torch.unique(indices).tolist():
+            token, slot = torch.where(indices == e)                                   # (n,), (n,)
+            gate_up = self._project(x[token], "gate_up", e, lora)                     # (n, 2I)
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            glu = gate * torch.sigmoid(gate * self.alpha)
+            y = self._project((up + 1) * glu, "down", e, lora)                        # (n, H)
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out
+
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gate_up (E, H, 2I)`` and ``down (E, I, H)`` in fp32 (all experts decoded; for merging and export)."""
+        if not self.packed:
+            return self.gate_up.float(), self.down.float()
+        return tuple(mxfp4.unpack(getattr(self, p + "_blocks"), getattr(self, p + "_scales")).transpose(1, 2)
+                     for p in ("gate_up", "down"))
+
+    def merge(self, lora: dict[str, Lora]) -> None:
+        """Add an adapter's update for good. Packed experts become dense (requantizing is an export decision)."""
+        gate_up, down = self.dense_weights()
+        for name, w in (("gate_up", gate_up), ("down", down)):
+            if name in lora:
+                ab = lora[name]
+                w += torch.einsum("eri,ero->eio", ab.A.float(), ab.B.float()) * ab.scale
+        for name in ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.register_buffer("gate_up", gate_up.to(self.dtype))
+        self.register_buffer("down", down.to(self.dtype))
+        self.packed = False
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for ``B`` rows generated together.
+
+    Full-attention layers keep every column (``capacity``); sliding-window layers keep a ring of ``window`` columns,
+    since older keys can never be attended again. Each slot records its token's position (``-1``: empty or padding),
+    and attention masks are built from positions, so slot order never matters.
+    """
+
+    def __init__(self, runtime: "GptOss", batch: int, capacity: int):
+        cfg = runtime.cfg
+        dev, dt = runtime.embed.device, runtime.embed.dtype
+        self.capacity = capacity
+        self.columns = 0                                            # columns written so far (pads included)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=dev)   # real tokens seen per row
+        self.size, self.k, self.v, self.pos = [], [], [], []
+        for layer in runtime.layers:
+            size = min(capacity, layer.window) if layer.window else capacity
+            self.size.append(size)
+            self.k.append(torch.zeros(batch, cfg.num_key_value_heads, size, cfg.head_dim, dtype=dt, device=dev))
+            self.v.append(torch.zeros_like(self.k[-1]))
+            self.pos.append(torch.full((batch, size), -1, dtype=torch.long, device=dev))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.pos)
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, t: dict[str, torch.Tensor], cfg, window: int | None):
+        super().__init__()
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, p, Linear(t[p + ".weight"], t.get(p + ".bias")))
+        self.sinks = torch.nn.Parameter(t["sinks"], requires_grad=False)   # (nh,)
+        self.nh, self.kvh, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = window
+
+    def forward(self, x, cos, sin, qpos, cache: KVCache | None, layer: int, adapter: str | None):
+        """``x (B, T, H)``, ``cos/sin (B, T, D/2)``, ``qpos (B, T)`` positions (-1 for padding) → ``(B, T, H)``."""
+        B, T, _ = x.shape
+        q = self.q_proj(x, adapter).view(B, T, self.nh, self.d).transpose(1, 2)     # (B, nh, T, D)
+        k = self.k_proj(x, adapter).view(B, T, self.kvh, self.d).transpose(1, 2)    # (B, kvh, T, D)
+        v = self.v_proj(x, adapter).view(B, T, self.kvh, self.d).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        keys, values, kpos = k, v, qpos
+        if cache is not None:
+            keys, values, kpos = _cache_step(cache, layer, k, v, qpos)
+        rep = self.nh // self.kvh
+        keys = keys.repeat_interleave(rep, dim=1)                                   # (B, nh, S, D)
+        values = values.repeat_interleave(rep, dim=1)
+        out = torch.cat([self._attend(q[:, :, i:i + QUERY_CHUNK], keys, values, qpos[:, i:i + QUERY_CHUNK], kpos)
+                         for i in range(0, T, QUERY_CHUNK)], dim=2)                 # (B, nh, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.d), adapter)
+
+    def _attend(self, q, keys, values, qpos, kpos):
+        allowed = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])  # (B, Tq, S)
+        if self.window:
+            allowed &= qpos[:, :, None] - kpos[:, None, :] < self.window
+        scores = (q @ keys.transpose(2, 3)) * self.d ** -0.5                        # (B, nh, Tq, S)
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1).to(scores.dtype)
+        combined = torch.cat([scores, sinks], dim=-1)       # the sink takes probability mass but has no value
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+        return probs.to(values.dtype) @ values
+
+
+def _cache_step(cache: KVCache, layer: int, k, v, qpos):
+    """Attend over cached + new keys, then store the new ones. Returns ``keys, values (B, kvh, S, D), kpos (B, S)``."""
+    T, size = k.shape[2], cache.size[layer]
+    ck, cv, cp = cache.k[layer], cache.v[layer], cache.pos[layer]
+    filled = min(cache.columns, size)
+    if T == 1:
+        # decode: write first, then attend over the buffer (a full ring then holds exactly the window)
+        slot = cache.columns % size
+        ck[:, :, slot], cv[:, :, slot], cp[:, slot] = k[:, :, 0], v[:, :, 0], qpos[:, 0]
+        n = min(cache.columns + 1, size)
+        return ck[:, :, :n], cv[:, :, :n], cp[:, :n]
+    keys = torch.cat([ck[:, :, :filled], k], dim=2)
+    values = torch.cat([cv[:, :, :filled], v], dim=2)
+    kpos = torch.cat([cp[:, :filled], qpos], dim=1)
+    keep = min(T, size)                                       # a ring only needs the last `size` new columns
+    cols = torch.arange(cache.columns + T - keep, cache.columns + T, device=k.device)
+    slots = cols % size
+    ck.index_copy_(2, slots, k[:, :, -keep:])
+    cv.index_copy_(2, slots, v[:, :, -keep:])
+    cp.index_copy_(1, slots, qpos[:, -keep:])
+    return keys, values, kpos
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on halves (not interleaved pairs), as gpt-oss does. ``x (B, h, T, D)``, ``cos (B, T, D/2)``."""
+    cos, sin = cos[:, None], sin[:, None]
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(x.dtype)
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, t: dict[str, torch.Tensor], cfg, window: int | None, dtype: torch.dtype):
+        super().__init__()
+        self.window = window
+        self.input_norm = RMSNorm(t["input_layernorm.weight"], cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(t["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        self.attn = Attention({k.removeprefix("self_attn."): v for k, v in t.items() if k.startswith("self_attn.")},
+                              cfg, window)
+        self.router = Linear(t["mlp.router.weight"], t["mlp.router.bias"])
+        self.top_k = cfg.num_experts_per_tok
+        experts = {k.removeprefix("mlp.experts.").replace("_proj", ""): v for k, v in t.items()
+                   if k.startswith("mlp.experts.")}
+        self.experts = Experts(experts, getattr(cfg, "swiglu_alpha", 1.702), cfg.swiglu_limit, dtype)
+
+    def forward(self, x, cos, sin, qpos, cache, index, adapter):
+        x = x + self.attn(self.input_norm(x), cos, sin, qpos, cache, index, adapter)
+        h = self.post_norm(x)
+        flat = h.reshape(-1, h.shape[-1])                                   # (B*T, H)
+        top, indices = torch.topk(self.router(flat, adapter), self.top_k, dim=-1)   # (B*T, k)
+        weights = F.softmax(top, dim=1, dtype=top.dtype)
+        return x + self.experts(flat, indices, weights, adapter).view_as(h)
+
+
+class GptOss(torch.nn.Module):
+    """A loaded gpt-oss: :meth:`forward` gives final hidden states, :meth:`logits` the next-token scores."""
+
+    def __init__(self, cfg, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device):
+        super().__init__()
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+        self.cfg, self.dtype = cfg, dtype
+        self.embed = torch.nn.Parameter(tensors.pop("model.embed_tokens.weight"), requires_grad=False)  # (V, H)
+        self.norm = RMSNorm(tensors.pop("model.norm.weight"), cfg.rms_norm_eps)
+        self.lm_head = Linear(tensors.pop("lm_head.weight"), tensors.pop("lm_head.bias", None))
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            prefix = f"model.layers.{i}."
+            mine = {k.removeprefix(prefix): tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+            window = cfg.sliding_window if cfg.layer_types[i] == "sliding_attention" else None
+            layers.append(Layer(mine, cfg, window, dtype))
+        self.layers = torch.nn.ModuleList(layers)
+        with torch.device(device):
+            self.rope = GptOssRotaryEmbedding(cfg)     # YaRN frequencies and scaling, exactly transformers' own
+        self.adapters: list[str] = []
+
+    @property
+    def context_length(self) -> int:
+        return int(self.cfg.max_position_embeddings)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self, batch, capacity)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, adapter: str | None = None) -> torch.Tensor:
+        """``input_ids (B, T)`` (with ``attention_mask (B, T)``, 0 = padding) → final hidden states ``(B, T, H)``.
+
+        With a ``cache``, the tokens continue what it holds; without, they are a whole sequence.
+        """
+        if adapter is not None and adapter not in self.adapters:
+            raise UserError(f"no adapter named {adapter!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+        if cache is not None and cache.columns + input_ids.shape[1] > cache.capacity:
+            raise ValueError(f"KV cache full: {cache.columns} + {input_ids.shape[1]} columns > {cache.capacity}")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+        start = cache.next_pos[:, None] if cache is not None else 0
+        qpos = torch.where(mask.bool(), start + mask.cumsum(1) - 1, -1)            # (B, T)
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope(x, qpos.clamp(min=0))                                   # (B, T, D/2) each
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, qpos, cache, i, adapter)
+        if cache is not None:
+            cache.columns += input_ids.shape[1]
+            cache.next_pos += mask.sum(1)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+        return self.lm_head(hidden, adapter).float()
+
+    def nbytes(self) -> int:
+        """Bytes held by weights (packed experts count at their packed size)."""
+        return sum(t.numel() * t.element_size() for t in list(self.parameters()) + list(self.buffers()))
+
+
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor names and shapes for a gpt-oss config, experts as MXFP4 blocks/scales."""
+    H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    nh, kvh, D, V = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                   p + "self_attn.q_proj.weight": (nh * D, H), p + "self_attn.q_proj.bias": (nh * D,),
+                   p + "self_attn.k_proj.weight": (kvh * D, H), p + "self_attn.k_proj.bias": (kvh * D,),
+                   p + "self_attn.v_proj.weight": (kvh * D, H), p + "self_attn.v_proj.bias": (kvh * D,),
+                   p + "self_attn.o_proj.weight": (H, nh * D), p + "self_attn.o_proj.bias": (H,),
+                   p + "self_attn.sinks": (nh,), p + "mlp.router.weight": (E, H), p + "mlp.router.bias": (E,),
+                   p + "mlp.experts.gate_up_proj_blocks": (E, 2 * I, H // 32, 16),
+                   p + "mlp.experts.gate_up_proj_scales": (E, 2 * I, H // 32),
+                   p + "mlp.experts.gate_up_proj_bias": (E, 2 * I),
+                   p + "mlp.experts.down_proj_blocks": (E, H, I // 32, 16),
+                   p + "mlp.experts.down_proj_scales": (E, H, I // 32),
+                   p + "mlp.experts.down_proj_bias": (E, H)}
+    return shapes
+
+
+def _dense_expert_shapes(cfg, key: str) -> tuple[int, ...] | None:
+    H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    if key.endswith("mlp.experts.gate_up_proj"):
+        return (E, H, 2 * I)
+    if key.endswith("mlp.experts.down_proj"):
+        return (E, I, H)
+    return None
+
+
+def read_tensors(model_dir: Path, cfg, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, checked against the config; MXFP4 stays uint8, everything else becomes ``dtype``."""
+    from safetensors import safe_open
+
+    from inference.checkpoint import safetensors_files
+    expected = expected_shapes(cfg)
+    tensors: dict[str, torch.Tensor] = {}
+    problems = []
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                want = expected.get(key) or _dense_expert_shapes(cfg, key)
+                if want is None:
+                    problems.append(f"unexpected tensor {key}")
+                    continue
+                if shape != want:
+                    problems.append(f"{key} has shape {shape}, config.json implies {want}")
+                    continue
+                t = f.get_tensor(key)
+                tensors[key] = t if t.dtype == torch.uint8 else t.to(dtype)
+    for key in expected:
+        dense = key.removesuffix("_blocks").removesuffix("_scales")
+        if key not in tensors and dense not in tensors:
+            problems.append(f"missing tensor {key}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{model_dir}: weights do not match config.json: {'; '.join(problems[:3])}{more}")
+    return tensors
+
+
+def load(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> GptOss:
+    """Load an HF-layout gpt-oss directory. Defaults: CUDA + bf16 when available, else CPU + fp32."""
+    from inference.checkpoint import read_config
+    model_dir = Path(model_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = read_config(model_dir)
+    model = GptOss(cfg, read_tensors(model_dir, cfg, dtype, device), dtype, device)
+    return model.eval()

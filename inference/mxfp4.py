@@ -24,19 +24,28 @@ SCALE_BIAS = 127
 _THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 
 
+def _byte_lut(dtype: torch.dtype, device) -> torch.Tensor:
+    """``(256, 2)``: the two e2m1 values of every byte, low nibble first."""
+    fp4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    codes = torch.arange(256)
+    return torch.stack((fp4[codes & 0x0F], fp4[codes >> 4]), dim=-1).to(dtype=dtype, device=device)
+
+
 def unpack(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Decode MXFP4 ``blocks (..., G, 16)`` + ``scales (..., G)`` into ``(..., G * 32)`` of ``dtype``."""
+    """Decode MXFP4 ``blocks (..., G, 16)`` + ``scales (..., G)`` into ``(..., G * 32)`` of ``dtype``.
+
+    One gather per byte (two values) and one multiply by ``2 ** (scale - 127)``: exact in float32 and bfloat16, which
+    share float32's exponent range (so the work happens in ``dtype`` itself); other dtypes go through float32.
+    """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
     if blocks.shape[-1] != GROUP // 2 or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 shapes do not match: blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    lo = lut[(blocks & 0x0F).long()]                      # (..., G, 16)
-    hi = lut[(blocks >> 4).long()]                        # (..., G, 16)
-    values = torch.stack((lo, hi), dim=-1).flatten(-2)    # (..., G, 32), low nibble first
-    exponent = scales.to(torch.int32) - SCALE_BIAS        # (..., G)
-    values = torch.ldexp(values, exponent.unsqueeze(-1).to(torch.float32))
-    return values.flatten(-2).to(dtype)
+    work = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    values = _byte_lut(work, blocks.device)[blocks.int()]                              # (..., G, 16, 2)
+    exponent = (scales.to(torch.int32) - SCALE_BIAS).to(torch.float32)                 # (..., G)
+    scale = torch.exp2(exponent).to(work)[..., None, None]                             # (..., G, 1, 1)
+    return (values * scale).flatten(-3).to(dtype)
 
 
 def pack(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

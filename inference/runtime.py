@@ -101,18 +101,50 @@ class Experts(torch.nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 adapter: str | None = None) -> torch.Tensor:
         """``x (N, H)`` routed to ``indices (N, k)`` with ``weights (N, k)`` → ``(N, H)``."""
-        out = torch.zeros_like(x)
         lora = self.loras.get(adapter) if adapter else None
-        for e in torch.unique(indices).tolist():
+        if indices.numel() <= self.num_experts:
+            return self._forward_gathered(x, indices, weights, lora)
+        out = torch.zeros_like(x)
+        for e in torch.unique(indices).tolist():   # each routed expert decoded once, for all its tokens
             token, slot = torch.where(indices == e)                                   # (n,), (n,)
             gate_up = self._project(x[token], "gate_up", e, lora)                     # (n, 2I)
-            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-            gate = gate.clamp(max=self.limit)
-            up = up.clamp(min=-self.limit, max=self.limit)
-            glu = gate * torch.sigmoid(gate * self.alpha)
-            y = self._project((up + 1) * glu, "down", e, lora)                        # (n, H)
+            y = self._project(self._glu(gate_up), "down", e, lora)                    # (n, H)
             out.index_add_(0, token, y * weights[token, slot, None])
         return out
+
+    @property
+    def num_experts(self) -> int:
+        return (self.gate_up_blocks if self.packed else self.gate_up).shape[0]
+
+    def _glu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]          # interleaved, as gpt-oss stores them
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def _forward_gathered(self, x, indices, weights, lora):
+        """Decoding path: few tokens, so decode just the ``N*k`` routed (token, expert) weights in one batch,
+        with no per-expert loop and no host synchronisation."""
+        n, k = indices.shape
+        flat = indices.reshape(-1)                                                    # (n*k,)
+        xs = x.repeat_interleave(k, dim=0)                                            # (n*k, H)
+        h = self._glu(self._project_gathered(xs, "gate_up", flat, lora))              # (n*k, I)
+        y = self._project_gathered(h, "down", flat, lora)                             # (n*k, H)
+        return (y.view(n, k, -1) * weights[..., None]).sum(dim=1)
+
+    def _project_gathered(self, x, proj: str, flat, lora) -> torch.Tensor:
+        if self.packed:
+            w = mxfp4.unpack(getattr(self, proj + "_blocks")[flat], getattr(self, proj + "_scales")[flat],
+                             self.dtype)                                              # (n*k, out, in)
+            y = torch.bmm(w, x[:, :, None])[:, :, 0]
+        else:
+            y = torch.bmm(x[:, None, :], getattr(self, proj)[flat])[:, 0]            # (n*k, in, out)
+        y = y + getattr(self, proj + "_bias")[flat]
+        if lora and proj in lora:
+            ab = lora[proj]
+            low = torch.bmm(ab.A[flat], x[:, :, None])[:, :, 0]                      # (n*k, r)
+            y = y + torch.bmm(low[:, None, :], ab.B[flat])[:, 0] * ab.scale          # (n*k, out)
+        return y
 
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``gate_up (E, H, 2I)`` and ``down (E, I, H)`` in fp32 (all experts decoded; for merging and export)."""

@@ -161,7 +161,7 @@ def to_example(record: Any, source: str, format: str = "auto", require_assistant
     else:
         messages = _normalize(_sharegpt_items(record, source))
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise MessageError(f"{source}: no assistant message to train on")
+        raise MessageError(f"{source}: no assistant message (nothing to train on or evaluate)")
     effort = record.get("reasoning_effort")
     if effort is not None and effort not in EFFORTS:
         raise MessageError(f"{source}: reasoning_effort must be one of {', '.join(EFFORTS)}, got {effort!r}")

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 from inference import harmony
 from inference.errors import UserError
@@ -51,7 +51,7 @@ class SamplingParams:
     temperature: float = 1.0          # 0 <= t <= 2
     top_p: float = 1.0                # 0 < p <= 1
     seed: int | None = None
-    stop: tuple[str, ...] = ()        # stop strings, matched in the final (content) text; not included in it
+    stop: tuple[str, ...] = ()        # stop strings (or one string), matched in the content; not included in it
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,14 @@ class Delta:
 
 @dataclass(frozen=True)
 class Completion:
-    """A whole reply. ``finish_reason``: ``stop`` (end of turn or a stop string), ``length`` (max_tokens or the
-    context window) or ``tool_calls`` (the model called a tool and waits for its result)."""
+    """A whole reply. ``finish_reason``: ``stop`` (end of turn, a stop string, or output Harmony cannot parse),
+    ``length`` (max_tokens or the context window), ``tool_calls`` (the model called a tool and waits for its result)
+    or ``cancelled`` (the caller's ``cancelled()`` said so)."""
 
     reasoning: str | None
     content: str | None
     tool_calls: list[dict]            # [{"id", "name", "arguments"}], arguments a JSON string as the model wrote it
-    finish_reason: Literal["stop", "length", "tool_calls"]
+    finish_reason: Literal["stop", "length", "tool_calls", "cancelled"]
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
@@ -177,15 +178,18 @@ class Engine:
                                 "so no token can be generated")
         return adapter, min(params.max_tokens or room, room)
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
-               model: str | None = None) -> Iterator[Delta | Completion]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), model: str | None = None,
+               cancelled: Callable[[], bool] | None = None) -> Iterator[Delta | Completion]:
         """Deltas as tokens arrive, then one Completion. Validates ``model``, ``params`` and the prompt length
-        now (this is not a generator function), so errors come before any compute."""
+        now (this is not a generator function), so errors come before any compute. ``cancelled`` is asked after
+        every token, visible or not (a server passes "has the client gone?")."""
+        if isinstance(params.stop, str):   # one stop string, not its characters
+            params = replace(params, stop=(params.stop,))
         adapter, max_new = self._check(list(prompt_ids), params, model)
-        return self._run(list(prompt_ids), params, adapter, max_new)
+        return self._run(list(prompt_ids), params, adapter, max_new, cancelled)
 
-    def _run(self, prompt: list[int], params: SamplingParams, adapter: str | None,
-             max_new: int) -> Iterator[Delta | Completion]:
+    def _run(self, prompt: list[int], params: SamplingParams, adapter: str | None, max_new: int,
+             cancelled: Callable[[], bool] | None) -> Iterator[Delta | Completion]:
         from inference.generate import stream_tokens
         parser = harmony.ReplyStream()
         content = _StopText(params.stop)
@@ -217,6 +221,9 @@ class Engine:
                             yield Delta("content", piece)
                 if content.stopped or parser.broken:
                     finish = "stop"
+                    break
+                if cancelled is not None and cancelled():
+                    finish = "cancelled"
                     break
                 if token in self._stop_ids:
                     finish = "tool_calls" if token == self._call_id and calls else "stop"

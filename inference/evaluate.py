@@ -132,6 +132,15 @@ def evaluate_file(engine, path: str | Path, model: str | None = None, max_new_to
     """
     from inference.conversations import load_jsonl_examples
     examples = load_jsonl_examples(path, limit=limit)
+    report = evaluate_examples(engine, examples, model, max_new_tokens, reasoning_effort, loss_weights, samples,
+                               progress)
+    return {"data": str(path), **report}
+
+
+def evaluate_examples(engine, examples: list, model: str | None = None, max_new_tokens: int = 256,
+                      reasoning_effort: str = "medium", loss_weights: dict[str, float] | None = None,
+                      samples: int = 5, progress=None) -> dict:
+    """:func:`evaluate_file` on conversations already read (``inference.conversations.Example``)."""
     weights = loss_weights or {"final": 1.0}
     loss_examples, cases, skipped = [], [], 0
     for ex in examples:
@@ -147,7 +156,7 @@ def evaluate_file(engine, path: str | Path, model: str | None = None, max_new_to
     if progress is not None:
         progress.reset(total=len(cases))
     report = evaluate(engine, loss_examples, cases, max_new_tokens, model, samples, progress)
-    return {"data": str(path), "model": model or engine.base_id, "max_new_tokens": max_new_tokens,
+    return {"model": model or engine.base_id, "max_new_tokens": max_new_tokens,
             "reasoning_effort": reasoning_effort, "loss_weights": weights, "skipped_overlong": skipped, **report}
 
 

@@ -1,0 +1,497 @@
+"""An OpenAI-compatible HTTP server over :class:`inference.engine.Engine`, on the standard library alone.
+
+Routes (all of them behind ``Authorization: Bearer KEY`` when the server has an API key):
+
+- ``GET  /health``               ``{"status": "ok", "active_generations": N}``
+- ``GET  /v1/models``            the base model and each adapter, as OpenAI model objects
+- ``GET  /v1/models/{id}``       one of them (404 when unknown)
+- ``POST /v1/chat/completions``  a chat completion, whole or streamed as server-sent events
+
+Every error is OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}``. A request is validated in
+full (fields, model id, messages, prompt length) before any compute, and a stream's headers go out only once the
+engine has accepted it, so a bad request is always a plain JSON error. A client that goes away stops its generation
+at the next delta (a failed write when streaming, end-of-file on its socket otherwise). The server binds 127.0.0.1
+unless told otherwise, and then only with an API key. ``make_server`` builds it (``port=0``: a free port), ``serve``
+runs it until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import select
+import socket
+import socketserver
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+from inference.engine import Completion, Delta, Engine, PromptTooLong, SamplingParams, UnknownModel
+from inference.errors import UserError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+REASONING_EFFORTS = ("low", "medium", "high")
+MAX_STOP_STRINGS = 4
+# What writing to (or reading from) a connection the client has dropped raises: it ends that request, never the server.
+DISCONNECTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+
+class ApiError(Exception):
+    """A request that fails as OpenAI's API would fail it: an HTTP status and an OpenAI error object."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def from_user_error(exc: UserError) -> ApiError:
+    """The engine's errors with OpenAI's statuses and codes. The others (``MessageError`` for messages and tools,
+    ``BadParameter``) are plain 400s whose message already says which field and where."""
+    if isinstance(exc, UnknownModel):
+        return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, PromptTooLong):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    return ApiError(400, str(exc))
+
+
+# ---------------------------------------------------------------------------------------------- request validation
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated ``POST /v1/chat/completions`` body."""
+
+    model: str
+    messages: list[dict]
+    tools: list[dict] | None
+    reasoning_effort: str | None
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _typed(body: dict, name: str, types: tuple[type, ...], expected: str):
+    """``body[name]`` if it has one of ``types`` (null counts as absent); bool never passes for a number."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ApiError(400, f"'{name}' must be {expected}, got {json.dumps(value)[:80]}", param=name)
+    return value
+
+
+def _in_range(body: dict, name: str, ok, expected: str, types: tuple[type, ...] = (int, float)):
+    value = _typed(body, name, types, expected)
+    if value is not None and not ok(value):
+        raise ApiError(400, f"'{name}' must be {expected}, got {value!r}", param=name)
+    return value
+
+
+def _tools(body: dict) -> list | None:
+    """``tools`` for the engine (which validates them), or None when ``tool_choice`` is "none"."""
+    choice = body.get("tool_choice")
+    if choice == "required" or isinstance(choice, dict):
+        # Harmony has no way to force a call; pretending to honour it would silently return plain text.
+        raise ApiError(400, "tool_choice 'required' or a named function is not supported; use 'auto' or 'none'",
+                       param="tool_choice", code="unsupported_value")
+    if choice not in (None, "auto", "none"):
+        raise ApiError(400, f"'tool_choice' must be 'auto' or 'none', got {json.dumps(choice)[:80]}",
+                       param="tool_choice")
+    return None if choice == "none" else body.get("tools")
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = _typed(body, "stop", (str, list), "a string or a list of up to 4 strings")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
+    return tuple(stops)
+
+
+def _max_tokens(body: dict, cap: int) -> int:
+    """``max_completion_tokens`` (the current name) or ``max_tokens`` (the old one), capped; the cap by default."""
+    values = [_in_range(body, name, lambda v: v >= 1, "an integer >= 1", (int,))
+              for name in ("max_completion_tokens", "max_tokens")]
+    return min(next((v for v in values if v is not None), cap), cap)
+
+
+def parse_chat(body: dict, model_ids: list[str], max_tokens_cap: int) -> ChatRequest:
+    """Check every field we read; unknown fields are ignored, as OpenAI-compatible servers commonly do."""
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' is required and must be a string", param="model")
+    if model not in model_ids:
+        raise ApiError(404, f"The model '{model}' does not exist; available: {', '.join(model_ids)}",
+                       param="model", code="model_not_found")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' is required and must be a non-empty list", param="messages")
+    _in_range(body, "n", lambda v: v == 1, "1 (one choice per request)", (int,))
+    if _typed(body, "logprobs", (bool,), "a boolean"):
+        raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
+    effort = _typed(body, "reasoning_effort", (str,), "'low', 'medium' or 'high'")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise ApiError(400, f"'reasoning_effort' must be 'low', 'medium' or 'high', got {effort!r}",
+                       param="reasoning_effort")
+    temperature = _in_range(body, "temperature", lambda v: 0 <= v <= 2, "a number between 0 and 2")
+    top_p = _in_range(body, "top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
+    # int64, as OpenAI documents it (and what torch's generator seeding accepts).
+    seed = _in_range(body, "seed", lambda v: -2**63 <= v < 2**63, "a 64-bit integer", (int,))
+    stream = bool(_typed(body, "stream", (bool,), "a boolean"))
+    options = _typed(body, "stream_options", (dict,), "an object") or {}
+    include_usage = bool(_typed(options, "include_usage", (bool,), "a boolean"))
+    params = SamplingParams(max_tokens=_max_tokens(body, max_tokens_cap),
+                            temperature=1.0 if temperature is None else float(temperature),
+                            top_p=1.0 if top_p is None else float(top_p), seed=seed, stop=_stop(body))
+    return ChatRequest(model, messages, _tools(body), effort, params, stream, include_usage)
+
+
+# ---------------------------------------------------------------------------------------------- response shapes
+
+def message_of(completion: Completion) -> dict:
+    message = {"role": "assistant", "content": completion.content, "reasoning": completion.reasoning}
+    if completion.tool_calls:
+        message["tool_calls"] = [{"id": call["id"], "type": "function",
+                                  "function": {"name": call["name"], "arguments": call["arguments"]}}
+                                 for call in completion.tool_calls]
+    return message
+
+
+def usage_of(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def delta_of(event: Delta) -> dict:
+    """One engine delta as a chunk's ``delta``; a tool call's id, type and name go only with its first piece."""
+    if event.kind != "tool_call":
+        return {event.kind: event.text}
+    call: dict = {"index": event.index, "function": {"arguments": event.text}}
+    if event.name is not None:
+        call.update(id=event.call_id, type="function")
+        call["function"]["name"] = event.name
+    return {"tool_calls": [call]}
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+class ChatServer(ThreadingHTTPServer):
+    """One thread per connection; all of them share one engine (which interleaves concurrent generations).
+
+    ``server_close`` ends every open connection and waits for the handler threads: a thread still inside torch when
+    the interpreter exits aborts the process ("terminate called without an active exception"), so none may outlive
+    the server. A generation in progress stops at its next delta, when it finds its client gone.
+    """
+
+    daemon_threads = False  # so that server_close joins the handler threads
+
+    def __init__(self, address: tuple[str, int], engine: Engine, api_key: str | None, max_body_bytes: int,
+                 max_tokens_cap: int, verbose: bool):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.engine, self.api_key, self.verbose = engine, api_key, verbose
+        self.max_body_bytes, self.max_tokens_cap = max_body_bytes, max_tokens_cap
+        self.created = int(time.time())
+        self.active_generations = 0
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        super().__init__(address, ChatHandler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that can stall for seconds offline.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self):
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:  # wakes idle keep-alive readers; a generation sees its client gone
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by the client
+                pass
+        super().server_close()
+
+    def handle_error(self, request, client_address):
+        # socketserver would print a traceback; a client resetting an idle keep-alive connection is normal.
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, DISCONNECTED):
+            print(f"server error with {client_address[0]}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    @contextmanager
+    def generation(self):
+        with self._lock:
+            self.active_generations += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.active_generations -= 1
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: every response carries Content-Length or is chunked
+    timeout = 300                  # an idle or stalled connection gives its thread back
+    server: ChatServer
+
+    def do_GET(self):
+        self._handle()
+
+    def do_POST(self):
+        self._handle()
+
+    do_PUT = do_DELETE = do_PATCH = do_POST  # routed, so a known path answers 405 rather than 501
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _handle(self):
+        self._body_read = self._streaming = False
+        try:
+            self._authorize()
+            self._route()()
+        except ApiError as err:
+            self._send_error(err)
+        except DISCONNECTED:
+            self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: log one line, answer 500, keep serving
+            self._log_failure(exc)
+            if self._streaming:  # too late for a status line: drop the connection
+                self.close_connection = True
+            else:
+                self._send_error(ApiError(500, "internal server error", "server_error"))
+
+    def _log_failure(self, exc: Exception):
+        print(f"server error on {self.command} {self.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def _authorize(self):
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           "authentication_error", code="invalid_api_key")
+
+    def _route(self):
+        path = urlsplit(self.path).path
+        if path == "/health":
+            allowed, handler = "GET", self._health
+        elif path == "/v1/models":
+            allowed, handler = "GET", self._models
+        elif path.startswith("/v1/models/"):
+            allowed, handler = "GET", lambda: self._model(unquote(path.removeprefix("/v1/models/")))
+        elif path == "/v1/chat/completions":
+            allowed, handler = "POST", self._chat
+        else:
+            raise ApiError(404, f"no route {path}", "not_found_error")
+        if self.command != allowed:
+            raise ApiError(405, f"{path} accepts {allowed}, not {self.command}")
+        return handler
+
+    # ------------------------------------------------------------------ routes
+
+    def _health(self):
+        self._send_json(200, {"status": "ok", "active_generations": self.server.active_generations})
+
+    def _model_object(self, model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": self.server.created, "owned_by": "local"}
+
+    def _models(self):
+        self._send_json(200, {"object": "list", "data": [self._model_object(m) for m in self.server.engine.model_ids]})
+
+    def _model(self, model_id: str):
+        if model_id not in self.server.engine.model_ids:
+            raise ApiError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        self._send_json(200, self._model_object(model_id))
+
+    def _chat(self):
+        engine = self.server.engine
+        request = parse_chat(self._read_json(), engine.model_ids, self.server.max_tokens_cap)
+        try:
+            prompt = engine.encode_chat(request.messages, request.tools, request.reasoning_effort)
+        except UserError as exc:
+            raise from_user_error(exc) from None
+        with self.server.generation():
+            try:  # the engine checks model, parameters and prompt length here, before any compute
+                events = engine.stream(prompt, request.params, model=request.model, cancelled=self._client_gone)
+            except UserError as exc:
+                raise from_user_error(exc) from None
+            envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": request.model}
+            try:
+                if request.stream:
+                    self._stream(request, events, envelope)
+                else:
+                    completion = self._last(events)
+                    self._send_json(200, {**envelope, "object": "chat.completion",
+                                          "choices": [{"index": 0, "message": message_of(completion),
+                                                       "finish_reason": completion.finish_reason}],
+                                          "usage": usage_of(completion)})
+            finally:
+                events.close()  # stops the generation when the client left or anything failed
+
+    def _last(self, events: Iterator[Delta | Completion]) -> Completion:
+        """Run a generation to its Completion; the engine gives up as soon as the client is gone."""
+        for event in events:   # the engine asks _client_gone after every token
+            if isinstance(event, Completion):
+                if event.finish_reason == "cancelled":
+                    raise ConnectionAbortedError("client closed the connection while waiting for its reply")
+                return event
+        raise RuntimeError("the engine's stream ended without a Completion")
+
+    def _client_gone(self) -> bool:
+        """True once the client has closed its end: the socket reads as end-of-file without blocking."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        try:
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _stream(self, request: ChatRequest, events: Iterator[Delta | Completion], envelope: dict):
+        """Server-sent events over chunked transfer: role, deltas, finish reason, usage (if asked), [DONE]."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._streaming = True
+        envelope = {**envelope, "object": "chat.completion.chunk"}
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+            return {**envelope, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+        self._send_event(chunk({"role": "assistant", "content": ""}))
+        try:
+            for event in events:
+                if isinstance(event, Completion):
+                    if event.finish_reason == "cancelled":
+                        raise ConnectionAbortedError("client closed the connection mid-stream")
+                    self._send_event(chunk({}, event.finish_reason))
+                    if request.include_usage:
+                        self._send_event({**envelope, "choices": [], "usage": usage_of(event)})
+                else:
+                    self._send_event(chunk(delta_of(event)))
+        except DISCONNECTED:
+            raise
+        # Headers are out, so a failure is reported in-band (as OpenAI does) and the stream still ends properly.
+        except Exception as exc:  # noqa: BLE001 - as in _handle
+            self._log_failure(exc)
+            self._send_event(ApiError(500, "internal server error", "server_error").body())
+        self._write_chunk(b"data: [DONE]\n\n")
+        self._write_chunk(b"")  # the zero-length chunk ends the body; the connection stays usable
+
+    # ------------------------------------------------------------------ I/O
+
+    def _content_length(self) -> int:
+        if "Content-Length" not in self.headers:
+            raise ApiError(411, "a Content-Length header is required")
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            raise ApiError(400, "Content-Length must be an integer") from None
+        if length < 0:
+            raise ApiError(400, "Content-Length must not be negative")
+        if length > self.server.max_body_bytes:
+            raise ApiError(413, f"request body of {length} bytes exceeds the limit of {self.server.max_body_bytes}")
+        return length
+
+    def _read_json(self) -> dict:
+        length = self._content_length()
+        raw = self.rfile.read(length)
+        self._body_read = True
+        if len(raw) < length:
+            raise ConnectionResetError("client closed the connection mid-body")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def _discard_body(self):
+        """Read an unread body, or close the connection: left in the socket it would parse as the next request."""
+        if self._body_read or not ("Content-Length" in self.headers or "Transfer-Encoding" in self.headers):
+            return
+        try:
+            self.rfile.read(self._content_length())
+        except ApiError:  # no usable length, or too big to read just to throw away
+            self.close_connection = True
+
+    def _send_json(self, status: int, payload: dict, headers: dict | None = None):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":  # a HEAD answer has the headers of the body it does not send
+            self.wfile.write(data)
+
+    def _send_error(self, err: ApiError):
+        self._discard_body()
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        self._send_json(err.status, err.body(), headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """The standard library's own errors (malformed request line, unknown method) as OpenAI-shaped JSON."""
+        self.close_connection = True
+        error = ApiError(code, message or HTTPStatus(code).phrase, "server_error" if code >= 500 else
+                         "invalid_request_error")
+        self._send_json(code, error.body())
+
+    def _send_event(self, payload: dict):
+        self._write_chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    def _write_chunk(self, data: bytes):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def log_message(self, format: str, *args):
+        if self.server.verbose:
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+
+
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+                max_body_bytes: int = 1_000_000, max_tokens_cap: int = 4096, verbose: bool = False) -> ChatServer:
+    """A bound, not yet serving server (``port=0`` picks a free port: read ``server.server_address``)."""
+    if host not in LOCAL_HOSTS and not api_key:
+        raise UserError(f"refusing to listen on {host} without --api-key (anyone who can reach it could use it)")
+    return ChatServer((host, port), engine, api_key, max_body_bytes, max_tokens_cap, verbose)
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **options) -> None:
+    """Serve until Ctrl-C, then shut down quietly."""
+    server = make_server(engine, host, port, api_key, **options)
+    print(f"serving {', '.join(engine.model_ids)} at {server.url}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        server.server_close()

@@ -13,6 +13,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+# tests/gpu needs a CUDA GPU: on the device machine, `python -m pytest tests/gpu`; elsewhere it is not collected.
+collect_ignore = [] if _cuda() else ["gpu"]
+
+
 def pytest_configure(config):
     # One private cache for the whole session (subprocesses inherit it); the tiny model is built on first use.
     if "GPT_OSS_WORKBENCH_CACHE" not in os.environ:

@@ -62,7 +62,7 @@ def test_a_request_needs_no_assistant_message_but_a_training_record_does():
     assert normalize_messages([USER]) == [USER]
     record = {"messages": [USER]}
     assert to_example(record, "r", require_assistant=False).messages == [USER]
-    with pytest.raises(MessageError, match="^r: no assistant message to train on$"):
+    with pytest.raises(MessageError, match=r"^r: no assistant message \(nothing to train on or evaluate\)$"):
         to_example(record, "r")
 
 

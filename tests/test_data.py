@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO
+
 from finetune.data import prepare, preview
 from finetune.datasets import DataError
 from finetune.recipe import load_recipe

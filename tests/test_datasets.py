@@ -245,7 +245,7 @@ BAD = [  # (records, line of the bad one, fragment of the message)
      "message 1: content part 1"),
     ([{"messages": [{"role": "user"}, ASSISTANT]}], 1, "message 1: user message has no content"),
     ([{"messages": [USER, {"role": "assistant", "content": None}]}], 1, "message 2: assistant message has no content"),
-    ([CHAT, {"messages": [USER]}], 2, "no assistant message to train on"),
+    ([CHAT, {"messages": [USER]}], 2, "no assistant message (nothing to train on or evaluate)"),
     ([{**CHAT, "reasoning_effort": "max"}], 1, "reasoning_effort must be one of low, medium, high, got 'max'"),
     ([{"messages": [USER, {**ASSISTANT, "extra": 1}]}], 1, "message 2: unknown key 'extra'"),
     ([{"messages": [USER, {**ASSISTANT, "weight": 0.5}]}], 1, "message 2: weight must be 0 or 1"),

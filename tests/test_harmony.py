@@ -301,7 +301,8 @@ def test_three_turns_drop_every_earlier_turns_analysis():
     the spec drops the reasoning of every turn that already ended in a final answer."""
     msgs = []
     for i in (1, 2, 3):
-        msgs += [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "thinking": f"T{i}.", "content": f"F{i}."}]
+        msgs += [{"role": "user", "content": f"Q{i}?"},
+                 {"role": "assistant", "thinking": f"T{i}.", "content": f"F{i}."}]
     r = render_for_training(msgs, None, HarmonyOptions(), {"final": 1.0, "analysis": 1.0})
     check_invariants(r)
     kept = [oracle_system(), o_user("Q1?"), o_assistant("F1.", "final"), o_user("Q2?"), o_assistant("F2.", "final"),
@@ -409,7 +410,7 @@ def test_unknown_role_is_a_user_error():
     assert "robot" in str(info.value) and "\n" not in str(info.value)
 
 
-# ----------------------------------------------------------------------------------------------------- prompts & parsing
+# ---------------------------------------------------------------------------------------------------- prompts & parsing
 
 def test_render_prompt_ends_with_assistant_header_and_matches_training_prefix():
     header = enc().encode("<|start|>assistant", allowed_special="all")

@@ -26,7 +26,8 @@ def test_inference_never_imports_finetune():
 
 
 def test_only_the_tracking_module_imports_mlflow():
-    users = sorted(str(p.relative_to(REPO)) for folder in ("finetune", "inference") for p in (REPO / folder).rglob("*.py")
+    users = sorted(str(p.relative_to(REPO)) for folder in ("finetune", "inference")
+                   for p in (REPO / folder).rglob("*.py")
                    if any(m.split(".")[0] == "mlflow" for m in imported_modules(p)))
     assert users == ["finetune/tracking.py"]
 

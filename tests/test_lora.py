@@ -20,6 +20,7 @@ from finetune.model import add_lora, coverage, format_coverage
 from finetune.recipe import load_recipe
 from inference.errors import UserError
 
+
 def make_recipe(tmp_path, overrides=(), lora_yaml: str = ""):
     """A small recipe written to tmp_path (only data.train is required; the file need not exist for add_lora)."""
     path = tmp_path / "recipe.yaml"

@@ -150,7 +150,7 @@ def test_written_weights_are_the_seeded_weights(tiny_model_dir, seeded0):
         assert torch.equal(loaded[k], want), k
 
 
-# ---------------------------------------------------------------------------------------------------- loader vs transformers
+# ----------------------------------------------------------------------------------------------- loader vs transformers
 
 def test_load_model_matches_transformers(tiny_model_dir, tiny_model):
     ref = hf_oracle(tiny_model_dir)

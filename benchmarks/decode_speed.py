@@ -1,0 +1,109 @@
+"""Decode speed: our runtime (MXFP4 experts packed, KV cache) vs transformers' ``generate``, same model, same run.
+
+Both decode greedily the same number of new tokens (stop tokens ignored) after the same prompt; the script prints
+tokens/s for each and the ratio. The model is the embedded tiny gpt-oss (default) or, with ``--shape 20b``, random
+weights with gpt-oss-20b's real dimensions (``--layers`` of them, to fit the time); transformers then holds the
+experts dequantized in the compute dtype, which is what it does without the hub's MXFP4 kernels.
+
+    python benchmarks/decode_speed.py                       # tiny model, CPU
+    python benchmarks/decode_speed.py --device cuda --shape 20b --layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPE_20B = dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+                 head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128)
+
+
+def build(args, dtype, device):
+    """(transformers model, our runtime) holding the same weights."""
+    from inference import checkpoint, mxfp4, runtime
+    from inference.tiny import resolve_model, tiny_config_dict
+    if args.shape == "tiny":
+        model_dir = resolve_model("tiny-gpt-oss")
+        return checkpoint.load_model(model_dir, dtype, device), runtime.load(model_dir, dtype, device)
+    from transformers import GptOssConfig, GptOssForCausalLM
+    kinds = ["sliding_attention", "full_attention"]   # gpt-oss alternates, starting with a sliding layer
+    cfg = dict(tiny_config_dict(), **SHAPE_20B, num_hidden_layers=args.layers,
+               layer_types=[kinds[i % 2] for i in range(args.layers)])
+    config = GptOssConfig.from_dict(cfg)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = GptOssForCausalLM(config).to(dtype)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.02)
+    tensors = {}
+    for key, value in hf.state_dict().items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = mxfp4.pack(value.transpose(1, 2))        # (E, in, out) -> rows = out
+            tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+        else:
+            tensors[key] = value
+    return hf.eval(), runtime.GptOss(config, tensors, dtype, device).eval()
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--shape", choices=("tiny", "20b"), default="tiny")
+    ap.add_argument("--layers", type=int, default=4, help="layers of the 20b-shaped model")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from inference.generate import stream_tokens
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(0)
+    hf, ours = build(args, dtype, device)
+    prompt = torch.randint(0, 199_000, (1, args.prompt_tokens)).tolist()[0]
+    ids = torch.tensor([prompt], device=device)
+    n = args.new_tokens
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=199999)
+        assert out.shape[1] == ids.shape[1] + n
+
+    def run_ours():
+        assert len(list(stream_tokens(ours, prompt, n, set()))) == n
+
+    for fn in (run_hf, run_ours):   # warm-up: allocator, kernels, lazy imports
+        fn()
+    t_hf = min(timed(run_hf, device) for _ in range(args.repeats))
+    t_ours = min(timed(run_ours, device) for _ in range(args.repeats))
+    name = "tiny gpt-oss" if args.shape == "tiny" else f"gpt-oss-20b shapes, {args.layers} layers, random weights"
+    print(f"decode, {name}, {device.type} {str(dtype).removeprefix('torch.')}, prompt {args.prompt_tokens} tokens, "
+          f"{n} new tokens, best of {args.repeats}")
+    print(f"  transformers generate : {n / t_hf:8.1f} tokens/s")
+    print(f"  inference runtime     : {n / t_ours:8.1f} tokens/s")
+    print(f"  ratio (ours / transformers): {t_hf / t_ours:.2f}x")
+    print(f"  weights held: ours {ours.nbytes() / 2**20:.0f} MiB, transformers "
+          f"{sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The runtime on a CUDA GPU against transformers on the same GPU (run on the device machine: pytest tests/gpu).
+
+fp32 must agree as on CPU; in bf16 both sides round, so ours is held to the error transformers itself makes
+against the fp32 reference, not to a tolerance picked to pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference import adapters, harmony, runtime
+from inference.checkpoint import load_model
+from inference.generate import PAD_ID, greedy_batch, stream_tokens
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 199_000, (2, 160), generator=g).to(CUDA)  # longer than the sliding window (64)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def test_fp32_logits_match_transformers_on_cuda(tiny_model_dir, adapter_dir, ids):
+    from peft import PeftModel
+    ours = runtime.load(tiny_model_dir, torch.float32, CUDA)
+    adapters.attach(ours, "a", adapters.read_adapter(adapter_dir, ours))
+    with torch.no_grad():
+        ref = load_model(tiny_model_dir, torch.float32, CUDA)(input_ids=ids).logits
+        base = ours.logits(ours(ids))
+        ref_a = PeftModel.from_pretrained(load_model(tiny_model_dir, torch.float32, CUDA), adapter_dir)(
+            input_ids=ids).logits
+        with_a = ours.logits(ours(ids, adapter="a"), "a")
+    assert (base - ref).abs().max().item() < 1e-3       # TF32 may be on for matmuls; CPU gives ~1e-5
+    assert (with_a - ref_a).abs().max().item() < 1e-3
+    assert (ref_a - ref).abs().max().item() > 0.1      # the adapter really changes the output
+
+
+def test_bf16_error_is_no_worse_than_transformers_bf16(tiny_model_dir, ids):
+    with torch.no_grad():
+        exact = load_model(tiny_model_dir, torch.float32, CUDA)(input_ids=ids).logits
+        theirs = load_model(tiny_model_dir, torch.bfloat16, CUDA)(input_ids=ids).logits.float()
+        ours_model = runtime.load(tiny_model_dir, torch.bfloat16, CUDA)
+        ours = ours_model.logits(ours_model(ids))
+    err_theirs = (theirs - exact).abs().mean().item()
+    err_ours = (ours - exact).abs().mean().item()
+    assert err_ours <= 1.5 * err_theirs, (err_ours, err_theirs)
+
+
+def test_greedy_generation_equals_transformers_generate_on_cuda(tiny_model_dir):
+    hf = load_model(tiny_model_dir, torch.float32, CUDA)
+    ours = runtime.load(tiny_model_dir, torch.float32, CUDA)
+    stops = harmony.stop_token_ids()
+    prompts = [harmony.render_prompt([{"role": "user", "content": q}], None, harmony.HarmonyOptions("low"))
+               for q in ("Name the color of banana.", "What is 2 + 2?", "Tell me a long story about a lighthouse.")]
+    singles = []
+    for p in prompts:
+        ids = torch.tensor([p], device=CUDA)
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=80, do_sample=False,
+                              eos_token_id=stops, pad_token_id=PAD_ID)[0, len(p):].tolist()
+        cut = next((i + 1 for i, t in enumerate(out) if t in stops), len(out))
+        mine = list(stream_tokens(ours, p, 80, set(stops)))
+        assert mine == out[:cut]
+        singles.append(mine)
+    assert greedy_batch(ours, prompts, 80, set(stops)) == singles

@@ -70,6 +70,73 @@ def test_demo_trains_and_visibly_learns(demo_run):
     assert "exact match (final channel)" in table and "before" in table and "after" in table
 
 
+def _readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index(title)
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_readme_inference_commands_on_the_trained_adapter(demo_run):
+    """The README's eval, chat, serve + openai client and Python engine snippets, on the demo's adapter."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    work, proc = demo_run
+    assert proc.returncode == 0
+    section = _readme_section("## Chat with, evaluate and serve")
+    commands = [line.split() for line in re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()]
+    assert [c[:4] for c in commands] == [["python", "-m", "inference", verb] for verb in ("eval", "chat", "serve")]
+    eval_cmd, chat_cmd, serve_cmd = commands
+
+    # eval with the run's settings reproduces training's end-of-run evaluation exactly: one code path
+    done = run_cli(*eval_cmd[2:], cwd=work)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((work / eval_cmd[eval_cmd.index("--out") + 1]).read_text())
+    after = json.loads((work / "runs/tiny-cpu/eval_report.json").read_text())["after"]
+    for key in ("loss", "loss_tokens", "examples", "generated", "exact_match", "final_rate"):
+        assert report[key] == pytest.approx(after[key], rel=1e-9, abs=1e-12), key
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    chat = subprocess.run([sys.executable, *chat_cmd[1:]], input="Name the color of banana.\n/quit\n", cwd=work,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    thinking = [ln for ln in chat.stdout.splitlines() if ln.startswith("thinking: ")]
+    answer = [ln for ln in chat.stdout.splitlines() if ln.startswith("assistant: ")]
+    assert thinking and "banana" in thinking[0] and answer == ["assistant: yellow"], chat.stdout
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, *serve_cmd[1:], "--port", str(port)], cwd=work, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client_code = re.findall(r"```python\n(.*?)```", section, re.S)[0].replace(":8000/", f":{port}/")
+        deadline = time.time() + 120
+        while True:   # the server is up once the client's snippet runs through
+            out = subprocess.run([sys.executable, "-c", client_code], cwd=work, capture_output=True, text=True,
+                                 timeout=120, env=env)
+            if out.returncode == 0 or time.time() > deadline or server.poll() is not None:
+                break
+            time.sleep(1)
+        assert out.returncode == 0, (out.stderr[-2000:], server.poll())
+        reasoning, content = out.stdout.strip().rsplit(" -> ", 1)
+        assert "banana" in reasoning and content == "yellow", out.stdout
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "Traceback" not in err
+
+    engine_code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    out = subprocess.run([sys.executable, "-c", engine_code], cwd=work, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].endswith("-> yellow stop " + lines[0].split()[-1]) and "banana" in lines[0], lines
+    assert any(ln.startswith("reasoning ") for ln in lines) and any(ln.startswith("content 'yellow'") for ln in lines)
+
+
 def test_demo_run_directory(demo_run):
     work, proc = demo_run
     run_dir = work / "runs/tiny-cpu"

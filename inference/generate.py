@@ -16,6 +16,7 @@ import torch
 from inference.runtime import GptOss
 
 PAD_ID = 199999  # <|endoftext|>: never attended (masked), only fills ragged batches
+FIRST_RESERVE = 256  # KV columns reserved past the prompt; the cache doubles when a reply runs longer
 
 
 def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -46,7 +47,7 @@ def stream_tokens(model: GptOss, prompt: list[int], max_new: int, stop_ids: set[
     if temperature > 0:
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else torch.seed())
-    cache = model.new_cache(1, len(prompt) + max_new)
+    cache = model.new_cache(1, len(prompt) + min(max_new, FIRST_RESERVE))
     ids = torch.tensor([prompt], device=device)
     with lock:
         logits = model.logits(model(ids, cache=cache, adapter=adapter)[:, -1], adapter)[0]   # (V,)
@@ -71,7 +72,7 @@ def greedy_batch(model: GptOss, prompts: list[list[int]], max_new: int, stop_ids
     for i, p in enumerate(prompts):            # left padding: every row's last prompt token in the same column
         ids[i, width - len(p):] = torch.tensor(p, device=device)
         mask[i, width - len(p):] = 1
-    cache = model.new_cache(len(prompts), width + max_new)
+    cache = model.new_cache(len(prompts), width + min(max_new, FIRST_RESERVE))
     logits = model.logits(model(ids, mask, cache, adapter)[:, -1], adapter)               # (B, V)
     out: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)

@@ -171,24 +171,42 @@ class Experts(torch.nn.Module):
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for ``B`` rows generated together.
 
-    Full-attention layers keep every column (``capacity``); sliding-window layers keep a ring of ``window`` columns,
-    since older keys can never be attended again. Each slot records its token's position (``-1``: empty or padding),
-    and attention masks are built from positions, so slot order never matters.
+    Full-attention layers keep every column; sliding-window layers keep a ring of ``window`` columns, since older
+    keys can never be attended again. Each slot records its token's position (``-1``: empty or padding), and
+    attention masks are built from positions, so slot order never matters. ``capacity`` is a first reservation:
+    the cache doubles when a forward needs more, so a long generation limit costs memory only when it is used.
     """
 
     def __init__(self, runtime: "GptOss", batch: int, capacity: int):
         cfg = runtime.cfg
-        dev, dt = runtime.embed.device, runtime.embed.dtype
-        self.capacity = capacity
+        self._shape = (batch, cfg.num_key_value_heads, cfg.head_dim)
+        self._device, self._dtype = runtime.embed.device, runtime.embed.dtype
+        self.windows = [layer.window for layer in runtime.layers]
+        self.capacity = 0
         self.columns = 0                                            # columns written so far (pads included)
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=dev)   # real tokens seen per row
-        self.size, self.k, self.v, self.pos = [], [], [], []
-        for layer in runtime.layers:
-            size = min(capacity, layer.window) if layer.window else capacity
-            self.size.append(size)
-            self.k.append(torch.zeros(batch, cfg.num_key_value_heads, size, cfg.head_dim, dtype=dt, device=dev))
-            self.v.append(torch.zeros_like(self.k[-1]))
-            self.pos.append(torch.full((batch, size), -1, dtype=torch.long, device=dev))
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=self._device)   # real tokens seen per row
+        self.size = [0] * len(self.windows)
+        self.k, self.v, self.pos = list(self.size), list(self.size), list(self.size)
+        self.reserve(max(capacity, 1))
+
+    def reserve(self, columns: int) -> None:
+        """Make room for ``columns`` columns in all (doubling, so appending one at a time stays linear)."""
+        if columns <= self.capacity:
+            return
+        self.capacity = max(columns, 2 * self.capacity)
+        B, kvh, D = self._shape
+        for i, window in enumerate(self.windows):
+            size = min(self.capacity, window) if window else self.capacity
+            if size == self.size[i]:
+                continue
+            # A ring smaller than its window has not wrapped yet (columns <= size), so slots keep their columns.
+            k = torch.zeros(B, kvh, size, D, dtype=self._dtype, device=self._device)
+            v = torch.zeros_like(k)
+            pos = torch.full((B, size), -1, dtype=torch.long, device=self._device)
+            old = self.size[i]
+            if old:
+                k[:, :, :old], v[:, :, :old], pos[:, :old] = self.k[i], self.v[i], self.pos[i]
+            self.k[i], self.v[i], self.pos[i], self.size[i] = k, v, pos, size
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v + self.pos)
@@ -334,8 +352,8 @@ class GptOss(torch.nn.Module):
         """
         if adapter is not None and adapter not in self.adapters:
             raise UserError(f"no adapter named {adapter!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
-        if cache is not None and cache.columns + input_ids.shape[1] > cache.capacity:
-            raise ValueError(f"KV cache full: {cache.columns} + {input_ids.shape[1]} columns > {cache.capacity}")
+        if cache is not None:
+            cache.reserve(cache.columns + input_ids.shape[1])
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
         start = cache.next_pos[:, None] if cache is not None else 0
         qpos = torch.where(mask.bool(), start + mask.cumsum(1) - 1, -1)            # (B, T)

@@ -142,12 +142,15 @@ def test_cached_decoding_matches_the_full_forward(rt, hf_logits, chunks):
         assert cache.next_pos[row] == seen
 
 
-def test_a_full_cache_refuses_more_tokens(rt):
-    cache = rt.new_cache(1, 4)
+def test_a_small_cache_grows_and_still_matches_the_full_forward(rt, hf_logits):
+    ids, mask = inputs()
+    cache = rt.new_cache(2, 5)           # far too small: it must grow (the sliding ring up to its window only)
     with torch.no_grad():
-        rt(torch.tensor([[1, 2, 3]]), cache=cache)
-        with pytest.raises(ValueError, match="KV cache full"):
-            rt(torch.tensor([[4, 5]]), cache=cache)
+        hidden = [rt(ids[:, :3], mask[:, :3], cache)]
+        hidden += [rt(ids[:, t:t + 1], mask[:, t:t + 1], cache) for t in range(3, T)]
+        ours = rt.logits(torch.cat(hidden, dim=1))
+    assert max_diff(ours, hf_logits) < TOL
+    assert cache.k[0].shape[2] == 64 and cache.k[1].shape[2] >= T and cache.capacity < 4 * T
 
 
 # -------------------------------------------------------------------------------------------------------- adapters

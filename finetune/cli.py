@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from inference.errors import UserError
+from inference.errors import UserError, run_command
 
 EPILOG = "Overrides are dotted recipe keys: train.lr=1e-4 lora.r=16 data.eval=null"
 
@@ -50,22 +50,18 @@ def check_paths(recipe) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        from finetune.recipe import dump_recipe, load_recipe
-        recipe = load_recipe(args.recipe, args.overrides)
-        check_paths(recipe)
-        if args.command == "validate":
-            print(dump_recipe(recipe) if args.print_recipe else f"{args.recipe}: OK")
-        elif args.command == "preview":
-            from finetune.data import preview
-            print(preview(recipe, args.n, color=sys.stdout.isatty()))
-        elif args.command == "run":
-            from finetune.pipeline import run
-            run(recipe, resume=args.resume)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: _run(args))
+
+
+def _run(args) -> None:
+    from finetune.recipe import dump_recipe, load_recipe
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_paths(recipe)
+    if args.command == "validate":
+        print(dump_recipe(recipe) if args.print_recipe else f"{args.recipe}: OK")
+    elif args.command == "preview":
+        from finetune.data import preview
+        print(preview(recipe, args.n, color=sys.stdout.isatty()))
+    elif args.command == "run":
+        from finetune.pipeline import run
+        run(recipe, resume=args.resume)

@@ -14,7 +14,6 @@ Only what the runtime computes exactly is accepted (plain or rsLoRA; no DoRA, bi
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from inference.checkpoint import read_dir_json
 from inference.errors import UserError
 from inference.runtime import GptOss, Lora
 
@@ -41,14 +41,7 @@ class Adapter:
 
 def _config(path: Path) -> dict:
     cfg_path = path / "adapter_config.json"
-    if not path.is_dir():
-        raise UserError(f"adapter directory not found: {path}")
-    if not cfg_path.is_file():
-        raise UserError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg_path}: not valid JSON ({exc})") from None
+    cfg = read_dir_json(path, "adapter_config.json", "adapter", "PEFT adapter")
     unsupported = [
         (cfg.get("peft_type", "LORA") != "LORA", f"peft_type {cfg.get('peft_type')!r} (only LORA)"),
         (bool(cfg.get("use_dora")), "DoRA"),

@@ -31,19 +31,28 @@ QUANTIZATION_CONFIG = {
 }
 
 
+def read_dir_json(directory: str | Path, name: str, what: str, kind: str) -> dict:
+    """``directory/name`` parsed, or a UserError: no such ``what`` directory, not a ``kind`` directory, bad JSON."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{what} directory not found: {directory}")
+    path = directory / name
+    if not path.is_file():
+        raise UserError(f"{directory}: not a {kind} directory (no {name})")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return raw
+
+
 def read_config(model_dir: str | Path):
     """The ``GptOssConfig`` of an HF-layout gpt-oss directory, or a UserError saying what is wrong with it."""
     from transformers import GptOssConfig
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise UserError(f"model directory not found: {model_dir}")
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{model_dir}: not a gpt-oss model directory (no config.json)")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg_path}: not valid JSON ({exc})") from None
+    cfg_path = Path(model_dir) / "config.json"
+    raw = read_dir_json(model_dir, "config.json", "model", "gpt-oss model")
     if raw.get("model_type") != "gpt_oss":
         raise UserError(f"{cfg_path}: model_type is {raw.get('model_type')!r}, expected 'gpt_oss'")
     return GptOssConfig.from_dict(raw)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from inference.errors import UserError
+from inference.errors import UserError, run_command
 
 EFFORTS = ("low", "medium", "high")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -223,12 +223,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     for key, value in {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)
-    try:
-        {"chat": chat, "eval": evaluate, "serve": serve}[args.command](args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    action = {"chat": chat, "eval": evaluate, "serve": serve}[args.command]
+    return run_command(lambda: action(args))

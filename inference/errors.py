@@ -6,5 +6,22 @@ that all of them are reported at once.
 """
 
 
+import sys
+from typing import Callable
+
+
 class UserError(Exception):
     """A bad input the user can fix: the message is shown to them verbatim."""
+
+
+def run_command(action: Callable[[], None]) -> int:
+    """Run a command-line action: a UserError becomes one ``error: ...`` line and exit 2, Ctrl-C exit 130."""
+    try:
+        action()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -190,7 +190,7 @@ class ChatServer(ThreadingHTTPServer):
 
     ``server_close`` ends every open connection and waits for the handler threads: a thread still inside torch when
     the interpreter exits aborts the process ("terminate called without an active exception"), so none may outlive
-    the server. A generation in progress stops at its next delta, when it finds its client gone.
+    the server. A generation in progress stops at its next token, when it finds its client gone.
     """
 
     daemon_threads = False  # so that server_close joins the handler threads

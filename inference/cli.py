@@ -174,7 +174,8 @@ def chat(args) -> None:
                 section = ev.kind
             print((f"{ev.name} " if ev.name else "") + ev.text, end="", flush=True)
         print(reset + ("" if done.finish_reason != "length" else "\n(cut off: max tokens reached)"))
-        history.append({"role": "assistant", "content": done.content or "", "thinking": done.reasoning})
+        if done.content or done.reasoning:   # a reply with nothing in it would make the next prompt invalid
+            history.append({"role": "assistant", "content": done.content or "", "thinking": done.reasoning})
 
 
 def evaluate(args) -> None:
@@ -191,7 +192,7 @@ def evaluate(args) -> None:
     examples = load_jsonl_examples(args.data, limit=args.limit)   # bad data fails before the model loads
     engine = _load(args, {"adapter": args.adapter} if args.adapter else None)
     model = engine.model_ids[-1]
-    with tqdm(desc="evaluating", unit="conv", file=sys.stderr) as bar:
+    with tqdm(total=len(examples), desc="evaluating", unit="conv", file=sys.stderr) as bar:
         report = evaluate_examples(engine, examples, model, args.max_new_tokens, args.reasoning_effort, weights,
                                    progress=bar)
     report = {"data": args.data, "adapter": args.adapter, **report}

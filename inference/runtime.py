@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inference import mxfp4
+from inference import kernels, mxfp4
 from inference.errors import UserError
 
 QUERY_CHUNK = 1024   # attention scores are (B, nh, QUERY_CHUNK, S) at most, so long prompts don't need T*T memory
@@ -133,10 +133,9 @@ class Experts(torch.nn.Module):
         return (y.view(n, k, -1) * weights[..., None]).sum(dim=1)
 
     def _project_gathered(self, x, proj: str, flat, lora) -> torch.Tensor:
-        if self.packed:
-            w = mxfp4.unpack(getattr(self, proj + "_blocks")[flat], getattr(self, proj + "_scales")[flat],
-                             self.dtype)                                              # (n*k, out, in)
-            y = torch.bmm(w, x[:, :, None])[:, :, 0]
+        if self.packed:   # decoded in registers on CUDA (kernels.py), else decoded to memory then bmm
+            matvec = kernels.mxfp4_matvec if x.is_cuda and kernels.available() else kernels.mxfp4_matvec_reference
+            y = matvec(x, getattr(self, proj + "_blocks"), getattr(self, proj + "_scales"), flat)   # (n*k, out)
         else:
             y = torch.bmm(x[:, None, :], getattr(self, proj)[flat])[:, 0]            # (n*k, in, out)
         y = y + getattr(self, proj + "_bias")[flat]
@@ -221,8 +220,11 @@ class Attention(torch.nn.Module):
         self.nh, self.kvh, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = window
 
-    def forward(self, x, cos, sin, qpos, cache: KVCache | None, layer: int, adapter: str | None):
-        """``x (B, T, H)``, ``cos/sin (B, T, D/2)``, ``qpos (B, T)`` positions (-1 for padding) → ``(B, T, H)``."""
+    def forward(self, x, cos, sin, qpos, cache: KVCache | None, layer: int, adapter: str | None, masks: dict):
+        """``x (B, T, H)``, ``cos/sin (B, T, D/2)``, ``qpos (B, T)`` positions (-1 for padding) → ``(B, T, H)``.
+
+        ``masks`` is shared by the layers of one forward: layers of the same kind see the same key positions.
+        """
         B, T, _ = x.shape
         q = self.q_proj(x, adapter).view(B, T, self.nh, self.d).transpose(1, 2)     # (B, nh, T, D)
         k = self.k_proj(x, adapter).view(B, T, self.kvh, self.d).transpose(1, 2)    # (B, kvh, T, D)
@@ -231,24 +233,35 @@ class Attention(torch.nn.Module):
         keys, values, kpos = k, v, qpos
         if cache is not None:
             keys, values, kpos = _cache_step(cache, layer, k, v, qpos)
-        rep = self.nh // self.kvh
-        keys = keys.repeat_interleave(rep, dim=1)                                   # (B, nh, S, D)
-        values = values.repeat_interleave(rep, dim=1)
-        out = torch.cat([self._attend(q[:, :, i:i + QUERY_CHUNK], keys, values, qpos[:, i:i + QUERY_CHUNK], kpos)
-                         for i in range(0, T, QUERY_CHUNK)], dim=2)                 # (B, nh, T, D)
+        out = torch.cat([self._attend(q[:, :, i:i + QUERY_CHUNK], keys, values, self._blocked(
+                             masks, i, qpos[:, i:i + QUERY_CHUNK], kpos)) for i in range(0, T, QUERY_CHUNK)],
+                        dim=2)                                                      # (B, nh, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.d), adapter)
 
-    def _attend(self, q, keys, values, qpos, kpos):
-        allowed = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])  # (B, Tq, S)
-        if self.window:
-            allowed &= qpos[:, :, None] - kpos[:, None, :] < self.window
-        scores = (q @ keys.transpose(2, 3)) * self.d ** -0.5                        # (B, nh, Tq, S)
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1).to(scores.dtype)
+    def _blocked(self, masks: dict, chunk: int, qpos, kpos) -> torch.Tensor:
+        """``(B, 1, Tq, S)``: True where a query may not see a key (padding, future, outside the window)."""
+        key = (self.window, chunk)
+        if key not in masks:
+            allowed = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])  # (B, Tq, S)
+            if self.window:
+                allowed &= qpos[:, :, None] - kpos[:, None, :] < self.window
+            masks[key] = ~allowed[:, None]
+        return masks[key]
+
+    def _attend(self, q, keys, values, blocked):
+        """``q (B, nh, Tq, D)`` over ``keys``/``values (B, kvh, S, D)``: each key-value head serves ``nh / kvh``
+        query heads (head ``h`` reads ``h // rep``), computed by grouping the queries instead of copying keys."""
+        B, _, Tq, D = q.shape
+        S = keys.shape[2]
+        grouped = q.reshape(B, self.kvh, -1, D)                                     # (B, kvh, rep*Tq, D)
+        scores = (grouped @ keys.transpose(2, 3)).view(B, self.nh, Tq, S) * self.d ** -0.5
+        scores = scores.masked_fill(blocked, float("-inf"))
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(B, -1, Tq, 1).to(scores.dtype)
         combined = torch.cat([scores, sinks], dim=-1)       # the sink takes probability mass but has no value
         combined = combined - combined.max(dim=-1, keepdim=True).values
-        probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
-        return probs.to(values.dtype) @ values
+        probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]        # (B, nh, Tq, S)
+        out = probs.to(values.dtype).reshape(B, self.kvh, -1, S) @ values           # (B, kvh, rep*Tq, D)
+        return out.view(B, self.nh, Tq, D)
 
 
 def _cache_step(cache: KVCache, layer: int, k, v, qpos):
@@ -307,8 +320,8 @@ class Layer(torch.nn.Module):
                    if k.startswith("mlp.experts.")}
         self.experts = Experts(experts, getattr(cfg, "swiglu_alpha", 1.702), cfg.swiglu_limit, dtype)
 
-    def forward(self, x, cos, sin, qpos, cache, index, adapter):
-        x = x + self.attn(self.input_norm(x), cos, sin, qpos, cache, index, adapter)
+    def forward(self, x, cos, sin, qpos, cache, index, adapter, masks):
+        x = x + self.attn(self.input_norm(x), cos, sin, qpos, cache, index, adapter, masks)
         h = self.post_norm(x)
         flat = h.reshape(-1, h.shape[-1])                                   # (B*T, H)
         top, indices = torch.topk(self.router(flat, adapter), self.top_k, dim=-1)   # (B*T, k)
@@ -359,8 +372,9 @@ class GptOss(torch.nn.Module):
         qpos = torch.where(mask.bool(), start + mask.cumsum(1) - 1, -1)            # (B, T)
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope(x, qpos.clamp(min=0))                                   # (B, T, D/2) each
+        masks: dict = {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, qpos, cache, i, adapter)
+            x = layer(x, cos, sin, qpos, cache, i, adapter, masks)
         if cache is not None:
             cache.columns += input_ids.shape[1]
             cache.next_pos += mask.sum(1)

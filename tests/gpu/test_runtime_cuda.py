@@ -82,3 +82,22 @@ def test_greedy_generation_equals_transformers_generate_on_cuda(tiny_model_dir):
         assert mine == out[:cut]
         singles.append(mine)
     assert greedy_batch(ours, prompts, 80, set(stops)) == singles
+
+
+def test_fused_mxfp4_matvec_equals_its_plain_twin():
+    from inference import kernels, mxfp4
+    assert kernels.available()
+    g = torch.Generator().manual_seed(2)
+    for E, N, K in ((4, 256, 128), (32, 5760, 2880), (32, 2880, 2880)):   # tiny, and gpt-oss-20b's two projections
+        w = torch.randn(E, N, K, generator=g) * 0.02
+        blocks, scales = (t.to(CUDA) for t in mxfp4.pack(w))
+        experts = torch.tensor([3, 0, 3, 1, 2], device=CUDA)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+            x = torch.randn(len(experts), K, generator=g).to(CUDA, dtype)
+            fused = kernels.mxfp4_matvec(x, blocks, scales, experts).float()
+            exact = kernels.mxfp4_matvec_reference(x.double(), blocks, scales, experts).float()
+            plain = kernels.mxfp4_matvec_reference(x, blocks, scales, experts).float()
+            scale = exact.abs().max().item()
+            assert (fused - exact).abs().max().item() <= tol * scale                 # fp32 accumulation
+            # no less accurate than decoding to memory (both round the output to `dtype` once)
+            assert (fused - exact).abs().max().item() <= 1.5 * (plain - exact).abs().max().item() + 1e-6 * scale

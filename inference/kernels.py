@@ -1,0 +1,94 @@
+"""GPU kernels for the runtime (Triton, CUDA only), each with its plain-PyTorch twin as the reference.
+
+:func:`mxfp4_matvec` multiplies a few activation rows by MXFP4-packed expert weights without ever writing the
+decoded weights to memory: each program reads packed bytes and their scales, decodes them in registers and
+accumulates in fp32. That is the decoding step's expert work (a few tokens, each routed to k experts), where the
+plain path (:func:`mxfp4_matvec_reference`: decode the routed experts to ``dtype``, then ``bmm``) moves about eight
+times the bytes. Prefill (many tokens per expert) stays on the plain path, whose matmuls are compute-bound anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from inference import mxfp4
+
+
+def mxfp4_matvec_reference(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+                           experts: torch.Tensor) -> torch.Tensor:
+    """``y[i] = W[experts[i]] @ x[i]`` with ``W`` decoded from ``blocks (E, N, K/32, 16)``/``scales (E, N, K/32)``.
+
+    ``x (n, K)``, ``experts (n,)`` → ``(n, N)`` in ``x.dtype``.
+    """
+    w = mxfp4.unpack(blocks[experts], scales[experts], x.dtype)          # (n, N, K)
+    return torch.bmm(w, x[:, :, None])[:, :, 0]
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Triton and a CUDA device are both there (the CPU build of torch has no Triton)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mxfp4_matvec(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """:func:`mxfp4_matvec_reference`, fused: the result is in ``x.dtype``, accumulated in fp32."""
+    n, K = x.shape
+    E, N, G, half_group = blocks.shape
+    if K != G * 32 or half_group != 16:
+        raise ValueError(f"x has {K} features, blocks hold {G * 32}")
+    out = torch.empty(n, N, dtype=torch.float32, device=x.device)
+    grid = (n, -(-N // _BLOCK_N))
+    _kernel()[grid](x.contiguous(), blocks, scales, experts.contiguous(), out, N, K,
+                    blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+                    BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+    return out.to(x.dtype)
+
+
+_BLOCK_N, _BLOCK_K = 32, 256   # output rows and input features per step (K need not be a multiple: masked)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fp4(code):
+        """e2m1 code (0..15, bit 3 = sign) → its value: 0, 0.5, 1, 1.5, 2, 3, 4, 6 (and negatives)."""
+        c = code.to(tl.int32)
+        e = (c >> 1) & 3
+        m = (c & 1).to(tl.float32)
+        mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
+        return tl.where((c & 8) != 0, -mag, mag)
+
+    @triton.jit
+    def kernel(x_ptr, blocks_ptr, scales_ptr, experts_ptr, y_ptr, N, K, stride_be, stride_bn, stride_se, stride_sn,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        e = tl.load(experts_ptr + row).to(tl.int64)
+        offs_j = tl.arange(0, BLOCK_K // 2)                  # byte j holds values 2j (low nibble) and 2j + 1
+        w_rows = blocks_ptr + e * stride_be + offs_n[:, None].to(tl.int64) * stride_bn
+        s_rows = scales_ptr + e * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = k0 + 2 * offs_j < K
+            mask = mask_n[:, None] & mask_k[None, :]
+            packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=mask, other=0)
+            exponent = tl.load(s_rows + (k0 // 32 + offs_j // 16)[None, :], mask=mask, other=127)
+            x_even = tl.load(x_ptr + row * K + k0 + 2 * offs_j, mask=mask_k, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + row * K + k0 + 2 * offs_j + 1, mask=mask_k, other=0.0).to(tl.float32)
+            pair = fp4(packed & 15) * x_even[None, :] + fp4(packed >> 4) * x_odd[None, :]
+            acc += tl.sum(pair * tl.exp2(exponent.to(tl.float32) - 127.0), axis=1)
+        tl.store(y_ptr + row * N + offs_n, acc, mask=mask_n)
+
+    return kernel

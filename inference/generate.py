@@ -17,6 +17,7 @@ from inference.runtime import GptOss
 
 PAD_ID = 199999  # <|endoftext|>: never attended (masked), only fills ragged batches
 FIRST_RESERVE = 256  # KV columns reserved past the prompt; the cache doubles when a reply runs longer
+GRAPH_MIN_TOKENS = 16  # shorter replies do not repay capturing a CUDA graph
 
 
 def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -36,29 +37,72 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torc
 @torch.inference_mode()
 def stream_tokens(model: GptOss, prompt: list[int], max_new: int, stop_ids: set[int], temperature: float = 0.0,
                   top_p: float = 1.0, seed: int | None = None, adapter: str | None = None,
-                  lock: contextlib.AbstractContextManager | None = None) -> Iterator[int]:
+                  lock: contextlib.AbstractContextManager | None = None,
+                  cuda_graph: bool | None = None) -> Iterator[int]:
     """Yield up to ``max_new`` generated ids; a stop id is yielded and ends the stream.
 
     ``lock`` (held around each forward step) lets streams of several threads share one model, interleaved.
+    ``cuda_graph`` (default: on CUDA, for replies that may run past ``GRAPH_MIN_TOKENS``) replays the decode step
+    as one CUDA graph instead of launching its ~2,000 kernels from Python one by one.
     """
     lock = lock or contextlib.nullcontext()
     device = model.embed.device
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and max_new >= GRAPH_MIN_TOKENS
     generator = None
     if temperature > 0:
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else torch.seed())
-    cache = model.new_cache(1, len(prompt) + min(max_new, FIRST_RESERVE))
+    cache = model.new_cache(1, len(prompt) + (max_new if cuda_graph else min(max_new, FIRST_RESERVE)))
     ids = torch.tensor([prompt], device=device)
     with lock:
         logits = model.logits(model(ids, cache=cache, adapter=adapter)[:, -1], adapter)[0]   # (V,)
+    step_fn = _GraphStep(model, cache, adapter) if cuda_graph else None
     for step in range(max_new):
         token = pick(logits, temperature, top_p, generator)
         yield token
         if token in stop_ids or step == max_new - 1:
             return
         with lock:
-            hidden = model(torch.tensor([[token]], device=device), cache=cache, adapter=adapter)
-            logits = model.logits(hidden[:, -1], adapter)[0]
+            if step_fn is not None:
+                logits = step_fn(token)
+            else:
+                hidden = model(torch.tensor([[token]], device=device), cache=cache, adapter=adapter)
+                logits = model.logits(hidden[:, -1], adapter)[0]
+
+
+class _GraphStep:
+    """One decode step (token id → next-token logits) captured as a CUDA graph on a fixed KV cache.
+
+    The first call runs eagerly (it also compiles and warms every kernel), the second captures, and every later
+    call copies the token into the graph's input and replays it; the cache advances on the device each time.
+    """
+
+    def __init__(self, model: GptOss, cache, adapter: str | None):
+        self.model, self.cache, self.adapter = model, cache, adapter
+        cache.fix()
+        self.ids = torch.zeros((1, 1), dtype=torch.long, device=model.embed.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.calls = 0
+
+    def _run(self) -> torch.Tensor:
+        hidden = self.model(self.ids, cache=self.cache, adapter=self.adapter)
+        return self.model.logits(hidden[:, -1], self.adapter)[0]
+
+    def __call__(self, token: int) -> torch.Tensor:
+        self.ids.fill_(token)
+        self.calls += 1
+        if self.calls == 1:
+            return self._run()
+        if self.graph is None:
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):    # recorded, not run: the cache does not advance here
+                self.logits = self._run()
+            self.cache.columns -= 1               # Python-side bookkeeping ran once during capture
+        self.graph.replay()
+        return self.logits
 
 
 @torch.inference_mode()

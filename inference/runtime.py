@@ -186,12 +186,20 @@ class KVCache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=self._device)   # real tokens seen per row
         self.size = [0] * len(self.windows)
         self.k, self.v, self.pos = list(self.size), list(self.size), list(self.size)
+        self.column: torch.Tensor | None = None   # set by fix(): the column counter on the device
         self.reserve(max(capacity, 1))
+
+    def fix(self) -> None:
+        """From now on, decode steps have fixed shapes (attend over whole buffers, masked by position) and count
+        columns on the device, so that one step can be captured as a CUDA graph. The capacity no longer grows."""
+        self.column = torch.tensor([self.columns], device=self._device)
 
     def reserve(self, columns: int) -> None:
         """Make room for ``columns`` columns in all (doubling, so appending one at a time stays linear)."""
         if columns <= self.capacity:
             return
+        if self.column is not None:
+            raise ValueError(f"a fixed KV cache holds {self.capacity} columns, {columns} needed")
         self.capacity = max(columns, 2 * self.capacity)
         B, kvh, D = self._shape
         for i, window in enumerate(self.windows):
@@ -269,6 +277,13 @@ def _cache_step(cache: KVCache, layer: int, k, v, qpos):
     T, size = k.shape[2], cache.size[layer]
     ck, cv, cp = cache.k[layer], cache.v[layer], cache.pos[layer]
     filled = min(cache.columns, size)
+    if T == 1 and cache.column is not None:
+        # fixed shapes, slot from a device counter: the step can be captured as a CUDA graph and replayed
+        slot = cache.column % size                                               # (1,)
+        ck.index_copy_(2, slot, k)
+        cv.index_copy_(2, slot, v)
+        cp.index_copy_(1, slot, qpos)
+        return ck, cv, cp
     if T == 1:
         # decode: write first, then attend over the buffer (a full ring then holds exactly the window)
         slot = cache.columns % size
@@ -378,6 +393,8 @@ class GptOss(torch.nn.Module):
         if cache is not None:
             cache.columns += input_ids.shape[1]
             cache.next_pos += mask.sum(1)
+            if cache.column is not None:
+                cache.column += input_ids.shape[1]
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor, adapter: str | None = None) -> torch.Tensor:

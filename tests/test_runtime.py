@@ -142,6 +142,21 @@ def test_cached_decoding_matches_the_full_forward(rt, hf_logits, chunks):
         assert cache.next_pos[row] == seen
 
 
+def test_a_fixed_cache_decodes_like_the_full_forward(rt, hf_logits):
+    """The fixed-shape decode step (what a CUDA graph replays) on CPU: whole buffers, device-side column count."""
+    ids, mask = inputs()
+    cache = rt.new_cache(2, T)
+    with torch.no_grad():
+        hidden = [rt(ids[:, :40], mask[:, :40], cache)]
+        cache.fix()
+        hidden += [rt(ids[:, t:t + 1], mask[:, t:t + 1], cache) for t in range(40, T)]   # the ring wraps here
+        ours = rt.logits(torch.cat(hidden, dim=1))
+    assert max_diff(ours, hf_logits) < TOL
+    assert int(cache.column) == T and cache.k[0].shape[2] == 64
+    with pytest.raises(ValueError, match="fixed KV cache"):
+        rt(ids[:, :1], mask[:, :1], cache)          # full, and a fixed cache never grows
+
+
 def test_a_small_cache_grows_and_still_matches_the_full_forward(rt, hf_logits):
     ids, mask = inputs()
     cache = rt.new_cache(2, 5)           # far too small: it must grow (the sliding ring up to its window only)

@@ -101,3 +101,14 @@ def test_fused_mxfp4_matvec_equals_its_plain_twin():
             assert (fused - exact).abs().max().item() <= tol * scale                 # fp32 accumulation
             # no less accurate than decoding to memory (both round the output to `dtype` once)
             assert (fused - exact).abs().max().item() <= 1.5 * (plain - exact).abs().max().item() + 1e-6 * scale
+
+
+def test_cuda_graph_decoding_equals_eager_decoding(tiny_model_dir, adapter_dir):
+    ours = runtime.load(tiny_model_dir, torch.float32, CUDA)
+    adapters.attach(ours, "a", adapters.read_adapter(adapter_dir, ours))
+    prompt = harmony.render_prompt([{"role": "user", "content": "Tell me about lighthouses."}], None,
+                                   harmony.HarmonyOptions("low"))
+    for adapter, temperature in ((None, 0.0), ("a", 0.0), ("a", 1.0)):
+        runs = [list(stream_tokens(ours, prompt, 100, set(), temperature, seed=7, adapter=adapter, cuda_graph=graph))
+                for graph in (False, True)]
+        assert len(runs[0]) == 100 and runs[0] == runs[1], (adapter, temperature)

@@ -59,7 +59,8 @@ def stream_tokens(model: GptOss, prompt: list[int], max_new: int, stop_ids: set[
         logits = model.logits(model(ids, cache=cache, adapter=adapter)[:, -1], adapter)[0]   # (V,)
     step_fn = _GraphStep(model, cache, adapter) if cuda_graph else None
     for step in range(max_new):
-        token = pick(logits, temperature, top_p, generator)
+        with lock:   # all of a stream's device work under the lock, so none overlaps another's graph capture
+            token = pick(logits, temperature, top_p, generator)
         yield token
         if token in stop_ids or step == max_new - 1:
             return
@@ -98,7 +99,8 @@ class _GraphStep:
         if self.graph is None:
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):    # recorded, not run: the cache does not advance here
+            # recorded, not run (the cache does not advance here); other threads' CUDA calls stay legal meanwhile
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.logits = self._run()
             self.cache.columns -= 1               # Python-side bookkeeping ran once during capture
         self.graph.replay()

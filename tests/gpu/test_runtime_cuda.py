@@ -112,3 +112,24 @@ def test_cuda_graph_decoding_equals_eager_decoding(tiny_model_dir, adapter_dir):
         runs = [list(stream_tokens(ours, prompt, 100, set(), temperature, seed=7, adapter=adapter, cuda_graph=graph))
                 for graph in (False, True)]
         assert len(runs[0]) == 100 and runs[0] == runs[1], (adapter, temperature)
+
+
+def test_concurrent_streams_with_cuda_graphs_match_one_at_a_time(tiny_model_dir):
+    """The server's situation: threads stream at once, each capturing its own graph under one shared lock."""
+    import threading
+    ours = runtime.load(tiny_model_dir, torch.float32, CUDA)
+    lock = threading.Lock()
+    prompts = [harmony.render_prompt([{"role": "user", "content": q}], None, harmony.HarmonyOptions("low"))
+               for q in ("One?", "Two, please.", "Three!")]
+    alone = [list(stream_tokens(ours, p, 60, set(), lock=lock)) for p in prompts]
+    together: dict[int, list[int]] = {}
+
+    def run(i):
+        together[i] = list(stream_tokens(ours, prompts[i], 60, set(), lock=lock))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together.get(i) for i in range(len(prompts))] == alone and len(alone[0]) == 60

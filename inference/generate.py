@@ -17,7 +17,8 @@ from inference.runtime import GptOss
 
 PAD_ID = 199999  # <|endoftext|>: never attended (masked), only fills ragged batches
 FIRST_RESERVE = 256  # KV columns reserved past the prompt; the cache doubles when a reply runs longer
-GRAPH_MIN_TOKENS = 16  # shorter replies do not repay capturing a CUDA graph
+GRAPH_MIN_TOKENS = 16     # shorter replies do not repay capturing a CUDA graph
+GRAPH_MAX_TOKENS = 16384  # longer limits decode eagerly on a growing cache instead of reserving it all
 
 
 def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -42,13 +43,14 @@ def stream_tokens(model: GptOss, prompt: list[int], max_new: int, stop_ids: set[
     """Yield up to ``max_new`` generated ids; a stop id is yielded and ends the stream.
 
     ``lock`` (held around each forward step) lets streams of several threads share one model, interleaved.
-    ``cuda_graph`` (default: on CUDA, for replies that may run past ``GRAPH_MIN_TOKENS``) replays the decode step
-    as one CUDA graph instead of launching its ~2,000 kernels from Python one by one.
+    ``cuda_graph`` (default: on CUDA, for a ``max_new`` between ``GRAPH_MIN_TOKENS`` and ``GRAPH_MAX_TOKENS``)
+    replays the decode step as one CUDA graph instead of launching its ~2,000 kernels from Python one by one; its
+    KV cache is sized for ``max_new`` up front (a graph needs fixed shapes), hence the upper bound.
     """
     lock = lock or contextlib.nullcontext()
     device = model.embed.device
     if cuda_graph is None:
-        cuda_graph = device.type == "cuda" and max_new >= GRAPH_MIN_TOKENS
+        cuda_graph = device.type == "cuda" and GRAPH_MIN_TOKENS <= max_new <= GRAPH_MAX_TOKENS
     generator = None
     if temperature > 0:
         generator = torch.Generator()

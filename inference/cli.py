@@ -115,7 +115,7 @@ def _load(args, adapters: dict[str, str] | None, name: str | None = None, contex
     from inference.engine import Engine
     print(f"loading {args.model}" + (f" with adapters {', '.join(adapters)}" if adapters else "") + " ...",
           file=sys.stderr)
-    return Engine.load(args.model, adapters, merge=args.merge if hasattr(args, "merge") else False,
+    return Engine.load(args.model, adapters, merge=getattr(args, "merge", False),
                        dtype=_dtype(args.dtype), device=args.device, name=name, context_length=context_length)
 
 
@@ -209,12 +209,12 @@ def evaluate(args) -> None:
 
 
 def serve(args) -> None:
+    from inference.server import check_host
     from inference.server import serve as run_server
     adapters = _adapters(args.adapter)
     if args.merge and len(adapters) != 1:
         raise UserError("--merge needs exactly one --adapter")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        raise UserError(f"refusing to listen on {args.host} without --api-key (anyone who can reach it could use it)")
+    check_host(args.host, args.api_key)   # before the model loads
     engine = _load(args, adapters, args.name, args.context_length)
     run_server(engine, args.host, args.port, args.api_key, max_body_bytes=args.max_body_bytes,
                max_tokens_cap=args.max_tokens_cap, verbose=args.verbose)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from inference import harmony
-from inference.generate import PAD_ID, greedy_batch
+from inference.generate import PAD_ID, greedy_batch, pad_rows
 from inference.loss import weighted_nll
 
 
@@ -48,19 +48,6 @@ def make_case(messages: list[dict], tools: list[dict] | None, options: harmony.H
         return None
     finals = [m.get("content") for m in messages[end:] if m.get("content") and not m.get("tool_calls")]
     return Case(harmony.render_prompt(messages[:end], tools, options), finals[-1] if finals else None, source)
-
-
-def pad_rows(rows: list[list], value: float, left: bool = False, dtype=torch.long) -> torch.Tensor:
-    """Stack ragged rows into ``(B, T_max)``, padding with ``value`` on the right (or the left, for generation)."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for i, r in enumerate(rows):
-        if r:
-            if left:
-                out[i, width - len(r):] = torch.tensor(r, dtype=dtype)
-            else:
-                out[i, :len(r)] = torch.tensor(r, dtype=dtype)
-    return out
 
 
 def pad_weighted(ids_rows: list[list[int]], weight_rows: list[list[float]]):

@@ -21,6 +21,19 @@ GRAPH_MIN_TOKENS = 16     # shorter replies do not repay capturing a CUDA graph
 GRAPH_MAX_TOKENS = 16384  # longer limits decode eagerly on a growing cache instead of reserving it all
 
 
+def pad_rows(rows: list[list], value: float, left: bool = False, dtype=torch.long) -> torch.Tensor:
+    """Stack ragged rows into ``(B, T_max)``, padding with ``value`` on the right (or the left, for generation)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        if r:
+            if left:
+                out[i, width - len(r):] = torch.tensor(r, dtype=dtype)
+            else:
+                out[i, :len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
 def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """Choose the next token from ``logits (V,)``: argmax when ``temperature == 0``, else a tempered nucleus draw."""
     if temperature == 0:
@@ -114,12 +127,10 @@ def greedy_batch(model: GptOss, prompts: list[list[int]], max_new: int, stop_ids
                  adapter: str | None = None) -> list[list[int]]:
     """Greedy completions of ``prompts`` decoded together; each stops at its first stop id (which it keeps)."""
     device = model.embed.device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):            # left padding: every row's last prompt token in the same column
-        ids[i, width - len(p):] = torch.tensor(p, device=device)
-        mask[i, width - len(p):] = 1
+    # left padding: every row's last prompt token in the same column
+    ids = pad_rows(prompts, PAD_ID, left=True).to(device)
+    mask = pad_rows([[1] * len(p) for p in prompts], 0, left=True).to(device)
+    width = ids.shape[1]
     cache = model.new_cache(len(prompts), width + min(max_new, FIRST_RESERVE))
     logits = model.logits(model(ids, mask, cache, adapter)[:, -1], adapter)               # (B, V)
     out: list[list[int]] = [[] for _ in prompts]

@@ -58,13 +58,13 @@ class Linear(torch.nn.Module):
     def effective_weight(self, adapter: str | None) -> torch.Tensor:
         """The weight this layer applies for ``adapter``, merged (for losses that take the weight itself)."""
         lora = self.loras.get(adapter) if adapter else None
-        if lora is None:
-            return self.weight
-        return (self.weight.float() + (lora.B.float() @ lora.A.float()) * lora.scale).to(self.weight.dtype)
+        return self.weight if lora is None else self._merged(lora)
 
     def merge(self, lora: Lora) -> None:
-        delta = (lora.B.float() @ lora.A.float()) * lora.scale
-        self.weight.data = (self.weight.float() + delta).to(self.weight.dtype)
+        self.weight.data = self._merged(lora)
+
+    def _merged(self, lora: Lora) -> torch.Tensor:
+        return (self.weight.float() + (lora.B.float() @ lora.A.float()) * lora.scale).to(self.weight.dtype)
 
 
 class Experts(torch.nn.Module):

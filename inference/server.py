@@ -477,11 +477,16 @@ class ChatHandler(BaseHTTPRequestHandler):
             sys.stderr.write(f"{self.address_string()} - {format % args}\n")
 
 
+def check_host(host: str, api_key: str | None) -> None:
+    """Only this machine may be served without a key."""
+    if host not in LOCAL_HOSTS and not api_key:
+        raise UserError(f"refusing to listen on {host} without --api-key (anyone who can reach it could use it)")
+
+
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
                 max_body_bytes: int = 1_000_000, max_tokens_cap: int = 4096, verbose: bool = False) -> ChatServer:
     """A bound, not yet serving server (``port=0`` picks a free port: read ``server.server_address``)."""
-    if host not in LOCAL_HOSTS and not api_key:
-        raise UserError(f"refusing to listen on {host} without --api-key (anyone who can reach it could use it)")
+    check_host(host, api_key)
     return ChatServer((host, port), engine, api_key, max_body_bytes, max_tokens_cap, verbose)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from inference.checkpoint import read_dir_json
 from inference.errors import UserError
-from inference.runtime import GptOss, Lora
+from inference.runtime import GptOss, Lora, expected_shapes
 
 LINEAR_TARGETS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_(?P<ab>[AB])\.weight$")
@@ -58,10 +58,17 @@ def _config(path: Path) -> dict:
     return cfg
 
 
-def read_adapter(path: str | Path, base: GptOss) -> Adapter:
-    """Read and check a PEFT adapter against ``base``; tensors are moved to the base's device and dtype."""
+def read_adapter(path: str | Path, base, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> Adapter:
+    """Read and check a PEFT adapter against ``base``: a loaded :class:`GptOss` (tensors then follow its device and
+    dtype) or just its ``GptOssConfig`` (tensors in ``dtype`` on ``device``; for merging without loading the model)."""
     from safetensors import safe_open
     path = Path(path)
+    if isinstance(base, GptOss):
+        model_cfg, dev, dt = base.cfg, base.embed.device, base.dtype
+    else:
+        model_cfg, dev, dt = base, torch.device(device), dtype
+    shapes = expected_shapes(model_cfg)
     cfg = _config(path)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
@@ -80,7 +87,6 @@ def read_adapter(path: str | Path, base: GptOss) -> Adapter:
     if not pairs:
         raise UserError(f"{path}: adapter holds no LoRA weights")
     adapter = Adapter(path, {}, {})
-    dev, dt = base.embed.device, base.dtype
     for (module, nest), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             (have,) = ab
@@ -88,13 +94,12 @@ def read_adapter(path: str | Path, base: GptOss) -> Adapter:
         A, B = ab["A"].to(dev, torch.float32), ab["B"].to(dev, torch.float32)
         if module.endswith(".mlp.experts"):
             layer = module.removesuffix(".mlp.experts")
-            name, lora = _expert_lora(path, base, layer, A, B, r, scale)
+            name, lora = _expert_lora(path, model_cfg, shapes, layer, A, B, r, scale)
             if name in adapter.experts.setdefault(layer, {}):
                 raise UserError(f"{path}: two LoRA updates for {layer}.mlp.experts.{name}_proj")
             adapter.experts[layer][name] = Lora(lora.A.to(dt), lora.B.to(dt), scale)
         else:
-            target = _linear(path, base, module)
-            out_f, in_f = target.weight.shape
+            out_f, in_f = _linear_shape(path, shapes, module)
             if A.shape[1] != in_f or B.shape[0] != out_f or A.shape[0] != B.shape[1]:
                 raise UserError(f"{path}: {module} LoRA shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit the "
                                 f"base weight ({out_f}, {in_f}); was it trained on a different base model?")
@@ -117,22 +122,28 @@ def _module(base: GptOss, module: str):
     return None
 
 
-def _linear(path: Path, base: GptOss, module: str):
-    target = _module(base, module)
-    if target is None:
+def _adaptable(module: str) -> bool:
+    """Whether the runtime can carry a LoRA on this transformers module path."""
+    m = re.fullmatch(r"model\.layers\.\d+\.(.+)", module)
+    return module == "lm_head" or (m is not None and m[1] in LINEAR_TARGETS | {"mlp.experts"})
+
+
+def _linear_shape(path: Path, shapes: dict, module: str) -> tuple[int, int]:
+    """``(out, in)`` of the base weight a linear LoRA targets, or a UserError."""
+    shape = shapes.get(module + ".weight")
+    if shape is None or not _adaptable(module):
         raise UserError(f"{path}: adapter targets {module!r}, which this base model does not have or the runtime "
                         "cannot adapt (attention projections, lm_head and experts are supported)")
-    return target
+    return shape
 
 
-def _expert_lora(path: Path, base: GptOss, layer: str, A, B, r: int, scale: float) -> tuple[str, Lora]:
+def _expert_lora(path: Path, cfg, shapes: dict, layer: str, A, B, r: int, scale: float) -> tuple[str, Lora]:
     """Split PEFT's stacked expert LoRA into per-expert ``A (E, r, in)`` and ``B (E, r, out)``."""
-    if _module(base, layer + ".mlp.experts") is None:
+    if layer + ".mlp.experts.gate_up_proj_bias" not in shapes:
         raise UserError(f"{path}: adapter targets {layer}.mlp.experts, which this base model does not have")
-    cfg = base.cfg
     E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    shapes = {"gate_up": (H, 2 * I), "down": (I, H)}
-    fits = [n for n, (i, o) in shapes.items() if A.shape == (E * r, i) and B.shape == (o, r * E)]
+    io = {"gate_up": (H, 2 * I), "down": (I, H)}
+    fits = [n for n, (i, o) in io.items() if A.shape == (E * r, i) and B.shape == (o, r * E)]
     if not fits:
         raise UserError(f"{path}: {layer}.mlp.experts LoRA shapes A {tuple(A.shape)}, B {tuple(B.shape)} fit neither "
                         f"gate_up_proj nor down_proj of this base ({E} experts, hidden {H}, intermediate {I}, "

@@ -70,6 +70,23 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise UserError(f"{model_dir}: no model.safetensors (or model.safetensors.index.json); only safetensors is read")
 
 
+def fingerprint(model_dir: str | Path) -> str:
+    """A cheap identity of a checkpoint: sha256 over config.json and, per safetensors file, its name, size and three
+    64 KiB samples of its bytes (start, middle, end). Reads well under a MiB even for gpt-oss-120b, yet two models
+    with equal shapes but different weights (another seed, another fine-tune) differ."""
+    import hashlib
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in safetensors_files(model_dir):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            for offset in (0, max(0, size // 2 - 32768), max(0, size - 65536)):
+                f.seek(offset)
+                h.update(f.read(65536))
+    return h.hexdigest()
+
+
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a checkpoint as transformers' ``GptOssForCausalLM`` state dict, MXFP4 experts decoded to ``dtype``."""

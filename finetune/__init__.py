@@ -2,6 +2,7 @@
 
     import finetune
     result = finetune.run("recipes/tiny-cpu.yaml", overrides=["train.max_steps=50"])
+    finetune.export(result, "merged-mxfp4")     # or "peft", "merged-bf16", "gguf", "gguf-lora", "ollama"
 
 Heavy libraries load only when a run starts.
 """
@@ -26,3 +27,10 @@ def run(recipe, overrides=(), resume: bool = False):
     elif overrides:
         raise TypeError("overrides apply to a recipe path; edit the Recipe object directly instead")
     return _run(recipe, resume=resume)
+
+
+def export(run, to: str, out=None, force: bool = False, **options):
+    """Export a run (its directory or the result of :func:`run`) as ``to``, parity-checked; returns a
+    :class:`finetune.exports.ExportResult`. See :func:`finetune.exports.export` for the options."""
+    from finetune.exports import export as _export
+    return _export(run, to, out=out, force=force, **options)

@@ -30,6 +30,21 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="show rendered training examples with trained tokens marked", epilog=EPILOG)
     _recipe_args(p)
     p.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
+    from finetune.exports import FORMATS, MIN_EFFECT_KEPT  # light: heavy imports happen inside export()
+    p = sub.add_parser("export", help="ship a run's adapter (PEFT, merged bf16/MXFP4, GGUF, Ollama), parity-checked",
+                       description="Export a finished run. Each artifact is reloaded by its real consumer and "
+                       "compared with the trained model on fixed probes; a failed check writes nothing.")
+    p.add_argument("run_dir", help="the run directory (output.dir of the recipe)")
+    p.add_argument("--to", required=True, metavar="FORMAT[,FORMAT...]",
+                   help=f"one or more (comma-separated) of: {', '.join(FORMATS)}")
+    p.add_argument("--out", help="where to write it (default RUN_DIR/exports/FORMAT; for several formats, the "
+                   "directory that gets one sub-directory per format)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--model", help="base model (default: the one the run trained on)")
+    p.add_argument("--base-name", help="base_model_name_or_path written into a peft export (default: the recipe's "
+                   "model.name_or_path)")
+    p.add_argument("--min-effect-kept", type=float, default=MIN_EFFECT_KEPT,
+                   help=f"MXFP4 merges must keep this share of the adapter's effect (default {MIN_EFFECT_KEPT})")
     return ap
 
 
@@ -54,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> None:
+    if args.command == "export":
+        from finetune.exports import export
+        export(args.run_dir, args.to, out=args.out, force=args.force, model=args.model, base_name=args.base_name,
+               min_effect_kept=args.min_effect_kept)
+        return
     from finetune.recipe import dump_recipe, load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
     check_paths(recipe)

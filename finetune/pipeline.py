@@ -217,11 +217,13 @@ def _load_model(recipe: Recipe, echo):
 def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, setup: dict):
     """Open the MLflow run (or continue it on resume), log params, lineage tags and data stats; write run.json."""
     from finetune import tracking
+    from inference.checkpoint import fingerprint
     versions = library_versions()
     tracker = tracking.start(recipe.tracking.mlflow, recipe.tracking.tracking_uri, recipe.tracking.experiment,
                              recipe.tracking.run_name or run_dir.name, previous.get("mlflow_run_id"))
     info = {"status": "running", "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
             "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_dir": str(setup["model_dir"]),
+            "model_fingerprint": fingerprint(setup["model_dir"]),
             "device": str(setup["device"]), "dtype": str(setup["dtype"]), "versions": versions,
             "git_commit": git_commit(), "data": stats, "coverage": setup["coverage"]}
     _write_json(run_dir / "run.json", info)

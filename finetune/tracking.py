@@ -15,7 +15,12 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri(configured: str | None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The store to use, with a relative sqlite path made absolute (run.json must find it from anywhere)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 class NullTracker:
@@ -81,3 +86,25 @@ def start(enabled: bool, uri: str | None, experiment: str, run_name: str, run_id
     if not enabled:
         return NullTracker()
     return MlflowTracker(tracking_uri(uri), experiment, run_name, run_id)
+
+
+def record_export(uri: str | None, run_id: str, entry: dict, parity_file: Path | None) -> None:
+    """Add an export (format, path, parity result) to an existing MLflow run, without touching any active run.
+
+    A store that cannot be reached is reported on stderr, not raised: the export itself is done by then.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import sys
+
+    from mlflow.tracking import MlflowClient
+    fmt = entry["format"]
+    try:
+        client = MlflowClient(tracking_uri(uri))
+        client.set_tag(run_id, f"export.{fmt}.parity", "passed" if entry["passed"] else "failed")
+        client.set_tag(run_id, f"export.{fmt}.path", entry["path"] or "-")
+        if entry.get("error"):
+            client.set_tag(run_id, f"export.{fmt}.error", entry["error"][:5000])
+        if parity_file is not None:
+            client.log_artifact(run_id, str(parity_file), f"exports/{fmt}")
+    except Exception as exc:  # noqa: BLE001 - any store failure is reported the same way
+        print(f"warning: could not record the {fmt} export in MLflow run {run_id} at {uri}: {exc}", file=sys.stderr)

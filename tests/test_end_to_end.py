@@ -11,13 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
-
-
-def readme_commands() -> tuple[str, str]:
-    """The first two bash blocks of the README: setup-and-run, then the test command."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
-    return blocks[0].strip(), blocks[1].strip()
+from conftest import REPO, readme_commands, run_cli
 
 
 def test_readme_starts_with_setup_and_test_commands():
@@ -34,20 +28,6 @@ def test_shipped_tiny_data_matches_its_generator():
     import tiny_task
     for name, text in tiny_task.expected_files().items():
         assert (REPO / "data" / "tiny" / name).read_text(encoding="utf-8") == text, name
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, tiny_model_dir):
-    """The README's main command, exactly, in a scratch copy of recipes/ and data/ (so mlflow.db and runs/ land
-    there and not in the checkout)."""
-    work = tmp_path_factory.mktemp("demo")
-    shutil.copytree(REPO / "recipes", work / "recipes")
-    shutil.copytree(REPO / "data", work / "data")
-    setup, _ = readme_commands()
-    main_command = setup.split("&&")[-1].split()  # python -m finetune run recipes/tiny-cpu.yaml
-    assert main_command[:2] == ["python", "-m"]
-    proc = run_cli(*main_command[2:], cwd=work, timeout=600)
-    return work, proc
 
 
 def test_demo_trains_and_visibly_learns(demo_run):

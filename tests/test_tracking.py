@@ -3,12 +3,16 @@
 from finetune import tracking
 
 
-def test_tracking_uri_precedence(monkeypatch):
+def test_tracking_uri_precedence_and_absolute_sqlite_paths(monkeypatch, tmp_path):
+    # Relative sqlite paths become absolute, so run.json's URI finds the store from any working directory.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri(None) == "sqlite:///mlflow.db"
+    assert tracking.tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
-    assert tracking.tracking_uri(None) == "sqlite:///elsewhere.db"
-    assert tracking.tracking_uri("sqlite:///recipe.db") == "sqlite:///recipe.db"
+    assert tracking.tracking_uri(None) == f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    assert tracking.tracking_uri("sqlite:///recipe.db") == f"sqlite:///{tmp_path / 'recipe.db'}"
+    assert tracking.tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert tracking.tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 def test_disabled_tracking_is_a_no_op():

@@ -1,0 +1,224 @@
+"""Folding a trained LoRA adapter into a gpt-oss checkpoint, one tensor at a time.
+
+``merge(model_dir, adapter_dir, out_dir, experts="bf16" | "mxfp4")`` writes an HF-layout gpt-oss directory:
+
+- ``bf16``: every weight in bf16, experts dense as transformers holds them (``gate_up_proj (E, H, 2I)``,
+  ``down_proj (E, I, H)``), no ``quantization_config``.
+- ``mxfp4``: experts requantized to MXFP4 in the original ``*_blocks``/``*_scales`` layout (``inference.mxfp4.pack``:
+  a power-of-two scale per 32 values, e2m1 elements, round to nearest even), so the result loads wherever the
+  original checkpoint loads. Expert tensors the adapter did not touch are copied byte for byte.
+
+The sum ``W + scale * B A`` is always formed in float32. Tensors stream through (one expert tensor of one layer is
+in memory at a time) and are written in shards of at most ``shard_bytes``, so a 20b/120b merge needs no more memory
+than its largest tensor. For ``mxfp4`` every adapted expert tensor gets a quantization report (:class:`TensorReport`):
+how far requantizing moved it, and how much of the adapter's update survived the rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from inference import mxfp4
+from inference.adapters import Adapter, read_adapter
+from inference.checkpoint import QUANTIZATION_CONFIG, read_config, read_dir_json, safetensors_files
+from inference.errors import UserError
+
+EXPERT_FORMATS = ("bf16", "mxfp4")
+# Files of a model directory that travel with its weights (tokenizer, chat template, generation defaults).
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+             "chat_template.jinja", "chat_template.json")
+SHARD_BYTES = 4 << 30
+
+
+@dataclass
+class TensorReport:
+    """What requantizing one adapted expert tensor ``(E, out, in)`` to MXFP4 did.
+
+    ``rel_error``: ``||Q(W') - W'|| / ||W'||`` with ``W' = W + delta``; ``delta_kept``: the share of the adapter's
+    update that survived, ``<Q(W') - W, delta> / ||delta||^2`` (1 = all of it, 0 = rounded away);
+    ``delta_rel``: ``||delta|| / ||W||``, how big the update was next to the weight.
+    """
+
+    name: str
+    rel_error: float
+    max_abs_error: float
+    delta_kept: float
+    delta_rel: float
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    experts: str
+    merged: list[str] = field(default_factory=list)      # tensors the adapter changed
+    tensors: list[TensorReport] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        out = {"experts": self.experts, "merged_tensors": len(self.merged)}
+        if self.tensors:
+            out |= {"mean_rel_error": sum(t.rel_error for t in self.tensors) / len(self.tensors),
+                    "max_rel_error": max(t.rel_error for t in self.tensors),
+                    "mean_delta_kept": sum(t.delta_kept for t in self.tensors) / len(self.tensors),
+                    "min_delta_kept": min(t.delta_kept for t in self.tensors)}
+        return out
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "tensors": [asdict(t) for t in self.tensors]}
+
+
+class _Shards:
+    """Collects tensors and writes them as HF safetensors shards (``model.safetensors`` when one suffices)."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int):
+        self.out_dir, self.shard_bytes = out_dir, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.size += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+        path = self.out_dir / f"shard-{len(self.written):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, sorted(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.written:
+            self._flush()
+        n = len(self.written)
+        if n == 1:
+            os.replace(self.written[0][0], self.out_dir / "model.safetensors")
+            return
+        weight_map, total = {}, 0
+        for i, (path, names) in enumerate(self.written, start=1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            total += path.stat().st_size
+            os.replace(path, self.out_dir / final)
+            weight_map |= {name: final for name in names}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n",
+                                                                   encoding="utf-8")
+
+
+class _Source:
+    """Lazy access to a checkpoint's tensors by name, across shards."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+        self.handles = [safe_open(str(p), framework="pt", device="cpu") for p in safetensors_files(model_dir)]
+        self.where = {key: h for h in self.handles for key in h.keys()}
+
+    def names(self) -> list[str]:
+        return sorted(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.where[name].get_tensor(name)
+
+
+def _expert_rows(src: _Source, base: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """An expert weight as rows ``(E, out, in)`` in float32, and its MXFP4 ``(blocks, scales)`` when packed."""
+    if base + "_blocks" in src.where:
+        packed = src.get(base + "_blocks"), src.get(base + "_scales")
+        return mxfp4.unpack(*packed), packed
+    return src.get(base).float().transpose(1, 2), None             # dense (E, in, out) -> (E, out, in)
+
+
+def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, experts: str = "bf16",
+          shard_bytes: int = SHARD_BYTES, progress: bool = True) -> MergeResult:
+    """Fold the adapter at ``adapter_dir`` into the gpt-oss at ``model_dir``; write the result to ``out_dir``
+    (which must not exist yet or be empty: the caller decides about replacing things)."""
+    from tqdm.auto import tqdm
+    if experts not in EXPERT_FORMATS:
+        raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = read_config(model_dir)
+    adapter = read_adapter(adapter_dir, cfg, torch.float32, "cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = _Source(model_dir)
+    shards = _Shards(out_dir, shard_bytes)
+    result = MergeResult(out_dir, experts)
+    used: set[str] = set()
+    names = [n for n in src.names() if not n.endswith("_scales")]
+    for name in tqdm(names, desc=f"merging ({experts} experts)", unit="tensor", leave=False, disable=not progress):
+        if name.endswith("_blocks") or (name.endswith(("gate_up_proj", "down_proj")) and ".mlp.experts." in name):
+            _merge_expert(src, name.removesuffix("_blocks"), adapter, experts, shards, result, used)
+        else:
+            _merge_other(src, name, adapter, shards, result, used)
+    wanted = set(adapter.linear) | {f"{layer}.mlp.experts.{p}_proj" for layer, loras in adapter.experts.items()
+                                    for p in loras}
+    unused = sorted(wanted - used)
+    if unused:  # read_adapter checked shapes against config.json; a checkpoint lacking the tensor is still possible
+        raise UserError(f"{adapter.path}: LoRA updates with no tensor to merge into in {model_dir}: {unused[:5]}")
+    shards.finish()
+    _write_config(model_dir, out_dir, experts)
+    for aux in AUX_FILES:
+        if (model_dir / aux).is_file():
+            shutil.copy2(model_dir / aux, out_dir / aux)
+    return result
+
+
+def _merge_other(src: _Source, name: str, adapter: Adapter, shards: _Shards, result: MergeResult,
+                 used: set[str]) -> None:
+    tensor = src.get(name)
+    module = name.removesuffix(".weight")
+    lora = adapter.linear.get(module) if name.endswith(".weight") else None
+    if lora is None:
+        shards.add(name, tensor)   # untouched: kept in its stored dtype, bit for bit
+        return
+    merged = tensor.float() + (lora.B @ lora.A) * lora.scale          # (out, r) @ (r, in)
+    shards.add(name, merged.to(torch.bfloat16))
+    result.merged.append(name)
+    used.add(module)
+
+
+def _merge_expert(src: _Source, base: str, adapter: Adapter, experts: str, shards: _Shards, result: MergeResult,
+                  used: set[str]) -> None:
+    layer, proj = base.split(".mlp.experts.")
+    lora = adapter.experts.get(layer, {}).get(proj.removesuffix("_proj"))
+    if lora is None and experts == "mxfp4" and base + "_blocks" in src.where:
+        shards.add(base + "_blocks", src.get(base + "_blocks"))    # untouched: the original codes, byte for byte
+        shards.add(base + "_scales", src.get(base + "_scales"))
+        return
+    rows, _ = _expert_rows(src, base)                                # (E, out, in)
+    delta = None
+    if lora is not None:
+        delta = torch.einsum("eri,ero->eoi", lora.A, lora.B) * lora.scale
+        used.add(base)
+        result.merged.append(base)
+    merged = rows if delta is None else rows + delta
+    if experts == "bf16":
+        shards.add(base, merged.transpose(1, 2).to(torch.bfloat16))  # transformers' (E, in, out)
+        return
+    blocks, scales = mxfp4.pack(merged)                              # (E, out, in/32, 16), (E, out, in/32)
+    shards.add(base + "_blocks", blocks)
+    shards.add(base + "_scales", scales)
+    if delta is not None:
+        quant = mxfp4.unpack(blocks, scales)
+        err = quant - merged
+        kept = float((quant - rows).flatten() @ delta.flatten() / delta.square().sum().clamp_min(1e-30))
+        result.tensors.append(TensorReport(base, float(err.norm() / merged.norm().clamp_min(1e-30)),
+                                           float(err.abs().max()), kept,
+                                           float(delta.norm() / rows.norm().clamp_min(1e-30))))
+
+
+def _write_config(model_dir: Path, out_dir: Path, experts: str) -> None:
+    cfg = read_dir_json(model_dir, "config.json", "model", "gpt-oss model")
+    if experts == "mxfp4":
+        cfg["quantization_config"] = cfg.get("quantization_config") or QUANTIZATION_CONFIG
+    else:
+        cfg.pop("quantization_config", None)
+    cfg["dtype"] = "bfloat16"
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")

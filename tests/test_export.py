@@ -1,0 +1,327 @@
+"""Exports of the README demo's trained run, each reloaded by its real consumer: PEFT (transformers + PeftModel),
+merged bf16 and MXFP4 (transformers and our runtime), GGUF, GGUF LoRA and Ollama (llama.cpp itself); and every
+refusal. Weights in the artifacts are checked against the merge formula computed here from the adapter file, not
+from the code under test."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from safetensors.torch import load_file
+
+import finetune
+from finetune.exports import modelfile, vllm_rank_warning
+from inference import mxfp4
+from inference.errors import UserError
+
+RUN = Path("runs/tiny-cpu")
+
+
+@pytest.fixture(scope="module")
+def run_copy(demo_run, tmp_path_factory):
+    """A copy of the demo's working directory (run, data, MLflow store), so exports never touch the shared run."""
+    work, proc = demo_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dst = tmp_path_factory.mktemp("exports") / "demo"
+    shutil.copytree(work, dst, ignore=shutil.ignore_patterns("checkpoints"))
+    info_path = dst / RUN / "run.json"
+    info = json.loads(info_path.read_text())
+    info["tracking_uri"] = f"sqlite:///{dst / 'mlflow.db'}"
+    info_path.write_text(json.dumps(info))
+    return dst
+
+
+@pytest.fixture
+def run_dir(run_copy, monkeypatch):
+    monkeypatch.chdir(run_copy)  # the recipe's data paths (held-out probes) are relative to where it ran
+    return run_copy / RUN
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def shipped(run_copy):
+    """merged-mxfp4, gguf, gguf-lora and ollama from one call (one reference; ollama reuses the GGUF)."""
+    cwd = os.getcwd()
+    os.chdir(run_copy)
+    try:
+        results = finetune.export(run_copy / RUN, "ollama,gguf-lora,gguf,merged-mxfp4", echo=quiet)
+    finally:
+        os.chdir(cwd)
+    return {r.format: r for r in results}
+
+
+def adapter_deltas(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The merge formula from the adapter file itself: linear ``scale * B @ A``; experts per PEFT's layout
+    (``A (E*r, in)`` grouped by expert, ``B (out, r*E)`` with column ``rank * E + expert``) as ``(E, in, out)``."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    r, scale = cfg["r"], cfg["lora_alpha"] / cfg["r"]
+    t = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    linear, experts = {}, {}
+    for key in t:
+        if not key.endswith("lora_A.weight"):
+            continue
+        A, B = t[key].double(), t[key.replace("lora_A", "lora_B")].double()
+        module = key.removeprefix("base_model.model.").split(".lora_A")[0]
+        if ".mlp.experts" in module:
+            E = A.shape[0] // r
+            delta = torch.stack([A[e * r:(e + 1) * r].T @ B[:, [k * E + e for k in range(r)]].T for e in range(E)])
+            proj = "gate_up_proj" if delta.shape[2] == 2 * delta.shape[1] else "down_proj"
+            experts[module.split(".mlp.experts")[0] + ".mlp.experts." + proj] = delta * scale
+        else:
+            linear[module + ".weight"] = (B @ A) * scale
+    return linear, experts
+
+
+def assert_bf16_of(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """``got`` is ``want`` rounded to bf16: the export sums in float32, we in float64, so an element sitting on a
+    rounding boundary may go to the neighbouring bf16 value (one unit in the last place), and only rarely; near zero
+    the float32 sum's own error (~1e-8 for operands ~0.3) is what moves it."""
+    exact = want.to(torch.bfloat16)
+    ulp = want.abs().float() * 2 ** -7 + 1e-6
+    assert ((got.float() - exact.float()).abs() <= ulp).all(), name
+    assert (got != exact).float().mean() < 1e-3, name
+
+
+def base_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    model_dir = Path(json.loads((run_dir / "run.json").read_text())["model_dir"])
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def passed_checks(export_dir: Path) -> list[dict]:
+    report = json.loads((export_dir / "parity.json").read_text())
+    assert report["passed"] is True and report["checks"], report
+    assert all(c["passed"] for c in report["checks"])
+    return report["checks"]
+
+
+def readme_export_command() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Ship what you trained")
+    section = text[start:text.index("\n## ", start + 1)]
+    (command,) = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    return command.split()
+
+
+def test_readme_export_command_peft(run_copy):
+    command = readme_export_command()
+    assert command[:3] == ["python", "-m", "finetune"] and command[3:] == ["export", str(RUN), "--to", "peft"]
+    proc = run_cli(*command[2:], cwd=run_copy, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "transformers + PeftModel.from_pretrained vs trained model" in out and "-> PASS" in out
+    assert "warning" not in out.lower()  # rank 16 is one vLLM accepts
+    export = run_copy / RUN / "exports" / "peft"
+    cfg = json.loads((export / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny-gpt-oss"
+    assert sorted(cfg["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert cfg["modules_to_save"] is None and cfg["r"] == 16
+    assert (export / "adapter_model.safetensors").read_bytes() == (
+        run_copy / RUN / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert "--enable-lora --lora-modules" in (export / "README.md").read_text()
+    umask = os.umask(0)
+    os.umask(umask)  # what is shipped is readable as the umask allows (safetensors writes owner-only files)
+    assert (export / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    checks = passed_checks(export)
+    peft_check = checks[0]
+    assert peft_check["max_abs"] <= 1e-3 and peft_check["top1"] == 1.0
+    assert abs(peft_check["effect_kept"] - 1) < 1e-3
+
+    # Independently of the export code: PEFT really loads the expert LoRA from the export.
+    from peft import PeftModel
+
+    from inference.checkpoint import load_model
+    info = json.loads((run_copy / RUN / "run.json").read_text())
+    model = PeftModel.from_pretrained(load_model(info["model_dir"]), str(export))
+    files = load_file(str(export / "adapter_model.safetensors"))
+    loaded = {k: v for k, v in model.state_dict().items() if "experts" in k and "lora_A" in k}
+    assert loaded, "PEFT loaded no expert LoRA"
+    key = next(k for k in files if "layers.1.mlp.experts" in k and "lora_A" in k)
+    match = [v for k, v in loaded.items() if k.replace(".default", "") == key]
+    assert len(match) == 1 and torch.equal(match[0], files[key])
+
+    # Recorded in run.json and in the run's MLflow run.
+    assert info["exports"][-1]["format"] == "peft" and info["exports"][-1]["passed"] is True
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{run_copy / 'mlflow.db'}")
+    run = client.get_run(info["mlflow_run_id"])
+    assert run.data.tags["export.peft.parity"] == "passed"
+    assert run.data.tags["export.peft.path"] == str(export)
+    artifacts = [a.path for a in client.list_artifacts(info["mlflow_run_id"], "exports/peft")]
+    assert artifacts == ["exports/peft/parity.json"]
+
+    # A second export into the same place is refused (one line), and nothing is touched.
+    again = run_cli("finetune", "export", str(RUN), "--to", "peft", cwd=run_copy, timeout=120)
+    assert again.returncode != 0
+    assert again.stderr.strip().count("\n") == 0 and "not empty; pass --force" in again.stderr
+
+
+def test_merged_bf16_folds_the_adapter_into_every_weight(run_dir):
+    result = finetune.export(run_dir, "merged-bf16", echo=quiet)
+    assert result.passed and result.path == run_dir / "exports" / "merged-bf16"
+    cfg = json.loads((result.path / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    merged, base = load_file(str(result.path / "model.safetensors")), base_tensors(run_dir)
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    assert not any(k.endswith(("_blocks", "_scales")) for k in merged)
+    linear, experts = adapter_deltas(run_dir / "adapter")
+    assert len(linear) == 8 and len(experts) == 4
+    for name, delta in linear.items():
+        assert_bf16_of(merged[name], base[name].double() + delta, name)
+    for name, delta in experts.items():
+        dense = mxfp4.unpack(base[name + "_blocks"], base[name + "_scales"]).transpose(1, 2).double()
+        assert_bf16_of(merged[name], dense + delta, name)
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    hf, ours = passed_checks(result.path)
+    assert hf["consumer"].startswith("transformers") and hf["effect_kept"] > 0.98
+    assert ours["max_abs"] <= 1e-3
+    # --force replaces an earlier export as a whole
+    (result.path / "stale.txt").write_text("from before")
+    again = finetune.export(run_dir, "merged-bf16", force=True, echo=quiet)
+    assert again.passed and not (result.path / "stale.txt").exists() and (result.path / "parity.json").is_file()
+
+
+def test_several_formats_in_one_call_in_order(shipped, run_dir):
+    assert list(shipped) == ["merged-mxfp4", "gguf", "gguf-lora", "ollama"]
+    assert all(r.path == run_dir / "exports" / f for f, r in shipped.items())
+    formats = [e["format"] for e in json.loads((run_dir / "run.json").read_text())["exports"] if e["passed"]]
+    assert formats[-4:] == list(shipped)
+
+
+def test_merged_mxfp4_requantizes_with_mx_rounding_and_reports_quality(shipped, run_dir):
+    result = shipped["merged-mxfp4"]
+    assert result.passed
+    merged, base = load_file(str(result.path / "model.safetensors")), base_tensors(run_dir)
+    cfg = json.loads((result.path / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "mxfp4"
+    assert sorted(merged) == sorted(base)  # the original layout, name for name
+    _, experts = adapter_deltas(run_dir / "adapter")
+    for name, delta in experts.items():
+        rows = mxfp4.unpack(base[name + "_blocks"], base[name + "_scales"]).double() + delta.transpose(1, 2)
+        blocks, scales = mxfp4.pack(rows.float())
+        # the same MX rounding applied to our float64 merge; a float32 merge may land on the other side of a tie
+        assert (merged[name + "_scales"] == scales).float().mean() > 0.999, name
+        assert (merged[name + "_blocks"] == blocks).float().mean() > 0.999, name
+    for name in ("model.embed_tokens.weight", "model.layers.0.mlp.router.weight"):
+        assert torch.equal(merged[name], base[name])
+    report = json.loads((result.path / "quality_report.json").read_text())
+    tensors = report["tensors"]["tensors"]
+    assert len(tensors) == 4 and all(0 < t["rel_error"] < 0.2 and 0.5 < t["delta_kept"] < 1.05 for t in tensors)
+    vs_bf16 = report["vs_bf16_merge"]
+    assert 0 < vs_bf16["kl"] and 0.5 < vs_bf16["top1"] < 1 and 0.8 < vs_bf16["effect_kept"] < 1.05
+    assert report["held_out_conversations"] == 3 and report["vs_bf16_merge_held_out"]["positions"] > 0
+    runtime, transformers = passed_checks(result.path)
+    assert transformers["consumer"].startswith("transformers Mxfp4Config") and transformers["max_abs"] <= 1e-3
+    assert runtime["effect_kept"] >= 0.8
+
+
+def test_gguf_export_runs_in_llama_cpp(shipped):
+    # (the GGUF's layout, metadata and bit-exact MXFP4 codes are checked in test_gguf.py on a small vocabulary:
+    # reading a 201k-token vocabulary back with gguf-py takes half a minute)
+    result = shipped["gguf"]
+    assert result.passed and (result.path / "model.gguf").stat().st_size > 50e6
+    assert json.loads((result.path / "quality_report.json").read_text())["vs_bf16_merge"]["positions"] > 0
+    (llama,) = [c for c in passed_checks(result.path) if c["consumer"].startswith("llama.cpp")]
+    assert llama["against"] == "our runtime (same MXFP4 merge)"
+    assert llama["extra"]["tokenizer_equal"] is True and llama["top1"] >= 0.9 and llama["kl"] < 0.05
+    same, total = map(int, llama["extra"]["greedy_same"].split("/"))
+    assert total == 7 and same >= 6
+
+
+def test_gguf_lora_export_carries_the_expert_updates_into_llama_cpp(shipped):
+    from gguf import GGUFReader
+    result = shipped["gguf-lora"]
+    assert result.passed
+    reader = GGUFReader(str(result.path / "adapter.gguf"))
+
+    def text(key):
+        f = reader.fields[key]
+        return bytes(f.parts[f.data[0]]).decode()
+
+    assert text("general.type") == "adapter" and text("adapter.type") == "lora"
+    names = {t.name for t in reader.tensors}
+    for part in ("gate", "up", "down"):
+        assert {f"blk.1.ffn_{part}_exps.weight.lora_a", f"blk.1.ffn_{part}_exps.weight.lora_b"} <= names
+    assert "blk.0.attn_q.weight.lora_a" in names
+    (check,) = passed_checks(result.path)
+    assert check["against"] == "trained model" and 0.9 <= check["effect_kept"] <= 1.1
+
+
+def test_ollama_export_has_modelfile_and_gguf(shipped):
+    result = shipped["ollama"]
+    assert result.passed
+    assert (result.path / "model.gguf").read_bytes() == (shipped["gguf"].path / "model.gguf").read_bytes()
+    text = (result.path / "Modelfile").read_text()
+    assert text.splitlines()[1] == "FROM ./model.gguf" and (result.path / "model.gguf").is_file()
+    assert 'PARAMETER stop "<|return|>"' in text and 'PARAMETER stop "<|call|>"' in text
+    assert "<|start|>system<|message|>" in text and "Reasoning: low" in text  # the recipe's reasoning effort
+    assert "ollama create" in (result.path / "README.md").read_text()
+    assert any(c["consumer"].startswith("llama.cpp") for c in passed_checks(result.path))
+
+
+def test_modelfile_system_block_is_harmony_rendering():
+    from inference import harmony
+    options = harmony.HarmonyOptions(reasoning_effort="high")
+    text = modelfile(options)
+    rendered = harmony.encoding().decode(harmony.render_prompt([{"role": "user", "content": "hi"}], None, options))
+    system = rendered[:rendered.index("<|start|>user")]
+    assert 'TEMPLATE """' + system in text and "Reasoning: high" in system
+
+
+def test_vllm_rank_warning():
+    assert vllm_rank_warning(16) is None and vllm_rank_warning(320) is None
+    assert "12" in vllm_rank_warning(12) and "vLLM" in vllm_rank_warning(12)
+
+
+def user_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(UserError) as exc:
+        fn(*args, **kwargs)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_export_refusals(run_dir, tmp_path):
+    assert "unknown export format 'onnx'" in user_error(finetune.export, run_dir, "onnx", echo=quiet)
+    assert "formats repeat" in user_error(finetune.export, run_dir, ["peft", "peft"], echo=quiet)
+    assert "run directory not found" in user_error(finetune.export, tmp_path / "nope", "peft", echo=quiet)
+    empty = tmp_path / "unfinished"
+    (empty / "checkpoints").mkdir(parents=True)
+    assert "no final adapter" in user_error(finetune.export, empty, "peft", echo=quiet)
+    # a model with the same shapes but other weights (another seed): the run's fingerprint tells them apart
+    msg = user_error(finetune.export, run_dir, "peft", model="tiny-gpt-oss@1", echo=quiet)
+    assert "different model" in msg
+    # a model of other shapes: the adapter does not fit
+    other = tmp_path / "wider"
+    shutil.copytree(json.loads((run_dir / "run.json").read_text())["model_dir"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["intermediate_size"] *= 2
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert "different base model" in user_error(finetune.export, run_dir, "peft", model=other, echo=quiet)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    assert "pass --force" in user_error(finetune.export, run_dir, "peft", out=occupied, echo=quiet)
+    msg = user_error(finetune.export, run_dir, "peft", out=occupied, force=True, echo=quiet)
+    assert "not an export (no parity.json); refusing to delete it" in msg
+    assert (occupied / "keep.txt").read_text() == "mine"
+    assert "would replace the run" in user_error(finetune.export, run_dir, "peft", out=run_dir.parent, echo=quiet)
+
+
+def test_a_failed_parity_check_leaves_nothing_behind(run_dir):
+    dest = run_dir / "exports" / "strict-mxfp4"
+    msg = user_error(finetune.export, run_dir, "merged-mxfp4", out=dest, min_effect_kept=1.5, echo=quiet)
+    assert "failed its parity check" in msg and "adapter effect kept" in msg
+    assert not dest.exists()
+    assert not [p for p in dest.parent.iterdir() if ".partial-" in p.name]
+    last = json.loads((run_dir / "run.json").read_text())["exports"][-1]
+    assert last["format"] == "merged-mxfp4" and last["passed"] is False and "parity" in last["error"]

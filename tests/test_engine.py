@@ -17,6 +17,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import make_adapter
 
 from inference import harmony
 from inference.checkpoint import load_model
@@ -35,22 +36,6 @@ HI = [{"role": "user", "content": "hi"}]
 
 def encode(text: str) -> list[int]:
     return harmony.encoding().encode(text, allowed_special="all")
-
-
-def make_adapter(model_dir, out, seed: int):
-    """A PEFT LoRA adapter on attention and both expert tensors with every lora_A/lora_B seeded noise (PEFT's zero
-    lora_B would make it a no-op)."""
-    from peft import LoraConfig, get_peft_model
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    model = get_peft_model(load_model(model_dir), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_A." in n or ".lora_B." in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(str(out), safe_serialization=True)
-    return out
 
 
 @functools.cache

@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_adapter
 
 from inference import adapters, runtime
 from inference.checkpoint import load_model
@@ -24,23 +25,6 @@ from inference.generate import PAD_ID
 
 TOL = 1e-4        # max abs logit difference allowed (fp32); measured values are noted at each use
 T, PAD = 150, 20  # sequence length (> sliding window 64) and left padding of row 1
-TARGETS = dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-
-
-def make_adapter(model_dir, out, seed: int):
-    """A PEFT LoRA adapter on attention and both expert tensors, every lora_A/lora_B filled with seeded noise
-    (PEFT's lora_B starts at zero, which would make the adapter a no-op and every parity test vacuous)."""
-    from peft import LoraConfig, get_peft_model
-    model = get_peft_model(load_model(model_dir), LoraConfig(r=8, lora_alpha=16, **TARGETS))
-    lora = [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
-    assert len(lora) == 2 * 2 * (4 + 2)   # layers x (A, B) x (4 projections + 2 expert tensors)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(str(out), safe_serialization=True)
-    return out
 
 
 def tensors_of(adapter_dir) -> dict[str, torch.Tensor]:

@@ -309,11 +309,19 @@ def _export_mxfp4(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: flo
     return checks, report
 
 
-def _export_gguf(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: float, echo=print, **_):
+def _export_gguf(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: float, done: dict | None = None,
+                 echo=print, **_):
     from finetune import gguf
-    merged_dir = scratch / "merged-mxfp4"
-    merged_dir.mkdir()
-    checks, report, ours = _mxfp4_merge(run, ref, merged_dir, scratch, min_effect_kept, echo)
+    mxfp4_done = (done or {}).get("merged-mxfp4")
+    if mxfp4_done is not None:
+        # The MXFP4 merge exported (and checked) a moment ago from the same run: convert that one.
+        merged_dir, checks, report = mxfp4_done.path, list(mxfp4_done.checks), mxfp4_done.report
+        echo(f"  the MXFP4 merge: the merged-mxfp4 export ({merged_dir}), checked above")
+        ours = parity.runtime_logits(merged_dir, ref.probes)
+    else:
+        merged_dir = scratch / "merged-mxfp4"
+        merged_dir.mkdir()
+        checks, report, ours = _mxfp4_merge(run, ref, merged_dir, scratch, min_effect_kept, echo)
     gguf_file = gguf.write_model(merged_dir, out / "model.gguf")
     shutil.copy2(merged_dir / "quality_report.json", out / "quality_report.json")
     checks += parity.run_checks([lambda: _llama_check("llama.cpp (model.gguf)", gguf_file, None, merged_dir, ref,
@@ -342,7 +350,7 @@ def _export_ollama(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: fl
         echo(f"  model.gguf: the gguf export's file ({gguf_done.path}), checked above")
         checks, report = gguf_done.checks, gguf_done.report
     else:
-        checks, report = _export_gguf(run, ref, out, scratch, min_effect_kept=min_effect_kept, echo=echo)
+        checks, report = _export_gguf(run, ref, out, scratch, min_effect_kept=min_effect_kept, done=done, echo=echo)
     (out / "Modelfile").write_text(modelfile(_options(run)), encoding="utf-8")
     (out / "README.md").write_text(
         f"# {run.run_dir.name} for Ollama\n\nExported from `{run.run_dir}` by `python -m finetune export`.\n\n"

@@ -450,7 +450,8 @@ def modelfile(options) -> str:
         "{{- if eq .Role \"user\" }}<|start|>user<|message|>{{ .Content }}<|end|>"
         "{{- else if eq .Role \"assistant\" }}<|start|>assistant<|channel|>final<|message|>{{ .Content }}<|end|>"
         "{{- end }}{{- end }}<|start|>assistant\"\"\"\n"
-        'PARAMETER stop "<|return|>"\nPARAMETER stop "<|call|>"\nPARAMETER stop "<|end|>"\n'
+        # <|end|> closes every message, the reasoning too: a turn ends only at <|return|> (answer) or <|call|> (tool).
+        'PARAMETER stop "<|return|>"\nPARAMETER stop "<|call|>"\n'
         "PARAMETER temperature 1.0\nPARAMETER top_p 1.0\n")
 
 

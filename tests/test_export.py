@@ -262,7 +262,9 @@ def test_ollama_export_has_modelfile_and_gguf(shipped):
     assert (result.path / "model.gguf").read_bytes() == (shipped["gguf"].path / "model.gguf").read_bytes()
     text = (result.path / "Modelfile").read_text()
     assert text.splitlines()[1] == "FROM ./model.gguf" and (result.path / "model.gguf").is_file()
-    assert 'PARAMETER stop "<|return|>"' in text and 'PARAMETER stop "<|call|>"' in text
+    stops = [line for line in text.splitlines() if line.startswith("PARAMETER stop")]
+    # <|end|> closes the reasoning message too; stopping there would cut every answer off
+    assert stops == ['PARAMETER stop "<|return|>"', 'PARAMETER stop "<|call|>"']
     assert "<|start|>system<|message|>" in text and "Reasoning: low" in text  # the recipe's reasoning effort
     assert "ollama create" in (result.path / "README.md").read_text()
     assert any(c["consumer"].startswith("llama.cpp") for c in passed_checks(result.path))

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from inference.checkpoint import read_config, safetensors_files
+from inference.checkpoint import TensorFiles, read_config
 from inference.errors import UserError
 from inference.runtime import expected_shapes
 
@@ -168,26 +168,7 @@ _LAYER_TENSORS = {
 _DENSE_EXPERTS = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)")
 
 
-class _Source:
-    """The checkpoint's tensors by name across its safetensors files, read only when asked for."""
-
-    def __init__(self, model_dir: Path, stack: contextlib.ExitStack):
-        from safetensors import safe_open
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, str] = {}          # safetensors' names: "U8", "BF16", ...
-        self._files = {}
-        for path in safetensors_files(model_dir):
-            f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            for key in f.keys():
-                info = f.get_slice(key)
-                self.shapes[key], self.dtypes[key] = tuple(info.get_shape()), info.get_dtype()
-                self._files[key] = f
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._files[key].get_tensor(key)
-
-
-def _check_source(model_dir: Path, cfg, source: _Source) -> None:
+def _check_source(model_dir: Path, cfg, source: TensorFiles) -> None:
     """Refuse, naming the tensors, a checkpoint that llama.cpp's gpt-oss cannot carry exactly."""
     def listing(names: list[str]) -> str:
         return ", ".join(names[:4]) + (f" (and {len(names) - 4} more)" if len(names) > 4 else "")
@@ -232,7 +213,7 @@ def _check_config(model_dir: Path, cfg) -> dict:
     return rope
 
 
-def _plan_tensors(cfg, source: _Source, weight_type: str) -> list[_Tensor]:
+def _plan_tensors(cfg, source: TensorFiles, weight_type: str) -> list[_Tensor]:
     """Every output tensor, in llama.cpp's names and layouts, each read from the checkpoint when it is written."""
     wt = weight_type.upper()
 
@@ -380,8 +361,7 @@ def write_model(model_dir: str | Path, out_file: str | Path, *, weight_type: str
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     rope = _check_config(model_dir, cfg)
-    with contextlib.ExitStack() as stack:
-        source = _Source(model_dir, stack)
+    with TensorFiles(model_dir) as source:
         _check_source(model_dir, cfg, source)
         writer = gguf.GGUFWriter(None, ARCH)
         writer.add_type(gguf.GGUFType.MODEL)

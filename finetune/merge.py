@@ -26,7 +26,7 @@ import torch
 
 from inference import mxfp4
 from inference.adapters import Adapter, read_adapter
-from inference.checkpoint import QUANTIZATION_CONFIG, read_config, read_dir_json, safetensors_files
+from inference.checkpoint import QUANTIZATION_CONFIG, TensorFiles, read_config, read_dir_json
 from inference.errors import UserError
 
 EXPERT_FORMATS = ("bf16", "mxfp4")
@@ -113,27 +113,12 @@ class _Shards:
                                                                    encoding="utf-8")
 
 
-class _Source:
-    """Lazy access to a checkpoint's tensors by name, across shards."""
-
-    def __init__(self, model_dir: Path):
-        from safetensors import safe_open
-        self.handles = [safe_open(str(p), framework="pt", device="cpu") for p in safetensors_files(model_dir)]
-        self.where = {key: h for h in self.handles for key in h.keys()}
-
-    def names(self) -> list[str]:
-        return sorted(self.where)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.where[name].get_tensor(name)
-
-
-def _expert_rows(src: _Source, base: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+def _expert_rows(src: TensorFiles, base: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """An expert weight as rows ``(E, out, in)`` in float32, and its MXFP4 ``(blocks, scales)`` when packed."""
-    if base + "_blocks" in src.where:
-        packed = src.get(base + "_blocks"), src.get(base + "_scales")
+    if base + "_blocks" in src:
+        packed = src[base + "_blocks"], src[base + "_scales"]
         return mxfp4.unpack(*packed), packed
-    return src.get(base).float().transpose(1, 2), None             # dense (E, in, out) -> (E, out, in)
+    return src[base].float().transpose(1, 2), None             # dense (E, in, out) -> (E, out, in)
 
 
 def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, experts: str = "bf16",
@@ -147,16 +132,17 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, e
     cfg = read_config(model_dir)
     adapter = read_adapter(adapter_dir, cfg, torch.float32, "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
-    src = _Source(model_dir)
     shards = _Shards(out_dir, shard_bytes)
     result = MergeResult(out_dir, experts)
     used: set[str] = set()
-    names = [n for n in src.names() if not n.endswith("_scales")]
-    for name in tqdm(names, desc=f"merging ({experts} experts)", unit="tensor", leave=False, disable=not progress):
-        if name.endswith("_blocks") or (name.endswith(("gate_up_proj", "down_proj")) and ".mlp.experts." in name):
-            _merge_expert(src, name.removesuffix("_blocks"), adapter, experts, shards, result, used)
-        else:
-            _merge_other(src, name, adapter, shards, result, used)
+    with TensorFiles(model_dir) as src:
+        names = [n for n in src.names() if not n.endswith("_scales")]
+        for name in tqdm(names, desc=f"merging ({experts} experts)", unit="tensor", leave=False,
+                         disable=not progress):
+            if name.endswith("_blocks") or (name.endswith(("gate_up_proj", "down_proj")) and ".mlp.experts." in name):
+                _merge_expert(src, name.removesuffix("_blocks"), adapter, experts, shards, result, used)
+            else:
+                _merge_other(src, name, adapter, shards, result, used)
     wanted = set(adapter.linear) | {f"{layer}.mlp.experts.{p}_proj" for layer, loras in adapter.experts.items()
                                     for p in loras}
     unused = sorted(wanted - used)
@@ -170,9 +156,9 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, e
     return result
 
 
-def _merge_other(src: _Source, name: str, adapter: Adapter, shards: _Shards, result: MergeResult,
+def _merge_other(src: TensorFiles, name: str, adapter: Adapter, shards: _Shards, result: MergeResult,
                  used: set[str]) -> None:
-    tensor = src.get(name)
+    tensor = src[name]
     module = name.removesuffix(".weight")
     lora = adapter.linear.get(module) if name.endswith(".weight") else None
     if lora is None:
@@ -184,13 +170,13 @@ def _merge_other(src: _Source, name: str, adapter: Adapter, shards: _Shards, res
     used.add(module)
 
 
-def _merge_expert(src: _Source, base: str, adapter: Adapter, experts: str, shards: _Shards, result: MergeResult,
+def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, experts: str, shards: _Shards, result: MergeResult,
                   used: set[str]) -> None:
     layer, proj = base.split(".mlp.experts.")
     lora = adapter.experts.get(layer, {}).get(proj.removesuffix("_proj"))
-    if lora is None and experts == "mxfp4" and base + "_blocks" in src.where:
-        shards.add(base + "_blocks", src.get(base + "_blocks"))    # untouched: the original codes, byte for byte
-        shards.add(base + "_scales", src.get(base + "_scales"))
+    if lora is None and experts == "mxfp4" and base + "_blocks" in src:
+        shards.add(base + "_blocks", src[base + "_blocks"])        # untouched: the original codes, byte for byte
+        shards.add(base + "_scales", src[base + "_scales"])
         return
     rows, _ = _expert_rows(src, base)                                # (E, out, in)
     delta = None

@@ -70,6 +70,45 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise UserError(f"{model_dir}: no model.safetensors (or model.safetensors.index.json); only safetensors is read")
 
 
+class TensorFiles:
+    """A checkpoint's tensors by name across its safetensors files: shapes and dtypes up front, each tensor read only
+    when asked for (so a 120b checkpoint streams through one tensor at a time). A context manager::
+
+        with TensorFiles(model_dir) as files:
+            files.shapes["lm_head.weight"], files["lm_head.weight"]
+    """
+
+    def __init__(self, model_dir: str | Path):
+        import contextlib
+
+        from safetensors import safe_open
+        self._stack = contextlib.ExitStack()
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}          # safetensors' names: "U8", "BF16", ...
+        self._files = {}
+        for path in safetensors_files(Path(model_dir)):
+            f = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            for key in f.keys():
+                info = f.get_slice(key)
+                self.shapes[key], self.dtypes[key] = tuple(info.get_shape()), info.get_dtype()
+                self._files[key] = f
+
+    def __enter__(self) -> "TensorFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._files[key].get_tensor(key)
+
+    def names(self) -> list[str]:
+        return sorted(self._files)
+
+
 def fingerprint(model_dir: str | Path) -> str:
     """A cheap identity of a checkpoint: sha256 over config.json and, per safetensors file, its name, size and three
     64 KiB samples of its bytes (start, middle, end). Reads well under a MiB even for gpt-oss-120b, yet two models

@@ -299,12 +299,19 @@ def test_export_refusals(run_dir, tmp_path):
     empty = tmp_path / "unfinished"
     (empty / "checkpoints").mkdir(parents=True)
     assert "no final adapter" in user_error(finetune.export, empty, "peft", echo=quiet)
-    # a model with the same shapes but other weights (another seed): the run's fingerprint tells them apart
-    msg = user_error(finetune.export, run_dir, "peft", model="tiny-gpt-oss@1", echo=quiet)
+    # a model with the same shapes but other weights (a fine-tune of it, say): the run's fingerprint tells them apart
+    base_dir = Path(json.loads((run_dir / "run.json").read_text())["model_dir"])
+    tuned = tmp_path / "tuned"
+    shutil.copytree(base_dir, tuned)
+    from safetensors.torch import save_file
+    tensors = load_file(str(base_dir / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 1.01
+    save_file(tensors, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    msg = user_error(finetune.export, run_dir, "peft", model=tuned, echo=quiet)
     assert "different model" in msg
     # a model of other shapes: the adapter does not fit
     other = tmp_path / "wider"
-    shutil.copytree(json.loads((run_dir / "run.json").read_text())["model_dir"], other)
+    shutil.copytree(base_dir, other)
     cfg = json.loads((other / "config.json").read_text())
     cfg["intermediate_size"] *= 2
     (other / "config.json").write_text(json.dumps(cfg))

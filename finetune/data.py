@@ -129,28 +129,100 @@ def prepare(recipe: Recipe) -> PreparedData:
     return PreparedData(train, evals, cases, stats)
 
 
+@dataclass
+class RenderedExample:
+    """One training example as text pieces: ``(text, kind)``, kind the channel key of a trained piece, else None."""
+
+    source: str
+    tokens: int
+    pieces: list[tuple[str, str | None]]
+    trained: dict[str, int]          # trained tokens per channel
+
+
+# Highlight colours per trained channel (HTML view) and the legend order.
+COLOURS = {"final": "#c8f7c5", "analysis": "#cfe3ff", "commentary": "#f3d9ff", "tool_call": "#ffe2b8"}
+
+
+class Preview:
+    """Rendered training examples with their trained spans: text (``str()``), HTML in a notebook, counts as a
+    DataFrame (``counts``: one row per example, one column per channel)."""
+
+    def __init__(self, examples: list[RenderedExample]):
+        self.examples = examples
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {k: sum(e.trained[k] for e in self.examples) for k in harmony.WEIGHT_KEYS}
+
+    @property
+    def counts(self):
+        import pandas as pd
+        return pd.DataFrame([{"example": e.source, "tokens": e.tokens, **e.trained} for e in self.examples])
+
+    def text(self, color: bool = False) -> str:
+        open_, close = ("\x1b[1;32m", "\x1b[0m") if color else ("⟦", "⟧")
+        parts = [f"(trained tokens are shown {open_}like this{close})"]
+        for e in self.examples:
+            # adjacent trained pieces of different channels read as one marked span in text
+            body, trained = "", False
+            for t, kind in e.pieces:
+                body += (open_ if kind and not trained else close if trained and not kind else "") + t
+                trained = bool(kind)
+            body += close if trained else ""
+            summary = ", ".join(f"{k} {v}" for k, v in e.trained.items())
+            parts.append(f"── {e.source}: {e.tokens} tokens, trained: {summary}\n{body}\n")
+        total = ", ".join(f"{k} {v}" for k, v in self.totals.items())
+        parts.append(f"trained tokens per channel over {len(self.examples)} examples: {total}")
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.text()
+
+    def __repr__(self) -> str:
+        total = ", ".join(f"{k} {v}" for k, v in self.totals.items())
+        return f"<Preview of {len(self.examples)} examples; trained tokens per channel: {total}>"
+
+    def _repr_html_(self) -> str:
+        from html import escape
+        legend = " ".join(f'<span style="background:{c};padding:0 4px">{k}</span>' for k, c in COLOURS.items())
+        out = [f"<div>trained tokens, by channel: {legend}; untrained text is plain</div>"]
+        for e in self.examples:
+            body = "".join(f'<span style="background:{COLOURS[kind]}" title="{kind}">{escape(t)}</span>' if kind
+                           else escape(t) for t, kind in e.pieces)
+            summary = ", ".join(f"{k} {v}" for k, v in e.trained.items())
+            out.append(f"<p><b>{escape(e.source)}</b>: {e.tokens} tokens, trained: {summary}</p>"
+                       f'<pre style="white-space:pre-wrap">{body}</pre>')
+        return "\n".join(out)
+
+
+def render_example(recipe: Recipe, example: Example) -> RenderedExample:
+    """Render one example and cut it into pieces at every change of trained/untrained or channel."""
+    r = render(recipe, example)
+    enc = harmony.encoding()
+    kind_at = [None] * len(r.ids)
+    for span in r.spans:
+        if span.role == "assistant":
+            for i in range(span.start, min(span.end, len(r.ids))):
+                kind_at[i] = span.kind
+    pieces, run, current = [], [], None
+    for i, (tok, w) in enumerate(zip(r.ids, r.weights)):
+        kind = (kind_at[i] or "final") if w > 0 else None
+        if kind != current and run:
+            pieces.append((enc.decode(run), current))
+            run = []
+        current = kind
+        run.append(tok)
+    if run:
+        pieces.append((enc.decode(run), current))
+    return RenderedExample(example.source, len(r.ids), pieces, r.trained_tokens_by_kind())
+
+
+def preview_examples(recipe: Recipe, n: int = 3) -> Preview:
+    """The first ``n`` training examples, rendered, with trained spans (see :class:`Preview`)."""
+    examples = load_examples(resolve_path(None, recipe.data.train), recipe.data.format, n)
+    return Preview([render_example(recipe, ex) for ex in examples])
+
+
 def preview(recipe: Recipe, n: int = 3, color: bool = False) -> str:
     """N rendered training examples with trained spans marked, then trained-token counts per channel."""
-    examples = load_examples(resolve_path(None, recipe.data.train), recipe.data.format, n)
-    open_, close = ("\x1b[1;32m", "\x1b[0m") if color else ("⟦", "⟧")
-    enc, parts = harmony.encoding(), []
-    totals = {k: 0 for k in harmony.WEIGHT_KEYS}
-    for ex in examples:
-        r = render(recipe, ex)
-        text, run, trained = [], [], False
-        for tok, w in zip(r.ids, r.weights):
-            if (w > 0) != trained and run:
-                text.append(open_ + enc.decode(run) + close if trained else enc.decode(run))
-                run = []
-            trained = w > 0
-            run.append(tok)
-        if run:
-            text.append(open_ + enc.decode(run) + close if trained else enc.decode(run))
-        counts = r.trained_tokens_by_kind()
-        for k, v in counts.items():
-            totals[k] += v
-        summary = ", ".join(f"{k} {v}" for k, v in counts.items())
-        parts.append(f"── {ex.source}: {len(r.ids)} tokens, trained: {summary}\n{''.join(text)}\n")
-    legend = f"(trained tokens are shown {open_}like this{close})"
-    total = ", ".join(f"{k} {v}" for k, v in totals.items())
-    return "\n".join([legend, *parts, f"trained tokens per channel over {len(examples)} examples: {total}"])
+    return preview_examples(recipe, n).text(color)

@@ -3,7 +3,8 @@
 The run directory holds everything needed to understand and reuse the run::
 
     recipe.yaml        the resolved recipe (every default written out)
-    run.json           status, timings, MLflow run id, library versions, data stats, coverage
+    run.json           status, timings, MLflow run id, library versions, data stats, coverage, trained tokens
+    coverage.json      where LoRA sits: trainable parameters per layer and group (attention, experts)
     metrics.jsonl      one line per logged step
     checkpoints/       Trainer checkpoints (for --resume)
     adapter/           the final adapter in PEFT format (adapter_config.json + adapter_model.safetensors)
@@ -31,6 +32,12 @@ LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "
 
 @dataclass
 class RunResult:
+    """What :func:`run` returns: where everything went, and the numbers to look at.
+
+    ``history`` is the logged metrics as a DataFrame (one row per logged step); ``eval_report`` the before/after
+    evaluation; ``mlflow_run`` the MLflow run as stored (fetched when asked for); ``plot()`` draws the loss curves.
+    """
+
     run_dir: Path
     adapter_dir: Path
     eval_before: dict | None
@@ -38,7 +45,47 @@ class RunResult:
     mlflow_run_id: str | None
     metrics: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
-    model: object = field(default=None, repr=False)  # the trained PEFT model, still in memory
+    model: object = field(default=None, repr=False)  # the trained PEFT model (only with keep_model=True)
+    tracking_uri: str | None = None
+    trained_tokens: int = 0
+    wall_time_s: float | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.mlflow_run_id
+
+    @property
+    def eval_report(self) -> dict:
+        return {"before": self.eval_before, "after": self.eval_after}
+
+    @property
+    def history(self):
+        """The logged metrics (``metrics.jsonl``) as a pandas DataFrame, one row per logged step (a step's train,
+        eval and end-of-training logs merged)."""
+        import pandas as pd
+        frame = pd.DataFrame(self.metrics)
+        return frame.groupby("step").last() if "step" in frame else frame
+
+    @property
+    def mlflow_run(self):
+        """The ``mlflow.entities.Run`` as the store has it (None when tracking was off)."""
+        if not self.mlflow_run_id:
+            return None
+        from finetune.tracking import get_run
+        return get_run(self.tracking_uri, self.mlflow_run_id)
+
+    def plot(self, path=None):
+        """Training (and eval) loss over steps as a matplotlib figure; also saved as PNG when ``path`` is given."""
+        from finetune.comparison import plot_curves
+        return plot_curves({self.run_dir.name: self.metrics}, path)
+
+    def __repr__(self) -> str:
+        def loss(report):
+            return "-" if not report or report.get("loss") is None else f"{report['loss']:.4f}"
+        em = (self.eval_after or {}).get("exact_match")
+        return (f"RunResult(run_dir={str(self.run_dir)!r}, run_id={self.mlflow_run_id!r}, "
+                f"steps={self.metrics[-1]['step'] if self.metrics else 0}, eval loss {loss(self.eval_before)} -> "
+                f"{loss(self.eval_after)}" + (f", exact match {100 * em:.1f}%" if em is not None else "") + ")")
 
 
 def set_quiet_environment() -> None:
@@ -82,8 +129,31 @@ def _comparable(recipe: Recipe) -> dict:
     return d
 
 
+NUMBER = "{n}"
+
+
+def numbered_dir(template: str) -> str:
+    """``runs/try-{n}`` -> ``runs/try-1``, or the next number whose directory is absent or empty (so re-running a
+    notebook cell starts a new run instead of refusing, or replacing the last one)."""
+    n = 1
+    while True:
+        candidate = template.replace(NUMBER, str(n))
+        path = resolve_path(None, candidate)
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            return candidate
+        n += 1
+
+
 def check_run_dir(recipe: Recipe, resume: bool) -> tuple[Path, dict]:
-    """Decide what to do with the run directory, without touching it: refuse to clobber a different run."""
+    """Decide what to do with the run directory, without touching it: refuse to clobber a different run.
+
+    An ``output.dir`` with ``{n}`` is first made concrete (the recipe is updated, so recipe.yaml says where it went).
+    """
+    if NUMBER in recipe.output.dir:
+        if resume:
+            raise UserError(f"--resume: output.dir {recipe.output.dir!r} has {NUMBER}; name the run directory to "
+                            "resume (e.g. output.dir=runs/try-2)")
+        recipe.output.dir = numbered_dir(recipe.output.dir)
     run_dir = resolve_path(None, recipe.output.dir)
     info_path = run_dir / "run.json"
     for parent in [run_dir, *run_dir.parents]:
@@ -159,27 +229,54 @@ def format_eval(before: dict | None, after: dict | None) -> str:
     return "\n".join(lines)
 
 
-def run(recipe: Recipe, resume: bool = False, echo=print) -> RunResult:
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (progress as a widget bar with the loss on it, no line per logged step)."""
+    import sys
+    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    return bool(shell) and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def run(recipe: Recipe, resume: bool = False, echo=print, log_lines: bool | None = None,
+        parent_run_id: str | None = None, keep_model: bool = False) -> RunResult:
     """Train LoRA adapters as ``recipe`` says; returns where everything went.
 
-    Every input is checked (run directory, data, model, adapter targets) before anything is written.
+    Every input is checked (run directory, data, model, adapter targets) before anything is written. ``recipe`` is
+    not modified. ``log_lines``: print a line per logged step (default: yes, except in a notebook).
+    ``parent_run_id``: the MLflow run to nest under (a sweep's); by default a notebook's active run, if any.
+    ``keep_model=True`` returns the trained PEFT model in ``RunResult.model``; by default it is freed, so that a
+    notebook that loads the adapter for inference, or re-runs the cell, does not hold a second copy of the model.
     """
     set_quiet_environment()
     started = time.time()
+    recipe = recipe.model_copy(deep=True)  # check_run_dir fills in output.dir's {n}; the caller's stays reusable
+    if log_lines is None:
+        log_lines = not in_notebook()
     run_dir, previous = check_run_dir(recipe, resume)
     prepared = _prepare_data(recipe, echo)
     model, tokenizer, setup = _load_model(recipe, echo)
     create_run_dir(run_dir, resume)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-    tracker, info = _start_tracking(recipe, run_dir, previous, prepared.stats, setup)
+    tracker, info = _start_tracking(recipe, run_dir, previous, prepared.stats, setup, parent_run_id)
     try:
-        result = _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, tracker, resume, echo)
-    except BaseException:
-        _write_json(run_dir / "run.json", info | {"status": "failed"})
-        tracker.close("FAILED")
+        result = _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, tracker, resume, echo,
+                                     log_lines)
+    except BaseException as exc:
+        _write_json(run_dir / "run.json", info | {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     _record(result, info, tracker, started, echo)
+    if not keep_model:
+        result.model = model = None
+        _free_memory(setup["device"])
     return result
+
+
+def _free_memory(device) -> None:
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        import torch
+        torch.cuda.empty_cache()
 
 
 def _prepare_data(recipe: Recipe, echo):
@@ -214,13 +311,17 @@ def _load_model(recipe: Recipe, echo):
     return model, tokenizer, {"device": device, "dtype": dtype, "model_dir": model_dir, "coverage": coverage}
 
 
-def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, setup: dict):
+def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, setup: dict,
+                    parent_run_id: str | None = None):
     """Open the MLflow run (or continue it on resume), log params, lineage tags and data stats; write run.json."""
     from finetune import tracking
     from inference.checkpoint import fingerprint
     versions = library_versions()
-    tracker = tracking.start(recipe.tracking.mlflow, recipe.tracking.tracking_uri, recipe.tracking.experiment,
-                             recipe.tracking.run_name or run_dir.name, previous.get("mlflow_run_id"))
+    # On resume, the store the run started in (it may have been a notebook's, when the recipe names none).
+    uri = recipe.tracking.tracking_uri or (previous.get("tracking_uri") if previous.get("mlflow_run_id") else None)
+    tracker = tracking.start(recipe.tracking.mlflow, uri, recipe.tracking.experiment,
+                             recipe.tracking.run_name or run_dir.name, previous.get("mlflow_run_id"),
+                             parent_run_id=parent_run_id)
     info = {"status": "running", "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
             "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_dir": str(setup["model_dir"]),
             "model_fingerprint": fingerprint(setup["model_dir"]),
@@ -228,36 +329,63 @@ def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, 
             "git_commit": git_commit(), "data": stats, "coverage": setup["coverage"]}
     _write_json(run_dir / "run.json", info)
     tracker.log_params(flatten(recipe_to_dict(recipe)))
-    tracker.set_tags({"git_commit": info["git_commit"], "dataset_fingerprint": stats["train_fingerprint"],
-                      "eval_dataset_fingerprint": stats["eval_fingerprint"], "harmony_hash": stats["harmony_hash"],
-                      "base_model": recipe.model.name_or_path, "run_dir": str(run_dir),
-                      **{f"version.{k}": v for k, v in versions.items()}})
+    tracker.set_tags(lineage_tags(recipe, run_dir, info))
+    (run_dir / "coverage.json").write_text(json.dumps(setup["coverage"], indent=2) + "\n", encoding="utf-8")
+    tracker.log_artifact(run_dir / "coverage.json")
     tracker.log_metrics({f"data.{k}": v for k, v in stats.items() if isinstance(v, (int, float))} |
                         {f"data.trained_tokens.{k}": v for k, v in stats["trained_tokens_by_channel"].items()} |
                         {f"lora.params.{k}": v for k, v in setup["coverage"]["groups"].items()}, step=0)
     return tracker, info
 
 
+def lineage_tags(recipe: Recipe, run_dir: Path, info: dict) -> dict:
+    """What a run was made from, as MLflow tags: code, libraries, data (fingerprints, row counts, trained tokens per
+    channel), the Harmony rendering and where LoRA sits (coverage). Exports add ``export.FORMAT.*`` later."""
+    stats, cov = info["data"], info["coverage"]
+    per_layer = cov["per_layer"]
+    layers = {g: sum(1 for v in per_layer.values() if v.get(g)) for g in ("attention", "experts")}
+    n_layers = sum(1 for k in per_layer if k != "-1")
+    return {
+        "git_commit": info["git_commit"], "base_model": recipe.model.name_or_path, "run_dir": str(run_dir),
+        "model_fingerprint": info["model_fingerprint"],
+        "dataset_fingerprint": stats["train_fingerprint"], "eval_dataset_fingerprint": stats["eval_fingerprint"],
+        "data.train_rows": stats["train_rows"], "data.train_examples": stats["train_examples"],
+        "data.eval_rows": stats["eval_rows"], "data.eval_examples": stats["eval_examples"],
+        "data.trained_tokens": stats["trained_tokens"],
+        **{f"data.trained_tokens.{k}": v for k, v in stats["trained_tokens_by_channel"].items()},
+        "harmony_hash": stats["harmony_hash"],
+        "lora.trainable_params": cov["trainable"],
+        **{f"lora.coverage.{g}": f"{n} of {n_layers} layers, {cov['groups'].get(g, 0):,} params"
+           for g, n in layers.items()},
+        **{f"version.{k}": v for k, v in info["versions"].items()},
+    }
+
+
 def _record(result: RunResult, info: dict, tracker, started: float, echo) -> None:
     """Mark the run completed in run.json and MLflow, with its artefacts."""
     run_dir = result.run_dir
     info |= {"status": "completed", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             "wall_time_s": round(time.time() - started, 1), "adapter": str(result.adapter_dir)}
+             "wall_time_s": round(time.time() - started, 1), "adapter": str(result.adapter_dir),
+             "trained_tokens": result.trained_tokens}
+    info.pop("error", None)
     _write_json(run_dir / "run.json", info)
-    tracker.log_metrics({"wall_time_s": info["wall_time_s"]}, step=result.metrics[-1]["step"] if result.metrics else 0)
+    last_step = result.metrics[-1]["step"] if result.metrics else 0
+    tracker.log_metrics({"wall_time_s": info["wall_time_s"], "trained_tokens": result.trained_tokens}, last_step)
     for name in ("recipe.yaml", "run.json", "eval_report.json", "metrics.jsonl"):
         tracker.log_artifact(run_dir / name)
     tracker.log_artifact(result.adapter_dir, "adapter")
     tracker.close()
-    result.mlflow_run_id, result.stats = tracker.run_id, info["data"]
+    result.mlflow_run_id, result.stats, result.tracking_uri = tracker.run_id, info["data"], tracker.uri
+    result.wall_time_s = info["wall_time_s"]
     echo(f"adapter: {result.adapter_dir}\nrun directory: {run_dir}"
          + (f"\nMLflow run {tracker.run_id} in {tracker.uri}" if tracker.run_id else ""))
 
 
-def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, tracker, resume, echo) -> RunResult:
+def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, tracker, resume, echo,
+                        log_lines=True) -> RunResult:
     from tqdm.auto import tqdm
 
-    from finetune.train import build_trainer
+    from finetune.train import build_trainer, restore_trained_tokens
     from inference.engine import Engine
     from inference.evaluate import evaluate
 
@@ -287,8 +415,10 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
         _write_json(report_path, before)
         tracker.log_metrics({f"eval_before.{k}": v for k, v in before.items() if isinstance(v, (int, float))}, 0)
 
-    trainer = build_trainer(recipe, model, tokenizer, prepared.train, prepared.eval, run_dir, device, tracker)
+    trainer = build_trainer(recipe, model, tokenizer, prepared.train, prepared.eval, run_dir, device, tracker,
+                            log_lines)
     checkpoint = _latest_checkpoint(run_dir) if resume else None
+    restore_trained_tokens(trainer, checkpoint)
     if resume:
         echo(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training from the start")
         _trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0)
@@ -310,4 +440,5 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     if has_eval:
         echo(format_eval(before, after))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return RunResult(run_dir, adapter_dir, before, after, None, metrics, model=model)
+    return RunResult(run_dir, adapter_dir, before, after, None, metrics, model=model,
+                     trained_tokens=trainer.trained_tokens)

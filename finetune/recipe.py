@@ -385,11 +385,20 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    return _validate(raw, node, str(path), list(overrides))
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
+    """A copy of ``recipe`` with ``key=value`` overrides applied and validated (errors as for load_recipe)."""
+    return _validate(recipe_to_dict(recipe), None, "recipe", list(overrides))
+
+
+def _validate(raw: Any, node: yaml.Node | None, label: str, overrides: list[str]) -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         kind = type(raw).__name__
-        raise RecipeError(f"{path}: the top level must be a mapping of sections (model, data, ...), got a {kind}")
+        raise RecipeError(f"{label}: the top level must be a mapping of sections (model, data, ...), got a {kind}")
     # A section whose keys are all commented out reads as null: treat it as empty.
     raw = {k: {} if v is None and k in Recipe.model_fields else v for k, v in raw.items()}
     lines, dups = _line_map(node)
@@ -411,6 +420,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             problems.append(f"{'.'.join(map(str, loc))}{where}: {_describe(err)}")
     if problems:
         if len(problems) == 1:
-            raise RecipeError(f"{path}: {problems[0]}")
-        raise RecipeError(f"{path}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems))
+            raise RecipeError(f"{label}: {problems[0]}")
+        raise RecipeError(f"{label}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems))
     return recipe

@@ -41,23 +41,59 @@ def _trainer_class():
     class WeightedSFTTrainer(SFTTrainer):
         """SFTTrainer whose loss is the Harmony-weighted loss, with logits only where weights are non-zero."""
 
+        trained_tokens = 0  # tokens with non-zero loss weight in the training batches so far (restored on resume)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             total, weight, count = weighted_loss_sum(model, inputs["input_ids"], inputs["attention_mask"],
                                                      inputs["loss_weights"])
+            if model.training:
+                self.trained_tokens += int(count)
             # With num_items_in_batch (trained tokens of the whole accumulation window) the Trainer does not
             # divide by the accumulation steps again; without it, it does, and we return this batch's mean.
             denom = num_items_in_batch if num_items_in_batch is not None else weight.clamp(min=1e-8)
             loss = total / denom
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs:
+                logs["trained_tokens"] = self.trained_tokens
+            return super().log(logs, *args, **kwargs)
+
     return WeightedSFTTrainer
 
 
-class MetricsCallback(TrainerCallback):
-    """Writes every log to ``metrics.jsonl`` and the tracker, and prints a readable line per log."""
+TRAINED_TOKENS_FILE = "trained_tokens.json"
 
-    def __init__(self, run_dir: Path, tracker, echo):
-        self.path, self.tracker, self.echo = run_dir / "metrics.jsonl", tracker, echo
+
+class TrainedTokensCheckpoint(TrainerCallback):
+    """Saves the trained-token count beside each checkpoint, so ``--resume`` continues the count exactly."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            (ckpt / TRAINED_TOKENS_FILE).write_text(json.dumps({"trained_tokens": self.trainer.trained_tokens}))
+
+
+def restore_trained_tokens(trainer, checkpoint: str | None) -> None:
+    path = Path(checkpoint) / TRAINED_TOKENS_FILE if checkpoint else None
+    if path is not None and path.is_file():
+        trainer.trained_tokens = int(json.loads(path.read_text())["trained_tokens"])
+
+
+# Trainer log keys -> MLflow metric names. The Trainer's end-of-training summary has its own "train_loss" (the mean
+# over all steps); it must not land on the per-step curve as if it were the last step's loss.
+MLFLOW_NAMES = {"loss": "train_loss", "grad_norm": "train_grad_norm", "train_loss": "train_loss_mean"}
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes every log to ``metrics.jsonl`` and the tracker, and prints a readable line per log (``echo=None``: no
+    lines, for notebooks, where the progress bar shows the latest loss instead)."""
+
+    def __init__(self, run_dir: Path, tracker, echo, bar=None):
+        self.path, self.tracker, self.echo, self.bar = run_dir / "metrics.jsonl", tracker, echo, bar
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
@@ -66,8 +102,11 @@ class MetricsCallback(TrainerCallback):
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        self.tracker.log_metrics({("train_" + k if k in ("loss", "grad_norm") else k): v for k, v in logs.items()},
-                                 step=state.global_step)
+        self.tracker.log_metrics({MLFLOW_NAMES.get(k, k): v for k, v in logs.items()}, step=state.global_step)
+        if self.bar is not None and ("loss" in logs or "eval_loss" in logs):
+            self.bar.show({k: logs[k] for k in ("loss", "eval_loss") if k in logs})
+        if self.echo is None:
+            return
         if "loss" in logs:
             self.echo(f"step {state.global_step:>4}/{state.max_steps}  loss {logs['loss']:.4f}  "
                       f"lr {logs.get('learning_rate', 0):.2e}  grad_norm {logs.get('grad_norm', float('nan')):.3f}")
@@ -78,8 +117,8 @@ class MetricsCallback(TrainerCallback):
 class ProgressBar(TrainerCallback):
     """A tqdm bar over optimizer steps whose lines never tear the bar (prints go through ``tqdm.write``)."""
 
-    def __init__(self, notebook: bool = False):
-        self.bar, self.notebook = None, notebook
+    def __init__(self):
+        self.bar, self.postfix = None, {}
 
     def write(self, text: str) -> None:
         from tqdm.auto import tqdm
@@ -89,6 +128,12 @@ class ProgressBar(TrainerCallback):
         from tqdm.auto import tqdm
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
                         dynamic_ncols=True)
+
+    def show(self, values: dict) -> None:
+        """Keep the latest loss (and eval loss) on the bar itself."""
+        self.postfix |= {k: f"{v:.4f}" for k, v in values.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -117,8 +162,10 @@ def keep_freed_memory_on_cpu() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, one_gib) and libc.mallopt(m_trim_threshold, one_gib))
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path, device: torch.device, tracker):
-    """An SFTTrainer configured from the recipe; checkpoints go to ``run_dir/checkpoints``."""
+def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path, device: torch.device, tracker,
+                  log_lines: bool = True):
+    """An SFTTrainer configured from the recipe; checkpoints go to ``run_dir/checkpoints``. ``log_lines=False``
+    prints no line per log (the bar shows the loss)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig
 
@@ -156,5 +203,6 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
     trainer.remove_callback(ProgressCallback)
     bar = ProgressBar()
     trainer.add_callback(bar)
-    trainer.add_callback(MetricsCallback(run_dir, tracker, bar.write))
+    trainer.add_callback(MetricsCallback(run_dir, tracker, bar.write if log_lines else None, bar))
+    trainer.add_callback(TrainedTokensCheckpoint(trainer))
     return trainer

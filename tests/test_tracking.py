@@ -27,6 +27,8 @@ def test_nested_under_an_active_run_and_logs_for_real(tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
     uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # set_tracking_uri also sets it; restored after the test
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("outer")
     with mlflow.start_run() as outer:
@@ -36,7 +38,9 @@ def test_nested_under_an_active_run_and_logs_for_real(tmp_path, monkeypatch):
         t.set_tags({"k": "v"})
         t.close()
         assert mlflow.active_run().info.run_id == outer.info.run_id  # the notebook's run is still the active one
+    mlflow.set_tracking_uri(previous)
     run = MlflowClient(uri).get_run(t.run_id)
     assert run.data.tags["mlflow.parentRunId"] == outer.info.run_id
+    assert run.info.experiment_id == outer.info.experiment_id  # shown under its parent in the UI
     assert run.data.params == {"train.lr": "0.001"} and run.data.metrics == {"loss": 2.0}
     assert run.data.tags["k"] == "v" and run.info.status == "FINISHED"

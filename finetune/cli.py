@@ -45,6 +45,31 @@ def parser() -> argparse.ArgumentParser:
                    "model.name_or_path)")
     p.add_argument("--min-effect-kept", type=float, default=MIN_EFFECT_KEPT,
                    help=f"MXFP4 merges must keep this share of the adapter's effect (default {MIN_EFFECT_KEPT})")
+    p = sub.add_parser("sweep", help="train every combination of comma-separated override values, as child runs of "
+                       "one MLflow parent run", epilog="Example: python -m finetune sweep recipes/tiny-cpu.yaml "
+                       "lora.r=8,16 train.lr=1e-3,3e-3 train.max_steps=50. A value with commas outside brackets is "
+                       "a sweep axis; [a,b] is one list value.")
+    _recipe_args(p)
+    p.add_argument("--sort", default="eval_loss", help="column to rank the runs by at the end (default eval_loss)")
+    p = sub.add_parser("compare", help="table of runs from the MLflow store, sorted by a metric, and their loss "
+                       "curves as PNG", description="Compare training runs from the MLflow store. Each TARGET is a "
+                       "run id, a sweep's parent run id (its runs) or an experiment name; none: every training run.")
+    p.add_argument("targets", nargs="*", metavar="TARGET", help="run ids, sweep parent run ids or experiment names")
+    p.add_argument("--sort", default="eval_loss", help="column to sort by (default eval_loss; e.g. exact_match, "
+                   "train_loss, wall_time_s, lora.r)")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--ascending", dest="descending", action="store_false", default=None,
+                       help="smallest first (the default for losses and times)")
+    order.add_argument("--descending", dest="descending", action="store_true",
+                       help="largest first (the default for exact_match and trained_tokens)")
+    p.add_argument("--plot", default="loss-curves.png", help="where to save the loss curves (default loss-curves.png)")
+    p.add_argument("--csv", help="also write the table as CSV here")
+    p.add_argument("--uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--max-runs", type=int, default=100, help="newest N runs at most (default 100)")
+    p = sub.add_parser("ui", help="open the MLflow UI on the project's store (127.0.0.1 only by default)")
+    p.add_argument("--uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     return ap
 
 
@@ -69,12 +94,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> None:
+    if args.command == "compare":
+        from finetune.comparison import compare
+        result = compare(args.targets, uri=args.uri, sort=args.sort, descending=args.descending, plot=args.plot,
+                         max_runs=args.max_runs)
+        print(result)
+        print(f"loss curves: {result.png}")
+        if args.csv:
+            result.table.to_csv(args.csv, index=False)
+            print(f"table: {args.csv}")
+        return
+    if args.command == "ui":
+        from finetune.ui import serve
+        serve(args.uri, args.host, args.port)
+        return
     if args.command == "export":
         from finetune.exports import export
         export(args.run_dir, args.to, out=args.out, force=args.force, model=args.model, base_name=args.base_name,
                min_effect_kept=args.min_effect_kept)
         return
     from finetune.recipe import dump_recipe, load_recipe
+    if args.command == "sweep":
+        from finetune.sweeps import parse_grid, sweep
+        fixed, axes = parse_grid(args.overrides)
+        recipe = load_recipe(args.recipe, fixed)
+        check_paths(recipe)
+        result = sweep(recipe, axes, sort=args.sort)
+        if result.failed:
+            raise UserError(f"{len(result.failed)} of {len(result.runs)} sweep runs failed (see above and "
+                            f"{result.sweep_dir / 'sweep.json'})")
+        return
     recipe = load_recipe(args.recipe, args.overrides)
     check_paths(recipe)
     if args.command == "validate":

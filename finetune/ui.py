@@ -1,0 +1,53 @@
+"""``python -m finetune ui``: the MLflow UI on the store our runs use, bound to 127.0.0.1 unless told otherwise.
+
+It runs MLflow's own server (``python -m mlflow ui``) as a child process, on the same store resolution as training
+(``--uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory), and refuses a
+sqlite store that does not exist rather than creating an empty one somewhere unexpected.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from inference.errors import UserError
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def command(uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> tuple[list[str], str]:
+    """The server command line and the store it will show."""
+    from finetune import tracking
+    store = tracking.tracking_uri(uri)
+    try:
+        tracking.check_store(store)
+    except tracking.StoreError as exc:
+        raise UserError(str(exc)) from None
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", host,
+            "--port", str(port)], store
+
+
+def serve(uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> None:
+    """Run the UI until Ctrl-C (or the server exits)."""
+    argv, store = command(uri, host, port)
+    if host not in LOOPBACK:
+        print(f"warning: binding {host}: the MLflow UI has no authentication, so anyone who can reach "
+              f"{host}:{port} can read and change these runs", file=sys.stderr)
+    print(f"MLflow UI on http://{host if ':' not in host else f'[{host}]'}:{port}  (store: {store}; Ctrl-C stops it)",
+          flush=True)
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY=os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"))
+    server = subprocess.Popen(argv, env=env)
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        raise
+    if code != 0:
+        raise UserError(f"the MLflow server exited with status {code} (is port {port} in use? try --port)")

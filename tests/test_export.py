@@ -159,11 +159,6 @@ def test_readme_export_command_peft(run_copy):
     artifacts = [a.path for a in client.list_artifacts(info["mlflow_run_id"], "exports/peft")]
     assert artifacts == ["exports/peft/parity.json"]
 
-    # A second export into the same place is refused (one line), and nothing is touched.
-    again = run_cli("finetune", "export", str(RUN), "--to", "peft", cwd=run_copy, timeout=120)
-    assert again.returncode != 0
-    assert again.stderr.strip().count("\n") == 0 and "not empty; pass --force" in again.stderr
-
 
 def test_merged_bf16_folds_the_adapter_into_every_weight(run_dir):
     result = finetune.export(run_dir, "merged-bf16", echo=quiet)

@@ -53,6 +53,8 @@ def compare(targets=None, uri: str | None = None, sort: str = DEFAULT_SORT, desc
     from finetune import tracking
     if isinstance(targets, str):
         targets = [targets]
+    if max_runs < 1:
+        raise UserError(f"--max-runs must be at least 1, got {max_runs}")
     uri = tracking.tracking_uri(uri)
     try:
         runs = tracking.find_runs(uri, list(targets or []), max_runs)
@@ -60,7 +62,7 @@ def compare(targets=None, uri: str | None = None, sort: str = DEFAULT_SORT, desc
         raise UserError(str(exc)) from None
     if not runs:
         raise UserError(f"no training runs found for {', '.join(targets) if targets else 'any experiment'} in {uri}")
-    table = runs_table(runs)
+    table = runs_table(runs, show=[sort])
     if sort not in table.columns:
         raise UserError(f"--sort {sort!r}: not a column (columns: {', '.join(table.columns)})")
     if descending is None:
@@ -70,21 +72,29 @@ def compare(targets=None, uri: str | None = None, sort: str = DEFAULT_SORT, desc
         ["_done", sort], ascending=[True, not descending], na_position="last", kind="stable").drop(columns="_done")
     table = table.reset_index(drop=True)
     curves = {}
+    repeated = set(table["run"][table["run"].duplicated()])
     for row in table.itertuples():
         rows = [{"step": s, "loss": v} for s, v in tracking.metric_history(uri, row.run_id, "train_loss")]
         rows += [{"step": s, "eval_loss": v} for s, v in tracking.metric_history(uri, row.run_id, "eval_loss")]
-        curves[row.run] = rows
+        curves[f"{row.run} {row.run_id[:8]}" if row.run in repeated else row.run] = rows  # names may repeat
     figure = plot_curves(curves, plot)
     return Comparison(table, sort, figure, Path(plot) if plot else None)
 
 
-def runs_table(runs: list[dict]):
-    """One row per run: name, status, key params, final metrics, export parity, ids."""
+def sortable(column: str, recipe_keys) -> bool:
+    """Whether ``column`` can rank runs: a metric column, the run name or status, or a recipe key (a param)."""
+    return column in METRICS or column in ("run", "status", "exports") or column in recipe_keys
+
+
+def runs_table(runs: list[dict], show=()):
+    """One row per run: name, status, key params (those of ``show`` that are params too), final metrics, export
+    parity, ids."""
     import pandas as pd
     params = sorted({k for r in runs for k in r["params"]})
     varying = [k for k in params if not k.startswith(IGNORED_PREFIXES)
                and len({r["params"].get(k) for r in runs}) > 1]
-    shown = [k for k in ALWAYS if any(k in r["params"] for r in runs)] + [k for k in varying if k not in ALWAYS]
+    key = [*ALWAYS, *(k for k in show if k in params and k not in ALWAYS)]
+    shown = [k for k in key if any(k in r["params"] for r in runs)] + [k for k in varying if k not in key]
     rows = []
     for r in runs:
         row = {"run": r["name"], "status": r["status"]}

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.recipe import Recipe, apply_overrides, dump_recipe, resolve_path
+from finetune.recipe import Recipe, apply_overrides, dump_recipe, flatten, recipe_to_dict, resolve_path
 from inference.errors import UserError
 
 
@@ -145,8 +145,12 @@ def _check_sweep_dir(sweep_dir: Path, overwrite: bool) -> None:
 def sweep(recipe: Recipe, axes: list[tuple[str, list[str]]], echo=print, sort: str = "eval_loss") -> SweepResult:
     """Run every combination of ``axes`` on ``recipe`` (see the module docstring)."""
     from finetune import tracking
+    from finetune.comparison import sortable
     from finetune.pipeline import in_notebook, run, set_quiet_environment
     set_quiet_environment()
+    if not sortable(sort, flatten(recipe_to_dict(recipe))):
+        raise UserError(f"--sort {sort!r}: not a metric column or recipe key (e.g. eval_loss, exact_match, "
+                        "train_loss, wall_time_s, lora.r)")
     sweep_dir, children = plan(recipe, axes)
     _check_sweep_dir(sweep_dir, recipe.output.overwrite)
     if sweep_dir.exists():

@@ -193,6 +193,9 @@ def test_sweep_refuses_invalid_combinations_before_training(tmp_path):
     assert not (work / "runs").exists() and not (work / "mlflow.db").exists()
     proc = run_cli("finetune", "sweep", "recipes/tiny-cpu.yaml", "train.lr=1e-3", cwd=work)
     assert proc.returncode == 2 and "at least one axis" in proc.stderr
+    proc = run_cli("finetune", "sweep", "recipes/tiny-cpu.yaml", "lora.r=8,16", "--sort", "accuracy", cwd=work)
+    assert proc.returncode == 2 and "--sort 'accuracy': not a metric column or recipe key" in proc.stderr
+    assert not (work / "runs").exists() and not (work / "mlflow.db").exists()
 
 
 def test_readme_sweep_runs_children_of_one_parent_and_compare_reads_them_back(tmp_path):

@@ -156,6 +156,7 @@ def plot_curves(curves: dict, path: str | Path | None = None):
     matplotlib Figure (drawn without pyplot, so no GUI backend is touched); saved as PNG when ``path`` is given.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
     for i, (label, rows) in enumerate(curves.items()):
@@ -169,6 +170,8 @@ def plot_curves(curves: dict, path: str | Path | None = None):
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%g"))  # 9, 10, 12 rather than 9x10^0
     ax.grid(True, alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="small")

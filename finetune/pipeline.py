@@ -192,7 +192,7 @@ def create_run_dir(run_dir: Path, resume: bool) -> None:
         raise UserError(f"output.dir: cannot create {run_dir} ({exc.strerror})") from None
 
 
-def _write_json(path: Path, data) -> None:
+def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -261,7 +261,7 @@ def run(recipe: Recipe, resume: bool = False, echo=print, log_lines: bool | None
         result = _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, tracker, resume, echo,
                                      log_lines)
     except BaseException as exc:
-        _write_json(run_dir / "run.json", info | {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        write_json(run_dir / "run.json", info | {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     _record(result, info, tracker, started, echo)
@@ -327,7 +327,7 @@ def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, 
             "model_fingerprint": fingerprint(setup["model_dir"]),
             "device": str(setup["device"]), "dtype": str(setup["dtype"]), "versions": versions,
             "git_commit": git_commit(), "data": stats, "coverage": setup["coverage"]}
-    _write_json(run_dir / "run.json", info)
+    write_json(run_dir / "run.json", info)
     tracker.log_params(flatten(recipe_to_dict(recipe)))
     tracker.set_tags(lineage_tags(recipe, run_dir, info))
     (run_dir / "coverage.json").write_text(json.dumps(setup["coverage"], indent=2) + "\n", encoding="utf-8")
@@ -368,7 +368,7 @@ def _record(result: RunResult, info: dict, tracker, started: float, echo) -> Non
              "wall_time_s": round(time.time() - started, 1), "adapter": str(result.adapter_dir),
              "trained_tokens": result.trained_tokens}
     info.pop("error", None)
-    _write_json(run_dir / "run.json", info)
+    write_json(run_dir / "run.json", info)
     last_step = result.metrics[-1]["step"] if result.metrics else 0
     tracker.log_metrics({"wall_time_s": info["wall_time_s"], "trained_tokens": result.trained_tokens}, last_step)
     for name in ("recipe.yaml", "run.json", "eval_report.json", "metrics.jsonl"):
@@ -403,16 +403,14 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
                                 model="run" if adapter_dir else None, progress=bar)
         finally:
             del engine
-            if device.type == "cuda":
-                import torch
-                torch.cuda.empty_cache()
+            _free_memory(device)
 
     has_eval = bool(loss_examples or prepared.eval_cases)
     before = None
     if has_eval and ev.before_training:
         report_path = run_dir / "eval_before.json"
         before = json.loads(report_path.read_text()) if resume and report_path.is_file() else run_eval("before")
-        _write_json(report_path, before)
+        write_json(report_path, before)
         tracker.log_metrics({f"eval_before.{k}": v for k, v in before.items() if isinstance(v, (int, float))}, 0)
 
     trainer = build_trainer(recipe, model, tokenizer, prepared.train, prepared.eval, run_dir, device, tracker,
@@ -436,7 +434,7 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     if after:
         tracker.log_metrics({f"eval.{k}": v for k, v in after.items() if isinstance(v, (int, float))},
                             trainer.state.global_step)
-    _write_json(run_dir / "eval_report.json", {"before": before, "after": after})
+    write_json(run_dir / "eval_report.json", {"before": before, "after": after})
     if has_eval:
         echo(format_eval(before, after))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]

@@ -146,7 +146,7 @@ def sweep(recipe: Recipe, axes: list[tuple[str, list[str]]], echo=print, sort: s
     """Run every combination of ``axes`` on ``recipe`` (see the module docstring)."""
     from finetune import tracking
     from finetune.comparison import sortable
-    from finetune.pipeline import in_notebook, run, set_quiet_environment
+    from finetune.pipeline import in_notebook, run, set_quiet_environment, write_json
     set_quiet_environment()
     if not sortable(sort, flatten(recipe_to_dict(recipe))):
         raise UserError(f"--sort {sort!r}: not a metric column or recipe key (e.g. eval_loss, exact_match, "
@@ -185,15 +185,15 @@ def sweep(recipe: Recipe, axes: list[tuple[str, list[str]]], echo=print, sort: s
                 echo(f"sweep run {child.name} failed: {type(exc).__name__}: {exc}")
             finally:
                 gc.collect()
-                _write(sweep_dir, info | {"runs": result.runs})
+                write_json(sweep_dir / "sweep.json", info | {"runs": result.runs})
     except BaseException:
         info["status"] = "interrupted"
-        _write(sweep_dir, info | {"runs": result.runs})
+        write_json(sweep_dir / "sweep.json", info | {"runs": result.runs})
         parent.close("KILLED")
         raise
     info["status"] = "completed" if not result.failed else "failed"
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    _write(sweep_dir, info | {"runs": result.runs})
+    write_json(sweep_dir / "sweep.json", info | {"runs": result.runs})
     if parent.run_id and any(r["status"] == "completed" for r in result.runs):
         from finetune.comparison import compare
         result.comparison = compare(parent.run_id, uri=parent.uri, sort=sort, plot=sweep_dir / "loss-curves.png")
@@ -211,8 +211,3 @@ def sweep(recipe: Recipe, axes: list[tuple[str, list[str]]], echo=print, sort: s
         echo(f"failed: {r['name']}: {r['error']}")
     return result
 
-
-def _write(sweep_dir: Path, data: dict) -> None:
-    tmp = sweep_dir / "sweep.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(sweep_dir / "sweep.json")

@@ -297,6 +297,7 @@ def _load_model(recipe: Recipe, echo):
     """Base model + LoRA on the chosen device, with the reasons for the automatic choices printed."""
     from transformers import AutoTokenizer, set_seed
 
+    from finetune import fastpath
     from finetune.model import format_coverage, load_for_training, pick_device, pick_dtype
     from inference.tiny import resolve_model
 
@@ -307,8 +308,14 @@ def _load_model(recipe: Recipe, echo):
     set_seed(recipe.train.seed)  # LoRA's A matrices are drawn here
     model, coverage = load_for_training(recipe, model_dir, device, dtype)
     echo(format_coverage(coverage))
+    fast, why_kernels = fastpath.choose(recipe.train.kernels, device)
+    if fast:
+        fastpath.enable(model)
+    echo(f"training path: {'fast (grouped expert LoRA, flash attention with sinks)' if fast else 'reference'} "
+         f"({why_kernels})")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return model, tokenizer, {"device": device, "dtype": dtype, "model_dir": model_dir, "coverage": coverage}
+    return model, tokenizer, {"device": device, "dtype": dtype, "model_dir": model_dir, "coverage": coverage,
+                              "kernels": "fast" if fast else "reference"}
 
 
 def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, setup: dict,
@@ -325,7 +332,8 @@ def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, 
     info = {"status": "running", "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
             "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_dir": str(setup["model_dir"]),
             "model_fingerprint": fingerprint(setup["model_dir"]),
-            "device": str(setup["device"]), "dtype": str(setup["dtype"]), "versions": versions,
+            "device": str(setup["device"]), "dtype": str(setup["dtype"]), "kernels": setup["kernels"],
+            "versions": versions,
             "git_commit": git_commit(), "data": stats, "coverage": setup["coverage"]}
     write_json(run_dir / "run.json", info)
     tracker.log_params(flatten(recipe_to_dict(recipe)))
@@ -385,6 +393,7 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
                         log_lines=True) -> RunResult:
     from tqdm.auto import tqdm
 
+    from finetune import fastpath
     from finetune.train import build_trainer, restore_trained_tokens
     from inference.engine import Engine
     from inference.evaluate import evaluate
@@ -421,6 +430,8 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
         echo(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training from the start")
         _trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0)
     trainer.train(resume_from_checkpoint=checkpoint)
+    # the fast path is for training batches (right-padded, no KV cache); whoever uses the model next gets the plain one
+    fastpath.disable(model)
 
     adapter_dir = run_dir / "adapter"
     tmp = run_dir / "adapter.tmp"

@@ -158,6 +158,9 @@ class TrainConfig(_Section):
     save_steps: int | None = Field(None, ge=1, description="null: checkpoint at the end of each epoch")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk")
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
+    kernels: Literal["auto", "fast", "reference"] = Field(
+        "auto", description="auto: our fast gpt-oss LoRA path on CUDA, the reference elsewhere; fast; reference "
+                            "(transformers eager attention + PEFT's expert LoRA)")
     num_threads: int | None = Field(None, ge=1, description="CPU threads (null: the library default)")
 
     @field_validator("max_steps")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from finetune import fastpath
 from finetune.recipe import Recipe
 from inference.evaluate import pad_weighted
 from inference.loss import weighted_loss_sum
@@ -44,6 +45,8 @@ def _trainer_class():
         trained_tokens = 0  # tokens with non-zero loss weight in the training batches so far (restored on resume)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if fastpath.is_enabled(model):
+                fastpath.check_right_padded(inputs["attention_mask"])
             total, weight, count = weighted_loss_sum(model, inputs["input_ids"], inputs["attention_mask"],
                                                      inputs["loss_weights"])
             if model.training:
@@ -187,6 +190,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
         save_strategy="steps" if t.save_steps else "epoch", save_steps=t.save_steps or steps_per_epoch,
         save_total_limit=t.save_total_limit, save_only_model=False,
         gradient_checkpointing=t.gradient_checkpointing,
+        # our path keeps the expert matmuls' and attention's outputs instead of recomputing them
+        gradient_checkpointing_kwargs=fastpath.checkpoint_kwargs() if fastpath.is_enabled(model) else None,
         use_cpu=device.type == "cpu", bf16=bf16,
         report_to="none", disable_tqdm=True, remove_unused_columns=False, prediction_loss_only=True,
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False,

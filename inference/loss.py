@@ -17,22 +17,38 @@ CHUNK_ROWS = 1024  # 1024 x 201,088 fp32 logits = 824 MB per chunk at most
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Per-row ``-log softmax(hidden @ weight.T)[target]`` without materialising all logits."""
+    """Per-row ``-log softmax(hidden @ weight.T)[target]`` without materialising all logits.
+
+    When only ``hidden`` needs a gradient (the output layer is frozen, as in LoRA training), each chunk's
+    ``d loss_i / d hidden_i`` is computed right away while its logits are at hand, and the backward only scales those
+    rows by the incoming gradient: loss ``i`` depends on row ``i`` alone, so this is exact, and it saves recomputing
+    every chunk's logits. Otherwise the backward recomputes them.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
         # hidden (N, H), weight (V, H), targets (N,) -> losses (N,) fp32
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        grad_rows = torch.empty_like(hidden) if early else None                      # (N, H)
         for s in range(0, hidden.shape[0], chunk):
             logits = (hidden[s:s + chunk] @ weight.T).float()                         # (c, V)
-            picked = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
-            losses[s:s + chunk] = torch.logsumexp(logits, dim=-1) - picked
-        ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk = chunk
+            t = targets[s:s + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[s:s + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
+            if early:
+                probs = logits.sub_(lse[:, None]).exp_()                              # softmax, in place
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grad_rows[s:s + chunk] = probs.to(hidden.dtype) @ weight
+        ctx.chunk, ctx.early = chunk, early
+        ctx.save_for_backward(grad_rows if early else hidden, weight, targets)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
+        if ctx.early:
+            grad_rows, _, _ = ctx.saved_tensors
+            return grad_rows * grad_losses[:, None].to(grad_rows.dtype), None, None, None
         hidden, weight, targets = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if want_h else None

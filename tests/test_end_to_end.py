@@ -220,6 +220,15 @@ def test_same_seed_same_losses_and_adapter_reloads_with_equal_logits(tmp_path, t
     assert la == lb  # bit-identical on CPU with the same seed
     c = finetune.run(short_recipe(tmp_path / "c", **short, **{"train.seed": "1"}))
     assert losses(c.run_dir) != la  # and the seed matters
+    # The same run on our fast path (its CPU twins here; train.kernels=auto takes it on CUDA) with selective
+    # activation checkpointing: the same loss curve, up to fp32 rounding.
+    d = finetune.run(short_recipe(tmp_path / "d", **short, **{"train.kernels": "fast",
+                                                               "train.gradient_checkpointing": "true"}))
+    assert json.loads((d.run_dir / "run.json").read_text())["kernels"] == "fast"
+    assert json.loads((a.run_dir / "run.json").read_text())["kernels"] == "reference"   # auto on CPU
+    assert sorted(losses(d.run_dir)) == [1, 2, 3]
+    for step, loss in la.items():
+        assert abs(losses(d.run_dir)[step] - loss) <= 1e-4 * loss, step
 
     ids = torch.tensor([[200006, 1428, 200008, 3736, 382, 290, 3089, 328, 4044, 30, 200007, 200006, 173781]])
     reloaded = PeftModel.from_pretrained(load_model(tiny_model_dir), str(a.adapter_dir)).eval()

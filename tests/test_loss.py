@@ -24,11 +24,17 @@ def test_chunked_linear_cross_entropy_matches_plain_values_and_gradients():
     assert torch.allclose(g_weight, weight.grad, atol=1e-5, rtol=0)
 
 
-def test_chunked_path_skips_the_frozen_weight_gradient():
-    hidden = torch.randn(9, 8, requires_grad=True)
-    weight = torch.randn(50, 8)  # frozen, like gpt-oss's lm_head under LoRA
-    linear_cross_entropy(hidden, weight, torch.randint(0, 50, (9,)), chunk=4).sum().backward()
-    assert hidden.grad is not None and weight.grad is None
+def test_chunked_path_with_a_frozen_head_has_the_plain_gradient():
+    """Frozen output layer (LoRA): the row gradients are computed in the forward, then scaled by the upstream one."""
+    torch.manual_seed(1)
+    hidden = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64)  # frozen, like gpt-oss's lm_head under LoRA
+    targets, upstream = torch.randint(0, 50, (9,)), torch.randn(9, dtype=torch.float64)
+    (linear_cross_entropy(hidden, weight, targets, chunk=4) * upstream).sum().backward()
+    assert weight.grad is None
+    ours, hidden.grad = hidden.grad, None
+    (F.cross_entropy(hidden @ weight.T, targets, reduction="none") * upstream).sum().backward()
+    assert torch.allclose(ours, hidden.grad, atol=1e-5, rtol=0)   # logits are fp32 by design, as above
 
 
 def test_weighted_loss_equals_the_full_logits_reference(tiny_model):

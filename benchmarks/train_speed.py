@@ -1,0 +1,277 @@
+"""LoRA training speed: our path (finetune.fastpath) vs transformers + PEFT at its best settings, same run, same inputs.
+
+One model with random weights and gpt-oss-20b's real shapes (transformers' own initialisation, std 0.02, so routing
+spreads over the experts: the expert-load histogram is printed), LoRA r=16 on q/k/v/o and on the experts (PEFT
+``target_parameters``), gradient checkpointing, AdamW on the LoRA parameters. For each sequence length both paths
+train on the same token batches:
+
+- **baseline**: transformers' ``grouped_mm`` experts, ``flex_attention``, PEFT's parametrized expert LoRA, the model's
+  own loss (``labels=input_ids``) -- the best settings measured in ``shared/reference/hf_peft_baseline.py``;
+- **ours**: ``finetune.fastpath`` (grouped expert LoRA, flash attention with sinks) and our chunked loss.
+
+Printed and written to JSON: tokens/s (median step), model FLOP utilisation against a bf16 matmul rate measured at
+the start, peak GPU memory, the loss of the first step of each path (same batch, same weights: they must agree),
+and ours/baseline.
+
+    python benchmarks/train_speed.py --json $OUT/train_speed.json          # on the GPU (about 8 minutes on an H200)
+    python benchmarks/train_speed.py --shape tiny --device cpu --seqs 128 --tokens 256   # smoke test, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device, n=8192) -> float:
+    """Measured dense bf16 matmul TFLOP/s on this device (the MFU denominator)."""
+    if device.type != "cuda":
+        n = 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def build(shape: str, layers: int | None, device, dtype):
+    from transformers import GptOssConfig, GptOssForCausalLM
+    if shape == "20b":
+        cfg = GptOssConfig(num_hidden_layers=layers or 24, num_local_experts=32, num_experts_per_tok=4)
+    else:
+        from inference.tiny import tiny_config_dict
+        d = tiny_config_dict()
+        if layers:
+            d["num_hidden_layers"] = layers
+            d["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
+        cfg = GptOssConfig.from_dict(d)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GptOssForCausalLM._from_config(cfg, dtype=dtype)   # transformers' _init_weights: std 0.02
+    model.config.use_cache = False
+    return model
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    """Model FLOPs per trained token: matmuls 6N (forward, recomputed forward, input-gradient backward; frozen
+    weights get no weight gradient) + attention scores and values (forward, recompute, 2x backward)."""
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    per_layer = h * q + 2 * h * kv + q * h + cfg.num_experts_per_tok * 3 * h * cfg.intermediate_size
+    n = cfg.num_hidden_layers * per_layer + h * cfg.vocab_size
+    attn = 0.0
+    for kind in cfg.layer_types:
+        keys = (seq + 1) / 2 if kind == "full_attention" else min(cfg.sliding_window, (seq + 1) / 2)
+        attn += 2 * 2 * q * keys                       # QK^T and PV, 2 FLOPs per multiply-add
+    return 6 * n + 4 * attn
+
+
+def expert_histogram(model, ids) -> dict:
+    """Share of routed (token, slot) rows per expert, over all layers, for one batch."""
+    counts = []
+
+    def hook(module, args, out):
+        counts.append(torch.bincount(out[2].reshape(-1), minlength=module.num_experts).float().cpu())
+
+    base = model.get_base_model()
+    handles = [layer.mlp.router.register_forward_hook(hook) for layer in base.model.layers]
+    with torch.no_grad():
+        base.model(input_ids=ids[:1])
+    for h in handles:
+        h.remove()
+    per_layer = torch.stack(counts)                           # (L, E)
+    share = per_layer / per_layer.sum(-1, keepdim=True)
+    total = per_layer.sum(0) / per_layer.sum()
+    return {"share_all_layers": [round(x, 4) for x in total.tolist()],
+            "min_share_any_layer": round(share.min().item(), 4), "max_share_any_layer": round(share.max().item(), 4),
+            "experts_unused_any_layer": int((per_layer == 0).sum().item())}
+
+
+def print_histogram(hist):
+    share = hist["share_all_layers"]
+    top = max(share)
+    print(f"expert load (share of routed rows, all layers; uniform = {1 / len(share):.4f}):")
+    for i, s in enumerate(share):
+        print(f"  expert {i:>2} {s:.4f} " + "#" * round(40 * s / top))
+    print(f"  per layer: min {hist['min_share_any_layer']:.4f}, max {hist['max_share_any_layer']:.4f}, "
+          f"(layer, expert) pairs with no rows: {hist['experts_unused_any_layer']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", choices=("20b", "tiny"), default="20b")
+    ap.add_argument("--layers", type=int, default=None, help="default: the shape's own (24 for 20b)")
+    ap.add_argument("--seqs", default="2048,4096,8192", help="comma-separated sequence lengths")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens // seq)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per path and length")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--paths", default="ours,baseline",
+                    help="ours, baseline, ours+keepN (N last layers not activation-checkpointed), "
+                         "ours+recompute (plain full-layer checkpointing)")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+
+    from peft import LoraConfig, get_peft_model
+
+    from finetune import fastpath
+    from inference.loss import weighted_loss_sum
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    res = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "rank": args.rank, "tokens_per_step": args.tokens,
+           "runs": []}
+    import peft
+    import transformers
+    res["transformers"], res["peft"] = transformers.__version__, peft.__version__
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+
+    res["matmul_tflops"] = round(matmul_rate(device), 1)
+    print(f"{res['device']}: measured dense matmul {res['matmul_tflops']} TFLOP/s "
+          f"({'bf16 8192^3' if cuda else 'fp32 1024^3'})", flush=True)
+
+    model = build(args.shape, args.layers, device, dtype)
+    cfg = model.config
+    res["layers"] = cfg.num_hidden_layers
+    res["weights_GiB"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    pm = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    g = torch.Generator(device="cpu").manual_seed(1)
+    with torch.no_grad():   # PEFT starts B at 0; a trained-looking adapter makes both LoRA paths do real work
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    res["lora_trainable_M"] = round(sum(p.numel() for p in params) / 1e6, 1)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    pm.train()
+    print(f"{cfg.num_hidden_layers} layers, {res['weights_GiB']} GiB of weights, "
+          f"{res['lora_trainable_M']}M LoRA parameters (r={args.rank})", flush=True)
+
+    baseline_attn = "flex_attention" if cuda else "eager"   # flex with sinks is CUDA-only
+    baseline_experts = "grouped_mm" if cuda else "eager"
+
+    def loss_of(path, ids):
+        if path.startswith("baseline"):
+            return pm(input_ids=ids, labels=ids).loss
+        total, weight, _ = weighted_loss_sum(pm, ids, torch.ones_like(ids), torch.ones_like(ids))
+        return total / weight
+
+    def use(path):
+        fastpath.disable(pm)
+        fastpath.keep_activations(pm, int(path.split("+keep")[1]) if "+keep" in path else 0)
+        if path == "baseline":
+            model.set_attn_implementation(baseline_attn)
+            model.set_experts_implementation(baseline_experts)
+        else:
+            fastpath.enable(pm, selective_checkpointing="+recompute" not in path)
+
+    for seq in [int(s) for s in args.seqs.split(",")]:
+        batch = max(1, args.tokens // seq)
+        gen = torch.Generator(device="cpu").manual_seed(seq)
+        batches = [torch.randint(0, 199_000, (batch, seq), generator=gen).to(device)
+                   for _ in range(args.warmup + args.steps)]
+        if seq == int(args.seqs.split(",")[0]):
+            res["expert_load"] = expert_histogram(pm, batches[0])
+            print_histogram(res["expert_load"])
+        row = {"batch": batch, "seq": seq}
+        for path in args.paths.split(","):
+            use(path)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            times, first_loss = [], None
+            try:
+                for i, ids in enumerate(batches):
+                    sync(device)
+                    t = time.perf_counter()
+                    loss = loss_of(path, ids)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sync(device)
+                    times.append(time.perf_counter() - t)
+                    if i == 0:
+                        first_loss = loss.detach().item()
+                step = statistics.median(times[args.warmup:])
+                tps = batch * seq / step
+                row[path] = {"tok_s": round(tps), "step_s": round(step, 3),
+                             "mfu": round(tps * flops_per_token(cfg, seq) / (res["matmul_tflops"] * 1e12), 3),
+                             "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
+                             "first_loss": round(first_loss, 4)}
+            except torch.OutOfMemoryError as exc:
+                row[path] = {"error": f"out of memory: {str(exc)[:160]}"}
+                opt.zero_grad(set_to_none=True)
+            # the optimizer moved the adapter: restore nothing, both paths start from whatever it is (same for both
+            # lengths); the first-step losses are compared on equal weights below
+            print(f"  {path:>8} {batch} x {seq}: {row[path]}", flush=True)
+        for path in [p for p in row if p.startswith("ours")]:
+            if "tok_s" in row[path] and "tok_s" in row.get("baseline", {}):
+                key = "ratio" + path[4:]
+                row[key] = round(row[path]["tok_s"] / row["baseline"]["tok_s"], 2)
+                print(f"  {path} / baseline at {batch} x {seq}: {row[key]}x", flush=True)
+        res["runs"].append(row)
+        save()
+
+    # Same weights, same batch, both paths: the losses must agree (bf16 rounding apart).
+    ids = torch.randint(0, 199_000, (1, min(2048, int(args.seqs.split(",")[0]))), generator=g).to(device)
+    with torch.no_grad():
+        losses = {}
+        for path in args.paths.split(","):
+            use(path)
+            losses[path] = round(float(loss_of(path, ids)), 5)
+    res["same_weights_loss"] = losses
+    print(f"loss on one batch, same weights: {losses}", flush=True)
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        use("ours")
+        ids = batches[0]
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            loss_of("ours", ids).backward()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
+        print(table)
+        res["profile"] = table
+    save()
+
+    print("\n| batch x seq | baseline tok/s | ours tok/s | ours / baseline | MFU base / ours | peak GiB base / ours |")
+    print("|---|---|---|---|---|---|")
+    for row in res["runs"]:
+        b, o = row.get("baseline", {}), row.get("ours", {})
+        print(f"| {row['batch']} x {row['seq']} | {b.get('tok_s', '-')} | {o.get('tok_s', '-')} | "
+              f"{row.get('ratio', '-')} | {b.get('mfu', '-')} / {o.get('mfu', '-')} | "
+              f"{b.get('peak_GiB', '-')} / {o.get('peak_GiB', '-')} |")
+
+
+if __name__ == "__main__":
+    main()

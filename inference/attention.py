@@ -1,0 +1,147 @@
+"""gpt-oss attention (learned sinks, optional sliding window, GQA) as a fused kernel with an exact backward.
+
+gpt-oss adds one learned logit per head (the sink) to every softmax row; it takes probability mass but has no value.
+A flash-attention kernel computes ``out = softmax(S) V`` and the row log-sum-exp ``lse`` without the sink; the sink
+is folded in afterwards:
+
+    lse_c = logaddexp(lse, sink)        out_f = out * exp(lse - lse_c)
+
+which is exactly ``softmax([S, sink])[:, :-1] V``. For the backward, the standard attention backward fed with
+``(out_f, lse_c)`` instead of ``(out, lse)`` is exact: it recomputes ``P = exp(S - lse_c)`` (the probabilities *with*
+the sink) and ``D = rowsum(dO * out_f)``, and the sink column has no value, so it adds nothing else. The sink's own
+gradient is ``-sum_rows exp(sink - lse_c) * D``.
+
+On CUDA with bf16/fp16 the kernel is PyTorch's flash attention (``aten._flash_attention_forward/backward``, which
+takes the sliding window and fewer key/value heads directly). Elsewhere the same autograd function runs its plain
+twin (:func:`_math_forward` / :func:`_math_backward`: dense scores in fp32), which is the reference in the CPU tests.
+
+Layout: ``q (B, S, Hq, D)``, ``k``/``v (B, S, Hkv, D)``; a window ``w`` lets query ``i`` see keys ``i-w+1 .. i``
+(transformers' convention for gpt-oss's 128-token layers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inference.kernels import fused
+
+
+def _mask(n_q: int, n_k: int, window: int | None, device) -> torch.Tensor:
+    """(n_q, n_k) True where query i may see key j (causal, within the window)."""
+    i = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)
+    j = torch.arange(n_k, device=device)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep &= j > i - window
+    return keep
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (the tests' oracle precision)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _scores(q, k, scale, window):
+    """fp32 scores (B, Hq, S, S) with masked entries at -inf; k expanded to the query heads."""
+    groups = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2).to(_acc(q))                                   # (B, Hq, S, D)
+    kh = k.transpose(1, 2).to(_acc(q)).repeat_interleave(groups, dim=1)  # (B, Hq, S, D)
+    s = qh @ kh.transpose(-1, -2) * scale
+    return s.masked_fill(~_mask(q.shape[1], k.shape[1], window, q.device), float("-inf"))
+
+
+def _math_forward(q, k, v, scale, window):
+    """(out (B, S, Hq, D) in q's dtype, lse (B, Hq, S) fp32) of causal softmax attention without sinks."""
+    groups = q.shape[2] // k.shape[2]
+    s = _scores(q, k, scale, window)
+    lse = torch.logsumexp(s, dim=-1)
+    vh = v.transpose(1, 2).to(_acc(q)).repeat_interleave(groups, dim=1)
+    out = torch.exp(s - lse[..., None]) @ vh                          # (B, Hq, S, D)
+    return out.transpose(1, 2).to(q.dtype), lse
+
+
+def _math_backward(grad, q, k, v, out, lse, scale, window):
+    """The attention backward given the output and row log-sum-exp it was normalised with."""
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+    groups = hq // hkv
+    p = torch.exp(_scores(q, k, scale, window) - lse[..., None])     # (B, Hq, S, S)
+    g = grad.transpose(1, 2).to(_acc(q))                                 # (B, Hq, S, D)
+    vh = v.transpose(1, 2).to(_acc(q)).repeat_interleave(groups, dim=1)
+    dv = p.transpose(-1, -2) @ g
+    dp = g @ vh.transpose(-1, -2)
+    delta = (g * out.transpose(1, 2).to(_acc(q))).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    qh = q.transpose(1, 2).to(_acc(q))
+    kh = k.transpose(1, 2).to(_acc(q)).repeat_interleave(groups, dim=1)
+    dq = ds @ kh * scale
+    dk = ds.transpose(-1, -2) @ qh * scale
+    # fold the query heads of each key/value head back: (B, Hq, S, D) -> (B, Hkv, S, D)
+    dk = dk.view(b, hkv, groups, n, d).sum(2)
+    dv = dv.view(b, hkv, groups, n, d).sum(2)
+    return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype))
+
+
+def uses_flash(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256
+
+
+def _flash_window(window):
+    # flash's left window counts keys before the query: keys i-w+1 .. i is a left window of w-1
+    return (window - 1, 0) if window is not None else (None, None)
+
+
+@fused
+def _fold_sinks(out, lse, sinks):
+    """(out_f (B, S, Hq, D), lse_c (B, Hq, S)) from the sink-free output and log-sum-exp."""
+    acc = _acc(out)
+    lse_c = torch.logaddexp(lse.to(acc), sinks.to(acc)[None, :, None])
+    keep = torch.exp(lse.to(acc) - lse_c)                                    # mass not taken by the sink
+    return (out.to(acc) * keep.transpose(1, 2)[..., None]).to(out.dtype), lse_c
+
+
+@fused
+def _sink_grad(grad, out_f, sinks, lse_c):
+    """d loss / d sinks (Hq,) = -sum over rows of p_sink * rowsum(dO * out_f)."""
+    acc = _acc(out_f)
+    delta = (grad.to(acc) * out_f.to(acc)).sum(-1).transpose(1, 2)            # (B, Hq, S)
+    return -(torch.exp(sinks.to(acc)[None, :, None] - lse_c) * delta).sum(dim=(0, 2)).to(sinks.dtype)
+
+
+class _SinkAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, scale, window):
+        if uses_flash(q):
+            left, right = _flash_window(window)
+            out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+                q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False, scale=scale,
+                window_size_left=left, window_size_right=right)
+            ctx.flash = (rng, unused)
+        else:
+            out, lse = _math_forward(q, k, v, scale, window)
+            ctx.flash = None
+        out_f, lse_c = _fold_sinks(out, lse[:, :, :q.shape[1]], sinks)
+        ctx.save_for_backward(q, k, v, sinks, out_f, lse_c)
+        ctx.scale, ctx.window = scale, window
+        return out_f
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, sinks, out_f, lse_c = ctx.saved_tensors
+        grad = grad.contiguous()
+        if ctx.flash is not None:
+            left, right = _flash_window(ctx.window)
+            rng, unused = ctx.flash
+            dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                grad, q, k, v, out_f, lse_c.contiguous(), None, None, q.shape[1], k.shape[1], 0.0, True, rng,
+                unused, scale=ctx.scale, window_size_left=left, window_size_right=right)
+        else:
+            dq, dk, dv = _math_backward(grad, q, k, v, out_f, lse_c, ctx.scale, ctx.window)
+        dsinks = _sink_grad(grad, out_f, sinks, lse_c) if ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None, None
+
+
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, scale: float,
+                   window: int | None = None) -> torch.Tensor:
+    """Causal attention with per-head sinks: ``q (B, S, Hq, D)``, ``k``/``v (B, S, Hkv, D)``, ``sinks (Hq,)``."""
+    return _SinkAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sinks, scale, window)

@@ -1,0 +1,139 @@
+"""The gpt-oss expert layer as grouped matmuls over tokens sorted by expert, with an optional LoRA side path.
+
+One call routes ``T`` tokens to ``k`` experts each (``S = T * k`` rows). The rows are sorted by expert once per
+layer; both projections (gate_up, then down) run as one grouped matmul over all experts, and a LoRA adapter on an
+expert weight runs beside it as two thin grouped matmuls (``x @ A_e^T`` then ``@ B_e^T``), so ``W_e + B_e A_e`` is
+never formed for all experts (PEFT's ``target_parameters`` path forms it on every forward).
+
+The gather into expert order and the scatter back are plain gathers forward *and* backward (each token appears
+exactly ``k`` times, so its gradient is a sum over its ``k`` rows): autograd's generic backward for indexing is a
+scatter-add with duplicate indices, which was a third of the transformers + PEFT step on gpt-oss-20b shapes.
+
+:func:`grouped_mm` uses ``torch.nn.functional.grouped_mm`` on CUDA (bf16) and a per-expert loop elsewhere (its
+plain twin, the reference in the CPU tests). What follows each matmul (bias, LoRA output, gpt-oss's clamped
+interleaved SwiGLU, the routing weight) is one fused kernel on CUDA (:func:`inference.kernels.fused`) and the same
+PyTorch expression elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inference.kernels import fused
+
+
+def swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's activation: ``(S, 2I)`` with gate/up interleaved -> ``(S, I)``."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+@fused
+def _gate_up_epilogue(mm, lora, bias, expert, alpha: float, limit: float):
+    """``swiglu(x W_e + b_e [+ LoRA])`` for ``(S, 2I)`` matmul outputs: one pass instead of five."""
+    h = mm + bias[expert]
+    if lora is not None:
+        h = h + lora
+    return swiglu(h, alpha, limit)
+
+
+@fused
+def _down_epilogue(mm, lora, bias, expert, weight):
+    """``(h W_e + b_e [+ LoRA]) * routing weight`` for ``(S, H)`` matmul outputs."""
+    y = mm + bias[expert]
+    if lora is not None:
+        y = y + lora
+    return y * weight[:, None].to(y.dtype)
+
+
+def _gmm_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The plain twin of grouped_mm: rows ``offs[e-1]:offs[e]`` of ``x (S, K)`` times ``w[e] (K, N)``."""
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    parts = [x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))]
+    return torch.cat(parts, dim=0) if parts else x.new_zeros(0, w.shape[-1])
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``(S, K)`` rows grouped by expert (group ``e`` ends at ``offs[e]``) times ``w (E, K, N)`` -> ``(S, N)``."""
+    if x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:
+        return torch.nn.functional.grouped_mm(x, w, offs=offs)
+    return _gmm_loop(x, w, offs)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``x[order // k]`` (one row per routed (token, slot), in expert order); backward sums each token's k rows."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        # grad (S, H) in expert order -> (T*k, H) in token order -> (T, H)
+        per_slot = grad[inverse]
+        return per_slot.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse``: the backward is a gather too."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # (lhs (E, in, r), rhs (E, r, out), scaling)
+
+
+def _lora(x: torch.Tensor, factors: LoraFactors, offs: torch.Tensor) -> torch.Tensor:
+    """``scaling * (x @ lhs_e) @ rhs_e`` per expert group: ``(S, in) -> (S, out)``."""
+    lhs, rhs, scaling = factors
+    lhs, rhs = lhs.to(x.dtype), rhs.to(x.dtype)
+    r = lhs.shape[-1]
+    if x.is_cuda and r % 8:
+        # grouped_mm needs 16-byte aligned rows: pad the rank with zeros (no effect on values or gradients)
+        pad = 8 - r % 8
+        lhs = torch.nn.functional.pad(lhs, (0, pad))
+        rhs = torch.nn.functional.pad(rhs, (0, 0, 0, pad))
+    low = grouped_mm(x, lhs.contiguous(), offs)                         # (S, r)
+    return grouped_mm(low, (rhs * scaling).contiguous(), offs)          # (S, out); scaling folded into the small B
+
+
+def moe_experts(hidden: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor, *,
+                gate_up: torch.Tensor, gate_up_bias: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
+                alpha: float, limit: float, lora_gate_up: LoraFactors | None = None,
+                lora_down: LoraFactors | None = None) -> torch.Tensor:
+    """gpt-oss experts: ``hidden (T, H)``, ``router_indices``/``routing_weights (T, k)`` -> ``(T, H)``.
+
+    ``gate_up (E, H, 2I)``, ``down (E, I, H)`` (transformers' layout), biases ``(E, 2I)`` / ``(E, H)``. The frozen
+    weights get no gradient (none is computed unless they require it); LoRA factors, routing weights and ``hidden``
+    do.
+    """
+    tokens, k = router_indices.shape
+    num_experts = gate_up.shape[0]
+    flat = router_indices.reshape(-1)                                          # (S,) expert of each routed row
+    order = torch.argsort(flat, stable=True)                                   # expert order -> (token, slot) row
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    offs = torch.cumsum(torch.bincount(flat, minlength=num_experts), 0).to(torch.int32)   # (E,) group ends
+    expert = flat[order]                                                       # (S,) sorted expert ids
+
+    x = _GatherTokens.apply(hidden, order, inverse, k)                         # (S, H)
+    lora = _lora(x, lora_gate_up, offs) if lora_gate_up is not None else None
+    h = _gate_up_epilogue(grouped_mm(x, gate_up, offs), lora, gate_up_bias, expert, alpha, limit)   # (S, I)
+    lora = _lora(h, lora_down, offs) if lora_down is not None else None
+    y = _down_epilogue(grouped_mm(h, down, offs), lora, down_bias, expert, routing_weights.reshape(-1)[order])
+    y = _Permute.apply(y, inverse, order)                                      # back to (token, slot) order
+    return y.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)

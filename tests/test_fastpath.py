@@ -1,0 +1,253 @@
+"""Our training path (finetune.fastpath: grouped expert LoRA + sink attention) against the reference, fp32 on CPU.
+
+The oracle is transformers' eager gpt-oss with PEFT's LoRA (``ParamWrapper`` on the experts). On CPU the kernels run
+their plain twins (per-expert matmuls, dense attention maths), so what is checked here is everything around the
+kernels: sorting rows by expert once, the gather/scatter backward, the LoRA side path and its scaling, biases, the
+clamped SwiGLU, routing-weight gradients, the sink renormalisation and its backward (including the sink gradient),
+the sliding-window boundary, GQA, and the PEFT wiring (adapters saved and reloaded as plain PEFT). The CUDA kernels
+themselves are checked against the same oracle in ``tests/gpu/test_fastpath_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune import fastpath
+from finetune.model import add_lora
+from inference.attention import sink_attention
+from inference.errors import UserError
+from inference.loss import weighted_loss_sum
+from inference.moe import grouped_mm, moe_experts
+from tests.test_lora import fill_, make_recipe
+
+
+def _eager_attention(q, k, v, sinks, scale, window):
+    """transformers' own eager gpt-oss attention, fed the mask its eager mask builder makes: the oracle."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    class Module(torch.nn.Module):
+        pass
+    module = Module()
+    module.num_key_value_groups = q.shape[2] // k.shape[2]
+    module.sinks = sinks
+    module.training = False
+    n = q.shape[1]
+    i, j = torch.arange(n, device=q.device)[:, None], torch.arange(n, device=q.device)[None, :]
+    keep = (j <= i) & ((j > i - window) if window else True)
+    mask = torch.zeros(n, n, device=q.device).masked_fill(~keep, torch.finfo(torch.float32).min)[None, None]
+    out, _ = eager_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                                     scaling=scale)
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_sink_attention_matches_eager_values_and_all_gradients(window):
+    g = torch.Generator().manual_seed(0)
+    B, S, Hq, Hkv, D = 2, 13, 4, 2, 8        # 13 > window: rows both inside and past the window boundary
+    q, k, v = (torch.randn(B, S, h, D, generator=g, dtype=torch.float64) for h in (Hq, Hkv, Hkv))
+    sinks = torch.randn(Hq, generator=g, dtype=torch.float64) * 2
+    grad = torch.randn(B, S, Hq, D, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (_eager_attention, sink_attention):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        out = fn(*leaves, 0.3, window)
+        out.backward(grad)
+        results.append((out.detach(), [t.grad for t in leaves]))
+    (ref, ref_grads), (ours, our_grads) = results
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip("q k v sinks".split(), our_grads, ref_grads):
+        assert b.abs().max() > 1e-3, name               # every gradient is really exercised
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+def test_sink_attention_window_boundary_is_the_reference_one():
+    """A key exactly ``window`` positions back is masked, one less is seen: moving it changes only the latter."""
+    g = torch.Generator().manual_seed(1)
+    S, W = 9, 4
+    q, k, v = (torch.randn(1, S, 1, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    sinks = torch.zeros(1, dtype=torch.float64)
+    base = sink_attention(q, k, v, sinks, 1.0, W)[0, -1]
+    for back, seen in ((W, False), (W - 1, True)):
+        v2 = v.clone()
+        v2[0, S - 1 - back] += 10
+        changed = not torch.allclose(sink_attention(q, k, v2, sinks, 1.0, W)[0, -1], base)
+        assert changed == seen, back
+
+
+def test_grouped_mm_twin_is_per_expert_matmul():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(10, 6, generator=g), torch.randn(3, 6, 5, generator=g)
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)       # an empty middle group
+    ref = torch.cat([x[:4] @ w[0], x[10:10] @ w[1], x[4:] @ w[2]])
+    torch.testing.assert_close(grouped_mm(x, w, offs), ref)
+
+
+def _peft_tiny(tiny_model, tmp_path, r=4):
+    peft_model, _ = add_lora(tiny_model, make_recipe(tmp_path, [f"lora.r={r}", f"lora.alpha={2 * r}"]))
+    g = torch.Generator().manual_seed(3)
+    # B starts at zero in PEFT; give every factor values so the LoRA path changes outputs and all grads are non-zero
+    fill_([p for n, p in peft_model.named_parameters() if "lora_" in n], g, std=0.05)
+    return peft_model
+
+
+def _batch(seed=4):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 199_000, (2, 90), generator=g)        # 90 > the tiny model's 64-token window
+    mask = torch.ones_like(ids)
+    mask[1, 70:] = 0                                               # right padding on the second row
+    weights = torch.rand(ids.shape, generator=g) * mask
+    return ids, mask, weights
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    total, weight, _ = weighted_loss_sum(model, *batch)
+    loss = total / weight
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fast_path_loss_and_lora_gradients_equal_transformers_peft(tiny_model, tmp_path):
+    model = _peft_tiny(tiny_model, tmp_path)
+    model.train()
+    batch = _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    fastpath.enable(model)
+    assert model.get_base_model().config._attn_implementation == fastpath.ATTENTION_IMPL
+    loss, grads = _loss_and_grads(model, batch)
+    fastpath.disable(model)
+    again, _ = _loss_and_grads(model, batch)
+
+    assert torch.isfinite(ref_loss) and loss != 0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, ref_loss, rtol=0, atol=0)   # disable restores the reference exactly
+    assert grads.keys() == ref_grads.keys()
+    experts = [n for n in grads if ".experts." in n]
+    assert len(experts) == 2 * 2 * 2                               # 2 layers x {gate_up, down} x {A, B}
+    for name in grads:
+        assert ref_grads[name].abs().max() > 0, name
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def experts_case(H=16, I=8, E=5, k=2, T=11, r=3, seed=5):
+    """A GptOssExperts layer (float64, CPU), its inputs (routing given) and LoRA factors for both expert weights."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    cfg = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    experts = GptOssExperts(cfg).double()
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(T, H, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    rw = torch.softmax(torch.randn(T, k, dtype=torch.float64), -1)
+    lora = {n: (torch.randn(E, getattr(experts, n).shape[1], r, dtype=torch.float64) * 0.3,
+                torch.randn(E, r, getattr(experts, n).shape[2], dtype=torch.float64) * 0.3, 0.7)
+            for n in ("gate_up_proj", "down_proj")}
+    return cfg, experts, (x, idx, rw), lora, torch.randn(T, H, dtype=torch.float64)
+
+
+def run_experts(case, fast: bool, dtype=torch.float64, device="cpu"):
+    """(output, [dx, d routing weights, dA/dB of gate_up, dA/dB of down]) of ours (fast) or transformers' eager
+    experts with the LoRA folded into the weights (``W + s * lhs @ rhs``, differentiable in the factors)."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    cfg, experts, (x, idx, rw), lora, grad = case
+    experts = GptOssExperts(cfg).to(device, dtype)
+    experts.load_state_dict({n: t.to(device, dtype) for n, t in case[1].state_dict().items()})
+    # copy=True: every run gets its own leaves (a no-op .to() would hand back the case's tensors themselves)
+    xs, ws = x.to(device, dtype, copy=True).requires_grad_(), rw.to(device, dtype, copy=True).requires_grad_()
+    fs = {n: (a.to(device, dtype, copy=True).requires_grad_(), b.to(device, dtype, copy=True).requires_grad_(), s)
+          for n, (a, b, s) in lora.items()}
+    idx = idx.to(device)
+    if fast:
+        out = moe_experts(xs, idx, ws, gate_up=experts.gate_up_proj, gate_up_bias=experts.gate_up_proj_bias,
+                          down=experts.down_proj, down_bias=experts.down_proj_bias, alpha=experts.alpha,
+                          limit=experts.limit, lora_gate_up=fs["gate_up_proj"], lora_down=fs["down_proj"])
+    else:
+        for n, (lhs, rhs, s) in fs.items():
+            weight = getattr(experts, n).detach()
+            delattr(experts, n)
+            setattr(experts, n, weight + s * lhs @ rhs)
+        out = experts(xs, idx, ws)
+    out.backward(grad.to(device, dtype))
+    return out.detach(), [xs.grad, ws.grad] + [t.grad for f in fs.values() for t in f[:2]]
+
+
+def test_fast_experts_equal_eager_experts_with_routing_gradients():
+    """moe_experts alone against transformers' eager GptOssExperts (LoRA folded into W), incl. d(routing weights)."""
+    case = experts_case()
+    (ref, ref_grads), (ours, our_grads) = run_experts(case, False), run_experts(case, True)
+    assert all(a is not b for a, b in zip(our_grads, ref_grads))
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    for i, (a, b) in enumerate(zip(our_grads, ref_grads)):
+        assert b.abs().max() > 1e-6, i
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=str(i))
+
+
+def test_adapter_trained_on_fast_path_saves_as_plain_peft(tiny_model, tmp_path):
+    """The adapters stay PEFT's: one fast step, save, reload into plain transformers + PEFT, same outputs."""
+    from peft import PeftModel
+
+    from inference.checkpoint import load_model
+    model = _peft_tiny(tiny_model, tmp_path)
+    fastpath.enable(model)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    batch = _batch(6)
+    total, weight, _ = weighted_loss_sum(model, *batch)
+    (total / weight).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        fast_logits = model(input_ids=batch[0][:1, :60]).logits
+    model.save_pretrained(tmp_path / "adapter")
+    plain = PeftModel.from_pretrained(load_model(tiny_model.config._name_or_path or _tiny_dir()),
+                                      tmp_path / "adapter").eval()
+    with torch.no_grad():
+        plain_logits = plain(input_ids=batch[0][:1, :60]).logits
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
+
+
+def _tiny_dir():
+    from inference.tiny import tiny_path
+    return tiny_path()
+
+
+def test_choose_and_padding_guard():
+    assert fastpath.choose("auto", torch.device("cpu"))[0] is False
+    assert fastpath.choose("auto", torch.device("cuda"))[0] is True
+    assert fastpath.choose("reference", torch.device("cuda"))[0] is False
+    assert fastpath.choose("fast", torch.device("cpu"))[0] is True
+    fastpath.check_right_padded(torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    with pytest.raises(UserError, match="right-padded"):
+        fastpath.check_right_padded(torch.tensor([[0, 1, 1]]))
+
+
+def test_readme_train_speed_smoke_command_measures_both_paths_on_the_same_batches(tmp_path):
+    """The README's CPU smoke command of benchmarks/train_speed.py: both paths train, the JSON has the comparison,
+    and on the same weights and batch the two losses agree (fp32 on CPU)."""
+    import json
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"`(python benchmarks/train_speed\.py --shape tiny[^`]*)`", readme).group(1)
+    out = tmp_path / "speed.json"
+    argv = [sys.executable] + shlex.split(command)[1:] + ["--json", str(out)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads(out.read_text())
+    (row,) = res["runs"]
+    assert row["seq"] == 64 and row["batch"] == 2
+    for path in ("ours", "baseline"):
+        assert row[path]["tok_s"] > 0 and 0 < row[path]["mfu"] < 1
+    assert row["ratio"] == round(row["ours"]["tok_s"] / row["baseline"]["tok_s"], 2)
+    losses = res["same_weights_loss"]
+    assert abs(losses["ours"] - losses["baseline"]) < 1e-4
+    assert sum(res["expert_load"]["share_all_layers"]) == pytest.approx(1.0, abs=1e-3)
+    assert "ours / baseline" in done.stdout and "expert load" in done.stdout

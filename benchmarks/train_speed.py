@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -125,8 +126,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per path and length")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--paths", default="ours,baseline",
-                    help="ours, baseline, ours+keepN (N last layers not activation-checkpointed), "
+    ap.add_argument("--paths", default="ours,baseline,baseline+noamp",
+                    help="ours, baseline (bf16 autocast, as the Trainer runs it), baseline+noamp (as the reference "
+                         "script: fp32 LoRA matmuls), ours+keepN (N last layers not activation-checkpointed), "
                          "ours+recompute (plain full-layer checkpointing)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -181,18 +183,30 @@ def main() -> None:
 
     def loss_of(path, ids):
         if path.startswith("baseline"):
-            return pm(input_ids=ids, labels=ids).loss
-        total, weight, _ = weighted_loss_sum(pm, ids, torch.ones_like(ids), torch.ones_like(ids))
+            # "baseline": as transformers' Trainer runs it with bf16=True (accelerate's bf16 autocast around the
+            # forward); "baseline+noamp": as shared/reference/hf_peft_baseline.py did (PEFT's fp32 LoRA weights,
+            # activations cast up to them)
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and "+noamp" not in path else nullcontext()
+            with amp:
+                return pm(input_ids=ids, labels=ids).loss
+        with fastpath.autocast(pm):   # as finetune.train runs it
+            total, weight, _ = weighted_loss_sum(pm, ids, torch.ones_like(ids), torch.ones_like(ids))
         return total / weight
 
     def use(path):
         fastpath.disable(pm)
         fastpath.keep_activations(pm, int(path.split("+keep")[1]) if "+keep" in path else 0)
-        if path == "baseline":
+        if path.startswith("baseline"):
             model.set_attn_implementation(baseline_attn)
             model.set_experts_implementation(baseline_experts)
         else:
-            fastpath.enable(pm, selective_checkpointing="+recompute" not in path)
+            save = set(fastpath.SAVE_DEFAULT)
+            for part in path.split("+")[1:]:        # ours+save-projections, ours+nosave-attention, ...
+                if part.startswith("save-"):
+                    save.add(part[5:])
+                elif part.startswith("nosave-"):
+                    save.discard(part[7:])
+            fastpath.enable(pm, selective_checkpointing="+recompute" not in path, save=frozenset(save))
 
     for seq in [int(s) for s in args.seqs.split(",")]:
         batch = max(1, args.tokens // seq)
@@ -232,12 +246,18 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
             # the optimizer moved the adapter: restore nothing, both paths start from whatever it is (same for both
             # lengths); the first-step losses are compared on equal weights below
+            row[path]["implementation"] = f"{model.config._attn_implementation} attention, " \
+                                          f"{model.config._experts_implementation} experts"
             print(f"  {path:>8} {batch} x {seq}: {row[path]}", flush=True)
+        # the ratio is against the best baseline variant measured at this length
+        bases = [p for p in row if isinstance(row[p], dict) and p.startswith("baseline") and "tok_s" in row[p]]
+        if bases:
+            row["best_baseline"] = max(bases, key=lambda p: row[p]["tok_s"])
         for path in [p for p in row if p.startswith("ours")]:
-            if "tok_s" in row[path] and "tok_s" in row.get("baseline", {}):
+            if "tok_s" in row[path] and bases:
                 key = "ratio" + path[4:]
-                row[key] = round(row[path]["tok_s"] / row["baseline"]["tok_s"], 2)
-                print(f"  {path} / baseline at {batch} x {seq}: {row[key]}x", flush=True)
+                row[key] = round(row[path]["tok_s"] / row[row["best_baseline"]]["tok_s"], 2)
+                print(f"  {path} / {row['best_baseline']} at {batch} x {seq}: {row[key]}x", flush=True)
         res["runs"].append(row)
         save()
 
@@ -255,19 +275,25 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
         use("ours")
         ids = batches[0]
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                     record_shapes=True) as prof:
             loss_of("ours", ids).backward()
             opt.zero_grad(set_to_none=True)
             sync(device)
-        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+        shapes = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=30,
+                                                                    max_name_column_width=40)
         print(table)
-        res["profile"] = table
+        print(shapes)
+        res["profile"] = table + "\n" + shapes
     save()
 
-    print("\n| batch x seq | baseline tok/s | ours tok/s | ours / baseline | MFU base / ours | peak GiB base / ours |")
+    print("\n(baseline: the fastest transformers + PEFT variant measured at that length)")
+    print("| batch x seq | baseline tok/s | ours tok/s | ours / baseline | MFU base / ours | peak GiB base / ours |")
     print("|---|---|---|---|---|---|")
     for row in res["runs"]:
-        b, o = row.get("baseline", {}), row.get("ours", {})
+        b, o = row.get(row.get("best_baseline", "baseline"), {}), row.get("ours", {})
         print(f"| {row['batch']} x {row['seq']} | {b.get('tok_s', '-')} | {o.get('tok_s', '-')} | "
               f"{row.get('ratio', '-')} | {b.get('mfu', '-')} / {o.get('mfu', '-')} | "
               f"{b.get('peak_GiB', '-')} / {o.get('peak_GiB', '-')} |")

@@ -9,7 +9,9 @@
   ``finetune_sinks``: flash attention with gpt-oss's sinks and sliding window, exact forward and backward. It
   takes no mask (causal and the window are built in), which is exact for right-padded batches: a real token never
   sees a pad after it, and pads carry no loss. :func:`check_right_padded` enforces that for every training batch.
-- **Loss:** unchanged, :func:`inference.loss.weighted_loss_sum` already never holds full fp32 logits.
+- **Loss:** :func:`inference.loss.weighted_loss_sum`, which never holds full fp32 logits.
+- **Precision:** the forward runs under bf16 autocast (:func:`autocast`) with PEFT's input up-casting switched off
+  (its ``cast_input_dtype_enabled``): the LoRA weights stay fp32 master weights, their matmuls run in bf16.
 
 ``train.kernels`` in the recipe picks the path: ``auto`` (ours on CUDA, the reference elsewhere), ``fast`` or
 ``reference`` (transformers' eager attention + PEFT's parametrized experts, the oracle).
@@ -88,31 +90,43 @@ def _expert_chains(model):
         yield module, wrappers, inner
 
 
-def _save_matmuls(ctx, op, *args, **kwargs):
+SAVE_DEFAULT = frozenset({"experts", "attention"})
+
+
+def _policy(save: frozenset):
     """Selective checkpointing: keep what is expensive to recompute and cheap to hold, recompute the rest.
 
-    Kept: the frozen expert matmuls' outputs (both dimensions large; the thin LoRA ones are recomputed) and the flash
-    attention forward. At 16k tokens a step on gpt-oss-20b that is about 1.3 GiB per layer, and it removes about a
-    third of the recomputed forward's time.
+    ``experts``: the frozen expert matmuls' outputs (both dimensions large; the thin LoRA ones are recomputed);
+    ``attention``: the flash attention forward; ``projections``: the q/k/v/o projections. The default (experts +
+    attention) holds about 1.3 GiB per gpt-oss-20b layer at 16k tokens a step and removes most of the recomputed
+    forward's time.
     """
     from torch.utils.checkpoint import CheckpointPolicy
-    if op is torch.ops.aten._flash_attention_forward.default:
-        return CheckpointPolicy.MUST_SAVE
-    if op is torch.ops.aten._grouped_mm.default and min(args[1].shape[-2:]) >= 256:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+    aten = torch.ops.aten
+
+    def policy(ctx, op, *args, **kwargs):
+        if "attention" in save and op is aten._flash_attention_forward.default:
+            return CheckpointPolicy.MUST_SAVE
+        if "experts" in save and op is aten._grouped_mm.default and min(args[1].shape[-2:]) >= 256:
+            return CheckpointPolicy.MUST_SAVE
+        if "projections" in save and op in (aten.mm.default, aten.addmm.default) and \
+                min(args[-1].shape[-2:]) >= 256:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return policy
 
 
-def _selective_context():
+def _selective_context(save: frozenset = SAVE_DEFAULT):
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
-    return create_selective_checkpoint_contexts(_save_matmuls)
+    return create_selective_checkpoint_contexts(_policy(save))
 
 
-def _checkpoint_func():
+def _checkpoint_func(save: frozenset = SAVE_DEFAULT):
     import functools
 
     from torch.utils.checkpoint import checkpoint
-    return functools.partial(checkpoint, use_reentrant=False, context_fn=_selective_context)
+    return functools.partial(checkpoint, use_reentrant=False,
+                             context_fn=functools.partial(_selective_context, save))
 
 
 def checkpoint_kwargs() -> dict:
@@ -120,8 +134,32 @@ def checkpoint_kwargs() -> dict:
     return {"use_reentrant": False, "context_fn": _selective_context}
 
 
-def enable(model, selective_checkpointing: bool = True) -> None:
-    """Switch a (PEFT-wrapped) gpt-oss model to our path. ``disable`` restores what it had."""
+def autocast(model):
+    """The context our path's forward runs in: bf16 autocast for a bf16 model on CUDA (PEFT's LoRA weights are fp32
+    master weights; autocast runs their matmuls in bf16 instead of casting every activation up to fp32), else none."""
+    import contextlib
+    p = next(model.parameters())
+    if p.is_cuda and p.dtype == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _tuner_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _norms(base):
+    return [m for layer in base.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)] + \
+        [base.model.norm]
+
+
+def enable(model, selective_checkpointing: bool = True, save: frozenset = SAVE_DEFAULT) -> None:
+    """Switch a (PEFT-wrapped) gpt-oss model to our path. ``disable`` restores what it had.
+
+    Its forward must then run under :func:`autocast` (``finetune.train`` does): PEFT no longer casts activations
+    to the fp32 LoRA weights. The path is for training batches (right-padded, no KV cache).
+    """
     register()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, _STATE, None) is not None:
@@ -134,7 +172,14 @@ def enable(model, selective_checkpointing: bool = True) -> None:
         for layer in base.model.layers:
             if getattr(layer, "gradient_checkpointing", False):
                 layer._finetune_previous_func = layer._gradient_checkpointing_func
-                layer._gradient_checkpointing_func = _checkpoint_func()
+                layer._gradient_checkpointing_func = _checkpoint_func(save)
+    if next(base.parameters()).is_cuda:
+        # gpt-oss's fp32 RMSNorm is six elementwise kernels in eager mode; nn.Module.compile fuses each into one
+        for norm in _norms(base):
+            norm.compile(dynamic=True)
+    # PEFT's own switch: no up-cast of each activation to the fp32 LoRA weights (autocast handles the dtypes)
+    for layer in _tuner_layers(model):
+        layer.cast_input_dtype_enabled = False
     for outer, wrappers, experts in _expert_chains(base):
         experts._finetune_lora = wrappers
         if wrappers:
@@ -154,6 +199,10 @@ def disable(model) -> None:
         if "_finetune_previous_func" in vars(layer):
             layer._gradient_checkpointing_func = layer._finetune_previous_func
             del layer._finetune_previous_func
+    for layer in _tuner_layers(model):
+        layer.cast_input_dtype_enabled = True
+    for norm in _norms(base):
+        norm._compiled_call_impl = None   # what nn.Module.compile set: back to the eager forward
     for outer, wrappers, experts in _expert_chains(base):
         experts._finetune_lora = ()
         if "forward" in vars(outer):

@@ -9,6 +9,7 @@ file in the run directory, and the tracker (MLflow).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -45,10 +46,12 @@ def _trainer_class():
         trained_tokens = 0  # tokens with non-zero loss weight in the training batches so far (restored on resume)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if fastpath.is_enabled(model):
+            fast = fastpath.is_enabled(model)
+            if fast:
                 fastpath.check_right_padded(inputs["attention_mask"])
-            total, weight, count = weighted_loss_sum(model, inputs["input_ids"], inputs["attention_mask"],
-                                                     inputs["loss_weights"])
+            with fastpath.autocast(model) if fast else contextlib.nullcontext():
+                total, weight, count = weighted_loss_sum(model, inputs["input_ids"], inputs["attention_mask"],
+                                                         inputs["loss_weights"])
             if model.training:
                 self.trained_tokens += int(count)
             # With num_items_in_batch (trained tokens of the whole accumulation window) the Trainer does not

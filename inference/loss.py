@@ -13,7 +13,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from inference.kernels import fused
+
 CHUNK_ROWS = 1024  # 1024 x 201,088 fp32 logits = 824 MB per chunk at most
+
+
+@fused
+def _loss_and_grad_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``logits (c, V)``: the loss (fp32) and ``softmax - onehot`` (``d loss / d logits``, logits' dtype).
+
+    One fused pass on CUDA (the fp32 logits are never written out), the same expression elsewhere.
+    """
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = lse - x.gather(1, targets[:, None]).squeeze(1)
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    return loss, (torch.exp(x - lse[:, None]) - onehot.to(x.dtype)).to(logits.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -32,14 +47,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         grad_rows = torch.empty_like(hidden) if early else None                      # (N, H)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s:s + chunk] @ weight.T).float()                         # (c, V)
+            logits = hidden[s:s + chunk] @ weight.T                                   # (c, V)
             t = targets[s:s + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
-            losses[s:s + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
             if early:
-                probs = logits.sub_(lse[:, None]).exp_()                              # softmax, in place
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad_rows[s:s + chunk] = probs.to(hidden.dtype) @ weight
+                losses[s:s + chunk], d_logits = _loss_and_grad_rows(logits, t)
+                grad_rows[s:s + chunk] = d_logits @ weight
+            else:
+                logits = logits.float()
+                losses[s:s + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
         ctx.chunk, ctx.early = chunk, early
         ctx.save_for_backward(grad_rows if early else hidden, weight, targets)
         return losses

@@ -5,9 +5,10 @@ layer; both projections (gate_up, then down) run as one grouped matmul over all 
 expert weight runs beside it as two thin grouped matmuls (``x @ A_e^T`` then ``@ B_e^T``), so ``W_e + B_e A_e`` is
 never formed for all experts (PEFT's ``target_parameters`` path forms it on every forward).
 
-The gather into expert order and the scatter back are plain gathers forward *and* backward (each token appears
-exactly ``k`` times, so its gradient is a sum over its ``k`` rows): autograd's generic backward for indexing is a
-scatter-add with duplicate indices, which was a third of the transformers + PEFT step on gpt-oss-20b shapes.
+The gather into expert order and the sum back per token are gathers forward *and* backward (each token appears
+exactly ``k`` times, so its gradient is a sum over its ``k`` rows, and each row's gradient is its token's):
+autograd's generic backward for indexing is a scatter-add with duplicate indices, which was a third of the
+transformers + PEFT step on gpt-oss-20b shapes.
 
 :func:`grouped_mm` uses ``torch.nn.functional.grouped_mm`` on CUDA (bf16) and a per-expert loop elsewhere (its
 plain twin, the reference in the CPU tests). What follows each matmul (bias, LoRA output, gpt-oss's clamped
@@ -63,35 +64,42 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return _gmm_loop(x, w, offs)
 
 
+def _sum_slots(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """``(S, H)`` rows in expert order -> ``(T, H)``: each token's ``k`` rows gathered and summed.
+
+    Left to PyTorch's gather + sum: inductor's fused gather-reduction of this shape was 5x slower (measured, H200).
+    """
+    return rows[inverse].view(-1, k, rows.shape[-1]).sum(dim=1)
+
+
 class _GatherTokens(torch.autograd.Function):
     """``x[order // k]`` (one row per routed (token, slot), in expert order); backward sums each token's k rows."""
 
     @staticmethod
     def forward(ctx, x, order, inverse, k):
-        ctx.save_for_backward(inverse)
+        ctx.save_for_backward(order, inverse)
         ctx.k = k
         return x[order // k]
 
     @staticmethod
     def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        # grad (S, H) in expert order -> (T*k, H) in token order -> (T, H)
-        per_slot = grad[inverse]
-        return per_slot.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
+        _, inverse = ctx.saved_tensors
+        return _sum_slots(grad, inverse, ctx.k), None, None, None
 
 
-class _Permute(torch.autograd.Function):
-    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse``: the backward is a gather too."""
+class _SumTokens(torch.autograd.Function):
+    """The dual of :class:`_GatherTokens`: ``(S, H)`` expert-order rows -> ``(T, H)`` per-token sums over k slots."""
 
     @staticmethod
-    def forward(ctx, x, index, inverse):
-        ctx.save_for_backward(inverse)
-        return x[index]
+    def forward(ctx, rows, order, inverse, k):
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return _sum_slots(rows, inverse, k)
 
     @staticmethod
     def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        (order,) = ctx.saved_tensors
+        return grad[order // ctx.k], None, None, None
 
 
 LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # (lhs (E, in, r), rhs (E, r, out), scaling)
@@ -127,7 +135,10 @@ def moe_experts(hidden: torch.Tensor, router_indices: torch.Tensor, routing_weig
     order = torch.argsort(flat, stable=True)                                   # expert order -> (token, slot) row
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    offs = torch.cumsum(torch.bincount(flat, minlength=num_experts), 0).to(torch.int32)   # (E,) group ends
+    # rows per expert without a host sync (bincount reads the maximum back to size its output)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)                          # (E,) group ends
     expert = flat[order]                                                       # (S,) sorted expert ids
 
     x = _GatherTokens.apply(hidden, order, inverse, k)                         # (S, H)
@@ -135,5 +146,4 @@ def moe_experts(hidden: torch.Tensor, router_indices: torch.Tensor, routing_weig
     h = _gate_up_epilogue(grouped_mm(x, gate_up, offs), lora, gate_up_bias, expert, alpha, limit)   # (S, I)
     lora = _lora(h, lora_down, offs) if lora_down is not None else None
     y = _down_epilogue(grouped_mm(h, down, offs), lora, down_bias, expert, routing_weights.reshape(-1)[order])
-    y = _Permute.apply(y, inverse, order)                                      # back to (token, slot) order
-    return y.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+    return _SumTokens.apply(y, order, inverse, k).to(hidden.dtype)             # (T, H)

@@ -244,10 +244,16 @@ def test_readme_train_speed_smoke_command_measures_both_paths_on_the_same_batche
     res = json.loads(out.read_text())
     (row,) = res["runs"]
     assert row["seq"] == 64 and row["batch"] == 2
-    for path in ("ours", "baseline"):
+    for path in ("ours", "baseline", "baseline+noamp"):
         assert row[path]["tok_s"] > 0 and 0 < row[path]["mfu"] < 1
-    assert row["ratio"] == round(row["ours"]["tok_s"] / row["baseline"]["tok_s"], 2)
+    assert row["ours"]["implementation"] == f"{fastpath.ATTENTION_IMPL} attention, {fastpath.EXPERTS_IMPL} experts"
+    for path in ("baseline", "baseline+noamp"):   # transformers' own (eager on CPU: flex with sinks is CUDA-only)
+        assert row[path]["implementation"] == "eager attention, eager experts"
+    best = max(("baseline", "baseline+noamp"), key=lambda p: row[p]["tok_s"])
+    assert row["best_baseline"] == best
+    assert row["ratio"] == round(row["ours"]["tok_s"] / row[best]["tok_s"], 2)
     losses = res["same_weights_loss"]
     assert abs(losses["ours"] - losses["baseline"]) < 1e-4
+    assert abs(losses["ours"] - losses["baseline+noamp"]) < 1e-4
     assert sum(res["expert_load"]["share_all_layers"]) == pytest.approx(1.0, abs=1e-3)
     assert "ours / baseline" in done.stdout and "expert load" in done.stdout

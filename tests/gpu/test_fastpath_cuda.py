@@ -9,6 +9,8 @@ and every later difference follows), which says nothing about the kernels.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -77,7 +79,8 @@ def _model_grads(tiny_model_dir, tmp_path, batch, dtype, fast, checkpointing=Fal
     if fast:
         fastpath.enable(model)
     model.train()
-    total, weight, _ = weighted_loss_sum(model, *batch)
+    with fastpath.autocast(model) if fast else contextlib.nullcontext():   # as finetune.train runs it
+        total, weight, _ = weighted_loss_sum(model, *batch)
     loss = total / weight
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -25,11 +25,17 @@ import torch
 
 from inference.attention import sink_attention
 from inference.errors import UserError
+from inference.kernels import compile_works
 from inference.moe import moe_experts
 
 EXPERTS_IMPL = "finetune_lora"
 ATTENTION_IMPL = "finetune_sinks"  # no "flash" in the name: transformers would reroute it to a hub kernel
 _STATE = "_finetune_fastpath"   # on the transformers model: (attention impl, experts impl) to restore
+
+
+def _base(model):
+    """The transformers model inside a PEFT model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _experts_forward(self, hidden_states, router_indices, routing_weights):
@@ -41,7 +47,7 @@ def _experts_forward(self, hidden_states, router_indices, routing_weights):
 
 
 def _factors(experts, name):
-    """``(lhs (E, in, out->r), rhs, scaling)`` of the active PEFT adapter on ``experts.<name>``, or None."""
+    """``(lhs (E, in, r), rhs (E, r, out), scaling)`` of the active PEFT adapter on ``experts.<name>``, or None."""
     for wrapper in getattr(experts, "_finetune_lora", ()):
         if wrapper.parameter_name != name or wrapper.disable_adapters or wrapper.merged:
             continue
@@ -161,7 +167,7 @@ def enable(model, selective_checkpointing: bool = True, save: frozenset = SAVE_D
     to the fp32 LoRA weights. The path is for training batches (right-padded, no KV cache).
     """
     register()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     if getattr(base, _STATE, None) is not None:
         return
     setattr(base, _STATE, (base.config._attn_implementation, base.config._experts_implementation))
@@ -173,7 +179,7 @@ def enable(model, selective_checkpointing: bool = True, save: frozenset = SAVE_D
             if getattr(layer, "gradient_checkpointing", False):
                 layer._finetune_previous_func = layer._gradient_checkpointing_func
                 layer._gradient_checkpointing_func = _checkpoint_func(save)
-    if next(base.parameters()).is_cuda:
+    if next(base.parameters()).is_cuda and compile_works():
         # gpt-oss's fp32 RMSNorm is six elementwise kernels in eager mode; nn.Module.compile fuses each into one
         for norm in _norms(base):
             norm.compile(dynamic=True)
@@ -188,7 +194,7 @@ def enable(model, selective_checkpointing: bool = True, save: frozenset = SAVE_D
 
 
 def disable(model) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     state = getattr(base, _STATE, None)
     if state is None:
         return
@@ -212,7 +218,7 @@ def disable(model) -> None:
 
 
 def is_enabled(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     return getattr(base, _STATE, None) is not None
 
 
@@ -222,7 +228,7 @@ def keep_activations(model, layers: int) -> int:
     A checkpointed layer runs its forward twice; one that keeps its activations does not, at the cost of holding
     them until its backward (about 3 GiB per gpt-oss-20b layer at 16k tokens a step). Returns how many are kept.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     decoder = base.model.layers
     for i, layer in enumerate(decoder):
         if getattr(layer, "_finetune_checkpointed", None) is None:

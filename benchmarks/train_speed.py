@@ -2,19 +2,21 @@
 
 One model with random weights and gpt-oss-20b's real shapes (transformers' own initialisation, std 0.02, so routing
 spreads over the experts: the expert-load histogram is printed), LoRA r=16 on q/k/v/o and on the experts (PEFT
-``target_parameters``), gradient checkpointing, AdamW on the LoRA parameters. For each sequence length both paths
-train on the same token batches:
+``target_parameters``), gradient checkpointing, AdamW on the LoRA parameters. For each sequence length every path
+trains on the same token batches:
 
 - **baseline**: transformers' ``grouped_mm`` experts, ``flex_attention``, PEFT's parametrized expert LoRA, the model's
-  own loss (``labels=input_ids``) -- the best settings measured in ``shared/reference/hf_peft_baseline.py``;
-- **ours**: ``finetune.fastpath`` (grouped expert LoRA, flash attention with sinks) and our chunked loss.
+  own loss (``labels=input_ids``), under bf16 autocast as the Trainer runs it with ``bf16=True``;
+- **baseline+noamp**: the same without autocast, as ``shared/reference/hf_peft_baseline.py`` measured it;
+- **ours**: ``finetune.fastpath`` (grouped expert LoRA, flash attention with sinks, selective checkpointing) and our
+  chunked loss, as ``finetune.train`` runs it.
 
 Printed and written to JSON: tokens/s (median step), model FLOP utilisation against a bf16 matmul rate measured at
-the start, peak GPU memory, the loss of the first step of each path (same batch, same weights: they must agree),
-and ours/baseline.
+the start, peak GPU memory, each path's implementation, ours against the fastest baseline variant, and the loss of
+every path on one batch with the same weights (they must agree up to rounding).
 
-    python benchmarks/train_speed.py --json $OUT/train_speed.json          # on the GPU (about 8 minutes on an H200)
-    python benchmarks/train_speed.py --shape tiny --device cpu --seqs 128 --tokens 256   # smoke test, CPU
+    python benchmarks/train_speed.py --json $OUT/train_speed.json          # on the GPU (about 4 minutes on an H200)
+    python benchmarks/train_speed.py --shape tiny --device cpu --seqs 64 --tokens 128 --steps 1 --warmup 1   # CPU
 """
 
 from __future__ import annotations
@@ -244,8 +246,7 @@ def main() -> None:
             except torch.OutOfMemoryError as exc:
                 row[path] = {"error": f"out of memory: {str(exc)[:160]}"}
                 opt.zero_grad(set_to_none=True)
-            # the optimizer moved the adapter: restore nothing, both paths start from whatever it is (same for both
-            # lengths); the first-step losses are compared on equal weights below
+            # each path continues from the adapter the previous one trained; equal-weight losses are compared below
             row[path]["implementation"] = f"{model.config._attn_implementation} attention, " \
                                           f"{model.config._experts_implementation} experts"
             print(f"  {path:>8} {batch} x {seq}: {row[path]}", flush=True)

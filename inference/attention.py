@@ -42,7 +42,7 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 
 def _scores(q, k, scale, window):
-    """fp32 scores (B, Hq, S, S) with masked entries at -inf; k expanded to the query heads."""
+    """Scores (B, Hq, S, S) in the accumulation dtype, masked entries at -inf; k expanded to the query heads."""
     groups = q.shape[2] // k.shape[2]
     qh = q.transpose(1, 2).to(_acc(q))                                   # (B, Hq, S, D)
     kh = k.transpose(1, 2).to(_acc(q)).repeat_interleave(groups, dim=1)  # (B, Hq, S, D)

@@ -24,7 +24,7 @@ from inference.kernels import fused
 
 
 def swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """gpt-oss's activation: ``(S, 2I)`` with gate/up interleaved -> ``(S, I)``."""
+    """gpt-oss's clamped SwiGLU: ``(S, 2I)`` with gate/up interleaved (as gpt-oss stores them) -> ``(S, I)``."""
     gate, up = gate_up[..., ::2], gate_up[..., 1::2]
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
@@ -77,13 +77,13 @@ class _GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, order, inverse, k):
-        ctx.save_for_backward(order, inverse)
+        ctx.save_for_backward(inverse)
         ctx.k = k
         return x[order // k]
 
     @staticmethod
     def backward(ctx, grad):
-        _, inverse = ctx.saved_tensors
+        (inverse,) = ctx.saved_tensors
         return _sum_slots(grad, inverse, ctx.k), None, None, None
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from inference import kernels, mxfp4
 from inference.errors import UserError
+from inference.moe import swiglu
 
 QUERY_CHUNK = 1024   # attention scores are (B, nh, QUERY_CHUNK, S) at most, so long prompts don't need T*T memory
 
@@ -117,10 +118,7 @@ class Experts(torch.nn.Module):
         return (self.gate_up_blocks if self.packed else self.gate_up).shape[0]
 
     def _glu(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up[..., ::2], gate_up[..., 1::2]          # interleaved, as gpt-oss stores them
-        gate = gate.clamp(max=self.limit)
-        up = up.clamp(min=-self.limit, max=self.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return swiglu(gate_up, self.alpha, self.limit)
 
     def _forward_gathered(self, x, indices, weights, lora):
         """Decoding path: few tokens, so decode just the ``N*k`` routed (token, expert) weights in one batch,

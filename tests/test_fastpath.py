@@ -186,7 +186,7 @@ def test_fast_experts_equal_eager_experts_with_routing_gradients():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=str(i))
 
 
-def test_adapter_trained_on_fast_path_saves_as_plain_peft(tiny_model, tmp_path):
+def test_adapter_trained_on_fast_path_saves_as_plain_peft(tiny_model, tiny_model_dir, tmp_path):
     """The adapters stay PEFT's: one fast step, save, reload into plain transformers + PEFT, same outputs."""
     from peft import PeftModel
 
@@ -203,16 +203,10 @@ def test_adapter_trained_on_fast_path_saves_as_plain_peft(tiny_model, tmp_path):
     with torch.no_grad():
         fast_logits = model(input_ids=batch[0][:1, :60]).logits
     model.save_pretrained(tmp_path / "adapter")
-    plain = PeftModel.from_pretrained(load_model(tiny_model.config._name_or_path or _tiny_dir()),
-                                      tmp_path / "adapter").eval()
+    plain = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "adapter").eval()
     with torch.no_grad():
         plain_logits = plain(input_ids=batch[0][:1, :60]).logits
     torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
-
-
-def _tiny_dir():
-    from inference.tiny import tiny_path
-    return tiny_path()
 
 
 def test_choose_and_padding_guard():

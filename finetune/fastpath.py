@@ -245,7 +245,7 @@ def choose(kernels: str, device: torch.device) -> tuple[bool, str]:
         return True, "train.kernels=fast"
     if device.type == "cuda":
         return True, "auto on CUDA"
-    return False, "auto off CUDA (the reference path; the fast kernels are CUDA kernels)"
+    return False, "auto without CUDA: the fast kernels are CUDA kernels"
 
 
 def check_right_padded(attention_mask: torch.Tensor) -> None:

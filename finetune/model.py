@@ -37,6 +37,20 @@ def pick_dtype(recipe: Recipe, device: torch.device) -> tuple[torch.dtype, str]:
     return torch.float32, "auto on CPU (bf16 matmuls are slow there)"
 
 
+def pick_quantization(recipe: Recipe, device: torch.device) -> tuple[str, str]:
+    """How the base weights are held (``none``, ``mxfp4`` or ``nf4``) and why.
+
+    ``auto`` keeps the experts packed in MXFP4 on CUDA (4.25 bits per weight instead of 16) and decodes them at
+    load on the CPU, where the decode in every expert matmul would cost more than the memory it saves.
+    """
+    want = recipe.model.quantization
+    if want != "auto":
+        return want, f"model.quantization={want}"
+    if device.type == "cuda":
+        return "mxfp4", "auto on CUDA"
+    return "none", "auto on CPU"
+
+
 def expert_parameter_names(recipe: Recipe) -> list[str]:
     return [f"mlp.experts.{name}" for name in recipe.lora.target_experts]
 

@@ -53,6 +53,13 @@ class ModelConfig(_Section):
         "tiny-gpt-oss", description="an embedded model name, a local HF-layout directory, or a hub id")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
+    quantization: Literal["auto", "none", "mxfp4", "nf4"] = Field(
+        "auto", description="auto: mxfp4 on CUDA, none on CPU; none: experts decoded to dtype at load; mxfp4: "
+                            "experts stay packed as shipped (frozen) and are decoded inside the expert matmuls; "
+                            "nf4: mxfp4 plus the attention projections in bitsandbytes NF4")
+    embedding: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="where the input embedding lives: auto (on the GPU unless the memory estimate does not "
+                            "fit, then on the CPU), gpu, cpu")
 
     _check_path = field_validator("name_or_path")(_no_nul)
 

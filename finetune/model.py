@@ -16,6 +16,7 @@ import torch
 from finetune.recipe import Recipe
 from inference.checkpoint import load_model
 from inference.errors import UserError
+from inference.mxfp4 import Mxfp4Weight
 
 
 def pick_device(recipe: Recipe) -> tuple[torch.device, str]:
@@ -114,9 +115,46 @@ def format_coverage(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_for_training(recipe: Recipe, model_dir, device: torch.device, dtype: torch.dtype):
-    """Base model (eager attention: the reference path, and the only one gpt-oss supports on CPU) + LoRA."""
-    model = load_model(model_dir, dtype=dtype, device=device, attn_implementation="eager")
+def is_quantized(model) -> bool:
+    """Whether the (PEFT-wrapped) model holds quantized base weights: packed MXFP4 experts or NF4 linears."""
+    return any(isinstance(p, Mxfp4Weight) or type(p).__name__ == "Params4bit" for p in model.parameters())
+
+
+class HostEmbedding(torch.nn.Module):
+    """A frozen input embedding kept in host memory: rows are looked up on the CPU and sent to the ids' device.
+
+    gpt-oss's embedding is 201,088 x 2,880 (1.08 GiB in bf16) while a step reads a few thousand rows of it (12 MB
+    per 2,048 tokens), so with a GPU too small for everything it is the cheapest gigabyte to move. ``weight`` is a
+    plain attribute, not a parameter, so ``model.to(device)`` (the Trainer calls it) leaves it on the host.
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding):
+        super().__init__()
+        self.weight = embedding.weight.detach().to("cpu")                     # (V, H)
+        self.num_embeddings, self.embedding_dim = self.weight.shape
+        self.padding_idx = embedding.padding_idx
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.nn.functional.embedding(input_ids.to("cpu"), self.weight)   # (B, T, H) on the host
+        return rows.to(input_ids.device, non_blocking=True)
+
+
+def load_for_training(recipe: Recipe, model_dir, device: torch.device, dtype: torch.dtype,
+                      quantization: str = "none", embedding: str = "gpu"):
+    """Base model (eager attention: the reference path, and the only one gpt-oss supports on CPU) + LoRA.
+
+    ``quantization``: ``none`` (experts decoded to ``dtype``), ``mxfp4`` (experts kept packed, frozen) or ``nf4``
+    (mxfp4 plus NF4 attention projections). ``embedding``: ``cpu`` keeps the input embedding in host memory.
+    """
+    host_embedding = embedding == "cpu" and device.type != "cpu"
+    model = load_model(model_dir, dtype=dtype, device=device, attn_implementation="eager",
+                       packed_experts=quantization in ("mxfp4", "nf4"),
+                       cpu_keys=("model.embed_tokens.weight",) if host_embedding else ())
+    if host_embedding:
+        model.model.embed_tokens = HostEmbedding(model.model.embed_tokens)
+    if quantization == "nf4":
+        from finetune.quantize import quantize_attention_nf4
+        quantize_attention_nf4(model, compute_dtype=dtype)
     model.config.use_cache = False
     # What PEFT writes as base_model_name_or_path in adapter_config.json (the recipe's name, not a cache path).
     model.config._name_or_path = recipe.model.name_or_path

@@ -18,9 +18,10 @@ import torch
 from transformers import TrainerCallback
 
 from finetune import fastpath
+from finetune.model import is_quantized
 from finetune.recipe import Recipe
 from inference.evaluate import pad_weighted
-from inference.loss import weighted_loss_sum
+from inference.loss import CHUNK_ROWS, QUANTIZED_CHUNK_ROWS, weighted_loss_sum
 
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "sgd": "sgd"}
 
@@ -44,6 +45,7 @@ def _trainer_class():
         """SFTTrainer whose loss is the Harmony-weighted loss, with logits only where weights are non-zero."""
 
         trained_tokens = 0  # tokens with non-zero loss weight in the training batches so far (restored on resume)
+        loss_chunk = CHUNK_ROWS  # logits rows at once; build_trainer lowers it for quantized (memory-bound) models
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             fast = fastpath.is_enabled(model)
@@ -51,7 +53,7 @@ def _trainer_class():
                 fastpath.check_right_padded(inputs["attention_mask"])
             with fastpath.autocast(model) if fast else contextlib.nullcontext():
                 total, weight, count = weighted_loss_sum(model, inputs["input_ids"], inputs["attention_mask"],
-                                                         inputs["loss_weights"])
+                                                         inputs["loss_weights"], self.loss_chunk)
             if model.training:
                 self.trained_tokens += int(count)
             # With num_items_in_batch (trained tokens of the whole accumulation window) the Trainer does not
@@ -194,7 +196,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
         save_total_limit=t.save_total_limit, save_only_model=False,
         gradient_checkpointing=t.gradient_checkpointing,
         # our path keeps the expert matmuls' and attention's outputs instead of recomputing them
-        gradient_checkpointing_kwargs=fastpath.checkpoint_kwargs() if fastpath.is_enabled(model) else None,
+        gradient_checkpointing_kwargs=fastpath.checkpoint_kwargs(model) if fastpath.is_enabled(model) else None,
         use_cpu=device.type == "cpu", bf16=bf16,
         report_to="none", disable_tqdm=True, remove_unused_columns=False, prediction_loss_only=True,
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False,
@@ -207,6 +209,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
         model=model, args=args, data_collator=collate, train_dataset=to_dataset(train),
         eval_dataset=to_dataset(evals) if evals else None, processing_class=tokenizer,
         callbacks=[])
+    if is_quantized(model):
+        trainer.loss_chunk = QUANTIZED_CHUNK_ROWS
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     bar = ProgressBar()

@@ -126,16 +126,21 @@ def fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a checkpoint as transformers' ``GptOssForCausalLM`` state dict, MXFP4 experts decoded to ``dtype``."""
+def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    packed_experts: bool = False, cpu_keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Read a checkpoint as transformers' ``GptOssForCausalLM`` state dict, MXFP4 experts decoded to ``dtype``, or
+    with ``packed_experts`` kept packed as :class:`inference.mxfp4.Mxfp4Weight` (dense experts stay dense).
+
+    Tensors named in ``cpu_keys`` are read to the CPU whatever ``device`` is (an embedding kept off the GPU).
+    """
     from safetensors import safe_open
     model_dir = Path(model_dir)
     raw: dict[str, torch.Tensor] = {}
     for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
-                raw[key] = f.get_tensor(key)
+                # one tensor at a time to its device, converted there: no second full copy on the host
+                raw[key] = f.get_tensor(key).to("cpu" if key in cpu_keys else device)
     out = {}
     for key, tensor in raw.items():
         if key.endswith("_scales"):
@@ -145,7 +150,10 @@ def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32,
             scales = raw.get(base + "_scales")
             if scales is None:
                 raise UserError(f"{model_dir}: {key} has no matching {base}_scales")
-            out[base] = mxfp4.unpack(tensor, scales, dtype).transpose(1, 2).contiguous()  # (E, out, in) -> (E, in, out)
+            if packed_experts:
+                out[base] = mxfp4.Mxfp4Weight(tensor, scales, dtype)                 # (E, in, out), still packed
+            else:   # decoded (E, out, in) -> transformers' (E, in, out)
+                out[base] = mxfp4.unpack(tensor, scales, dtype).transpose(1, 2).contiguous()
         else:
             out[key] = tensor.to(dtype)
     return out
@@ -166,10 +174,12 @@ def _check_shapes(model, state: dict[str, torch.Tensor], model_dir: Path) -> Non
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str = "eager"):
+               attn_implementation: str = "eager", packed_experts: bool = False, cpu_keys: tuple[str, ...] = ()):
     """Build transformers' ``GptOssForCausalLM`` from an HF-layout directory with our own MXFP4 decoding.
 
     Parameters are created on the meta device and assigned from the checkpoint, so nothing is initialised twice.
+    ``packed_experts`` keeps MXFP4 experts packed (frozen :class:`inference.mxfp4.Mxfp4Weight` parameters);
+    ``cpu_keys`` names tensors kept on the CPU.
     """
     from transformers import GptOssForCausalLM
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
@@ -177,11 +187,14 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     config._attn_implementation = attn_implementation
-    state = load_state_dict(model_dir, dtype, device)
+    state = load_state_dict(model_dir, dtype, device, packed_experts, cpu_keys)
     with torch.device("meta"):
         model = GptOssForCausalLM(config)
     _check_shapes(model, state, model_dir)
     model.load_state_dict(state, strict=True, assign=True)
+    for p in model.parameters():
+        if isinstance(p, mxfp4.Mxfp4Weight):
+            p.requires_grad_(False)   # packed weights are frozen: the expert matmul gives them no gradient
     with torch.device(device):  # non-persistent buffers (rotary frequencies) are not in the checkpoint
         model.model.rotary_emb = GptOssRotaryEmbedding(config)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

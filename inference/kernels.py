@@ -14,8 +14,6 @@ import logging
 
 import torch
 
-from inference import mxfp4
-
 
 def mxfp4_matvec_reference(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
                            experts: torch.Tensor) -> torch.Tensor:
@@ -23,6 +21,8 @@ def mxfp4_matvec_reference(x: torch.Tensor, blocks: torch.Tensor, scales: torch.
 
     ``x (n, K)``, ``experts (n,)`` → ``(n, N)`` in ``x.dtype``.
     """
+    from inference import mxfp4  # here, not at the top: mxfp4 imports this module's ``fused``
+
     w = mxfp4.unpack(blocks[experts], scales[experts], x.dtype)          # (n, N, K)
     return torch.bmm(w, x[:, :, None])[:, :, 0]
 

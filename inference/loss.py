@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from inference.kernels import fused
 
 CHUNK_ROWS = 1024  # 1024 x 201,088 fp32 logits = 824 MB per chunk at most
+QUANTIZED_CHUNK_ROWS = 256   # for memory-bound (QLoRA) training: 206 MB per chunk, the output layer stays busy
 
 
 @fused
@@ -99,21 +100,22 @@ def causal_lm_parts(model):
     return base.model, base.lm_head
 
 
-def weighted_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def weighted_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor,
+                      chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum over tokens of ``weight * -log p(token | prefix)`` for a transformers causal LM (PEFT-wrapped or not).
 
     ``input_ids``, ``attention_mask``, ``weights``: ``(B, T)``; ``weights[b, t]`` weighs predicting token ``t`` from
     the prefix before it (so position 0 is never predicted). Returns ``(weighted_sum, weight_total, token_count)``,
-    where ``token_count`` counts the tokens with non-zero weight.
+    where ``token_count`` counts the tokens with non-zero weight. ``chunk``: logits rows computed at once.
     """
     backbone, head = causal_lm_parts(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B,T,H)
-    return weighted_nll(hidden, head.weight, head.bias, input_ids, weights)
+    return weighted_nll(hidden, head.weight, head.bias, input_ids, weights, chunk)
 
 
 def weighted_nll(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
-                 input_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 input_ids: torch.Tensor, weights: torch.Tensor,
+                 chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`weighted_loss_sum` from final hidden states ``(B, T, H)`` and the output layer ``(V, H)``."""
     target_w = weights[:, 1:].to(torch.float32)          # (B, T-1)
     keep = target_w > 0
@@ -122,6 +124,6 @@ def weighted_nll(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: tor
         nll = F.cross_entropy(F.linear(picked, head_weight, head_bias).float(), input_ids[:, 1:][keep],
                               reduction="none")
     else:
-        nll = linear_cross_entropy(picked, head_weight, input_ids[:, 1:][keep])
+        nll = linear_cross_entropy(picked, head_weight, input_ids[:, 1:][keep], chunk)
     w = target_w[keep]
     return (nll * w).sum(), w.sum(), keep.sum()

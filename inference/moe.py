@@ -14,13 +14,21 @@ transformers + PEFT step on gpt-oss-20b shapes.
 plain twin, the reference in the CPU tests). What follows each matmul (bias, LoRA output, gpt-oss's clamped
 interleaved SwiGLU, the routing weight) is one fused kernel on CUDA (:func:`inference.kernels.fused`) and the same
 PyTorch expression elsewhere.
+
+Expert weights may also be packed MXFP4 (:class:`inference.mxfp4.Mxfp4Weight`, as gpt-oss ships them). Then the
+grouped matmul decodes them piece by piece (:func:`mxfp4_grouped_mm`): at most ``DECODE_BUDGET_BYTES`` of decoded
+weights exist at a time, forward and backward, and the backward computes only the input gradient (the base weights
+are frozen).
 """
 
 from __future__ import annotations
 
 import torch
 
+from inference import mxfp4
 from inference.kernels import fused
+
+DECODE_BUDGET_BYTES = 256 * 2**20   # decoded MXFP4 expert weights held at once (gpt-oss-20b's gate_up: 1 GiB)
 
 
 def swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -57,11 +65,84 @@ def _gmm_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Ten
     return torch.cat(parts, dim=0) if parts else x.new_zeros(0, w.shape[-1])
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``(S, K)`` rows grouped by expert (group ``e`` ends at ``offs[e]``) times ``w (E, K, N)`` -> ``(S, N)``."""
+def _dense_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:
         return torch.nn.functional.grouped_mm(x, w, offs=offs)
     return _gmm_loop(x, w, offs)
+
+
+def _chunk(total: int, bytes_per_unit: int, multiple: int) -> int:
+    """How many units (output features forward, input features backward) to decode at once within the budget."""
+    units = max(multiple, DECODE_BUDGET_BYTES // max(bytes_per_unit, 1) // multiple * multiple)
+    return min(total, units)
+
+
+@torch.library.custom_op("inference::mxfp4_grouped_mm", mutates_args=())
+def mxfp4_grouped_mm(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``x (S, K)`` grouped by expert times the MXFP4 experts ``blocks (E, N, K/32, 16)`` (rows = outputs) ->
+    ``(S, N)``, decoding a slice of output features of all experts at a time.
+
+    Slicing outputs (not experts) keeps the row groups whole, so no expert offsets have to be read back to the host.
+    One custom op (forward and backward) so that selective checkpointing can keep or recompute it as a whole.
+    """
+    experts, n_out, groups, _ = blocks.shape
+    step = _chunk(n_out, experts * groups * mxfp4.GROUP * x.element_size(), 16)
+    if step == n_out:
+        return _dense_mm(x, mxfp4.decode(blocks, scales, x.dtype).transpose(1, 2), offs)
+    out = x.new_empty(x.shape[0], n_out)
+    for n0 in range(0, n_out, step):
+        w = mxfp4.decode(blocks[:, n0:n0 + step], scales[:, n0:n0 + step], x.dtype)      # (E, n, K)
+        out[:, n0:n0 + step] = _dense_mm(x, w.transpose(1, 2), offs)
+    return out
+
+
+@torch.library.custom_op("inference::mxfp4_grouped_mm_t", mutates_args=())
+def mxfp4_grouped_mm_t(grad: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+                       offs: torch.Tensor) -> torch.Tensor:
+    """The input gradient of :func:`mxfp4_grouped_mm`: ``grad (S, N)`` times each expert's ``W_e^T`` -> ``(S, K)``,
+    decoding a slice of input features (whole 32-value groups) at a time."""
+    experts, n_out, groups, _ = blocks.shape
+    step = _chunk(groups, experts * n_out * mxfp4.GROUP * grad.element_size(), 1)
+    if step == groups:
+        return _dense_mm(grad, mxfp4.decode(blocks, scales, grad.dtype), offs)
+    out = grad.new_empty(grad.shape[0], groups * mxfp4.GROUP)
+    for g0 in range(0, groups, step):
+        w = mxfp4.decode(blocks[:, :, g0:g0 + step], scales[:, :, g0:g0 + step], grad.dtype)   # (E, N, k)
+        out[:, g0 * mxfp4.GROUP:(g0 + step) * mxfp4.GROUP] = _dense_mm(grad, w, offs)
+    return out
+
+
+@mxfp4_grouped_mm.register_fake
+def _(x, blocks, scales, offs):
+    return x.new_empty(x.shape[0], blocks.shape[1])
+
+
+@mxfp4_grouped_mm_t.register_fake
+def _(grad, blocks, scales, offs):
+    return grad.new_empty(grad.shape[0], blocks.shape[2] * mxfp4.GROUP)
+
+
+def _setup(ctx, inputs, output):
+    _, blocks, scales, offs = inputs
+    ctx.save_for_backward(blocks, scales, offs)
+
+
+def _backward(ctx, grad):
+    blocks, scales, offs = ctx.saved_tensors
+    return mxfp4_grouped_mm_t(grad.contiguous(), blocks, scales, offs), None, None, None
+
+
+mxfp4_grouped_mm.register_autograd(_backward, setup_context=_setup)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``(S, K)`` rows grouped by expert (group ``e`` ends at ``offs[e]``) times ``w (E, K, N)`` -> ``(S, N)``.
+
+    ``w`` dense, or packed MXFP4 (:class:`inference.mxfp4.Mxfp4Weight`, frozen: no weight gradient).
+    """
+    if isinstance(w, mxfp4.Mxfp4Weight):
+        return mxfp4_grouped_mm(x, w.blocks, w.scales, offs)
+    return _dense_mm(x, w, offs)
 
 
 def _sum_slots(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:

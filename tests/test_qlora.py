@@ -1,0 +1,146 @@
+"""QLoRA on packed MXFP4 experts (CPU): the packed weight, the decoding expert matmul, loading, and training
+gradients against the same weights decoded to dense up front (transformers' eager gpt-oss as the oracle)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from finetune import fastpath
+from finetune.model import HostEmbedding, add_lora, is_quantized
+from finetune.recipe import load_recipe
+from inference import moe, mxfp4
+from inference.checkpoint import load_model
+from inference.loss import weighted_loss_sum
+
+REPO_RECIPE = "recipes/tiny-cpu.yaml"
+
+
+def random_packed(experts=3, out=64, k=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (experts, out, k // 32, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(100, 140, (experts, out, k // 32), dtype=torch.uint8, generator=g)
+    return blocks, scales
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_equals_unpack_for_every_byte_and_a_range_of_scales(dtype):
+    blocks = torch.arange(256, dtype=torch.uint8).reshape(16, 16)[None].expand(32, 16, 16).contiguous()  # (32, 16, 16)
+    scales = torch.arange(112, 144, dtype=torch.uint8)[:, None].expand(32, 16).contiguous()             # (32, 16)
+    assert torch.equal(mxfp4.decode(blocks, scales, dtype), mxfp4.unpack(blocks, scales, dtype))
+
+
+def test_packed_weight_looks_dense_and_stays_packed():
+    blocks, scales = random_packed()
+    w = mxfp4.Mxfp4Weight(blocks, scales, torch.float32)
+    dense = mxfp4.unpack(blocks, scales).transpose(1, 2)              # (E, in, out)
+    assert w.shape == dense.shape == (3, 96, 64) and w.dtype == torch.float32
+    param = torch.nn.Parameter(w, requires_grad=False)
+    assert isinstance(param, torch.nn.Parameter) and isinstance(param, mxfp4.Mxfp4Weight)
+    # detaching, copying, moving and changing the reported dtype keep the bytes packed
+    module = torch.nn.Module()
+    module.w = param
+    module.to("cpu")
+    clone = copy.deepcopy(module)
+    for t in (module.w, clone.w, param.detach(), module.state_dict()["w"]):
+        assert isinstance(t, mxfp4.Mxfp4Weight)
+    assert clone.w.blocks.data_ptr() != blocks.data_ptr() and torch.equal(clone.w.blocks, blocks)
+    assert module.to(torch.bfloat16).w.dtype == torch.bfloat16 and isinstance(module.w, mxfp4.Mxfp4Weight)
+    # any other use sees the decoded values
+    x = torch.randn(5, 96)
+    assert torch.equal(w[1], dense[1])
+    assert torch.allclose(x @ w[2], x @ dense[2])
+    assert torch.equal(w + 0, dense)
+    assert w.packed_bytes == blocks.numel() + scales.numel() == w.numel() * 17 // 32
+    assert "Mxfp4Weight" in repr(w)
+
+
+@pytest.mark.parametrize("budget", [None, 3 * 96 * 4 * 16, 3 * 64 * 32 * 4])
+def test_packed_grouped_mm_forward_and_input_gradient_equal_dense(budget, monkeypatch):
+    if budget:   # small budgets force the piecewise decode (16 output features / one 32-group at a time)
+        monkeypatch.setattr(moe, "DECODE_BUDGET_BYTES", budget)
+    blocks, scales = random_packed()
+    packed = mxfp4.Mxfp4Weight(blocks, scales, torch.float32)
+    dense = packed.dequantize().contiguous()                          # (E, in, out)
+    offs = torch.tensor([9, 9, 31], dtype=torch.int32)                # expert 1 gets no rows
+    x = torch.randn(31, 96, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = moe.grouped_mm(x, packed, offs), moe.grouped_mm(x2, dense, offs)
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    (y2 * grad).sum().backward()
+    assert torch.allclose(y, y2, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    assert y.abs().max() > 0.1
+
+
+def test_load_model_keeps_experts_packed_with_equal_logits(tiny_model_dir):
+    dense = load_model(tiny_model_dir)
+    packed = load_model(tiny_model_dir, packed_experts=True)
+    experts = packed.model.layers[0].mlp.experts
+    assert isinstance(experts.gate_up_proj, mxfp4.Mxfp4Weight) and not experts.gate_up_proj.requires_grad
+    assert is_quantized(packed) and not is_quantized(dense)
+    dense_bytes = sum(p.numel() * p.element_size() for n, p in dense.named_parameters() if ".experts." in n
+                      and not n.endswith("bias"))
+    packed_bytes = sum(p.packed_bytes for p in packed.parameters() if isinstance(p, mxfp4.Mxfp4Weight))
+    assert packed_bytes * 128 == dense_bytes * 17        # 4.25 bits per weight against fp32's 32
+    ids = torch.randint(0, 5000, (2, 12))
+    with torch.no_grad():   # the same weights; only the summation order of the matmuls may differ (layout)
+        a, b = packed(input_ids=ids).logits, dense(input_ids=ids).logits
+    assert torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max())
+
+
+def _lora_models(tiny_model_dir):
+    recipe = load_recipe(REPO_RECIPE)
+    models = {}
+    for name, packed in (("dense", False), ("packed", True)):
+        torch.manual_seed(0)
+        models[name], _ = add_lora(load_model(tiny_model_dir, packed_experts=packed), recipe)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # a trained-looking adapter (PEFT starts B at zero), the same in both
+        for (n1, p1), (n2, p2) in zip(models["dense"].named_parameters(), models["packed"].named_parameters()):
+            assert n1 == n2
+            if p1.requires_grad:
+                value = torch.randn(p1.shape, generator=g) * 0.05
+                p1.copy_(value)
+                p2.copy_(value)
+    return models
+
+
+def _loss_and_grads(model, ids, fast: bool):
+    if fast:
+        fastpath.enable(model)
+    model.zero_grad()
+    total, weight, _ = weighted_loss_sum(model, ids, torch.ones_like(ids), torch.ones_like(ids).float())
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    if fast:
+        fastpath.disable(model)
+    return total.item(), grads
+
+
+def test_packed_training_loss_and_lora_gradients_equal_dequantized_up_front(tiny_model_dir):
+    models = _lora_models(tiny_model_dir)
+    ids = torch.randint(0, 5000, (2, 24), generator=torch.Generator().manual_seed(5))
+    oracle_loss, oracle = _loss_and_grads(models["dense"], ids, fast=False)       # transformers eager, dense
+    for fast in (True, False):   # our grouped path decoding in the matmuls; PEFT's path through the fallback
+        loss, grads = _loss_and_grads(models["packed"], ids, fast)
+        assert abs(loss - oracle_loss) <= 1e-5 * abs(oracle_loss)
+        assert grads.keys() == oracle.keys() and any(".experts." in n for n in grads)
+        for name, g in grads.items():
+            assert g.abs().max() > 0, name
+            assert torch.allclose(g, oracle[name], rtol=1e-4, atol=1e-6 * oracle[name].abs().max()), name
+    assert not any(p.grad is not None for p in models["packed"].parameters() if isinstance(p, mxfp4.Mxfp4Weight))
+
+
+def test_host_embedding_matches_and_is_not_a_parameter(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    emb = model.model.embed_tokens
+    host = HostEmbedding(emb)
+    ids = torch.randint(0, 5000, (2, 7))
+    assert torch.equal(host(ids), emb(ids))
+    model.model.embed_tokens = host
+    assert "model.embed_tokens.weight" not in dict(model.named_parameters())
+    assert model.get_input_embeddings() is host

@@ -27,6 +27,12 @@ def parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     _recipe_args(p)
     p.add_argument("--print", dest="print_recipe", action="store_true", help="print the resolved recipe")
+    p = sub.add_parser("estimate", help="predict a run's peak GPU memory and disk from the model's config.json "
+                       "(no model load) and check the fit", epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="GPU memory to check the fit against, in GiB "
+                   "(default: the detected GPU's)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p = sub.add_parser("preview", help="show rendered training examples with trained tokens marked", epilog=EPILOG)
     _recipe_args(p)
     p.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
@@ -125,6 +131,9 @@ def _run(args) -> None:
                             f"{result.sweep_dir / 'sweep.json'})")
         return
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "estimate":
+        _estimate(recipe, args.gpu_memory, args.json)
+        return
     check_paths(recipe)
     if args.command == "validate":
         print(dump_recipe(recipe) if args.print_recipe else f"{args.recipe}: OK")
@@ -134,3 +143,19 @@ def _run(args) -> None:
     elif args.command == "run":
         from finetune.pipeline import run
         run(recipe, resume=args.resume)
+
+
+def _estimate(recipe, gpu_memory: float | None, as_json: bool) -> None:
+    """Print the memory estimate of ``recipe``; not fitting is reported, not an error."""
+    import json
+    import os
+
+    from finetune.estimate import GIB, estimate, format_estimate
+    if gpu_memory is not None and not 0 < gpu_memory < float("inf"):
+        raise UserError(f"--gpu-memory must be a positive number of GiB (got {gpu_memory:g})")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # planning never downloads a model
+    if gpu_memory is None:
+        est = estimate(recipe)
+    else:
+        est = estimate(recipe, capacity_bytes=round(gpu_memory * GIB), capacity_name=f"--gpu-memory {gpu_memory:g} GiB")
+    print(json.dumps(est.to_dict(), indent=2) if as_json else format_estimate(est))

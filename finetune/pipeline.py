@@ -252,8 +252,9 @@ def run(recipe: Recipe, resume: bool = False, echo=print, log_lines: bool | None
     if log_lines is None:
         log_lines = not in_notebook()
     run_dir, previous = check_run_dir(recipe, resume)
+    plan = _estimate(recipe, echo)
     prepared = _prepare_data(recipe, echo)
-    model, tokenizer, setup = _load_model(recipe, echo)
+    model, tokenizer, setup = _load_model(recipe, echo, plan)
     create_run_dir(run_dir, resume)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     tracker, info = _start_tracking(recipe, run_dir, previous, prepared.stats, setup, parent_run_id)
@@ -293,20 +294,33 @@ def _prepare_data(recipe: Recipe, echo):
     return prepared
 
 
-def _load_model(recipe: Recipe, echo):
+def _estimate(recipe: Recipe, echo):
+    """The memory and disk estimate, printed before anything heavy happens (``python -m finetune estimate``)."""
+    from finetune.estimate import estimate, format_estimate
+    plan = estimate(recipe)
+    echo(format_estimate(plan))
+    return plan
+
+
+def _load_model(recipe: Recipe, echo, plan):
     """Base model + LoRA on the chosen device, with the reasons for the automatic choices printed."""
     from transformers import AutoTokenizer, set_seed
 
     from finetune import fastpath
-    from finetune.model import format_coverage, load_for_training, pick_device, pick_dtype
+    from finetune.model import format_coverage, load_for_training, pick_device, pick_dtype, pick_quantization
     from inference.tiny import resolve_model
 
     device, why_device = pick_device(recipe)
     dtype, why_dtype = pick_dtype(recipe, device)
-    echo(f"device: {device} ({why_device}); dtype: {str(dtype).removeprefix('torch.')} ({why_dtype})")
+    quantization, why_quantization = pick_quantization(recipe, device)
+    embedding = plan.embedding if device.type == "cuda" else "cpu"
+    echo(f"device: {device} ({why_device}); dtype: {str(dtype).removeprefix('torch.')} ({why_dtype}); "
+         f"quantization: {quantization} ({why_quantization})"
+         + (f"; embedding on the CPU (model.embedding={recipe.model.embedding})"
+            if device.type == "cuda" and embedding == "cpu" else ""))
     model_dir = resolve_model(recipe.model.name_or_path)
     set_seed(recipe.train.seed)  # LoRA's A matrices are drawn here
-    model, coverage = load_for_training(recipe, model_dir, device, dtype)
+    model, coverage = load_for_training(recipe, model_dir, device, dtype, quantization, embedding)
     echo(format_coverage(coverage))
     fast, why_kernels = fastpath.choose(recipe.train.kernels, device)
     if fast:
@@ -315,7 +329,8 @@ def _load_model(recipe: Recipe, echo):
          f"({why_kernels})")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model, tokenizer, {"device": device, "dtype": dtype, "model_dir": model_dir, "coverage": coverage,
-                              "kernels": "fast" if fast else "reference"}
+                              "kernels": "fast" if fast else "reference", "quantization": quantization,
+                              "embedding": embedding, "estimate": plan.to_dict()}
 
 
 def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, setup: dict,
@@ -333,6 +348,7 @@ def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, 
             "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_dir": str(setup["model_dir"]),
             "model_fingerprint": fingerprint(setup["model_dir"]),
             "device": str(setup["device"]), "dtype": str(setup["dtype"]), "kernels": setup["kernels"],
+            "quantization": setup["quantization"], "embedding": setup["embedding"], "estimate": setup["estimate"],
             "versions": versions,
             "git_commit": git_commit(), "data": stats, "coverage": setup["coverage"]}
     write_json(run_dir / "run.json", info)

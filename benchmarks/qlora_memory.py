@@ -1,0 +1,243 @@
+"""QLoRA on MXFP4 experts: measured peak GPU memory and tokens/s next to ``python -m finetune estimate``'s prediction.
+
+A model with gpt-oss-20b's or gpt-oss-120b's real shapes is built with random weights: the experts directly in the
+packed MXFP4 layout (random e2m1 codes, scales around 2^-7 so values have the usual ~0.02 spread; no bf16 copy ever
+exists), everything else in bf16 (std 0.02). Training runs as ``finetune`` runs a recipe with ``quantization: mxfp4``:
+PEFT LoRA on q/k/v/o and both expert projections, gradient checkpointing, ``finetune.fastpath`` (experts decoded
+piecewise inside the expert matmuls, forward and backward), the chunked loss, the recipe's optimizer, the input
+embedding in host memory when the recipe says so. Every token of every row carries loss (the most logits work).
+
+For each ``batch x seq`` it prints and writes to JSON: the measured peak (``torch.cuda.max_memory_allocated`` over
+the steps, weights included; reserved memory beside it), median tokens/s, and the estimator's peak and its error.
+``--longest`` then grows the sequence (batch 1) until the measured peak passes ``--budget-gib``.
+
+    python benchmarks/qlora_memory.py --shape 20b --json $OUT/qlora-20b.json                # on the GPU
+    python benchmarks/qlora_memory.py --shape 120b --runs 1x2048,1x8192 --json $OUT/qlora-120b.json
+    python benchmarks/qlora_memory.py --shape tiny --device cpu --runs 1x64 --steps 1 --warmup 1      # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")   # before CUDA starts: less slack
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {
+    "20b": dict(num_hidden_layers=24, num_local_experts=32),
+    "120b": dict(num_hidden_layers=36, num_local_experts=128),
+}
+
+
+def config_for(shape: str):
+    from transformers import GptOssConfig
+    if shape == "tiny":
+        from inference.tiny import tiny_config_dict
+        return GptOssConfig.from_dict(tiny_config_dict())
+    layers = SHAPES[shape]["num_hidden_layers"]
+    return GptOssConfig(num_experts_per_tok=4, layer_types=[("sliding_attention", "full_attention")[i % 2]
+                                                            for i in range(layers)], **SHAPES[shape])
+
+
+def build_packed(cfg, device: torch.device, dtype: torch.dtype, host_embedding: bool, seed: int = 0):
+    """``GptOssForCausalLM`` with random weights, experts as packed :class:`Mxfp4Weight` made directly on ``device``."""
+    from transformers import GptOssForCausalLM
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    from finetune.model import HostEmbedding
+    from inference.mxfp4 import GROUP, Mxfp4Weight
+
+    with torch.device("meta"):
+        model = GptOssForCausalLM(cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, p in model.named_parameters():
+        where = torch.device("cpu") if host_embedding and name == "model.embed_tokens.weight" else device
+        if ".experts." in name and name.endswith(("gate_up_proj", "down_proj")):
+            experts, k, n = p.shape                                                        # (E, in, out)
+            blocks = torch.randint(0, 256, (experts, n, k // GROUP, GROUP // 2), dtype=torch.uint8, device=device,
+                                   generator=gen)
+            scales = torch.randint(119, 122, (experts, n, k // GROUP), dtype=torch.uint8, device=device, generator=gen)
+            state[name] = Mxfp4Weight(blocks, scales, dtype)
+        elif "norm" in name:
+            state[name] = torch.ones(p.shape, dtype=dtype, device=where)
+        elif name.endswith("bias") or name.endswith("sinks"):
+            state[name] = torch.zeros(p.shape, dtype=dtype, device=where)
+        else:
+            g = gen if where == device else None
+            state[name] = (torch.randn(p.shape, dtype=dtype, device=where, generator=g) * 0.02)
+    model.load_state_dict(state, strict=True, assign=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.device(device):
+        model.model.rotary_emb = GptOssRotaryEmbedding(cfg)
+    if host_embedding:
+        model.model.embed_tokens = HostEmbedding(model.model.embed_tokens)
+    model.config.use_cache = False
+    return model
+
+
+def recipe_for(args, batch: int, seq: int):
+    from finetune.recipe import load_recipe
+    root = Path(__file__).resolve().parent.parent
+    return load_recipe(root / "recipes" / "gpt-oss-20b-lora.yaml", [
+        "model.device=cuda" if args.device == "cuda" else "model.device=cpu", f"model.quantization={args.quantization}",
+        f"model.embedding={args.embedding}", f"lora.r={args.rank}", f"lora.alpha={2 * args.rank}",
+        f"train.batch_size={batch}", f"data.max_length={seq}", f"train.optimizer={args.optimizer}",
+        "train.gradient_checkpointing=true"])
+
+
+def make_optimizer(params, name: str):
+    if name == "adamw_8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=1e-5)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-5)
+    return torch.optim.AdamW(params, lr=1e-5)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", choices=("20b", "120b", "tiny"), default="20b")
+    ap.add_argument("--runs", default="1x2048,2x2048,4x2048,1x8192", help="comma-separated BATCHxSEQ")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--quantization", default="mxfp4", choices=("mxfp4", "nf4"))
+    ap.add_argument("--optimizer", default="adamw_8bit", choices=("adamw_torch", "adamw_8bit", "sgd"))
+    ap.add_argument("--embedding", default="cpu", choices=("auto", "gpu", "cpu"))
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--longest", action="store_true", help="then grow seq at batch 1 until past --budget-gib")
+    ap.add_argument("--budget-gib", type=float, default=14.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from finetune import fastpath
+    from finetune.estimate import estimate
+    from finetune.model import add_lora, is_quantized
+    from inference.loss import QUANTIZED_CHUNK_ROWS, weighted_loss_sum
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = config_for(args.shape)
+    first = [int(x) for x in args.runs.split(",")[0].split("x")]
+    plan = estimate(recipe_for(args, *first), cfg, device=device.type)
+    host_embedding = cuda and plan.embedding == "cpu"
+    res = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "rank": args.rank,
+           "quantization": args.quantization, "optimizer": args.optimizer,
+           "embedding": "cpu" if host_embedding else "gpu", "runs": []}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+
+    t0 = time.perf_counter()
+    model = build_packed(cfg, device, dtype, host_embedding)
+    if args.quantization == "nf4":
+        from finetune.quantize import quantize_attention_nf4
+        quantize_attention_nf4(model, compute_dtype=dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    pm, coverage = add_lora(model, recipe_for(args, *first))
+    assert is_quantized(pm)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    with torch.no_grad():   # PEFT starts B at 0; a trained-looking adapter makes the LoRA paths do real work
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = make_optimizer(params, args.optimizer)
+    fastpath.enable(pm)
+    pm.train()
+    res["build_s"] = round(time.perf_counter() - t0, 1)
+    res["lora_trainable_M"] = round(coverage["trainable"] / 1e6, 1)
+    res["weights_on_gpu_GiB"] = round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None
+    print(f"{res['device']}: gpt-oss-{args.shape} shapes, {cfg.num_hidden_layers} layers x {cfg.num_local_experts} "
+          f"experts, {res['weights_on_gpu_GiB']} GiB on the GPU after building (embedding {res['embedding']}), "
+          f"{res['lora_trainable_M']}M LoRA parameters (r={args.rank}), {args.optimizer}", flush=True)
+
+    def step(ids):
+        with fastpath.autocast(pm):
+            total, weight, _ = weighted_loss_sum(pm, ids, torch.ones_like(ids), torch.ones_like(ids),
+                                                 QUANTIZED_CHUNK_ROWS)
+            loss = total / weight
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def measure(batch: int, seq: int, steps: int, warmup: int) -> dict:
+        gen = torch.Generator(device="cpu").manual_seed(seq * 10 + batch)
+        row = {"batch": batch, "seq": seq}
+        est = estimate(recipe_for(args, batch, seq), cfg, device=device.type)
+        row["estimate_GiB"] = round(est.peak_bytes / 2**30, 2)
+        row["estimate"] = {k: round(v / 2**30, 3) for k, v in est.gpu.items()}
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        try:
+            for i in range(warmup + steps):
+                ids = torch.randint(0, cfg.vocab_size - 1000, (batch, seq), generator=gen).to(device)
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                loss = step(ids)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+                row.setdefault("first_loss", round(float(loss), 4))
+        except torch.OutOfMemoryError as exc:
+            opt.zero_grad(set_to_none=True)
+            row["error"] = f"out of memory: {str(exc)[:160]}"
+            return row
+        if steps:
+            row["step_s"] = round(statistics.median(times[warmup:]), 3)
+            row["tok_s"] = round(batch * seq / row["step_s"])
+        if cuda:
+            row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            row["reserved_GiB"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+            row["estimate_error"] = round(row["estimate_GiB"] / row["peak_GiB"] - 1, 3)
+        return row
+
+    for run in args.runs.split(","):
+        batch, seq = (int(x) for x in run.split("x"))
+        row = measure(batch, seq, args.steps, args.warmup)
+        res["runs"].append(row)
+        print(f"  {batch} x {seq}: {json.dumps({k: v for k, v in row.items() if k != 'estimate'})}", flush=True)
+        save()
+
+    if args.longest:
+        fits, seq = None, 4096
+        while True:
+            row = measure(1, seq, 0, 1)
+            res.setdefault("longest_probe", []).append(row)
+            print(f"  probe 1 x {seq}: {json.dumps({k: v for k, v in row.items() if k != 'estimate'})}", flush=True)
+            if "error" in row or row.get("peak_GiB", 0) > args.budget_gib:
+                break
+            fits, seq = seq, seq * 2
+        res["longest_seq_within_budget"] = {"budget_GiB": args.budget_gib, "seq": fits}
+        print(f"longest sequence (batch 1) within {args.budget_gib} GiB: {fits}", flush=True)
+        save()
+
+    print("\n| batch x seq | peak GiB (reserved) | estimate GiB (error) | tokens/s |")
+    print("|---|---|---|---|")
+    for row in res["runs"]:
+        print(f"| {row['batch']} x {row['seq']} | {row.get('peak_GiB', '-')} ({row.get('reserved_GiB', '-')}) | "
+              f"{row['estimate_GiB']} ({row.get('estimate_error', '-')}) | {row.get('tok_s', row.get('error'))} |")
+    save()
+
+
+if __name__ == "__main__":
+    main()

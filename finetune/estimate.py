@@ -1,0 +1,359 @@
+"""``python -m finetune estimate``: a training run's peak GPU memory and disk, predicted before any model load.
+
+This module owns the memory model of our training path (:func:`estimate`) and its report (:func:`format_estimate`).
+Only the model's ``config.json`` is read, so a run can be planned on a laptop for a GPU it does not have
+(``--gpu-memory 80``); a model directory holding nothing but ``config.json`` is enough, and Python callers may pass a
+``GptOssConfig`` built in code instead.
+
+What is counted (``d`` = bytes of the compute dtype): frozen weights as they sit on the device (experts packed in
+MXFP4 at 4.25 bits unless quantization is ``none``, attention in NF4 under ``nf4``), LoRA weights and gradients in
+fp32 and the optimizer state, activations kept for the backward (all layers, or the layer inputs plus one recomputed
+layer under gradient checkpointing), the backward's working set, the chunked loss's logits and, for packed experts,
+the MXFP4 decode scratch. Everything is a worst case per step: every row padded to ``data.max_length``. The CUDA
+context is not part of torch's peak; it is reserved separately (:data:`CONTEXT_RESERVE`) when checking the fit.
+
+``model.embedding: auto`` is decided here: the input embedding stays on the GPU unless the run would then not fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from finetune.recipe import Recipe, apply_overrides
+from inference import loss, moe
+from inference.errors import UserError
+
+GIB = 2**30
+MIB = 2**20
+
+# Calibration of the per-layer activation figure below against peaks measured on the GPU: the terms are what our
+# kernels keep, by construction; allocator rounding and short-lived temporaries are what this factor absorbs.
+ACTIVATION_FACTOR = 1.0
+# The CUDA context and the caching allocator's own use: outside torch's peak (max_memory_allocated), inside the GPU's.
+CONTEXT_RESERVE = GIB // 2
+# Rows of the chunked cross-entropy per pass (inference.loss): fewer when the experts are packed, whose decode scratch
+# shares the step's memory with the logits.
+CHUNK_ROWS = loss.CHUNK_ROWS
+QUANTIZED_CHUNK_ROWS = getattr(loss, "QUANTIZED_CHUNK_ROWS", 256)
+# Decoded MXFP4 expert weights the expert matmul holds at once (inference.moe).
+DECODE_BUDGET = getattr(moe, "DECODE_BUDGET_BYTES", 256 * MIB)
+
+MXFP4_BYTES = 0.5 + 1 / 32                  # 4-bit codes + one uint8 scale per 32 weights
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # bitsandbytes: 4-bit codes, blocks of 64, double-quantized absmax
+OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_8bit": 2, "sgd": 0}   # state per trainable parameter
+CHECKPOINT_EXTRA = MIB                      # scheduler, rng states and trainer state in every checkpoint
+
+
+@dataclass
+class Estimate:
+    """Predicted memory of one training run on ``device``; byte counts, ordered as the report shows them.
+
+    ``gpu`` holds the device memory (host memory when ``device`` is cpu), ``disk`` the run directory's files
+    (``export ...`` entries: what an export written later would add).
+    """
+
+    device: str                  # "cuda" | "cpu"
+    dtype: str                   # compute dtype: "bfloat16" | "float32"
+    quantization: str            # resolved: none | mxfp4 | nf4
+    embedding: str               # resolved: gpu | cpu
+    tokens_per_step: int         # batch_size * max_length (worst case: every row padded to max_length)
+    trainable_params: int        # LoRA parameters
+    gpu: dict[str, int]
+    peak_bytes: int              # sum of gpu
+    disk: dict[str, int]
+    capacity_bytes: int | None   # the GPU's total memory (detected or --gpu-memory), None if unknown
+    capacity_name: str | None    # e.g. "NVIDIA H200" or "--gpu-memory 80 GiB"
+    warnings: list[str]
+
+    def fits(self) -> bool | None:
+        """Peak plus the CUDA context within the capacity; None when the capacity is unknown."""
+        if self.capacity_bytes is None:
+            return None
+        return self.peak_bytes + CONTEXT_RESERVE <= self.capacity_bytes
+
+    def to_dict(self) -> dict:
+        """JSON-able: the fields plus ``context_reserve_bytes`` and ``fits``."""
+        return {**asdict(self), "context_reserve_bytes": CONTEXT_RESERVE, "fits": self.fits()}
+
+
+# ---------------------------------------------------------------- the model's numbers
+
+
+def model_config(recipe: Recipe):
+    """The ``GptOssConfig`` of the recipe's model, from its config.json alone."""
+    from inference.checkpoint import read_config
+    from inference.tiny import resolve_model
+    try:
+        return read_config(resolve_model(recipe.model.name_or_path))
+    except UserError as exc:
+        raise UserError(f"model.name_or_path: {exc}. The estimate needs only the model's config.json: point "
+                        "model.name_or_path at a directory holding it (e.g. model.name_or_path=/path/to/dir)") from None
+
+
+def _attention_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each attention projection."""
+    H, D = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
+    return {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H)}
+
+
+def _expert_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each expert projection (transformers holds them as (E, in, out))."""
+    H, I = config.hidden_size, config.intermediate_size
+    return {"gate_up_proj": (H, 2 * I), "down_proj": (I, H)}
+
+
+def weight_bytes(config, quantization: str, d: int) -> dict[str, int]:
+    """Bytes of the frozen base weights by group, as held on the device (embedding included)."""
+    H, E, L, V = config.hidden_size, config.num_local_experts, config.num_hidden_layers, config.vocab_size
+    expert_weights = E * sum(i * o for i, o in _expert_shapes(config).values())
+    expert_biases = E * sum(o for _, o in _expert_shapes(config).values())
+    attention = _attention_shapes(config).values()
+    attention_weights = sum(i * o for i, o in attention)
+    biases = sum(o for _, o in attention) if getattr(config, "attention_bias", True) else 0
+    attention_rest = biases + config.num_attention_heads                # biases and the per-head sinks
+    packed = quantization in ("mxfp4", "nf4")
+    return {
+        "experts": L * round(expert_weights * (MXFP4_BYTES if packed else d) + expert_biases * d),
+        "attention": L * round(attention_weights * (NF4_BYTES if quantization == "nf4" else d) + attention_rest * d),
+        "router + norms": (L * (E * H + E + 2 * H) + H) * d,
+        "embedding": V * H * d,
+        "lm_head": V * H * d,
+    }
+
+
+def parameter_count(config) -> int:
+    """Every parameter of the base model, experts counted dense (what a bf16 merge writes)."""
+    return sum(weight_bytes(config, "none", 1).values())
+
+
+def lora_parameters(recipe: Recipe, config) -> int:
+    """Trainable LoRA parameters: r * (in + out) per adapted projection, per expert for the expert weights."""
+    r, shapes = recipe.lora.r, _attention_shapes(config)
+    unknown = [m for m in recipe.lora.target_modules if m not in shapes]
+    if unknown:
+        raise UserError(f"lora.target_modules: {unknown} match no module of this model "
+                        f"(attention projections are {', '.join(shapes)})")
+    per_layer = sum(r * sum(shapes[m]) for m in recipe.lora.target_modules)
+    per_layer += sum(config.num_local_experts * r * sum(_expert_shapes(config)[p]) for p in recipe.lora.target_experts)
+    return config.num_hidden_layers * per_layer
+
+
+# ---------------------------------------------------------------- activations and the step's transients
+
+
+def layer_activation_bytes_per_token(recipe: Recipe, config, d: int) -> float:
+    """What one decoder layer keeps for its backward, per token, times :data:`ACTIVATION_FACTOR`."""
+    H, I, E, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
+    Hq, Hkv, D, r = config.num_attention_heads, config.num_key_value_heads, config.head_dim, recipe.lora.r
+    attention = (2 * H * 4                        # input RMSNorm: the fp32 upcast input and its normalised copy
+                 + H * d                          # normed input of q/k/v, back in the compute dtype
+                 + (Hq * D + 2 * Hkv * D) * d * 2  # q, k, v and their rotary-embedded copies
+                 + Hq * D * d                     # attention output, the input of o_proj
+                 + Hq * 4                         # fp32 log-sum-exp per head, kept by the flash backward
+                 + 2 * H * d)                     # o_proj output and the residual sum
+    experts = (H * 4 * 2 + H * d                  # post-attention RMSNorm: fp32 intermediates and normed output
+               + E * 4 * 2                        # router logits and their softmax, fp32
+               + k * H * d                        # the token's row gathered once per chosen expert
+               + k * 2 * I * d                    # gate_up matmul output (the SwiGLU's input)
+               + k * I * d                        # SwiGLU output, the input of down
+               + 2 * k * H * d                    # down matmul output and its routing-weighted rows
+               + H * d)                           # the k rows summed back per token
+    lora = (len(recipe.lora.target_modules) * r * d          # x @ A per adapted attention projection
+            + len(recipe.lora.target_experts) * k * r * d * 2)  # x @ A_e per routed row, and its (padded) copy
+    return (attention + experts + lora) * ACTIVATION_FACTOR
+
+
+def activation_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int) -> dict[str, int]:
+    """Activations held at the start of the backward, by part."""
+    H, I, L, k = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_experts_per_tok
+    layer = round(tokens * layer_activation_bytes_per_token(recipe, config, d))
+    if not recipe.train.gradient_checkpointing:
+        return {"activations: all layers": L * layer}
+    selective = 0
+    if quantization == "none":
+        # The selective-checkpoint policy keeps the expensive matmul outputs so the recompute skips them: expert
+        # gate_up and down outputs, attention output and its fp32 log-sum-exp. Packed experts keep none of them:
+        # decoding again is cheaper than holding them.
+        selective = tokens * (k * (2 * I + H) * d + config.num_attention_heads * config.head_dim * d
+                              + config.num_attention_heads * 4)
+    return {"activations: layer inputs": L * tokens * H * d,    # each layer's input, the checkpoint boundary
+            "activations: recomputed layer": layer,            # the layer whose forward is replayed in the backward
+            "activations: selective saves": L * selective}
+
+
+def transient_bytes(config, quantization: str, d: int, tokens: int) -> dict[str, int]:
+    """Short-lived buffers at the peak: the backward's largest gradient, the loss's logits, the MXFP4 decode."""
+    H, I, E, k, V = (config.hidden_size, config.intermediate_size, config.num_local_experts,
+                     config.num_experts_per_tok, config.vocab_size)
+    packed = quantization != "none"
+    rows = min(tokens, QUANTIZED_CHUNK_ROWS if packed else CHUNK_ROWS)
+    out = {"backward working set": tokens * k * 2 * I * d * 2,   # gate_up output's gradient, and its SwiGLU input's
+           "logits (chunked loss)": rows * V * (d + d + 4)}      # logits, their gradient, the fp32 loss pass
+    if packed:
+        # inference.moe decodes a slice of output features of all experts at a time (a multiple of 16 within the
+        # budget) and matmuls every routed row against it: the decoded slice plus that slice of the output.
+        projection = E * H * 2 * I * d                           # the largest expert projection decoded whole
+        columns = min(2 * I, max(16, DECODE_BUDGET // (E * H * d) // 16 * 16))
+        out["MXFP4 decode scratch"] = min(projection, DECODE_BUDGET) + tokens * k * columns * d
+    return out
+
+
+def disk_bytes(recipe: Recipe, config, trainable: int) -> dict[str, int]:
+    """The run directory's adapter and checkpoints, then what each merge export would write."""
+    adapter = trainable * 4
+    checkpoint = adapter + trainable * OPTIMIZER_BYTES[recipe.train.optimizer] + CHECKPOINT_EXTRA
+    kept = recipe.train.save_total_limit
+    packed_experts = weight_bytes(config, "mxfp4", 2)["experts"] - weight_bytes(config, "none", 2)["experts"]
+    return {"final adapter": adapter,
+            f"checkpoints ({kept} kept)": kept * checkpoint,
+            "export merged-bf16": parameter_count(config) * 2,
+            "export merged-mxfp4": parameter_count(config) * 2 + packed_experts}
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+def _device(recipe: Recipe) -> str:
+    """The recipe's device; cuda when asked for even without a GPU here (planning for another machine)."""
+    if recipe.model.device != "auto":
+        return recipe.model.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _plan(recipe: Recipe, config, device: str, capacity_bytes: int | None) -> tuple[Estimate, str | None]:
+    """The estimate without warnings, and a note when ``embedding: auto`` moved the embedding to the CPU."""
+    from finetune.model import pick_dtype, pick_quantization
+    dtype = pick_dtype(recipe, torch.device(device))[0]
+    d = dtype.itemsize
+    quantization = pick_quantization(recipe, torch.device(device))[0]
+    tokens = recipe.train.batch_size * recipe.data.max_length
+    trainable = lora_parameters(recipe, config)
+    gpu = {**weight_bytes(config, quantization, d),
+           "LoRA weights + grads": trainable * (4 + 4),
+           "optimizer state": trainable * OPTIMIZER_BYTES[recipe.train.optimizer],
+           **activation_bytes(recipe, config, quantization, d, tokens),
+           **transient_bytes(config, quantization, d, tokens)}
+    est = Estimate(device=device, dtype=str(dtype).removeprefix("torch."), quantization=quantization,
+                   embedding="cpu" if device == "cpu" else recipe.model.embedding, tokens_per_step=tokens,
+                   trainable_params=trainable, gpu=gpu, peak_bytes=sum(gpu.values()),
+                   disk=disk_bytes(recipe, config, trainable), capacity_bytes=capacity_bytes, capacity_name=None,
+                   warnings=[])
+    if device == "cpu":     # the whole model is in host memory: nothing to move
+        return est, None
+    if est.embedding == "auto":
+        est.embedding = "cpu" if est.fits() is False else "gpu"
+    if est.embedding == "cpu":
+        saved = gpu["embedding"]
+        gpu["embedding"] = 0
+        est.peak_bytes -= saved
+        if recipe.model.embedding == "auto":
+            return est, (f"model.embedding=auto: the input embedding goes to the CPU, saving {_gib(saved)} GiB of GPU "
+                         f"memory (the run does not fit with it on the GPU)")
+    return est, None
+
+
+def _levers(recipe: Recipe, est: Estimate) -> list[tuple[str, list[str]]]:
+    """(label, overrides) of each memory lever this recipe does not use yet."""
+    train, out = recipe.train, []
+    if est.quantization == "none":
+        out.append(("model.quantization=mxfp4", ["model.quantization=mxfp4"]))
+    if est.quantization != "nf4":
+        out.append(("model.quantization=nf4", ["model.quantization=nf4"]))
+    if train.optimizer == "adamw_torch":
+        out.append(("train.optimizer=adamw_8bit", ["train.optimizer=adamw_8bit"]))
+    if est.embedding == "gpu":
+        out.append(("model.embedding=cpu", ["model.embedding=cpu"]))
+    if not train.gradient_checkpointing:
+        out.append(("train.gradient_checkpointing=true", ["train.gradient_checkpointing=true"]))
+    if train.batch_size > 1:   # the same examples per optimizer step, in more, smaller steps
+        b, a = train.batch_size // 2, train.grad_accum * train.batch_size // (train.batch_size // 2)
+        out.append((f"train.batch_size={b} train.grad_accum={a}", [f"train.batch_size={b}", f"train.grad_accum={a}"]))
+    if recipe.data.max_length >= 32:
+        half = recipe.data.max_length // 2
+        out.append((f"data.max_length={half} (drops or truncates longer examples)", [f"data.max_length={half}"]))
+    return out
+
+
+def _does_not_fit(recipe: Recipe, config, est: Estimate) -> str:
+    """How far over the capacity the run is, and what each untried lever would save."""
+    over = est.peak_bytes + CONTEXT_RESERVE - est.capacity_bytes
+    lines = [f"does not fit: needs {_gib(est.peak_bytes + CONTEXT_RESERVE)} GiB (peak + CUDA context), "
+             f"{_gib(over)} GiB more than the {_gib(est.capacity_bytes)} GiB of {est.capacity_name}; levers:"]
+    for label, overrides in _levers(recipe, est):
+        alt, _ = _plan(apply_overrides(recipe, overrides), config, est.device, est.capacity_bytes)
+        verdict = "fits" if alt.fits() else "still over"
+        lines.append(f"{label}: saves {_gib(est.peak_bytes - alt.peak_bytes)} GiB ({verdict})")
+    if len(lines) == 1:
+        lines.append("none left in this recipe: a GPU with more memory, or fewer LoRA targets or a smaller lora.r")
+    return "\n".join(lines)
+
+
+def _capacity(device: str) -> tuple[int | None, str | None]:
+    """The first GPU's total memory and name when training on an available CUDA device."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return None, None
+    return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+
+
+def estimate(recipe: Recipe, config=None, *, device: str | None = None, capacity_bytes: int | None = None,
+             capacity_name: str | None = None) -> Estimate:
+    """Predict the peak device memory and the disk of training ``recipe``; no model is loaded.
+
+    ``config`` is the model's ``GptOssConfig`` (default: read from the recipe's model directory), ``device``
+    overrides the recipe's, ``capacity_bytes`` the detected GPU memory (``capacity_name`` says where it came from).
+    """
+    config = config if config is not None else model_config(recipe)
+    device = device or _device(recipe)
+    if capacity_bytes is None:
+        capacity_bytes, capacity_name = _capacity(device)
+    est, note = _plan(recipe, config, device, capacity_bytes)
+    est.capacity_name = capacity_name
+    est.warnings += [note] if note else []
+    if device == "cuda" and recipe.train.kernels == "reference":
+        est.warnings.append("train.kernels=reference: eager attention (a tokens x tokens score matrix per head) and "
+                            "PEFT's dense expert update use more memory than this estimate, which models our path")
+    if est.fits() is False:
+        est.warnings.append(_does_not_fit(recipe, config, est))
+    return est
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def format_estimate(est: Estimate) -> str:
+    """The estimate as a small table in GiB: device memory by component, peak, capacity and fit, disk, warnings."""
+    reserve = "+ CUDA context (not counted in torch's peak)"
+    width = max(len(k) for k in [*est.gpu, *est.disk, reserve, f"capacity ({est.capacity_name})"]) + 2
+
+    def row(label: str, n: int, note: str = "") -> str:
+        return f"  {label:<{width}}{n / GIB:>9.3f}{note}"
+
+    def heading(text: str) -> str:
+        return f"{text:<{width + 2}}{'GiB':>9}"
+
+    lines = [f"Estimated memory for training on {est.device}: {est.dtype}, quantization {est.quantization}, "
+             f"embedding on {est.embedding}, {est.tokens_per_step:,} tokens per step, "
+             f"{est.trainable_params:,} LoRA parameters",
+             heading("GPU memory" if est.device == "cuda" else "host memory (device cpu)")]
+    moved = est.device == "cuda" and est.embedding == "cpu"
+    lines += [row(name, n, "  (on the CPU)" if moved and name == "embedding" else "") for name, n in est.gpu.items()]
+    lines += [row("peak", est.peak_bytes), row(reserve, CONTEXT_RESERVE)]
+    if est.capacity_bytes is None:
+        lines.append("  capacity: no GPU detected; pass --gpu-memory GIB to check the fit")
+    else:
+        spare = est.capacity_bytes - est.peak_bytes - CONTEXT_RESERVE
+        lines += [row(f"capacity ({est.capacity_name})", est.capacity_bytes),
+                  f"  fits: yes, {_gib(spare)} GiB to spare" if est.fits() else f"  fits: NO, {_gib(-spare)} GiB over"]
+    run = {name: n for name, n in est.disk.items() if not name.startswith("export ")}
+    lines += [heading("disk"), *(row(name, n) for name, n in run.items()), row("run total", sum(run.values()))]
+    lines += [row(name, n, "  (if exported later)") for name, n in est.disk.items() if name not in run]
+    if est.warnings:
+        lines += ["warnings:", *("  - " + w.replace("\n", "\n      ") for w in est.warnings)]
+    return "\n".join(lines)

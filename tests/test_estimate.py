@@ -1,0 +1,185 @@
+"""The memory estimate (``finetune.estimate``) against independent counts: the parameters of the tiny gpt-oss as
+transformers builds it, PEFT's trainable parameters, the packed MXFP4 bytes in its checkpoint, and the published sizes
+of gpt-oss-20b and gpt-oss-120b; then the fit logic (embedding placement, levers) and the command line.
+
+The tiny checkpoint is written here by the same writer as the embedded tiny model (``inference.checkpoint``), without
+the tokenizer, which the estimate does not read and which takes most of the embedded model's build time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import GptOssConfig
+
+from finetune.cli import main
+from finetune.estimate import GIB, estimate, format_estimate, lora_parameters
+from finetune.recipe import apply_overrides, load_recipe
+from inference.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+WEIGHTS = ("experts", "attention", "router + norms", "embedding", "lm_head")
+
+
+def gpt_oss(layers: int, experts: int) -> GptOssConfig:
+    """gpt-oss-20b (24 layers, 32 experts) or gpt-oss-120b (36, 128) shapes."""
+    return GptOssConfig(num_hidden_layers=layers, hidden_size=2880, intermediate_size=2880, num_local_experts=experts,
+                        num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        vocab_size=201088)
+
+
+GPT_OSS_20B, GPT_OSS_120B = gpt_oss(24, 32), gpt_oss(36, 128)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny gpt-oss's config.json and model.safetensors (experts packed in MXFP4, the rest bf16)."""
+    from inference.checkpoint import save_checkpoint
+    from inference.tiny import tiny_config_dict, tiny_state_dict
+    out = tmp_path_factory.mktemp("tiny")
+    config = tiny_config_dict()
+    save_checkpoint(tiny_state_dict(config), config, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tiny_dir):
+    """recipes/tiny-cpu.yaml (device cpu: float32, quantization none) on that checkpoint."""
+    return load_recipe(REPO / "recipes/tiny-cpu.yaml", [f"model.name_or_path={tiny_dir}"])
+
+
+def recipe_20b(*overrides: str):
+    return load_recipe(REPO / "recipes/gpt-oss-20b-lora.yaml", list(overrides))
+
+
+def _group(name: str) -> str:
+    for group, part in (("experts", ".mlp.experts."), ("attention", ".self_attn."), ("embedding", "embed_tokens"),
+                        ("lm_head", "lm_head")):
+        if part in name:
+            return group
+    return "router + norms"
+
+
+def test_tiny_weights_and_lora_match_the_loaded_model(tiny_dir, tiny_recipe):
+    from finetune.model import add_lora
+    from inference.checkpoint import load_model
+    est = estimate(tiny_recipe)
+    assert (est.device, est.dtype, est.quantization) == ("cpu", "float32", "none")
+    model = load_model(tiny_dir)
+    actual = dict.fromkeys(WEIGHTS, 0)
+    for name, p in model.named_parameters():
+        actual[_group(name)] += p.numel() * p.element_size()
+    assert {k: est.gpu[k] for k in WEIGHTS} == actual
+    peft_model, _ = add_lora(model, tiny_recipe)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert est.trainable_params == trainable
+    assert est.gpu["LoRA weights + grads"] == 8 * trainable and est.gpu["optimizer state"] == 8 * trainable
+    assert est.peak_bytes == sum(est.gpu.values())
+
+
+def test_tiny_mxfp4_experts_match_the_checkpoint_bytes(tiny_dir, tiny_recipe):
+    from inference.checkpoint import TensorFiles
+    est = estimate(apply_overrides(tiny_recipe, ["model.quantization=mxfp4"]))
+    assert (est.quantization, est.dtype) == ("mxfp4", "float32")
+    with TensorFiles(tiny_dir) as files:
+        experts = [n for n in files.names() if ".mlp.experts." in n]
+        packed = sum(_numel(files.shapes[n]) for n in experts if n.endswith(("_blocks", "_scales")))
+        assert {files.dtypes[n] for n in experts if n.endswith(("_blocks", "_scales"))} == {"U8"}
+        biases = sum(_numel(files.shapes[n]) for n in experts if n.endswith("_bias"))
+    assert est.gpu["experts"] == packed + biases * 4          # biases stay in the compute dtype (float32 here)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def test_a_config_only_directory_is_enough(tmp_path, tiny_recipe):
+    from inference.tiny import tiny_config_dict
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config_dict()), encoding="utf-8")
+    from_dir = estimate(apply_overrides(tiny_recipe, [f"model.name_or_path={tmp_path}"]))
+    in_code = estimate(tiny_recipe, GptOssConfig.from_dict(tiny_config_dict()))
+    assert from_dir.to_dict() == in_code.to_dict() == estimate(tiny_recipe).to_dict()
+
+
+def test_a_missing_model_is_a_clear_error(tiny_recipe):
+    with pytest.raises(UserError, match=r"model.name_or_path: model not found: /no/such/model.*config\.json"):
+        estimate(apply_overrides(tiny_recipe, ["model.name_or_path=/no/such/model"]))
+
+
+def test_gpt_oss_20b_and_120b_sizes():
+    est = estimate(recipe_20b(), GPT_OSS_20B, device="cuda")
+    assert (est.quantization, est.dtype, est.embedding) == ("mxfp4", "bfloat16", "gpu")
+    assert est.gpu["experts"] / GIB == pytest.approx(9.45, rel=0.01)
+    big = estimate(recipe_20b("lora.r=8"), GPT_OSS_120B, device="cuda")
+    assert sum(big.gpu[k] for k in WEIGHTS) / GIB == pytest.approx(60.8, rel=0.02)
+    assert big.trainable_params == lora_parameters(recipe_20b("lora.r=8"), GPT_OSS_120B)
+    assert big.trainable_params == pytest.approx(530e6, rel=0.03)
+    assert big.disk["export merged-mxfp4"] < big.disk["export merged-bf16"] / 3
+
+
+def test_embedding_auto_moves_to_the_cpu_only_when_needed():
+    ample = estimate(recipe_20b(), GPT_OSS_20B, device="cuda", capacity_bytes=80 * GIB, capacity_name="80")
+    assert ample.embedding == "gpu" and ample.fits() and ample.warnings == []
+    tight = estimate(recipe_20b(), GPT_OSS_20B, device="cuda", capacity_bytes=ample.peak_bytes, capacity_name="tight")
+    assert tight.embedding == "cpu" and tight.gpu["embedding"] == 0 and tight.fits()
+    assert ample.peak_bytes - tight.peak_bytes == GPT_OSS_20B.vocab_size * GPT_OSS_20B.hidden_size * 2
+    assert "model.embedding=auto: the input embedding goes to the CPU, saving 1.08 GiB" in tight.warnings[0]
+
+
+def test_a_run_that_does_not_fit_lists_the_unused_levers():
+    recipe = recipe_20b("model.quantization=none", "model.embedding=gpu", "train.gradient_checkpointing=false")
+    est = estimate(recipe, GPT_OSS_20B, device="cuda", capacity_bytes=80 * GIB, capacity_name="--gpu-memory 80 GiB")
+    assert est.fits() is False
+    (warning,) = est.warnings
+    over = (est.peak_bytes + GIB // 2 - 80 * GIB) / GIB
+    assert f"{over:.2f} GiB more than the 80.00 GiB of --gpu-memory 80 GiB" in warning
+    eight_bit = f"train.optimizer=adamw_8bit: saves {6 * est.trainable_params / GIB:.2f} GiB"
+    for lever in ("model.quantization=mxfp4: saves", "model.quantization=nf4: saves", eight_bit,
+                  "model.embedding=cpu: saves", "train.gradient_checkpointing=true: saves",
+                  "train.batch_size=2 train.grad_accum=8: saves", "data.max_length=2048"):
+        assert lever in warning
+    assert "fits: NO" in format_estimate(est)
+    lean = recipe_20b("train.optimizer=adamw_8bit", "model.quantization=nf4", "model.embedding=cpu")
+    (warning,) = estimate(lean, GPT_OSS_20B, device="cuda", capacity_bytes=10 * GIB, capacity_name="10").warnings
+    assert "train.batch_size=2" in warning
+    assert not any(used in warning for used in ("quantization", "optimizer", "embedding", "checkpointing"))
+
+
+def test_adamw_8bit_quarters_the_optimizer_state():
+    full = estimate(recipe_20b(), GPT_OSS_20B, device="cuda")
+    small = estimate(recipe_20b("train.optimizer=adamw_8bit"), GPT_OSS_20B, device="cuda")
+    assert small.gpu["optimizer state"] * 4 == full.gpu["optimizer state"] > 0
+    assert full.peak_bytes - small.peak_bytes == full.gpu["optimizer state"] * 3 // 4
+
+
+def test_cli_prints_the_table(cli, tiny_dir):
+    done = cli("finetune", "estimate", "recipes/tiny-cpu.yaml", f"model.name_or_path={tiny_dir}")
+    assert done.returncode == 0, done.stderr
+    assert "  peak " in done.stdout and "no GPU detected; pass --gpu-memory GIB" in done.stdout
+
+
+def test_cli_json_and_gpu_memory(capsys, tiny_dir):
+    assert main(["estimate", "recipes/tiny-cpu.yaml", f"model.name_or_path={tiny_dir}", "--gpu-memory", "1",
+                 "--json"]) == 0           # not fitting is a report, not a failure
+    out = json.loads(capsys.readouterr().out)
+    assert out["capacity_bytes"] == GIB and out["capacity_name"] == "--gpu-memory 1 GiB" and out["fits"] is False
+    assert out["peak_bytes"] == sum(out["gpu"].values()) and "levers" in out["warnings"][-1]
+    assert main(["estimate", "recipes/tiny-cpu.yaml", "--gpu-memory", "0"]) == 2
+    assert "error: --gpu-memory must be a positive number" in capsys.readouterr().err
+
+
+def test_cli_errors(cli, capsys):
+    done = cli("finetune", "estimate", "no/such/recipe.yaml")
+    assert done.returncode == 2 and "error: recipe not found: no/such/recipe.yaml" in done.stderr
+    done = cli("finetune", "estimate", "recipes/tiny-cpu.yaml", "model.quantization=int3")
+    assert done.returncode == 2 and "model.quantization (override 'model.quantization=int3')" in done.stderr
+    assert "Traceback" not in done.stderr
+    # gpt-oss-20b is not on this machine: the error names the model and how to plan without its weights
+    assert main(["estimate", "recipes/gpt-oss-20b-lora.yaml", "--gpu-memory", "80"]) == 2
+    err = capsys.readouterr().err
+    assert "error: model.name_or_path: model not found: openai/gpt-oss-20b" in err and "config.json" in err

@@ -7,10 +7,14 @@ Only the model's ``config.json`` is read, so a run can be planned on a laptop fo
 
 What is counted (``d`` = bytes of the compute dtype): frozen weights as they sit on the device (experts packed in
 MXFP4 at 4.25 bits unless quantization is ``none``, attention in NF4 under ``nf4``), LoRA weights and gradients in
-fp32 and the optimizer state, activations kept for the backward (all layers, or the layer inputs plus one recomputed
-layer under gradient checkpointing), the backward's working set, the chunked loss's logits and, for packed experts,
-the MXFP4 decode scratch. Everything is a worst case per step: every row padded to ``data.max_length``. The CUDA
-context is not part of torch's peak; it is reserved separately (:data:`CONTEXT_RESERVE`) when checking the fit.
+fp32 and the optimizer state, activations kept for the backward (all layers, or the layer inputs under gradient
+checkpointing, plus what selective checkpointing saves), and the larger of the step's two short-lived phases: the
+backward of one layer (its recomputed activations, gradients and, for packed experts, the MXFP4 decode slice) or the
+chunked loss. Everything is a worst case per step: every row padded to ``data.max_length``. The CUDA context is not
+part of torch's peak; it is reserved separately (:data:`CONTEXT_RESERVE`) when checking the fit.
+
+Checked against measured peaks (``benchmarks/qlora_memory.py``, ``benchmarks/train_speed.py``; H200): within 1% for
+gpt-oss-20b MXFP4 at 2,048-8,192 tokens a step, gpt-oss-120b MXFP4 at 2,048, and gpt-oss-20b bf16 at 16,384.
 
 ``model.embedding: auto`` is decided here: the input embedding stays on the GPU unless the run would then not fit.
 """
@@ -28,9 +32,11 @@ from inference.errors import UserError
 GIB = 2**30
 MIB = 2**20
 
-# Calibration of the per-layer activation figure below against peaks measured on the GPU: the terms are what our
-# kernels keep, by construction; allocator rounding and short-lived temporaries are what this factor absorbs.
-ACTIVATION_FACTOR = 1.0
+# Calibration of the per-layer activation and backward figures below against peaks measured on the GPU (H200,
+# benchmarks/qlora_memory.py, gpt-oss-20b shapes at 2,048-8,192 tokens a step: measured / term-by-term sum = 0.53 to
+# 0.64). The term-by-term sum counts every tensor as alive at once; in the backward, each is freed as soon as its
+# gradient has passed, so only about half are alive at the peak.
+ACTIVATION_FACTOR = 0.55
 # The CUDA context and the caching allocator's own use: outside torch's peak (max_memory_allocated), inside the GPU's.
 CONTEXT_RESERVE = GIB // 2
 # Rows of the chunked cross-entropy per pass (inference.loss): fewer when the experts are packed, whose decode scratch
@@ -167,7 +173,8 @@ def layer_activation_bytes_per_token(recipe: Recipe, config, d: int) -> float:
 
 
 def activation_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int) -> dict[str, int]:
-    """Activations held at the start of the backward, by part."""
+    """Activations held at the start of the backward, by part (the recomputed layer is part of the backward phase,
+    see :func:`step_bytes`)."""
     H, I, L, k = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_experts_per_tok
     layer = round(tokens * layer_activation_bytes_per_token(recipe, config, d))
     if not recipe.train.gradient_checkpointing:
@@ -180,25 +187,32 @@ def activation_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: 
         selective = tokens * (k * (2 * I + H) * d + config.num_attention_heads * config.head_dim * d
                               + config.num_attention_heads * 4)
     return {"activations: layer inputs": L * tokens * H * d,    # each layer's input, the checkpoint boundary
-            "activations: recomputed layer": layer,            # the layer whose forward is replayed in the backward
             "activations: selective saves": L * selective}
 
 
-def transient_bytes(config, quantization: str, d: int, tokens: int) -> dict[str, int]:
-    """Short-lived buffers at the peak: the backward's largest gradient, the loss's logits, the MXFP4 decode."""
+def step_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int) -> dict[str, int]:
+    """The two phases of a step that add short-lived memory on top of the held activations; the peak is the larger.
+
+    ``backward of one layer``: its recomputed activations (under checkpointing), the largest gradients (gate_up's
+    output and its SwiGLU input's) and, for packed experts, the decoded MXFP4 slice. ``loss``: one chunk of logits,
+    their gradient and the fp32 loss pass, plus the hidden states' gradient rows the loss hands back.
+    """
     H, I, E, k, V = (config.hidden_size, config.intermediate_size, config.num_local_experts,
                      config.num_experts_per_tok, config.vocab_size)
     packed = quantization != "none"
-    rows = min(tokens, QUANTIZED_CHUNK_ROWS if packed else CHUNK_ROWS)
-    out = {"backward working set": tokens * k * 2 * I * d * 2,   # gate_up output's gradient, and its SwiGLU input's
-           "logits (chunked loss)": rows * V * (d + d + 4)}      # logits, their gradient, the fp32 loss pass
+    backward = tokens * k * 2 * I * d * 2                                # the gate_up gradients
+    if recipe.train.gradient_checkpointing:
+        backward += tokens * layer_activation_bytes_per_token(recipe, config, d) / ACTIVATION_FACTOR
+    backward *= ACTIVATION_FACTOR
     if packed:
         # inference.moe decodes a slice of output features of all experts at a time (a multiple of 16 within the
         # budget) and matmuls every routed row against it: the decoded slice plus that slice of the output.
-        projection = E * H * 2 * I * d                           # the largest expert projection decoded whole
+        projection = E * H * 2 * I * d                                   # the largest expert projection, whole
         columns = min(2 * I, max(16, DECODE_BUDGET // (E * H * d) // 16 * 16))
-        out["MXFP4 decode scratch"] = min(projection, DECODE_BUDGET) + tokens * k * columns * d
-    return out
+        backward += min(projection, DECODE_BUDGET) + tokens * k * columns * d
+    rows = min(tokens, QUANTIZED_CHUNK_ROWS if packed else CHUNK_ROWS)
+    loss_phase = rows * V * (d + d + 4) + tokens * H * d
+    return {"backward of one layer": round(backward), "loss (one chunk of logits)": round(loss_phase)}
 
 
 def disk_bytes(recipe: Recipe, config, trainable: int) -> dict[str, int]:
@@ -231,11 +245,13 @@ def _plan(recipe: Recipe, config, device: str, capacity_bytes: int | None) -> tu
     quantization = pick_quantization(recipe, torch.device(device))[0]
     tokens = recipe.train.batch_size * recipe.data.max_length
     trainable = lora_parameters(recipe, config)
+    phases = step_bytes(recipe, config, quantization, d, tokens)
+    phase = max(phases, key=phases.get)
     gpu = {**weight_bytes(config, quantization, d),
            "LoRA weights + grads": trainable * (4 + 4),
            "optimizer state": trainable * OPTIMIZER_BYTES[recipe.train.optimizer],
            **activation_bytes(recipe, config, quantization, d, tokens),
-           **transient_bytes(config, quantization, d, tokens)}
+           f"step peak: {phase}": phases[phase]}
     est = Estimate(device=device, dtype=str(dtype).removeprefix("torch."), quantization=quantization,
                    embedding="cpu" if device == "cpu" else recipe.model.embedding, tokens_per_step=tokens,
                    trainable_params=trainable, gpu=gpu, peak_bytes=sum(gpu.values()),

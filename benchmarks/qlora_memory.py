@@ -117,7 +117,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--longest", action="store_true", help="then grow seq at batch 1 until past --budget-gib")
-    ap.add_argument("--budget-gib", type=float, default=14.0)
+    ap.add_argument("--budget-gib", default="14,14.9", help="comma-separated GiB budgets for --longest (14.9 GiB: a "
+                    "16 GB card)")
+    ap.add_argument("--decode-budget-mib", type=int, default=None,
+                    help="fix inference.moe.DECODE_BUDGET_BYTES (MiB; default: adaptive)")
+    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of one step of the first run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -126,6 +130,9 @@ def main() -> None:
     from finetune.model import add_lora, is_quantized
     from inference.loss import QUANTIZED_CHUNK_ROWS, weighted_loss_sum
 
+    if args.decode_budget_mib:
+        from inference import moe
+        moe.DECODE_BUDGET_BYTES = args.decode_budget_mib * 2**20
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -133,7 +140,10 @@ def main() -> None:
     first = [int(x) for x in args.runs.split(",")[0].split("x")]
     plan = estimate(recipe_for(args, *first), cfg, device=device.type)
     host_embedding = cuda and plan.embedding == "cpu"
+    from inference import moe
     res = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+           "decode_budget": "adaptive (inference.moe.decode_budget)" if moe.DECODE_BUDGET_BYTES is None
+           else f"{moe.DECODE_BUDGET_BYTES // 2**20} MiB",
            "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "rank": args.rank,
            "quantization": args.quantization, "optimizer": args.optimizer,
            "embedding": "cpu" if host_embedding else "gpu", "runs": []}
@@ -218,17 +228,35 @@ def main() -> None:
         print(f"  {batch} x {seq}: {json.dumps({k: v for k, v in row.items() if k != 'estimate'})}", flush=True)
         save()
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, cfg.vocab_size - 1000, (first[0], first[1]), generator=gen).to(device)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            step(ids)
+            if cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        res["profile"] = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+        res["profile_cpu"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40,
+                                                       max_name_column_width=60)
+        print(res["profile"], flush=True)
+        save()
+
     if args.longest:
-        fits, seq = None, 4096
-        while True:
+        budgets = [float(b) for b in args.budget_gib.split(",")]
+        probes = []
+        for seq in (2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536):
             row = measure(1, seq, 0, 1)
-            res.setdefault("longest_probe", []).append(row)
+            probes.append(row)
             print(f"  probe 1 x {seq}: {json.dumps({k: v for k, v in row.items() if k != 'estimate'})}", flush=True)
-            if "error" in row or row.get("peak_GiB", 0) > args.budget_gib:
+            if "error" in row or row.get("peak_GiB", 0) > max(budgets):
                 break
-            fits, seq = seq, seq * 2
-        res["longest_seq_within_budget"] = {"budget_GiB": args.budget_gib, "seq": fits}
-        print(f"longest sequence (batch 1) within {args.budget_gib} GiB: {fits}", flush=True)
+        res["longest_probe"] = probes
+        res["longest_seq_within_budget"] = {
+            str(b): max([p["seq"] for p in probes if "error" not in p and p.get("peak_GiB", 1e9) <= b], default=None)
+            for b in budgets}
+        print(f"longest sequence (batch 1) within each budget (GiB): {res['longest_seq_within_budget']}", flush=True)
         save()
 
     print("\n| batch x seq | peak GiB (reserved) | estimate GiB (error) | tokens/s |")

@@ -42,9 +42,7 @@ CONTEXT_RESERVE = GIB // 2
 # Rows of the chunked cross-entropy per pass (inference.loss): fewer when the experts are packed, whose decode scratch
 # shares the step's memory with the logits.
 CHUNK_ROWS = loss.CHUNK_ROWS
-QUANTIZED_CHUNK_ROWS = getattr(loss, "QUANTIZED_CHUNK_ROWS", 256)
-# Decoded MXFP4 expert weights the expert matmul holds at once (inference.moe).
-DECODE_BUDGET = getattr(moe, "DECODE_BUDGET_BYTES", 256 * MIB)
+QUANTIZED_CHUNK_ROWS = loss.QUANTIZED_CHUNK_ROWS
 
 MXFP4_BYTES = 0.5 + 1 / 32                  # 4-bit codes + one uint8 scale per 32 weights
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # bitsandbytes: 4-bit codes, blocks of 64, double-quantized absmax
@@ -208,8 +206,9 @@ def step_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int) -
         # inference.moe decodes a slice of output features of all experts at a time (a multiple of 16 within the
         # budget) and matmuls every routed row against it: the decoded slice plus that slice of the output.
         projection = E * H * 2 * I * d                                   # the largest expert projection, whole
-        columns = min(2 * I, max(16, DECODE_BUDGET // (E * H * d) // 16 * 16))
-        backward += min(projection, DECODE_BUDGET) + tokens * k * columns * d
+        budget = moe.decode_budget(projection)                           # read at call time: it can be tuned
+        columns = min(2 * I, max(16, budget // (E * H * d) // 16 * 16))
+        backward += min(projection, budget) + tokens * k * columns * d
     rows = min(tokens, QUANTIZED_CHUNK_ROWS if packed else CHUNK_ROWS)
     loss_phase = rows * V * (d + d + 4) + tokens * H * d
     return {"backward of one layer": round(backward), "loss (one chunk of logits)": round(loss_phase)}

@@ -146,6 +146,8 @@ def checkpoint_kwargs(model) -> dict:
     """``gradient_checkpointing_kwargs`` for the Trainer when our path is on (it re-enables checkpointing itself)."""
     import functools
     save = getattr(_base(model), "_finetune_save", SAVE_DEFAULT)
+    if not save:   # plain recomputation: no dispatch mode asking a policy about every operation
+        return {"use_reentrant": False}
     return {"use_reentrant": False, "context_fn": functools.partial(_selective_context, save)}
 
 
@@ -187,8 +189,10 @@ def enable(model, selective_checkpointing: bool = True, save: frozenset | None =
     setattr(base, _STATE, (base.config._attn_implementation, base.config._experts_implementation))
     base.set_attn_implementation(ATTENTION_IMPL)
     base.set_experts_implementation(EXPERTS_IMPL)
-    if selective_checkpointing:
-        # transformers' GradientCheckpointingLayer calls whatever sits in ``_gradient_checkpointing_func``
+    if selective_checkpointing and save:
+        # transformers' GradientCheckpointingLayer calls whatever sits in ``_gradient_checkpointing_func``. With
+        # nothing to save, plain checkpointing is the same and cheaper: the selective policy is a Python dispatch
+        # mode consulted on every operation of the forward and its recomputation (a host-bound cost at small steps).
         for layer in base.model.layers:
             if getattr(layer, "gradient_checkpointing", False):
                 layer._finetune_previous_func = layer._gradient_checkpointing_func

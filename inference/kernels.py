@@ -5,6 +5,10 @@ decoded weights to memory: each program reads packed bytes and their scales, dec
 accumulates in fp32. That is the decoding step's expert work (a few tokens, each routed to k experts), where the
 plain path (:func:`mxfp4_matvec_reference`: decode the routed experts to ``dtype``, then ``bmm``) moves about eight
 times the bytes. Prefill (many tokens per expert) stays on the plain path, whose matmuls are compute-bound anyway.
+
+:func:`mxfp4_decode` decodes packed expert weights to bf16/fp32 in one pass (each packed byte read once, its two
+values written once): the training path's expert matmuls decode a slice of all experts before each grouped matmul,
+forward and backward, so this runs at memory speed on every step. Its twin is :func:`inference.mxfp4.unpack`.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ _BLOCK_N, _BLOCK_K = 32, 256   # output rows and input features per step (K need
 
 
 @functools.lru_cache(maxsize=1)
-def _kernel():
+def _fp4():
     import triton
     import triton.language as tl
 
@@ -69,6 +73,16 @@ def _kernel():
         m = (c & 1).to(tl.float32)
         mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
         return tl.where((c & 8) != 0, -mag, mag)
+
+    return fp4
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    fp4 = _fp4()
 
     @triton.jit
     def kernel(x_ptr, blocks_ptr, scales_ptr, experts_ptr, y_ptr, N, K, stride_be, stride_bn, stride_se, stride_sn,
@@ -91,6 +105,50 @@ def _kernel():
             pair = fp4(packed & 15) * x_even[None, :] + fp4(packed >> 4) * x_odd[None, :]
             acc += tl.sum(pair * tl.exp2(exponent.to(tl.float32) - 127.0), axis=1)
         tl.store(y_ptr + row * N + offs_n, acc, mask=mask_n)
+
+    return kernel
+
+
+def mxfp4_decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`inference.mxfp4.unpack` of ``blocks (E, R, G, 16)`` / ``scales (E, R, G)`` (views with any strides on
+    the first two dimensions, e.g. a slice of rows or of groups) -> contiguous ``(E, R, G * 32)`` of ``dtype``."""
+    E, R, G, half_group = blocks.shape
+    if half_group != 16 or blocks.stride(3) != 1 or blocks.stride(2) != 16 or scales.stride(2) != 1:
+        raise ValueError("mxfp4_decode needs whole groups of 16 contiguous bytes")
+    out = torch.empty(E, R, G * 32, dtype=dtype, device=blocks.device)
+    groups = R * G
+    grid = (E, -(-groups // _DECODE_GROUPS))
+    _decode_kernel()[grid](blocks, scales, out, G, groups, blocks.stride(0), blocks.stride(1), scales.stride(0),
+                           scales.stride(1), BLOCK_Q=_DECODE_GROUPS, num_warps=4)
+    return out
+
+
+_DECODE_GROUPS = 128   # 32-value groups per program: 2 KiB read, 8 KiB of bf16 written
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_kernel():
+    import triton
+    import triton.language as tl
+
+    fp4 = _fp4()
+
+    @triton.jit
+    def kernel(blocks_ptr, scales_ptr, out_ptr, G, groups, sb_e, sb_r, ss_e, ss_r, BLOCK_Q: tl.constexpr):
+        # A tile of BLOCK_Q groups of expert e, numbered row-major over (row, group): each group's 16 bytes are
+        # contiguous in the input and its 32 values contiguous in the output, so loads and stores are wide.
+        e = tl.program_id(0).to(tl.int64)
+        q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)                       # (Q,) group numbers
+        mask = q < groups
+        row, group = (q // G).to(tl.int64), (q % G).to(tl.int64)
+        byte = tl.arange(0, 16)
+        src = blocks_ptr + e * sb_e + row[:, None] * sb_r + group[:, None] * 16 + byte[None, :]   # (Q, 16)
+        packed = tl.load(src, mask=mask[:, None], other=0)
+        exponent = tl.load(scales_ptr + e * ss_e + row * ss_r + group, mask=mask, other=127)     # (Q,)
+        scale = tl.exp2(exponent.to(tl.float32) - 127.0)[:, None]
+        values = tl.interleave(fp4(packed & 15) * scale, fp4(packed >> 4) * scale)          # (Q, 32), low first
+        dst = out_ptr + e * groups * 32 + q.to(tl.int64)[:, None] * 32 + tl.arange(0, 32)[None, :]
+        tl.store(dst, values.to(out_ptr.dtype.element_ty), mask=mask[:, None])
 
     return kernel
 

@@ -16,7 +16,7 @@ interleaved SwiGLU, the routing weight) is one fused kernel on CUDA (:func:`infe
 PyTorch expression elsewhere.
 
 Expert weights may also be packed MXFP4 (:class:`inference.mxfp4.Mxfp4Weight`, as gpt-oss ships them). Then the
-grouped matmul decodes them piece by piece (:func:`mxfp4_grouped_mm`): at most ``DECODE_BUDGET_BYTES`` of decoded
+grouped matmul decodes them piece by piece (:func:`mxfp4_grouped_mm`): at most :func:`decode_budget` bytes of decoded
 weights exist at a time, forward and backward, and the backward computes only the input gradient (the base weights
 are frozen).
 """
@@ -25,10 +25,21 @@ from __future__ import annotations
 
 import torch
 
-from inference import mxfp4
+from inference import kernels, mxfp4
 from inference.kernels import fused
 
-DECODE_BUDGET_BYTES = 256 * 2**20   # decoded MXFP4 expert weights held at once (gpt-oss-20b's gate_up: 1 GiB)
+# Decoded MXFP4 expert weights held at once. None: an eighth of the projection being multiplied, kept within
+# [64 MiB, 512 MiB] (gpt-oss-20b's gate_up decodes to 1.06 GB: 132 MiB slices; gpt-oss-120b's to 4.2 GB: 512 MiB);
+# an int: that many bytes. Smaller slices save memory and cost one more decode + matmul launch each.
+DECODE_BUDGET_BYTES: int | None = None
+DECODE_SHARE, DECODE_MIN_BYTES, DECODE_MAX_BYTES = 8, 64 * 2**20, 512 * 2**20
+
+
+def decode_budget(projection_bytes: int) -> int:
+    """Bytes of decoded weights to hold at once for an expert projection of ``projection_bytes`` decoded."""
+    if DECODE_BUDGET_BYTES is not None:
+        return DECODE_BUDGET_BYTES
+    return min(max(projection_bytes // DECODE_SHARE, DECODE_MIN_BYTES), DECODE_MAX_BYTES)
 
 
 def swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -71,9 +82,17 @@ def _dense_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Ten
     return _gmm_loop(x, w, offs)
 
 
+def _decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed ``(E, R, G, 16)`` -> ``(E, R, G * 32)``: the Triton decoder on CUDA, its PyTorch twin elsewhere."""
+    if blocks.is_cuda and kernels.available():
+        return kernels.mxfp4_decode(blocks, scales, dtype)
+    return mxfp4.decode(blocks, scales, dtype)
+
+
 def _chunk(total: int, bytes_per_unit: int, multiple: int) -> int:
     """How many units (output features forward, input features backward) to decode at once within the budget."""
-    units = max(multiple, DECODE_BUDGET_BYTES // max(bytes_per_unit, 1) // multiple * multiple)
+    budget = decode_budget(total * bytes_per_unit)
+    units = max(multiple, budget // max(bytes_per_unit, 1) // multiple * multiple)
     return min(total, units)
 
 
@@ -88,10 +107,10 @@ def mxfp4_grouped_mm(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor
     experts, n_out, groups, _ = blocks.shape
     step = _chunk(n_out, experts * groups * mxfp4.GROUP * x.element_size(), 16)
     if step == n_out:
-        return _dense_mm(x, mxfp4.decode(blocks, scales, x.dtype).transpose(1, 2), offs)
+        return _dense_mm(x, _decode(blocks, scales, x.dtype).transpose(1, 2), offs)
     out = x.new_empty(x.shape[0], n_out)
     for n0 in range(0, n_out, step):
-        w = mxfp4.decode(blocks[:, n0:n0 + step], scales[:, n0:n0 + step], x.dtype)      # (E, n, K)
+        w = _decode(blocks[:, n0:n0 + step], scales[:, n0:n0 + step], x.dtype)      # (E, n, K)
         out[:, n0:n0 + step] = _dense_mm(x, w.transpose(1, 2), offs)
     return out
 
@@ -104,10 +123,10 @@ def mxfp4_grouped_mm_t(grad: torch.Tensor, blocks: torch.Tensor, scales: torch.T
     experts, n_out, groups, _ = blocks.shape
     step = _chunk(groups, experts * n_out * mxfp4.GROUP * grad.element_size(), 1)
     if step == groups:
-        return _dense_mm(grad, mxfp4.decode(blocks, scales, grad.dtype), offs)
+        return _dense_mm(grad, _decode(blocks, scales, grad.dtype), offs)
     out = grad.new_empty(grad.shape[0], groups * mxfp4.GROUP)
     for g0 in range(0, groups, step):
-        w = mxfp4.decode(blocks[:, :, g0:g0 + step], scales[:, :, g0:g0 + step], grad.dtype)   # (E, N, k)
+        w = _decode(blocks[:, :, g0:g0 + step], scales[:, :, g0:g0 + step], grad.dtype)   # (E, N, k)
         out[:, g0 * mxfp4.GROUP:(g0 + step) * mxfp4.GROUP] = _dense_mm(grad, w, offs)
     return out
 

@@ -207,7 +207,9 @@ def enable(model, selective_checkpointing: bool = True, save: frozenset | None =
     for outer, wrappers, experts in _expert_chains(base):
         experts._finetune_lora = wrappers
         if wrappers:
-            outer._finetune_experts = experts
+            # a plain reference, not a submodule: registered, the experts' weights would appear a second time in
+            # the state dict, and PEFT would write the base experts into every Trainer checkpoint of the adapter
+            object.__setattr__(outer, "_finetune_experts", experts)
             outer.forward = types.MethodType(_bypass_forward, outer)
 
 

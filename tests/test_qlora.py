@@ -144,3 +144,17 @@ def test_host_embedding_matches_and_is_not_a_parameter(tiny_model_dir):
     model.model.embed_tokens = host
     assert "model.embed_tokens.weight" not in dict(model.named_parameters())
     assert model.get_input_embeddings() is host
+
+
+def test_fast_path_leaves_the_state_dict_and_the_saved_adapter_alone(tiny_model_dir, tmp_path):
+    """Switching our path on must not add keys: the Trainer saves checkpoints while it is on."""
+    from peft.utils import get_peft_model_state_dict
+    model, _ = add_lora(load_model(tiny_model_dir, packed_experts=True), load_recipe(REPO_RECIPE))
+    keys = set(model.state_dict())
+    adapter = set(get_peft_model_state_dict(model, state_dict=model.state_dict()))
+    fastpath.enable(model)
+    assert set(model.state_dict()) == keys
+    assert set(get_peft_model_state_dict(model, state_dict=model.state_dict())) == adapter
+    assert all(".lora_" in k for k in adapter) and any(".experts." in k for k in adapter)
+    model.save_pretrained(str(tmp_path), state_dict=model.state_dict())     # as the Trainer's checkpoints call it
+    fastpath.disable(model)

@@ -265,6 +265,8 @@ def run(recipe: Recipe, resume: bool = False, echo=print, log_lines: bool | None
         write_json(run_dir / "run.json", info | {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    if "training_peak_gpu_bytes" in setup:
+        info["training_peak_gpu_bytes"] = setup["training_peak_gpu_bytes"]
     _record(result, info, tracker, started, echo)
     if not keep_model:
         result.model = model = None
@@ -445,7 +447,14 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     if resume:
         echo(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training from the start")
         _trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0)
+    if device.type == "cuda":
+        import torch
+        torch.cuda.reset_peak_memory_stats()
     trainer.train(resume_from_checkpoint=checkpoint)
+    if device.type == "cuda":   # measured against the estimate printed first (python -m finetune estimate)
+        setup["training_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        echo(f"peak GPU memory while training: {setup['training_peak_gpu_bytes'] / 2**30:.2f} GiB "
+             f"(estimated {setup['estimate']['peak_bytes'] / 2**30:.2f} GiB)")
     # the fast path is for training batches (right-padded, no KV cache); whoever uses the model next gets the plain one
     fastpath.disable(model)
 

@@ -159,4 +159,9 @@ def load_for_training(recipe: Recipe, model_dir, device: torch.device, dtype: to
     # What PEFT writes as base_model_name_or_path in adapter_config.json (the recipe's name, not a cache path).
     model.config._name_or_path = recipe.model.name_or_path
     model.name_or_path = recipe.model.name_or_path
-    return add_lora(model, recipe)
+    peft_model, report = add_lora(model, recipe)
+    if quantization == "nf4":
+        # The flag made PEFT pick its 4-bit LoRA layer; left set, TRL's SFTTrainer would cast every trainable
+        # parameter to bf16 (fp32 models included). LoRA weights stay fp32 master weights, as in every other mode.
+        model.is_loaded_in_4bit = False
+    return peft_model, report

@@ -250,6 +250,30 @@ def test_same_seed_same_losses_and_adapter_reloads_with_equal_logits(tmp_path, t
     assert (trained_logits - base_logits).abs().max() > 1e-3  # the adapter really changes the model
 
 
+def test_nf4_run_trains_and_its_adapter_loads_on_the_unquantized_base(tmp_path, tiny_model_dir):
+    """model.quantization=nf4 through the whole pipeline (packed MXFP4 experts + NF4 attention, here on the CPU)."""
+    import torch
+    from peft import PeftModel
+
+    import finetune
+    from inference.checkpoint import load_model
+
+    run = finetune.run(short_recipe(tmp_path / "q", **{"train.max_steps": "3", "model.quantization": "nf4",
+                                                        "train.kernels": "fast"}))
+    info = json.loads((run.run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and info["quantization"] == "nf4"
+    assert info["estimate"]["quantization"] == "nf4"
+    curve = losses(run.run_dir)
+    assert sorted(curve) == [1, 2, 3] and all(0 < v < 20 for v in curve.values())
+    # the adapter is a plain PEFT adapter: it applies to the unquantized base and changes its output
+    ids = torch.tensor([[200006, 1428, 200008, 3736, 382, 290, 3089, 328, 4044, 30, 200007]])
+    base = load_model(tiny_model_dir).eval()
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, str(run.adapter_dir)).eval()(input_ids=ids).logits
+    assert (adapted - plain).abs().max() > 1e-4
+
+
 def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     import finetune
 

@@ -183,3 +183,15 @@ def test_cli_errors(cli, capsys):
     assert main(["estimate", "recipes/gpt-oss-20b-lora.yaml", "--gpu-memory", "80"]) == 2
     err = capsys.readouterr().err
     assert "error: model.name_or_path: model not found: openai/gpt-oss-20b" in err and "config.json" in err
+
+
+@pytest.mark.parametrize("recipe, shape, card_gb, at_most_gib", [
+    ("gpt-oss-20b-qlora.yaml", "20b", 16, 14.0),     # the bar: a 16 GB card, at most 14 GiB
+    ("gpt-oss-120b-lora.yaml", "120b", 80, 75.0),    # one 80 GB GPU, at most 75 GiB
+])
+def test_shipped_gpu_recipes_fit_the_gpu_their_header_promises(recipe, shape, card_gb, at_most_gib):
+    from benchmarks.qlora_memory import config_for
+    est = estimate(load_recipe(REPO / "recipes" / recipe), config_for(shape), device="cuda",
+                   capacity_bytes=card_gb * 10**9, capacity_name=f"{card_gb} GB")
+    assert est.quantization == "mxfp4" and est.fits()
+    assert est.peak_bytes / GIB <= at_most_gib

@@ -11,9 +11,9 @@ For each ``batch x seq`` it prints and writes to JSON: the measured peak (``torc
 the steps, weights included; reserved memory beside it), median tokens/s, and the estimator's peak and its error.
 ``--longest`` then grows the sequence (batch 1) until the measured peak passes ``--budget-gib``.
 
-    python benchmarks/qlora_memory.py --shape 20b --json $OUT/qlora-20b.json                # on the GPU
-    python benchmarks/qlora_memory.py --shape 120b --runs 1x2048,1x8192 --json $OUT/qlora-120b.json
-    python benchmarks/qlora_memory.py --shape tiny --device cpu --runs 1x64 --steps 1 --warmup 1      # CPU check
+    python benchmarks/qlora_memory.py --shape 20b --longest --json qlora-20b.json          # on the GPU
+    python benchmarks/qlora_memory.py --shape 120b --runs 1x2048,1x8192 --json qlora-120b.json
+    python benchmarks/qlora_memory.py --shape tiny --device cpu --runs 1x64 --steps 1 --warmup 1 --optimizer adamw_torch
 """
 
 from __future__ import annotations

@@ -158,3 +158,14 @@ def test_fast_path_leaves_the_state_dict_and_the_saved_adapter_alone(tiny_model_
     assert all(".lora_" in k for k in adapter) and any(".experts." in k for k in adapter)
     model.save_pretrained(str(tmp_path), state_dict=model.state_dict())     # as the Trainer's checkpoints call it
     fastpath.disable(model)
+
+
+def test_qlora_benchmark_smoke_on_cpu(repo_root):
+    """The benchmark's CPU smoke command from its docstring: builds packed random weights, trains, estimates."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "benchmarks/qlora_memory.py", "--shape", "tiny", "--device", "cpu",
+                           "--runs", "1x64", "--steps", "1", "--warmup", "1", "--optimizer", "adamw_torch"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 1 x 64 |" in proc.stdout and "estimate" in proc.stdout

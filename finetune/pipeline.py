@@ -13,6 +13,7 @@ The run directory holds everything needed to understand and reuse the run::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -274,6 +275,37 @@ def run(recipe: Recipe, resume: bool = False, echo=print, log_lines: bool | None
     return result
 
 
+@contextlib.contextmanager
+def parked_on_host(model, device, echo=print):
+    """Move the training model to host memory while the block runs, when the GPU could not also hold the runtime's
+    own copy of the base (evaluation loads one); back on ``device`` afterwards. A no-op when both fit, or on CPU.
+
+    On a 16 GB GPU, gpt-oss-20b QLoRA holds about 12 GiB of weights; the runtime's packed copy is about as large.
+    """
+    import torch
+    on_gpu = sum(_held_bytes(p) for p in model.parameters() if p.is_cuda) if device.type == "cuda" else 0
+    free = torch.cuda.mem_get_info(device)[0] if on_gpu else 0
+    if not on_gpu or free > 1.25 * on_gpu:    # the runtime's copy is no larger than ours; a margin for its buffers
+        yield
+        return
+    echo(f"the training model waits in host memory during evaluation ({on_gpu / 2**30:.1f} GiB; "
+         f"{free / 2**30:.1f} GiB free on the GPU)")
+    model.to("cpu")
+    _free_memory(device)
+    try:
+        yield
+    finally:
+        model.to(device)
+
+
+def _held_bytes(p) -> int:
+    """Bytes a parameter really holds (a packed MXFP4 weight: its blocks and scales)."""
+    from inference.mxfp4 import Mxfp4Weight
+    if isinstance(p, Mxfp4Weight):
+        return p.packed_bytes
+    return p.untyped_storage().nbytes() if type(p).__name__ == "Params4bit" else p.numel() * p.element_size()
+
+
 def _free_memory(device) -> None:
     import gc
     gc.collect()
@@ -422,15 +454,17 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
 
     def run_eval(label: str, adapter_dir: Path | None = None) -> dict:
         # The runtime's own evaluation (as `python -m inference eval`), on the base or on the adapter as saved.
-        engine = Engine.load(setup["model_dir"], adapters={"run": adapter_dir} if adapter_dir else None,
-                             dtype=setup["dtype"], device=device)
-        try:
-            with tqdm(total=len(prepared.eval_cases), desc=f"evaluating ({label})", unit="conv", leave=False) as bar:
-                return evaluate(engine, loss_examples, prepared.eval_cases, ev.max_new_tokens,
-                                model="run" if adapter_dir else None, progress=bar)
-        finally:
-            del engine
-            _free_memory(device)
+        with parked_on_host(model, device, echo):
+            engine = Engine.load(setup["model_dir"], adapters={"run": adapter_dir} if adapter_dir else None,
+                                 dtype=setup["dtype"], device=device)
+            try:
+                with tqdm(total=len(prepared.eval_cases), desc=f"evaluating ({label})", unit="conv",
+                          leave=False) as bar:
+                    return evaluate(engine, loss_examples, prepared.eval_cases, ev.max_new_tokens,
+                                    model="run" if adapter_dir else None, progress=bar)
+            finally:
+                del engine
+                _free_memory(device)
 
     has_eval = bool(loss_examples or prepared.eval_cases)
     before = None

@@ -87,3 +87,21 @@ def test_packed_load_on_cuda_saves_the_decoded_experts_bytes(tiny_model_dir):
     assert expert_bytes * 64 == dense_expert_bytes * 17             # 4.25 bits against bf16's 16
     # nothing dense of the experts stays alive: the difference is the whole saving (allocator rounding apart)
     assert dense_bytes - packed_bytes >= 0.95 * (dense_expert_bytes - expert_bytes)
+
+
+def test_packed_peft_model_round_trips_through_host_memory(tiny_model_dir):
+    """What evaluation does on a small GPU (finetune.pipeline.parked_on_host): the training model to the host and
+    back, packed experts and all, with the same outputs and the same parameter objects (the optimizer holds them)."""
+    model = _lora_models(tiny_model_dir)["packed"].to(CUDA)
+    ids = torch.randint(0, 5000, (1, 16), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.to("cpu")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(isinstance(p, mxfp4.Mxfp4Weight) for n, p in model.named_parameters() if n.endswith("_proj")
+               and ".experts." in n)
+    model.to(CUDA)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)

@@ -115,9 +115,20 @@ def format_coverage(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _is_nf4(p) -> bool:
+    return type(p).__name__ == "Params4bit"   # by name: bitsandbytes is imported only when nf4 is asked for
+
+
 def is_quantized(model) -> bool:
     """Whether the (PEFT-wrapped) model holds quantized base weights: packed MXFP4 experts or NF4 linears."""
-    return any(isinstance(p, Mxfp4Weight) or type(p).__name__ == "Params4bit" for p in model.parameters())
+    return any(isinstance(p, Mxfp4Weight) or _is_nf4(p) for p in model.parameters())
+
+
+def held_bytes(p: torch.Tensor) -> int:
+    """Bytes a parameter really holds: a packed MXFP4 weight its blocks and scales, an NF4 one its packed codes."""
+    if isinstance(p, Mxfp4Weight):
+        return p.packed_bytes
+    return p.untyped_storage().nbytes() if _is_nf4(p) else p.numel() * p.element_size()
 
 
 class HostEmbedding(torch.nn.Module):

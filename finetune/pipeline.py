@@ -283,7 +283,9 @@ def parked_on_host(model, device, echo=print):
     On a 16 GB GPU, gpt-oss-20b QLoRA holds about 12 GiB of weights; the runtime's packed copy is about as large.
     """
     import torch
-    on_gpu = sum(_held_bytes(p) for p in model.parameters() if p.is_cuda) if device.type == "cuda" else 0
+
+    from finetune.model import held_bytes
+    on_gpu = sum(held_bytes(p) for p in model.parameters() if p.is_cuda) if device.type == "cuda" else 0
     free = torch.cuda.mem_get_info(device)[0] if on_gpu else 0
     if not on_gpu or free > 1.25 * on_gpu:    # the runtime's copy is no larger than ours; a margin for its buffers
         yield
@@ -296,14 +298,6 @@ def parked_on_host(model, device, echo=print):
         yield
     finally:
         model.to(device)
-
-
-def _held_bytes(p) -> int:
-    """Bytes a parameter really holds (a packed MXFP4 weight: its blocks and scales)."""
-    from inference.mxfp4 import Mxfp4Weight
-    if isinstance(p, Mxfp4Weight):
-        return p.packed_bytes
-    return p.untyped_storage().nbytes() if type(p).__name__ == "Params4bit" else p.numel() * p.element_size()
 
 
 def _free_memory(device) -> None:
@@ -441,6 +435,7 @@ def _record(result: RunResult, info: dict, tracker, started: float, echo) -> Non
 
 def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, tracker, resume, echo,
                         log_lines=True) -> RunResult:
+    import torch
     from tqdm.auto import tqdm
 
     from finetune import fastpath
@@ -481,11 +476,11 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     if resume:
         echo(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training from the start")
         _trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0)
-    if device.type == "cuda":
-        import torch
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train(resume_from_checkpoint=checkpoint)
-    if device.type == "cuda":   # measured against the estimate printed first (python -m finetune estimate)
+    if cuda:   # measured against the estimate printed first (python -m finetune estimate)
         setup["training_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         echo(f"peak GPU memory while training: {setup['training_peak_gpu_bytes'] / 2**30:.2f} GiB "
              f"(estimated {setup['estimate']['peak_bytes'] / 2**30:.2f} GiB)")

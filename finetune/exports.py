@@ -7,9 +7,11 @@ Formats (:data:`FORMATS`):
   our runtime.
 - ``merged-bf16``: an HF-layout gpt-oss with the adapter folded in, experts dense bf16 (:mod:`finetune.merge`);
   checked with transformers and our runtime.
-- ``merged-mxfp4``: the same with experts requantized to MXFP4 in the original layout, plus ``quality_report.json``
-  (per-tensor quantization error and adapter update kept; KL, top-1 agreement and adapter effect kept vs the bf16
-  merge on held-out data); checked with transformers (``Mxfp4Config(dequantize=True)``) and our runtime.
+- ``merged-mxfp4``: the same with experts requantized to MXFP4 in the original layout (scale rounding ``"best"``: per
+  group the lower-error of the OCP and the gpt-oss convention), plus ``quality_report.json`` (the rounding used;
+  per-tensor quantization error, next to what pure ``down`` and pure ``up`` rounding would have reached, and adapter
+  update kept; KL, top-1 agreement and adapter effect kept vs the bf16 merge on held-out data); checked with
+  transformers (``Mxfp4Config(dequantize=True)``) and our runtime.
 - ``gguf``: the MXFP4 merge as one GGUF in llama.cpp's gpt-oss layout; ``gguf-lora``: the adapter alone as a GGUF
   LoRA; ``ollama``: the merged GGUF with a Modelfile. All three checked by llama.cpp itself (llama-cpp-python).
 
@@ -36,6 +38,10 @@ FORMATS = ("peft", "merged-bf16", "merged-mxfp4", "gguf", "gguf-lora", "ollama")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 HELD_OUT = 3           # held-out conversations of the run's eval set added to the fixed probes
 MIN_EFFECT_KEPT = 0.8  # an MXFP4 merge must keep this share of the adapter's effect on the logits (see parity)
+# How the MXFP4 merge picks each 32-value group's scale (inference.mxfp4): the lower-error of the OCP rule ("down") and
+# gpt-oss's quantizer ("up"), never worse than either; the export line and quality_report.json name it.
+SCALE_ROUNDING = "best"
+SCALE_ROUNDING_MEANS = "per 32-value group the lower-error scale of 'down' (OCP MX rule) and 'up' (gpt-oss quantizer)"
 
 # Pass criteria (see finetune.parity for the measures). Measured on the tiny demo run (tests/test_export.py):
 # - SAME: one artifact read by two float32 consumers, or the adapter reloaded unchanged: differences are float32
@@ -274,7 +280,7 @@ def _mxfp4_merge(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: floa
     """The MXFP4 merge into ``out`` with its quality report and checks (shared by merged-mxfp4 and the GGUFs); also
     returns our runtime's logits on it."""
     from finetune.merge import merge
-    merged = merge(run.model_dir, run.adapter_dir, out, "mxfp4")
+    merged = merge(run.model_dir, run.adapter_dir, out, "mxfp4", scale_rounding=SCALE_ROUNDING)
     bf16_dir = scratch / "merged-bf16"
     merge(run.model_dir, run.adapter_dir, bf16_dir, "bf16", progress=False)
     bf16 = parity.runtime_logits(bf16_dir, ref.probes)
@@ -285,11 +291,14 @@ def _mxfp4_merge(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: floa
     vs_bf16_held = parity.compare([ours[i] for i in held_out], [bf16[i] for i in held_out],
                                   [ref.base[i] for i in held_out]) if held_out else None
     summary = merged.summary()
-    echo(f"  requantized {summary['merged_tensors']} adapted tensors to MXFP4: mean relative error "
-         f"{summary.get('mean_rel_error', 0):.4f}, adapter update kept {summary.get('mean_delta_kept', 1):.4f} "
-         f"(min {summary.get('min_delta_kept', 1):.4f})")
+    echo(f"  requantized {summary['merged_tensors']} adapted tensors to MXFP4, scale rounding "
+         f"'{merged.scale_rounding}' ({SCALE_ROUNDING_MEANS}; up in {summary.get('mean_up_share', 0):.0%} of groups): "
+         f"mean relative error {summary.get('mean_rel_error', 0):.4f} (all down "
+         f"{summary.get('mean_rel_error_down', 0):.4f}, all up {summary.get('mean_rel_error_up', 0):.4f}), adapter "
+         f"update kept {summary.get('mean_delta_kept', 1):.4f} (min {summary.get('min_delta_kept', 1):.4f})")
     echo(f"  MXFP4 merge vs bf16 merge: {vs_bf16.line()}")
-    report = {"tensors": merged.to_dict(), "vs_bf16_merge": vs_bf16.__dict__,
+    report = {"scale_rounding": merged.scale_rounding, "scale_rounding_means": SCALE_ROUNDING_MEANS,
+              "tensors": merged.to_dict(), "vs_bf16_merge": vs_bf16.__dict__,
               "vs_bf16_merge_held_out": vs_bf16_held.__dict__ if vs_bf16_held else None,
               "held_out_conversations": len(held_out)}
     (out / "quality_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -1,17 +1,22 @@
 """Folding a trained LoRA adapter into a gpt-oss checkpoint, one tensor at a time.
 
-``merge(model_dir, adapter_dir, out_dir, experts="bf16" | "mxfp4")`` writes an HF-layout gpt-oss directory:
+``merge(model_dir, adapter_dir, out_dir, experts="bf16" | "mxfp4", scale_rounding="best")`` writes an HF-layout
+gpt-oss directory:
 
 - ``bf16``: every weight in bf16, experts dense as transformers holds them (``gate_up_proj (E, H, 2I)``,
   ``down_proj (E, I, H)``), no ``quantization_config``.
-- ``mxfp4``: experts requantized to MXFP4 in the original ``*_blocks``/``*_scales`` layout (``inference.mxfp4.pack``:
-  a power-of-two scale per 32 values, e2m1 elements, round to nearest even), so the result loads wherever the
-  original checkpoint loads. Expert tensors the adapter did not touch are copied byte for byte.
+- ``mxfp4``: experts requantized to MXFP4 in the original ``*_blocks``/``*_scales`` layout (``inference.mxfp4``: a
+  power-of-two scale per 32 values, e2m1 elements rounded to nearest even), so the result loads wherever the original
+  checkpoint loads. The scale of each group follows ``scale_rounding`` (``inference.mxfp4.SCALE_ROUNDINGS``): by
+  default ``"best"``, the lower-error of the OCP rule (``"down"``, saturating above 6) and gpt-oss's own quantizer
+  (``"up"``, never saturating), group by group, so never worse than either. Expert tensors the adapter did not touch
+  are copied byte for byte.
 
 The sum ``W + scale * B A`` is always formed in float32. Tensors stream through (one expert tensor of one layer is
 in memory at a time) and are written in shards of at most ``shard_bytes``, so a 20b/120b merge needs no more memory
 than its largest tensor. For ``mxfp4`` every adapted expert tensor gets a quantization report (:class:`TensorReport`):
-how far requantizing moved it, and how much of the adapter's update survived the rounding.
+how far requantizing moved it (and how far each pure convention would have), and how much of the adapter's update
+survived the rounding.
 """
 
 from __future__ import annotations
@@ -40,9 +45,12 @@ SHARD_BYTES = 4 << 30
 class TensorReport:
     """What requantizing one adapted expert tensor ``(E, out, in)`` to MXFP4 did.
 
-    ``rel_error``: ``||Q(W') - W'|| / ||W'||`` with ``W' = W + delta``; ``delta_kept``: the share of the adapter's
-    update that survived, ``<Q(W') - W, delta> / ||delta||^2`` (1 = all of it, 0 = rounded away);
-    ``delta_rel``: ``||delta|| / ||W||``, how big the update was next to the weight.
+    ``rel_error``: ``||Q(W') - W'|| / ||W'||`` with ``W' = W + delta`` and the ``scale_rounding`` used;
+    ``rel_error_down`` / ``rel_error_up``: the same had every group taken the down (OCP) or the up (gpt-oss) scale
+    (``"best"`` is never above either); ``up_share``: the share of the 32-value groups encoded with the up scale where
+    it differs from the down one (``differ_share`` of them do). ``delta_kept``: the share of the adapter's update that
+    survived, ``<Q(W') - W, delta> / ||delta||^2`` (1 = all of it, 0 = rounded away); ``delta_rel``:
+    ``||delta|| / ||W||``, how big the update was next to the weight.
     """
 
     name: str
@@ -50,21 +58,33 @@ class TensorReport:
     max_abs_error: float
     delta_kept: float
     delta_rel: float
+    scale_rounding: str
+    rel_error_down: float
+    rel_error_up: float
+    up_share: float
+    differ_share: float
 
 
 @dataclass
 class MergeResult:
     out_dir: Path
     experts: str
+    scale_rounding: str | None = None                    # how MXFP4 scales were chosen (None for bf16)
     merged: list[str] = field(default_factory=list)      # tensors the adapter changed
     tensors: list[TensorReport] = field(default_factory=list)
 
     def summary(self) -> dict:
         out = {"experts": self.experts, "merged_tensors": len(self.merged)}
+        if self.scale_rounding is not None:
+            out["scale_rounding"] = self.scale_rounding
         if self.tensors:
-            out |= {"mean_rel_error": sum(t.rel_error for t in self.tensors) / len(self.tensors),
+            n = len(self.tensors)
+            out |= {"mean_rel_error": sum(t.rel_error for t in self.tensors) / n,
                     "max_rel_error": max(t.rel_error for t in self.tensors),
-                    "mean_delta_kept": sum(t.delta_kept for t in self.tensors) / len(self.tensors),
+                    "mean_rel_error_down": sum(t.rel_error_down for t in self.tensors) / n,
+                    "mean_rel_error_up": sum(t.rel_error_up for t in self.tensors) / n,
+                    "mean_up_share": sum(t.up_share for t in self.tensors) / n,
+                    "mean_delta_kept": sum(t.delta_kept for t in self.tensors) / n,
                     "min_delta_kept": min(t.delta_kept for t in self.tensors)}
         return out
 
@@ -122,25 +142,28 @@ def _expert_rows(src: TensorFiles, base: str) -> tuple[torch.Tensor, tuple[torch
 
 
 def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, experts: str = "bf16",
-          shard_bytes: int = SHARD_BYTES, progress: bool = True) -> MergeResult:
+          shard_bytes: int = SHARD_BYTES, progress: bool = True, scale_rounding: str = "best") -> MergeResult:
     """Fold the adapter at ``adapter_dir`` into the gpt-oss at ``model_dir``; write the result to ``out_dir``
-    (which must not exist yet or be empty: the caller decides about replacing things)."""
+    (which must not exist yet or be empty: the caller decides about replacing things). ``scale_rounding`` chooses
+    the MXFP4 scales of requantized experts (``experts="mxfp4"``)."""
     from tqdm.auto import tqdm
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
+    if scale_rounding not in mxfp4.SCALE_ROUNDINGS:
+        raise ValueError(f"scale_rounding must be one of {mxfp4.SCALE_ROUNDINGS}, got {scale_rounding!r}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = read_config(model_dir)
     adapter = read_adapter(adapter_dir, cfg, torch.float32, "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = _Shards(out_dir, shard_bytes)
-    result = MergeResult(out_dir, experts)
+    result = MergeResult(out_dir, experts, scale_rounding if experts == "mxfp4" else None)
     used: set[str] = set()
     with TensorFiles(model_dir) as src:
         names = [n for n in src.names() if not n.endswith("_scales")]
         for name in tqdm(names, desc=f"merging ({experts} experts)", unit="tensor", leave=False,
                          disable=not progress):
             if name.endswith("_blocks") or (name.endswith(("gate_up_proj", "down_proj")) and ".mlp.experts." in name):
-                _merge_expert(src, name.removesuffix("_blocks"), adapter, experts, shards, result, used)
+                _merge_expert(src, name.removesuffix("_blocks"), adapter, shards, result, used)
             else:
                 _merge_other(src, name, adapter, shards, result, used)
     wanted = set(adapter.linear) | {f"{layer}.mlp.experts.{p}_proj" for layer, loras in adapter.experts.items()
@@ -170,8 +193,9 @@ def _merge_other(src: TensorFiles, name: str, adapter: Adapter, shards: _Shards,
     used.add(module)
 
 
-def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, experts: str, shards: _Shards, result: MergeResult,
+def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, shards: _Shards, result: MergeResult,
                   used: set[str]) -> None:
+    experts = result.experts
     layer, proj = base.split(".mlp.experts.")
     lora = adapter.experts.get(layer, {}).get(proj.removesuffix("_proj"))
     if lora is None and experts == "mxfp4" and base + "_blocks" in src:
@@ -188,16 +212,25 @@ def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, experts: str, s
     if experts == "bf16":
         shards.add(base, merged.transpose(1, 2).to(torch.bfloat16))  # transformers' (E, in, out)
         return
-    blocks, scales = mxfp4.pack(merged)                              # (E, out, in/32, 16), (E, out, in/32)
+    if delta is None:                                                # a dense source, quantized: nothing to report
+        blocks, scales = mxfp4.pack(merged, result.scale_rounding)   # (E, out, in/32, 16), (E, out, in/32)
+        shards.add(base + "_blocks", blocks)
+        shards.add(base + "_scales", scales)
+        return
+    # the codes, and the squared errors of the rounding used and of both pure conventions
+    blocks, scales, stats = mxfp4.pack_with_stats(merged, result.scale_rounding)
     shards.add(base + "_blocks", blocks)
     shards.add(base + "_scales", scales)
-    if delta is not None:
-        quant = mxfp4.unpack(blocks, scales)
-        err = quant - merged
-        kept = float((quant - rows).flatten() @ delta.flatten() / delta.square().sum().clamp_min(1e-30))
-        result.tensors.append(TensorReport(base, float(err.norm() / merged.norm().clamp_min(1e-30)),
-                                           float(err.abs().max()), kept,
-                                           float(delta.norm() / rows.norm().clamp_min(1e-30))))
+    max_abs, kept, delta_sq = 0.0, 0.0, 0.0
+    for e in range(merged.shape[0]):                                 # one expert (out, in) at a time: bounded memory
+        quant = mxfp4.unpack(blocks[e], scales[e])
+        max_abs = max(max_abs, float((quant - merged[e]).abs().max()))
+        kept += float(((quant - rows[e]) * delta[e]).sum(dtype=torch.float64))
+        delta_sq += float(delta[e].square().sum(dtype=torch.float64))
+    delta_rel = float(delta.norm() / rows.norm().clamp_min(1e-30))
+    result.tensors.append(TensorReport(
+        base, stats.rel_error(), max_abs, kept / max(delta_sq, 1e-30), delta_rel, stats.scale_rounding,
+        stats.rel_error("down"), stats.rel_error("up"), stats.up_share, stats.differ_share))
 
 
 def _write_config(model_dir: Path, out_dir: Path, experts: str) -> None:

@@ -66,15 +66,36 @@ def _fp4():
     import triton.language as tl
 
     @triton.jit
-    def fp4(code):
-        """e2m1 code (0..15, bit 3 = sign) → its value: 0, 0.5, 1, 1.5, 2, 3, 4, 6 (and negatives)."""
+    def fp4(code, lo, hi):
+        """e2m1 code (0..15, bit 3 = sign) → its value (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives) times ``lo * hi``,
+        in that order (see ``pow2_pair``; 1.0, 1.0 for the bare value)."""
         c = code.to(tl.int32)
         e = (c >> 1) & 3
         m = (c & 1).to(tl.float32)
         mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
-        return tl.where((c & 8) != 0, -mag, mag)
+        # the sign rides on the nonzero scale: Triton negates as 0 - x, so -mag would turn code 8's -0.0 into +0.0
+        return mag * tl.where((c & 8) != 0, -lo, lo) * hi
 
     return fp4
+
+
+@functools.lru_cache(maxsize=1)
+def _pow2_pair():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pow2_pair(scale):
+        """E8M0 byte ``s`` → ``2^(s - 127)`` as two normal fp32 powers of two whose product it is, built from their
+        bits (``inference.mxfp4._pow2_pair``): ``v * lo * hi`` is ``ldexp(v, s - 127)``, so byte 255 (``2^128``, no
+        fp32) overflows only where the product does and byte 0 (``2^-127``, subnormal) is exact."""
+        k = scale.to(tl.int32) - 127                     # [-127, 128]
+        half = k >> 1                                     # floor(k / 2): arithmetic shift
+        lo = ((half + 127) << 23).to(tl.float32, bitcast=True)
+        hi = ((k - half + 127) << 23).to(tl.float32, bitcast=True)
+        return lo, hi
+
+    return pow2_pair
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,7 +103,7 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    fp4 = _fp4()
+    fp4, pow2_pair = _fp4(), _pow2_pair()
 
     @triton.jit
     def kernel(x_ptr, blocks_ptr, scales_ptr, experts_ptr, y_ptr, N, K, stride_be, stride_bn, stride_se, stride_sn,
@@ -92,18 +113,23 @@ def _kernel():
         mask_n = offs_n < N
         e = tl.load(experts_ptr + row).to(tl.int64)
         offs_j = tl.arange(0, BLOCK_K // 2)                  # byte j holds values 2j (low nibble) and 2j + 1
+        offs_g = tl.arange(0, BLOCK_K // 32)                 # the groups of 32 values (16 bytes) in a step
         w_rows = blocks_ptr + e * stride_be + offs_n[:, None].to(tl.int64) * stride_bn
         s_rows = scales_ptr + e * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             mask_k = k0 + 2 * offs_j < K
             mask = mask_n[:, None] & mask_k[None, :]
-            packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=mask, other=0)
-            exponent = tl.load(s_rows + (k0 // 32 + offs_j // 16)[None, :], mask=mask, other=127)
+            packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=mask, other=0)                 # (N, K/2)
+            mask_g = mask_n[:, None] & (k0 + 32 * offs_g < K)[None, :]
+            exponent = tl.load(s_rows + (k0 // 32 + offs_g)[None, :], mask=mask_g, other=127)          # (N, K/32)
             x_even = tl.load(x_ptr + row * K + k0 + 2 * offs_j, mask=mask_k, other=0.0).to(tl.float32)
             x_odd = tl.load(x_ptr + row * K + k0 + 2 * offs_j + 1, mask=mask_k, other=0.0).to(tl.float32)
-            pair = fp4(packed & 15) * x_even[None, :] + fp4(packed >> 4) * x_odd[None, :]
-            acc += tl.sum(pair * tl.exp2(exponent.to(tl.float32) - 127.0), axis=1)
+            pair = fp4(packed & 15, 1.0, 1.0) * x_even[None, :] + fp4(packed >> 4, 1.0, 1.0) * x_odd[None, :]
+            # each group's 32 products summed, then scaled once: 2**(s - 127) as two factors (pow2_pair)
+            group = tl.sum(tl.reshape(pair, (BLOCK_N, BLOCK_K // 32, 16)), axis=2)                      # (N, K/32)
+            scale_lo, scale_hi = pow2_pair(exponent)
+            acc += tl.sum(group * scale_lo * scale_hi, axis=1)
         tl.store(y_ptr + row * N + offs_n, acc, mask=mask_n)
 
     return kernel
@@ -131,7 +157,7 @@ def _decode_kernel():
     import triton
     import triton.language as tl
 
-    fp4 = _fp4()
+    fp4, pow2_pair = _fp4(), _pow2_pair()
 
     @triton.jit
     def kernel(blocks_ptr, scales_ptr, out_ptr, G, groups, sb_e, sb_r, ss_e, ss_r, BLOCK_Q: tl.constexpr):
@@ -145,8 +171,10 @@ def _decode_kernel():
         src = blocks_ptr + e * sb_e + row[:, None] * sb_r + group[:, None] * 16 + byte[None, :]   # (Q, 16)
         packed = tl.load(src, mask=mask[:, None], other=0)
         exponent = tl.load(scales_ptr + e * ss_e + row * ss_r + group, mask=mask, other=127)     # (Q,)
-        scale = tl.exp2(exponent.to(tl.float32) - 127.0)[:, None]
-        values = tl.interleave(fp4(packed & 15) * scale, fp4(packed >> 4) * scale)          # (Q, 32), low first
+        scale_lo, scale_hi = pow2_pair(exponent)
+        scale_lo, scale_hi = scale_lo[:, None], scale_hi[:, None]                              # (Q, 1) each
+        values = tl.interleave(fp4(packed & 15, scale_lo, scale_hi),
+                               fp4(packed >> 4, scale_lo, scale_hi))                           # (Q, 32), low first
         dst = out_ptr + e * groups * 32 + q.to(tl.int64)[:, None] * 32 + tl.arange(0, 32)[None, :]
         tl.store(dst, values.to(out_ptr.dtype.element_ty), mask=mask[:, None])
 

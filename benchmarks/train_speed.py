@@ -155,7 +155,8 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
 
-    res["matmul_tflops"] = round(matmul_rate(device), 1)
+    rate = matmul_rate(device)   # TFLOP/s; kept unrounded for the MFU (a loaded 2-core CPU measures ~0.05)
+    res["matmul_tflops"] = round(rate, 1) if rate >= 1 else round(rate, 4)
     print(f"{res['device']}: measured dense matmul {res['matmul_tflops']} TFLOP/s "
           f"({'bf16 8192^3' if cuda else 'fp32 1024^3'})", flush=True)
 
@@ -240,7 +241,7 @@ def main() -> None:
                 step = statistics.median(times[args.warmup:])
                 tps = batch * seq / step
                 row[path] = {"tok_s": round(tps), "step_s": round(step, 3),
-                             "mfu": round(tps * flops_per_token(cfg, seq) / (res["matmul_tflops"] * 1e12), 3),
+                             "mfu": round(tps * flops_per_token(cfg, seq) / (rate * 1e12), 3),
                              "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
                              "first_loss": round(first_loss, 4)}
             except torch.OutOfMemoryError as exc:

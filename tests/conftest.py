@@ -1,22 +1,36 @@
 """Shared fixtures: a private cache (the tiny model is built fresh once per session, as on a new machine), the tiny
-model, and a helper to run the real CLI in a subprocess."""
+model, helpers to run the real CLI and servers in subprocesses, and the tolerances of fp32 comparisons.
+
+Every test starts from the same random state (:func:`_seeded`), so what a test draws never depends on which tests
+ran before it; tests that draw random inputs seed their own generators besides.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Limits for subprocesses, meant never to be hit by a working command: a 2-core machine running the whole suite and
+# something else besides runs a command several times slower than an idle one (the README demo takes ~2 min idle and
+# ran past 600 s under load), and a limit that is hit fails a correct test. A hung process still fails, at the limit.
+CLI_TIMEOUT_S = 900        # one CLI command (seconds idle; a short training or benchmark run: a minute or two)
+TRAIN_TIMEOUT_S = 2400     # a command that trains for real, e.g. the README demo (~2 min idle) or a sweep
+SERVER_START_S = 600       # a server process importing torch and loading the model until it answers (~10 s idle)
+
 
 def _cuda() -> bool:
-    import torch
     return torch.cuda.is_available()
 
 
@@ -33,6 +47,16 @@ def pytest_configure(config):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """The global random state every test starts from: module construction (nn.Linear, PEFT's LoRA init) and any
+    draw without a generator give the same values whatever ran before (fixtures of a wider scope seed themselves)."""
+    import numpy as np
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +94,7 @@ def demo_run(tmp_path_factory, tiny_model_dir):
     setup, _ = readme_commands()
     main_command = setup.split("&&")[-1].split()  # python -m finetune run recipes/tiny-cpu.yaml
     assert main_command[:2] == ["python", "-m"]
-    proc = run_cli(*main_command[2:], cwd=work, timeout=600)
+    proc = run_cli(*main_command[2:], cwd=work, timeout=TRAIN_TIMEOUT_S)
     return work, proc
 
 
@@ -82,7 +106,6 @@ def make_adapter(model_dir, out, seed: int, modules=ATTENTION, experts=EXPERTS, 
     """A real PEFT LoRA adapter for ``model_dir`` (attention ``modules`` and expert tensors ``experts``), every
     lora_A/lora_B filled with seeded noise: PEFT's lora_B starts at zero, which would make the adapter a no-op and
     every parity test on it vacuous."""
-    import torch
     from peft import LoraConfig, get_peft_model
 
     from inference.checkpoint import load_model
@@ -97,12 +120,117 @@ def make_adapter(model_dir, out, seed: int, modules=ATTENTION, experts=EXPERTS, 
     return out
 
 
-def run_cli(*args: str, cwd: Path | str = REPO, timeout: int = 300, env: dict | None = None
+def _text(output) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def run(argv: list[str], timeout: float = CLI_TIMEOUT_S, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(argv, capture_output=True, text=True)``; past ``timeout`` the test fails showing what the
+    process had printed (subprocess kills it), rather than with a bare TimeoutExpired."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(map(str, argv))} still running after {timeout} s\n--- stdout:\n"
+                    f"{_text(exc.stdout)[-5000:]}\n--- stderr:\n{_text(exc.stderr)[-5000:]}", pytrace=False)
+
+
+def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = CLI_TIMEOUT_S, env: dict | None = None
             ) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` for real, as a user would, capturing output."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.run([sys.executable, "-m", *args], cwd=str(cwd), capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return run([sys.executable, "-m", *args], timeout=timeout, cwd=str(cwd), env=full_env)
+
+
+def wait_for(ready, server: subprocess.Popen, what: str, timeout: float = SERVER_START_S, every: float = 0.5,
+             group: bool = False):
+    """Poll ``ready()`` until it returns something other than None (it may raise OSError while the server is not up)
+    and return that; fail, showing the server's output, if the server exits or ``timeout`` passes first. ``group``:
+    the server was started with ``start_new_session=True`` and is stopped with its whole process group."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = ready()
+        except OSError:
+            value = None
+        if value is not None:
+            return value
+        if server.poll() is not None or time.monotonic() > deadline:
+            state = f"exited with {server.returncode}" if server.poll() is not None else f"no answer in {timeout} s"
+            out, err = stop(server, group=group)
+            pytest.fail(f"{what}: {state}\n--- stdout:\n{out[-5000:]}\n--- stderr:\n{err[-5000:]}", pytrace=False)
+        time.sleep(every)
+
+
+def stop(server: subprocess.Popen, timeout: float = 120, group: bool = False) -> tuple[str, str]:
+    """Terminate a server started with ``Popen(..., stdout=PIPE, stderr=PIPE, text=True)`` and return its output;
+    killed if it has not exited within ``timeout`` (shutting down on a busy machine may take a while). ``group``: the
+    whole process group of a server started with ``start_new_session=True`` (its workers hold the pipes too)."""
+    def signal_it(sig):
+        try:
+            if group:
+                os.killpg(server.pid, sig)
+            else:
+                server.send_signal(sig)
+        except ProcessLookupError:   # already gone
+            pass
+
+    signal_it(signal.SIGTERM)
+    try:
+        out, err = server.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_it(signal.SIGKILL)
+        out, err = server.communicate()
+    return _text(out), _text(err)
+
+
+# ------------------------------------------------------------------------------------------- fp32 comparisons
+
+EPS32 = torch.finfo(torch.float32).eps
+# Two fp32 computations of the same maths in different orders each land about as far from the exact result as the
+# measured reference does: their errors add (2x), with 2x more to spare for one landing further out than the other.
+FP32_MARGIN = 4
+
+
+def summation_bound(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None = None) -> torch.Tensor:
+    """Elementwise bound on how far two fp32 evaluations of ``a @ b`` (per expert group ending at ``offs[e]`` when
+    given) in any two summation orders can differ: each is within ``K * eps/2 * sum_k |a_k b_k|`` of the exact
+    value (K terms; a and b themselves exact fp32 numbers), so the two within ``K * eps * (|a| @ |b|)``."""
+    from inference.moe import _gmm_loop
+    a, b = a.detach().abs().double(), b.detach().abs().double()
+    return a.shape[-1] * EPS32 * (_gmm_loop(a, b, offs) if offs is not None else a @ b)
+
+
+def fp32_tolerance(ref32: torch.Tensor, exact: torch.Tensor) -> float:
+    """How far another fp32 computation of the same maths may be from ``ref32``: FP32_MARGIN times ``ref32``'s
+    measured distance from the float64 result ``exact`` (at least one fp32 ulp of the largest value)."""
+    err = (ref32.double() - exact.double()).abs().max().item()
+    return FP32_MARGIN * max(err, EPS32 * exact.double().abs().max().item())
+
+
+def assert_fp32_close(ours: torch.Tensor, ref32: torch.Tensor, exact: torch.Tensor, what: str = "") -> None:
+    """``ours`` equals the fp32 reference ``ref32`` up to fp32 rounding, as measured against ``exact``."""
+    tol = fp32_tolerance(ref32, exact)
+    diff = (torch.as_tensor(ours).double() - torch.as_tensor(ref32).double()).abs().max().item()
+    assert diff <= tol, f"{what}: max abs difference {diff:.3g} > {tol:.3g} (fp32 error of the reference x margin)"
+
+
+def assert_float64_close(ours: torch.Tensor, ref64: torch.Tensor, ref32: torch.Tensor, what: str = "") -> None:
+    """Two float64 computations of the same maths: rounding errors scale with the unit roundoff, so the reference's
+    float64 error is its fp32 run's distance from it (``ref32``) times eps64 / eps32; FP32_MARGIN times that (at
+    least one float64 ulp of the largest value) bounds the distance of ``ours`` from ``ref64``."""
+    eps64 = torch.finfo(torch.float64).eps
+    err = (ref32.double() - ref64).abs().max().item() * eps64 / EPS32
+    tol = FP32_MARGIN * max(err, eps64 * ref64.abs().max().item())
+    diff = (ours - ref64).abs().max().item()
+    assert diff <= tol, f"{what}: max abs difference {diff:.3g} > {tol:.3g} (float64 error of the reference x margin)"
+
+
+def float64(model):
+    """``model`` (transformers' gpt-oss, or PEFT around it) in float64, for an exact reference: with eager experts,
+    since transformers' grouped_mm experts take no float64."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_experts_implementation("eager")
+    return model.double()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+from conftest import run
 
 from finetune.datasets import DataError, Example, dataset_fingerprint, load_examples
 from inference.errors import UserError
@@ -37,9 +38,9 @@ def error(tmp_path, records, name="bad.jsonl", **kw):
 
 def test_import_is_light():
     assert issubclass(DataError, UserError)
-    import subprocess
     code = "import sys, finetune.datasets; sys.exit('datasets' in sys.modules or 'pyarrow' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    proc = run([sys.executable, "-c", code])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_openai_basic_with_blank_lines_and_source(tmp_path):

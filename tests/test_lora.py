@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_fp32_close, float64
 
 from finetune.model import add_lora, coverage, format_coverage
 from finetune.recipe import load_recipe
@@ -48,14 +49,14 @@ def experts_wrappers(peft_model, layer: int):
 
 def expert_delta(wrapper, param: torch.Tensor) -> torch.Tensor:
     """Our own expert update, from lora_A/lora_B: LoRA's A reads the input features, B writes the output features,
-    so for ``y = x @ W[e]`` the adapted weight is ``W[e] + scale * A_e^T @ B_e^T`` (shape (in, out)).
+    so for ``y = x @ W[e]`` the adapted weight is ``W[e] + scale * A_e^T @ B_e^T`` (shape (in, out)), in float64.
 
     How the ``r * E`` rank rows/columns are split into experts is PEFT's storage layout: lora_A's rows are
     expert-major ``(E, r)``, lora_B's columns are rank-major ``(r, E)``.
     """
     E, d_in, d_out = param.shape
-    A = wrapper.lora_A["default"].weight.detach()   # (r * E, in)
-    B = wrapper.lora_B["default"].weight.detach()   # (out, r * E)
+    A = wrapper.lora_A["default"].weight.detach().double()   # (r * E, in)
+    B = wrapper.lora_B["default"].weight.detach().double()   # (out, r * E)
     r = A.shape[0] // E
     assert A.shape == (r * E, d_in) and B.shape == (d_out, r * E)
     A_e = A.reshape(E, r, d_in)                      # (E, r, in)
@@ -65,8 +66,8 @@ def expert_delta(wrapper, param: torch.Tensor) -> torch.Tensor:
 
 
 def linear_delta(module) -> torch.Tensor:
-    """Standard LoRA on an nn.Linear: W (out, in) + scale * B @ A."""
-    A, B = module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach()
+    """Standard LoRA on an nn.Linear: W (out, in) + scale * B @ A (float64, as expert_delta)."""
+    A, B = module.lora_A["default"].weight.detach().double(), module.lora_B["default"].weight.detach().double()
     return module.scaling["default"] * (B @ A)
 
 
@@ -81,7 +82,7 @@ def rendered_example(recipe, colour: str = "red", thing: str = "cherry"):
     from inference.harmony import render_for_training
     messages = [{"role": "user", "content": f"Color of {thing}?"},
                 {"role": "assistant", "thinking": f"{thing} is usually {colour}.", "content": colour}]
-    r = render_for_training(messages, None, harmony_options(recipe), loss_weights(recipe))
+    (r,) = render_for_training(messages, None, harmony_options(recipe), loss_weights(recipe))   # one turn: one sequence
     ids = torch.tensor([r.ids])
     return ids, torch.ones_like(ids), torch.tensor([r.weights])
 
@@ -148,6 +149,7 @@ def test_expert_lora_changes_expert_output_and_matches_merged_weights(tiny_model
     cfg = tiny_model.config
     recipe = make_recipe(tmp_path)
     base = copy.deepcopy(tiny_model)  # get_peft_model wraps tiny_model in place; this copy stays untouched
+    torch.manual_seed(0)              # PEFT initialises lora_A from the global generator (lora_B stays zero)
     peft_model, _ = add_lora(tiny_model, recipe)
     peft_model.eval()
 
@@ -196,39 +198,46 @@ def test_expert_lora_changes_expert_output_and_matches_merged_weights(tiny_model
             wrapper.lora_B["default"].weight.zero_()
         assert torch.equal(experts_out(), y_base)
 
-    # Now every adapter is non-zero: compare with a plain model whose weights are W + delta, computed by us.
+    # Now every adapter is non-zero: compare with a plain model whose weights are W + delta, computed by us, in fp32
+    # and (for the tolerances: how far the fp32 reference is from the exact result) in float64.
     fill_(expert_B.values(), g)
-    reference = copy.deepcopy(base)
-    with torch.no_grad():
-        for i, ref_layer in enumerate(reference.model.layers):
-            o, n = experts_wrappers(peft_model, i)
-            for wrapper in (o, n):
-                W = getattr(ref_layer.mlp.experts, wrapper.parameter_name)
-                delta = expert_delta(wrapper, W)
-                assert delta.shape == W.shape
-                W.add_(delta)
-            attn = peft_model.base_model.model.model.layers[i].self_attn
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(ref_layer.self_attn, name).weight.add_(linear_delta(getattr(attn, name)))
+
+    def merged_by_us(dtype):
+        reference = copy.deepcopy(base).to(dtype)
+        with torch.no_grad():
+            for i, ref_layer in enumerate(reference.model.layers):
+                o, n = experts_wrappers(peft_model, i)
+                for wrapper in (o, n):
+                    W = getattr(ref_layer.mlp.experts, wrapper.parameter_name)
+                    delta = expert_delta(wrapper, W)
+                    assert delta.shape == W.shape
+                    W.add_(delta.to(dtype))
+                attn = peft_model.base_model.model.model.layers[i].self_attn
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    getattr(ref_layer.self_attn, name).weight.add_(linear_delta(getattr(attn, name)).to(dtype))
+        return reference
+
+    reference, exact = merged_by_us(torch.float32), float64(merged_by_us(torch.float64))
 
     y_lora = experts_out()
     with torch.no_grad():
         y_ref = reference.model.layers[layer].mlp.experts(x, idx, w)
+        y_exact = exact.model.layers[layer].mlp.experts(x.double(), idx, w.double())
     assert (y_lora - y_base).abs().max() > 1e-3
-    torch.testing.assert_close(y_lora, y_ref, rtol=1e-4, atol=1e-5)
+    assert_fp32_close(y_lora, y_ref, y_exact, "experts")
 
-    logits_lora = logits(peft_model)
+    logits_lora, logits_exact = logits(peft_model), logits(exact)
     assert (logits_lora - logits_base).abs().max() > 1e-3
-    torch.testing.assert_close(logits_lora, logits(reference), rtol=1e-4, atol=1e-4)
+    assert_fp32_close(logits_lora, logits(reference), logits_exact, "logits")
 
     # PEFT's own merge agrees with our delta, and the merged plain model computes what the adapted one does.
     merged = copy.deepcopy(peft_model).merge_and_unload()
     assert type(merged) is type(base)
-    for ours, theirs in zip(reference.model.layers, merged.model.layers):
+    for ours, theirs, ours_exact in zip(reference.model.layers, merged.model.layers, exact.model.layers):
         for name in ("gate_up_proj", "down_proj"):
-            torch.testing.assert_close(getattr(theirs.mlp.experts, name), getattr(ours.mlp.experts, name),
-                                       rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(logits(merged), logits_lora, rtol=1e-4, atol=1e-4)
+            assert_fp32_close(getattr(theirs.mlp.experts, name), getattr(ours.mlp.experts, name),
+                              getattr(ours_exact.mlp.experts, name), name)
+    assert_fp32_close(logits(merged), logits_lora, logits_exact, "merged logits")
 
 
 # --------------------------------------------------------------------------------------- training touches adapters only

@@ -1,8 +1,11 @@
 """The weighted loss: logits only where weights are non-zero, chunked for large batches, same numbers as the plain
 computation over transformers' full logits."""
 
+import copy
+
 import torch
 import torch.nn.functional as F
+from conftest import assert_fp32_close, float64, fp32_tolerance
 
 from inference.loss import linear_cross_entropy, weighted_loss_sum
 
@@ -16,12 +19,17 @@ def test_chunked_linear_cross_entropy_matches_plain_values_and_gradients():
     ours = linear_cross_entropy(hidden, weight, targets, chunk=8)  # 37 rows > 8: the chunked path
     (ours * upstream).sum().backward()
     g_hidden, g_weight = hidden.grad.clone(), weight.grad.clone()
-    hidden.grad = weight.grad = None
-    plain = F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")
-    (plain * upstream).sum().backward()
-    assert torch.allclose(ours, plain, atol=1e-5, rtol=0)
-    assert torch.allclose(g_hidden, hidden.grad, atol=1e-5, rtol=0)
-    assert torch.allclose(g_weight, weight.grad, atol=1e-5, rtol=0)
+    # the plain computation with fp32 logits (as ours), and without rounding them (float64), for the tolerances
+    results = []
+    for cast in (torch.float32, torch.float64):
+        hidden.grad = weight.grad = None
+        plain = F.cross_entropy((hidden @ weight.T).to(cast), targets, reduction="none")
+        (plain * upstream).sum().backward()
+        results.append((plain.detach(), hidden.grad.clone(), weight.grad.clone()))
+    (plain, plain_h, plain_w), (exact, exact_h, exact_w) = results
+    assert_fp32_close(ours, plain, exact, "loss")
+    assert_fp32_close(g_hidden, plain_h, exact_h, "d hidden")
+    assert_fp32_close(g_weight, plain_w, exact_w, "d weight")
 
 
 def test_chunked_path_with_a_frozen_head_has_the_plain_gradient():
@@ -34,7 +42,10 @@ def test_chunked_path_with_a_frozen_head_has_the_plain_gradient():
     assert weight.grad is None
     ours, hidden.grad = hidden.grad, None
     (F.cross_entropy(hidden @ weight.T, targets, reduction="none") * upstream).sum().backward()
-    assert torch.allclose(ours, hidden.grad, atol=1e-5, rtol=0)   # logits are fp32 by design, as above
+    exact, hidden.grad = hidden.grad, None
+    # logits are fp32 by design, as above: ours is as far from the float64 gradient as rounding them to fp32 takes
+    (F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none") * upstream).sum().backward()
+    assert (ours - exact).abs().max() <= fp32_tolerance(hidden.grad, exact)
 
 
 def test_weighted_loss_equals_the_full_logits_reference(tiny_model):
@@ -46,12 +57,17 @@ def test_weighted_loss_equals_the_full_logits_reference(tiny_model):
     weights[0, 5:12] = 1.0
     weights[1, 3:20] = 0.5
     weights[2, 10:15] = 2.0
+
+    def reference(model):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits   # transformers' own head, every position
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                              reduction="none").view(3, 20)
+        return (nll * weights[:, 1:].to(nll.dtype)).sum()
+
+    exact = reference(float64(copy.deepcopy(tiny_model)))   # the same in float64, for the tolerance
     with torch.no_grad():
         total, weight_sum, count = weighted_loss_sum(tiny_model, ids, mask, weights)
-        logits = tiny_model(input_ids=ids, attention_mask=mask).logits   # transformers' own head, every position
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                          reduction="none").view(3, 20)
-    reference = (nll * weights[:, 1:]).sum()
-    assert torch.allclose(total, reference, rtol=1e-5, atol=1e-4)
+    assert_fp32_close(total, reference(tiny_model), exact, "weighted loss")
     assert weight_sum.item() == weights[:, 1:].sum().item()
     assert int(count) == int((weights[:, 1:] > 0).sum())

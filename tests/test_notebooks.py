@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO
+from conftest import REPO, SERVER_START_S, TRAIN_TIMEOUT_S
 from nbclient import NotebookClient
 
 NOTEBOOKS = REPO / "notebooks"
@@ -50,7 +50,12 @@ def execute(name: str, tmp_path: Path, monkeypatch) -> tuple[Path, nbformat.Note
     # The kernel inherits this environment: the project importable, the default MLflow store (./mlflow.db).
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
+    # A cell that trains may take minutes on a busy machine, and so may starting the kernel: generous limits, each
+    # still failing a hung cell or kernel. The cell's last outputs may also arrive well after its reply there; by
+    # default nbclient waits 4 s for them and then drops them silently, so it waits as long as for a kernel start
+    # (and fails loudly past that).
+    NotebookClient(nb, timeout=TRAIN_TIMEOUT_S, startup_timeout=SERVER_START_S, iopub_timeout=SERVER_START_S,
+                   raise_on_iopub_timeout=True, kernel_name="python3",
                    resources={"metadata": {"path": str(work / "notebooks")}}).execute()
     return work, nb
 

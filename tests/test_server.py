@@ -25,7 +25,7 @@ import openai
 import pytest
 import torch
 
-from inference.engine import Engine
+from inference.engine import Completion, Engine
 from inference.errors import UserError
 from inference.server import make_server
 
@@ -60,6 +60,9 @@ SCRIPT = [
 MODES = {"thinker": ("analysis", "<|end|>"), "caller": ("comment", '{"')}
 SCRIPTED_LOGIT = 40.0  # far above the ~12 nats of 201k unscripted tokens at logit 0
 MODE_LOGIT = 4.0
+# Socket timeouts and waits, meant never to be reached by a working server: a reply of a few tokens takes well under a
+# second on an idle machine, and a 2-core machine running the whole suite and more may be many times slower.
+HTTP_TIMEOUT_S = 300
 
 
 def _token(text: str) -> int:
@@ -107,6 +110,7 @@ def save_mode_adapters(model_dir, mode_dim: dict[str, int], out_dir) -> dict[str
     model = load_model(model_dir)
     H, I, E = model.config.hidden_size, model.config.intermediate_size, model.config.num_local_experts
     r, alpha = 4, 8
+    torch.manual_seed(0)   # PEFT's lora_A init (left in place where lora_B stays zero) draws from the global generator
     peft_model = peft.get_peft_model(model, peft.LoraConfig(
         r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
@@ -157,7 +161,7 @@ def client(port) -> openai.OpenAI:
 def raw(port: int, method: str, path: str, body: bytes | None = None, key: str | None = KEY,
         conn: http.client.HTTPConnection | None = None) -> tuple[int, dict, bytes]:
     """One request over plain http.client: (status, headers, body)."""
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
     headers = {} if key is None else {"Authorization": f"Bearer {key}"}
     conn.request(method, path, body=body, headers=headers)
     resp = conn.getresponse()
@@ -212,7 +216,7 @@ def test_stream_matches_the_whole_reply_and_ends_properly(client):
 
 def test_stream_wire_format_and_keep_alive(port):
     """Chunked SSE ending in [DONE] and the zero-length chunk, then the same connection serves the next request."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
     status, headers, body = raw(port, "POST", "/v1/chat/completions", chat_body(stream=True), conn=conn)
     assert status == 200 and headers["Content-Type"] == "text/event-stream"
     assert headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
@@ -320,7 +324,7 @@ def test_every_route_needs_the_key(port, key, method, path):
 
 
 def test_oversized_body_is_refused_unread(port):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
     conn.putrequest("POST", "/v1/chat/completions")
     conn.putheader("Authorization", f"Bearer {KEY}")
     conn.putheader("Content-Length", str(50_000_000))
@@ -339,7 +343,7 @@ def test_bodies_that_are_not_a_json_object(port, body):
 
 
 def test_post_without_content_length_is_411(port):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
     conn.putrequest("POST", "/v1/chat/completions")
     conn.putheader("Authorization", f"Bearer {KEY}")
     conn.endheaders()
@@ -393,7 +397,7 @@ def test_unknown_route_and_wrong_method(port):
     assert raw(port, "GET", "/v1/completions")[0] == 404
     assert raw(port, "GET", "/v1/chat/completions")[0] == 405
     assert raw(port, "DELETE", "/v1/models")[0] == 405
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
     status, _, body = raw(port, "POST", "/health", b'{"a": 1}', conn=conn)
     assert status == 405 and json.loads(body)["error"]["message"]
     # The refused request's body was consumed, so the connection still parses the next request.
@@ -421,11 +425,38 @@ def test_refuses_a_public_address_without_a_key(engine):
 
 # ---------------------------------------------------------------------------------------------- failures
 
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + HTTP_TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not within {HTTP_TIMEOUT_S} s"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_client_leaving_stops_its_generation(port, client, capfd, stream):
-    # The thinker reasons until max_tokens: minutes on CPU, unless the server stops it.
+def test_a_client_leaving_stops_its_generation(port, client, engine, monkeypatch, capfd, stream):
+    # The thinker reasons until max_tokens: minutes on CPU, unless the server stops it. Whether it stopped early is
+    # read from the engine's own stream (how it ended), not from a clock: that holds on a machine of any speed.
+    ends = []
+    real_stream = engine.stream
+
+    def recorded_stream(*args, **kwargs):
+        events = real_stream(*args, **kwargs)   # validates at the call, as the server relies on
+
+        def run():
+            finish = None
+            try:
+                for event in events:
+                    if isinstance(event, Completion):
+                        finish = event.finish_reason
+                    yield event
+            finally:
+                events.close()
+                ends.append(finish)   # None: closed before its end; "cancelled": the engine saw the client go
+        return run()
+
+    monkeypatch.setattr(engine, "stream", recorded_stream)
     body = chat_body(model="thinker", max_tokens=3000, stream=stream, temperature=0)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body))
     if stream:  # leave once reasoning is flowing
@@ -434,15 +465,12 @@ def test_a_client_leaving_stops_its_generation(port, client, capfd, stream):
             data = sock.recv(4096)
             assert data, received
             received += data
-    deadline = time.monotonic() + 10
-    while not health(port)["active_generations"] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: health(port)["active_generations"], "the generation starting")
     assert health(port)["active_generations"] == 1
     sock.close()
-    deadline = time.monotonic() + 5
-    while health(port)["active_generations"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not health(port)["active_generations"], "the generation ending")
     assert health(port)["active_generations"] == 0
+    assert ends in ([None], ["cancelled"]), ends    # stopped, not run to its 3000 tokens ("length")
     assert client.chat.completions.create(model=BASE_ID, messages=HI, temperature=0).choices[0].message.content
     assert capfd.readouterr().err == ""  # no traceback, no noise: a client leaving is normal
 

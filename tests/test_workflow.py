@@ -3,6 +3,7 @@ sweeps as child runs of one parent, compare from the MLflow store, the MLflow UI
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,12 +11,11 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, TRAIN_TIMEOUT_S, run, run_cli, wait_for
 
 from inference.errors import UserError
 
@@ -204,7 +204,7 @@ def test_readme_sweep_runs_children_of_one_parent_and_compare_reads_them_back(tm
     work = workdir(tmp_path)
     command = readme_block("bash", "A sweep is the `run` command").split()
     assert command[:4] == ["python", "-m", "finetune", "sweep"]
-    proc = run_cli(*command[2:], *QUICK_CLI, "--sort", "train_loss", cwd=work, timeout=600)
+    proc = run_cli(*command[2:], *QUICK_CLI, "--sort", "train_loss", cwd=work, timeout=TRAIN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = json.loads((work / "runs/sweep-1/sweep.json").read_text())
     assert sweep["status"] == "completed" and sweep["grid"] == {"lora.r": ["8", "16"]}
@@ -280,21 +280,16 @@ def test_ui_command_serves_the_projects_store_on_localhost(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
     try:
-        deadline, body = time.time() + 120, None
         url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=10"
-        while time.time() < deadline and body is None:
-            try:
-                body = json.loads(urllib.request.urlopen(url, timeout=2).read())
-            except OSError:
-                if server.poll() is not None:
-                    break
-                time.sleep(0.5)
-        assert body is not None, server.stdout.read() if server.poll() is not None else "no answer"
+        # polls up to conftest.SERVER_START_S: MLflow's server and its workers start slowly on a busy machine
+        body = wait_for(lambda: json.loads(urllib.request.urlopen(url, timeout=60).read()), server, "finetune ui",
+                        group=True)
         assert "team-experiment" in {e["name"] for e in body["experiments"]}
-        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60).status == 200
+        listening = run(["ss", "-ltnH", f"sport = :{port}"]).stdout
         addresses = set(re.findall(r"(\S+):%d\b" % port, listening))
         assert addresses and addresses <= {"127.0.0.1"}, listening
     finally:
-        os.killpg(server.pid, 9)  # the server and its workers (shutting down gracefully is not under test)
-        server.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, 9)  # the server and its workers (shutting down gracefully is not under test)
+        server.communicate(timeout=120)

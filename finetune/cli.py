@@ -13,7 +13,8 @@ EPILOG = "Overrides are dotted recipe keys: train.lr=1e-4 lora.r=16 data.eval=nu
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a recipe YAML file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.lr=1e-4")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="recipe overrides, e.g. train.lr=1e-4 (anywhere after the recipe, options included)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -94,8 +95,24 @@ def check_paths(recipe) -> None:
         raise UserError("; ".join(problems))
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, overrides accepted anywhere after the recipe (``run R.yaml --resume train.lr=1e-4``,
+    ``preview R.yaml -n 3 data.max_length=512``): argparse stops collecting positionals at the first option, so the
+    ``key=value`` words it leaves over are added to the overrides; anything else left over is an error."""
+    ap = parser()
+    args, extra = ap.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    overrides = [e for e in extra if takes_overrides and "=" in e and not e.startswith("-")]
+    unknown = [e for e in extra if e not in overrides]
+    if unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     return run_command(lambda: _run(args))
 
 

@@ -333,6 +333,36 @@ def test_print_resolved_recipe_with_override(cli, work):
     assert printed == recipe_to_dict(load_recipe(work / "small.yaml", ["train.lr=0.01"]))
 
 
+@pytest.mark.parametrize("argv, overrides, options", [
+    (["run", "r.yaml", "--resume", "train.lr=1e-4"], ["train.lr=1e-4"], {"resume": True}),
+    (["run", "--resume", "r.yaml", "train.lr=1e-4", "lora.r=4"], ["train.lr=1e-4", "lora.r=4"], {"resume": True}),
+    (["preview", "r.yaml", "-n", "3", "data.max_length=512"], ["data.max_length=512"], {"n": 3}),
+    (["preview", "r.yaml", "a=1", "-n", "3", "b=2"], ["a=1", "b=2"], {"n": 3}),
+    (["estimate", "r.yaml", "--json", "lora.r=4", "--gpu-memory", "16", "train.batch_size=2"],
+     ["lora.r=4", "train.batch_size=2"], {"json": True, "gpu_memory": 16.0}),
+    (["sweep", "r.yaml", "--sort", "train_loss", "lora.r=4,8"], ["lora.r=4,8"], {"sort": "train_loss"}),
+])
+def test_overrides_are_accepted_anywhere_after_the_recipe(argv, overrides, options):
+    from finetune.cli import parse
+    args = parse(argv)
+    assert args.recipe == "r.yaml" and args.overrides == overrides, args
+    assert {k: getattr(args, k) for k in options} == options
+
+
+def test_leftover_words_that_are_not_overrides_are_refused(cli, work):
+    proc = cli("finetune", "validate", "r.yaml", "--print", "train.lr=0.01", "oops", cwd=work)
+    assert proc.returncode == 2 and "unrecognized arguments: oops" in proc.stderr, proc.stderr
+    proc = cli("finetune", "export", "out/run1", "--to", "peft", "train.lr=0.01", cwd=work)
+    assert proc.returncode == 2 and "unrecognized arguments: train.lr=0.01" in proc.stderr, proc.stderr
+
+
+def test_preview_with_an_override_after_a_flag(cli, work):
+    """``preview R -n 1 key=value`` runs with the override (here: reasoning not trained)."""
+    proc = cli("finetune", "preview", "r.yaml", "-n", "1", "harmony.loss_weights.analysis=0", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert "analysis 0" in proc.stdout.splitlines()[-1] and "final 0" not in proc.stdout.splitlines()[-1]
+
+
 # -------------------------------------------------------------------------------------------------- light imports, help
 
 

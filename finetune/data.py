@@ -13,17 +13,22 @@ from dataclasses import dataclass, field
 from finetune.datasets import DataError, Example, dataset_fingerprint, load_examples
 from finetune.recipe import Recipe, resolve_path
 from inference import harmony
-from inference.evaluate import Case, make_case
+from inference.evaluate import Case, make_cases
 
 
 @dataclass
 class Tokenized:
-    """One rendered example: ids, the weight of predicting each token, and where it came from."""
+    """One training sequence: ids, what is trained at each position (targets), the weight of predicting it, and
+    where it came from (a conversation with several assistant turns may give several sequences)."""
 
     ids: list[int]
     weights: list[float]
     source: str
     rendered: harmony.Rendered
+
+    @property
+    def targets(self) -> list[int]:
+        return self.rendered.targets[:len(self.ids)]
 
 
 @dataclass
@@ -35,22 +40,28 @@ class PreparedData:
 
 
 def harmony_options(recipe: Recipe, example: Example | None = None) -> harmony.HarmonyOptions:
-    """The Harmony system-message options for one example (its own reasoning effort wins over the recipe's)."""
+    """The Harmony rendering options for one example: the recipe's, with the example's own reasoning effort (it wins)
+    and the built-in tools it declares."""
     h = recipe.harmony
-    return harmony.HarmonyOptions(
+    options = harmony.HarmonyOptions(
         reasoning_effort=(example.reasoning_effort if example and example.reasoning_effort else h.reasoning_effort),
         conversation_start_date=h.conversation_start_date, knowledge_cutoff=h.knowledge_cutoff,
-        model_identity=h.model_identity)
+        model_identity=h.model_identity,
+        required_channels=tuple(h.required_channels) if h.required_channels else None,
+        builtin_tools=tuple(h.builtin_tools), developer_instructions=h.developer_instructions,
+        tool_namespaces=tuple(h.tool_namespaces.items()))
+    return options.with_builtin_tools(example.builtin_tools if example else ())
 
 
 def loss_weights(recipe: Recipe) -> dict[str, float]:
     return recipe.harmony.loss_weights.model_dump()
 
 
-def render(recipe: Recipe, example: Example) -> harmony.Rendered:
+def render(recipe: Recipe, example: Example) -> list[harmony.Rendered]:
+    """The training sequences of one example (see :func:`inference.harmony.render_for_training`)."""
     try:
         return harmony.render_for_training(example.messages, example.tools, harmony_options(recipe, example),
-                                           loss_weights(recipe))
+                                           loss_weights(recipe), recipe.harmony.trained_turns)
     except Exception as exc:  # openai-harmony rejects some content (e.g. reserved special tokens in text)
         if isinstance(exc, DataError):
             raise
@@ -60,18 +71,19 @@ def render(recipe: Recipe, example: Example) -> harmony.Rendered:
 def _tokenize(recipe: Recipe, examples: list[Example], counts: dict) -> list[Tokenized]:
     limit, out = recipe.data.max_length, []
     for ex in examples:
-        r = render(recipe, ex)
-        if not any(w > 0 for w in r.weights):
+        sequences = render(recipe, ex)
+        if not any(w > 0 for r in sequences for w in r.weights):
             raise DataError(f"{ex.source}: no trainable tokens (check harmony.loss_weights: "
                             f"{loss_weights(recipe)})")
-        ids, weights = r.ids, r.weights
-        if len(ids) > limit:
-            if recipe.data.overlong == "drop" or not any(w > 0 for w in weights[:limit]):
-                counts["dropped_overlong"] += 1
-                continue
-            ids, weights = ids[:limit], weights[:limit]
-            counts["truncated"] += 1
-        out.append(Tokenized(ids, weights, ex.source, r))
+        for r in sequences:
+            ids, weights = r.ids, r.weights
+            if len(ids) > limit:
+                if recipe.data.overlong == "drop" or not any(w > 0 for w in weights[:limit]):
+                    counts["dropped_overlong"] += 1
+                    continue
+                ids, weights = ids[:limit], weights[:limit]
+                counts["truncated"] += 1
+            out.append(Tokenized(ids, weights, ex.source, r))
     return out
 
 
@@ -107,7 +119,8 @@ def prepare(recipe: Recipe) -> PreparedData:
                         f"data.max_length={recipe.data.max_length} and were dropped")
     eval_counts = {"dropped_overlong": 0, "truncated": 0}
     evals = _tokenize(recipe, eval_ex, eval_counts)
-    cases = [c for c in (make_case(e.messages, e.tools, harmony_options(recipe, e), e.source) for e in eval_ex) if c]
+    turns = recipe.harmony.trained_turns
+    cases = [c for e in eval_ex for c in make_cases(e.messages, e.tools, harmony_options(recipe, e), e.source, turns)]
     if recipe.evaluation.max_examples:
         cases = cases[: recipe.evaluation.max_examples]
     by_kind = {k: 0 for k in harmony.WEIGHT_KEYS}
@@ -115,7 +128,7 @@ def prepare(recipe: Recipe) -> PreparedData:
         for k, n in t.rendered.trained_tokens_by_kind().items():
             by_kind[k] += n
     stats = {
-        "train_rows": len(train_ex), "train_examples": len(train),
+        "train_rows": len(train_ex), "train_examples": len(train), "trained_turns": recipe.harmony.trained_turns,
         "eval_rows": len(eval_ex), "eval_examples": len(evals),
         "dropped_overlong": counts["dropped_overlong"], "truncated": counts["truncated"],
         "eval_dropped_overlong": eval_counts["dropped_overlong"],
@@ -124,7 +137,8 @@ def prepare(recipe: Recipe) -> PreparedData:
         "trained_tokens_by_channel": by_kind,
         "train_fingerprint": dataset_fingerprint(resolve_path(None, recipe.data.train)),
         "eval_fingerprint": dataset_fingerprint(resolve_path(None, recipe.data.eval)) if recipe.data.eval else None,
-        "harmony_hash": harmony.rendering_hash(harmony_options(recipe), loss_weights(recipe)),
+        "harmony_hash": harmony.rendering_hash(harmony_options(recipe), loss_weights(recipe),
+                                               recipe.harmony.trained_turns),
     }
     return PreparedData(train, evals, cases, stats)
 
@@ -161,7 +175,7 @@ class Preview:
 
     def text(self, color: bool = False) -> str:
         open_, close = ("\x1b[1;32m", "\x1b[0m") if color else ("⟦", "⟧")
-        parts = [f"(trained tokens are shown {open_}like this{close})"]
+        parts = [f"(trained tokens are shown {open_}like this{close}, as the model learns to emit them)"]
         for e in self.examples:
             # adjacent trained pieces of different channels read as one marked span in text
             body, trained = "", False
@@ -195,32 +209,38 @@ class Preview:
         return "\n".join(out)
 
 
-def render_example(recipe: Recipe, example: Example) -> RenderedExample:
-    """Render one example and cut it into pieces at every change of trained/untrained or channel."""
-    r = render(recipe, example)
+def render_example(recipe: Recipe, example: Example) -> list[RenderedExample]:
+    """Render one example (one entry per training sequence) and cut each into pieces at every change of
+    trained/untrained or channel. Trained pieces show what the model learns to emit: an earlier answer that history
+    stores with ``<|end|>`` shows its trained ``<|return|>``."""
+    sequences = render(recipe, example)
     enc = harmony.encoding()
-    kind_at = [None] * len(r.ids)
-    for span in r.spans:
-        if span.role == "assistant":
-            for i in range(span.start, min(span.end, len(r.ids))):
-                kind_at[i] = span.kind
-    pieces, run, current = [], [], None
-    for i, (tok, w) in enumerate(zip(r.ids, r.weights)):
-        kind = (kind_at[i] or "final") if w > 0 else None
-        if kind != current and run:
+    out = []
+    for n, r in enumerate(sequences, 1):
+        kind_at = [None] * len(r.ids)
+        for span in r.spans:
+            if span.role == "assistant":
+                for i in range(span.start, min(span.end, len(r.ids))):
+                    kind_at[i] = span.kind
+        pieces, run, current = [], [], None
+        for i, (tok, target, w) in enumerate(zip(r.ids, r.targets, r.weights)):
+            kind = (kind_at[i] or "final") if w > 0 else None
+            if kind != current and run:
+                pieces.append((enc.decode(run), current))
+                run = []
+            current = kind
+            run.append(target if w > 0 else tok)
+        if run:
             pieces.append((enc.decode(run), current))
-            run = []
-        current = kind
-        run.append(tok)
-    if run:
-        pieces.append((enc.decode(run), current))
-    return RenderedExample(example.source, len(r.ids), pieces, r.trained_tokens_by_kind())
+        source = example.source if len(sequences) == 1 else f"{example.source} (sequence {n} of {len(sequences)})"
+        out.append(RenderedExample(source, len(r.ids), pieces, r.trained_tokens_by_kind()))
+    return out
 
 
 def preview_examples(recipe: Recipe, n: int = 3) -> Preview:
     """The first ``n`` training examples, rendered, with trained spans (see :class:`Preview`)."""
     examples = load_examples(resolve_path(None, recipe.data.train), recipe.data.format, n)
-    return Preview([render_example(recipe, ex) for ex in examples])
+    return Preview([seq for ex in examples for seq in render_example(recipe, ex)])
 
 
 def preview(recipe: Recipe, n: int = 3, color: bool = False) -> str:

@@ -119,7 +119,8 @@ def probe_prompts(held_out: list | None = None, options: harmony.HarmonyOptions 
     for i, ex in enumerate(held_out or []):
         msgs = list(ex.messages)
         last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
-        out.append(Probe(harmony.render_prompt(msgs[:last], ex.tools, options), 0, f"held-out {i}"))
+        out.append(Probe(harmony.render_prompt(msgs[:last], ex.tools, options.with_builtin_tools(ex.builtin_tools)),
+                         0, f"held-out {i}"))
     for p in out:
         p.prompt_len = len(p.ids)
     return out

@@ -222,9 +222,10 @@ def format_eval(before: dict | None, after: dict | None) -> str:
 
     ref = after or before or {}
     rows = [("loss", "loss", num), ("perplexity", "perplexity", lambda v: "-" if v is None else f"{v:.2f}"),
-            ("exact match (final channel)", "exact_match", pct), ("reached a final channel", "final_rate", pct)]
-    lines = [f"evaluation on {ref.get('examples', 0)} held-out conversations "
-             f"({ref.get('generated', 0)} generated):", f"  {'':<30}{'before':>12}{'after':>12}"]
+            ("exact match (final channel)", "exact_match", pct), ("reached a final channel", "final_rate", pct),
+            ("stopped (<|return|>/<|call|>)", "stop_rate", pct)]
+    lines = [f"evaluation on held-out data: loss over {ref.get('examples', 0)} sequences, "
+             f"{ref.get('generated', 0)} answers generated:", f"  {'':<30}{'before':>12}{'after':>12}"]
     for label, key, fmt in rows:
         lines.append(f"  {label:<30}{fmt((before or {}).get(key)):>12}{fmt((after or {}).get(key)):>12}")
     return "\n".join(lines)
@@ -316,7 +317,8 @@ def _prepare_data(recipe: Recipe, echo):
         torch.set_num_threads(recipe.train.num_threads)
     prepared = prepare(recipe)
     s = prepared.stats
-    echo(f"data: {s['train_examples']} training examples ({s['trained_tokens']:,} trained tokens of "
+    echo(f"data: {s['train_examples']} training sequences from {s['train_rows']} conversations "
+         f"(trained turns: {s['trained_turns']}; {s['trained_tokens']:,} trained tokens of "
          f"{s['train_tokens']:,}; by channel {s['trained_tokens_by_channel']}), {s['eval_examples']} eval; "
          f"dropped as too long: {s['dropped_overlong']}, truncated: {s['truncated']}")
     return prepared
@@ -443,7 +445,7 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     from inference.engine import Engine
     from inference.evaluate import evaluate
 
-    loss_examples = [(t.ids, t.weights) for t in prepared.eval]
+    loss_examples = [(t.ids, t.weights, t.targets) for t in prepared.eval]
     ev = recipe.evaluation
     device = setup["device"]
 

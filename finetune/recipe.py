@@ -96,14 +96,27 @@ class LossWeights(_Section):
 
 
 class HarmonyConfig(_Section):
-    """How conversations are rendered in the harmony chat format."""
+    """How conversations are rendered in the harmony chat format, and which assistant tokens are trained."""
 
     reasoning_effort: Literal["low", "medium", "high"] = Field(
-        "medium", description="reasoning effort in the system message")
-    conversation_start_date: str = Field(
-        "2025-06-28", description="YYYY-MM-DD, pinned so data never changes with the calendar")
-    knowledge_cutoff: str = Field("2024-06", description="YYYY-MM in the system message")
+        "medium", description="reasoning effort in the system message (a record's own reasoning_effort wins)")
+    conversation_start_date: str | None = Field(
+        "2025-06-28", description="YYYY-MM-DD, pinned so data never changes with the calendar; null: no date line")
+    knowledge_cutoff: str | None = Field("2024-06", description="YYYY-MM in the system message; null: no line")
     model_identity: str | None = Field(None, description="system message identity line (null: the harmony default)")
+    required_channels: list[Literal["analysis", "commentary", "final"]] | None = Field(
+        ["analysis", "commentary", "final"],
+        description="the system message's '# Valid channels' line (null: no such line)")
+    builtin_tools: list[Literal["browser", "python"]] = Field(
+        [], description="gpt-oss's built-in tools declared in every system message (a record adds its own with "
+                        "tools: [{type: python}])")
+    developer_instructions: str | None = Field(
+        None, description="instructions for the developer message, before each record's system/developer messages")
+    tool_namespaces: dict[str, str] = Field(
+        {}, description="descriptions of tool namespaces: a tool named crm.lookup is lookup in namespace crm")
+    trained_turns: Literal["all", "last"] = Field(
+        "all", description="all: every assistant turn, each as generated in its own context; last: only the last "
+                           "assistant turn of each conversation, earlier turns are context")
     loss_weights: LossWeights = Field(default_factory=LossWeights, description="which assistant tokens are trained on")
 
     @field_validator("conversation_start_date", "knowledge_cutoff", mode="before")
@@ -112,7 +125,7 @@ class HarmonyConfig(_Section):
         if isinstance(value, date):  # YAML reads an unquoted 2025-06-28 as a date
             value = value.isoformat()
         if not isinstance(value, str):
-            return value  # the strict str check reports it
+            return value  # None is allowed; the strict str check reports anything else
         day = info.field_name == "conversation_start_date"
         pattern = r"\d{4}-\d{2}-\d{2}" if day else r"\d{4}-(0[1-9]|1[0-2])"
         try:
@@ -121,8 +134,37 @@ class HarmonyConfig(_Section):
             if day:
                 date.fromisoformat(value)
         except ValueError:
-            raise ValueError(f"must be a date like {'2025-06-28' if day else '2024-06'} (got {value!r})") from None
+            like = "2025-06-28" if day else "2024-06"
+            raise ValueError(f"must be a date like {like} or null (got {value!r})") from None
         return value
+
+    @field_validator("required_channels", "builtin_tools")
+    @classmethod
+    def _unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"lists an entry twice ({value})")
+        return value
+
+    @field_validator("required_channels")
+    @classmethod
+    def _channels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("must list at least one channel, or be null for no '# Valid channels' line")
+        return value
+
+    @field_validator("tool_namespaces")
+    @classmethod
+    def _namespaces(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name) or name in ("browser", "python"):
+                raise ValueError(f"{name!r} is not a namespace name (letters, digits, _ and -; browser and python "
+                                 "are the built-in tools)")
+        return value
+
+    @field_validator("developer_instructions")
+    @classmethod
+    def _instructions(cls, value: str | None) -> str | None:
+        return _no_nul(value)
 
 
 class LoraConfig(_Section):

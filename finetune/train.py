@@ -1,10 +1,10 @@
 """Training with TRL's ``SFTTrainer`` on our pre-tokenized Harmony examples.
 
-We hand TRL ``input_ids`` + per-token ``loss_weights`` (and ``labels``, -100 where the weight is 0, so the Trainer
-counts trained tokens for gradient accumulation) and skip its own chat templating. The one override is
-``compute_loss``: the weighted loss of :mod:`inference.loss`, which projects only the weighted positions through the
-201,088-row output layer. Progress and metrics go through callbacks: a tqdm bar with loss lines, a JSONL metrics
-file in the run directory, and the tracker (MLflow).
+We hand TRL ``input_ids`` + per-token ``loss_weights`` and ``labels`` (the trained target of each weighted position,
+-100 where the weight is 0, so the Trainer counts trained tokens for gradient accumulation) and skip its own chat
+templating. The one override is ``compute_loss``: the weighted loss of :mod:`inference.loss`, which projects only the
+weighted positions through the 201,088-row output layer. Progress and metrics go through callbacks: a tqdm bar with
+loss lines, a JSONL metrics file in the run directory, and the tracker (MLflow).
 """
 
 from __future__ import annotations
@@ -27,15 +27,18 @@ OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "sgd
 
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: ``input_ids`` with <|endoftext|>, weights with 0, labels with -100."""
-    ids, mask, weights = pad_weighted([r["input_ids"] for r in rows], [r["loss_weights"] for r in rows])
-    labels = torch.where(weights > 0, ids, torch.full_like(ids, -100))
+    """Right-pad a batch: ``input_ids`` with <|endoftext|>, weights with 0; ``labels`` hold the trained target of each
+    weighted position (the input token itself, or ``<|return|>`` where history stores ``<|end|>``), -100 elsewhere."""
+    ids, mask, weights, targets = pad_weighted([r["input_ids"] for r in rows], [r["loss_weights"] for r in rows],
+                                               [r["targets"] for r in rows])
+    labels = torch.where(weights > 0, targets, torch.full_like(ids, -100))
     return {"input_ids": ids, "attention_mask": mask, "loss_weights": weights, "labels": labels}
 
 
 def to_dataset(examples):
     from datasets import Dataset
-    return Dataset.from_dict({"input_ids": [e.ids for e in examples], "loss_weights": [e.weights for e in examples]})
+    return Dataset.from_dict({"input_ids": [e.ids for e in examples], "loss_weights": [e.weights for e in examples],
+                              "targets": [e.targets for e in examples]})
 
 
 def _trainer_class():
@@ -53,7 +56,7 @@ def _trainer_class():
                 fastpath.check_right_padded(inputs["attention_mask"])
             with fastpath.autocast(model) if fast else contextlib.nullcontext():
                 total, weight, count = weighted_loss_sum(model, inputs["input_ids"], inputs["attention_mask"],
-                                                         inputs["loss_weights"], self.loss_chunk)
+                                                         inputs["loss_weights"], self.loss_chunk, inputs["labels"])
             if model.training:
                 self.trained_tokens += int(count)
             # With num_items_in_batch (trained tokens of the whole accumulation window) the Trainer does not

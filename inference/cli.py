@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-weights", default="final=1",
                    help="channels whose tokens the loss counts, e.g. final=1,analysis=1 (default final=1)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N conversations")
+    p.add_argument("--turns", choices=("all", "last"), default="all",
+                   help="assistant turns scored (loss and generation): all, or each conversation's last; as the "
+                        "recipe's harmony.trained_turns (default all)")
     return ap
 
 
@@ -194,16 +197,17 @@ def evaluate(args) -> None:
     model = engine.model_ids[-1]
     with tqdm(total=len(examples), desc="evaluating", unit="conv", file=sys.stderr) as bar:
         report = evaluate_examples(engine, examples, model, args.max_new_tokens, args.reasoning_effort, weights,
-                                   progress=bar)
+                                   progress=bar, turns=args.turns)
     report = {"data": args.data, "adapter": args.adapter, **report}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out)
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    print(f"{report['examples']} conversations scored for loss, {report['generated']} generated ({model})\n"
+    print(f"{report['examples']} sequences scored for loss, {report['generated']} answers generated ({model})\n"
           f"  loss {report.get('loss', float('nan')):.4f}   perplexity {report.get('perplexity', float('nan')):.2f}\n"
           f"  exact match {pct(report['exact_match'])}   reached final {pct(report['final_rate'])}   "
+          f"stopped {pct(report['stop_rate'])}   "
           f"tool-call JSON valid {pct(report['tool_call_json_valid'])}\n"
           f"report: {out}")
 

@@ -13,6 +13,8 @@ Public API:
 - ``normalize_messages(messages, where="request", strict_keys=True) -> list[dict]``: validate a list of OpenAI chat
   messages; ``strict_keys=False`` ignores unknown message keys (clients send extras such as ``refusal``).
 - ``normalize_tools(tools, where) -> list[dict] | None``: validate OpenAI tool (function) definitions.
+- ``normalize_record_tools(tools, where) -> (tools, builtin_tools)``: a record's tools, built-in browser/python
+  declarations (``{"type": "python"}``) included.
 - ``read_jsonl(path) -> Iterator[(source, record)]``: records of one JSON-lines file, ``source`` is ``file:line``.
 - ``to_example(record, source, format="auto", require_assistant=True) -> Example``: one record, normalized.
 - ``read_examples(path, records, format="auto", limit=None) -> list[Example]``: validate the arguments, then
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.errors import UserError
+from inference.harmony import BUILTIN_TOOLS
 
 FORMATS = ("auto", "openai", "sharegpt")
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -58,13 +61,15 @@ class Example:
 
     ``messages`` hold only ``role`` and ``content`` (str), plus ``thinking``, ``tool_calls`` (``[{"id", "name",
     "arguments"}]``, arguments a JSON string) and ``weight`` (0.0 or 1.0) on assistant messages and ``name`` on tool
-    messages. ``tools`` are ``[{"name", "description", "parameters"}]``.
+    messages. ``tools`` are ``[{"name", "description", "parameters"}]`` (a dotted name is a tool in a namespace of
+    its own); ``builtin_tools`` the built-in tools (browser, python) the record declares.
     """
 
     messages: list[dict]
     tools: list[dict] | None
     reasoning_effort: str | None
     source: str
+    builtin_tools: tuple[str, ...] = ()   # gpt-oss's built-in tools the record declares: browser, python
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -165,7 +170,8 @@ def to_example(record: Any, source: str, format: str = "auto", require_assistant
     effort = record.get("reasoning_effort")
     if effort is not None and effort not in EFFORTS:
         raise MessageError(f"{source}: reasoning_effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
-    return Example(messages, normalize_tools(record.get("tools"), source), effort, source)
+    tools, builtins = normalize_record_tools(record.get("tools"), source)
+    return Example(messages, tools, effort, source, builtins)
 
 
 def _record_format(record: dict, source: str, format: str) -> str:
@@ -351,18 +357,22 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
             raise MessageError(f"{at}: needs a function 'name' string, got {name!r}")
         if call_id is not None and not isinstance(call_id, str):
             raise MessageError(f"{at} ({name!r}): id must be a string, got {_kind(call_id)}")
-        out.append({"id": call_id, "name": name, "arguments": _arguments(fn.get("arguments"), f"{at} ({name!r})")})
+        out.append({"id": call_id, "name": name, "arguments": _arguments(fn.get("arguments"), f"{at} ({name!r})",
+                                                                           code=name == "python")})
     return out
 
 
-def _arguments(args: Any, at: str) -> str:
-    """Tool-call arguments as a JSON string (what Harmony renders), checked to parse."""
+def _arguments(args: Any, at: str, code: bool = False) -> str:
+    """Tool-call arguments as a JSON string (what Harmony renders), checked to parse; ``code``: the built-in python
+    tool's input, which is Python source, kept as written."""
     if args is None:
         return "{}"
     if isinstance(args, dict):
         return json.dumps(args, ensure_ascii=False)
     if not isinstance(args, str):
         raise MessageError(f"{at}: arguments must be a JSON string or an object, got {_kind(args)}")
+    if code:
+        return args
     try:
         json.loads(args)
     except json.JSONDecodeError as exc:
@@ -387,30 +397,51 @@ def _tool_name(m: dict, where: str, call_names: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------------------------- tools
 
 def normalize_tools(tools: Any, where: str) -> list[dict] | None:
-    """Validate OpenAI tool definitions (nested ``{"type": "function", "function": {...}}`` or flat) into
-    ``[{"name", "description", "parameters"}]``; None when there are none."""
+    """Validate OpenAI tool (function) definitions (nested ``{"type": "function", "function": {...}}`` or flat) into
+    ``[{"name", "description", "parameters"}]``; None when there are none. A dotted name (``crm.lookup``) is tool
+    ``lookup`` of namespace ``crm``. Built-in tools are refused here (a request cannot run them)."""
+    return _normalize_tools(tools, where, allow_builtin=False)[0]
+
+
+def normalize_record_tools(tools: Any, where: str) -> tuple[list[dict] | None, tuple[str, ...]]:
+    """A dataset record's tools: its function tools (as :func:`normalize_tools`) and the built-in tools it declares
+    (``{"type": "browser"}``, ``{"type": "python"}``), in the order gpt-oss's system message lists them."""
+    return _normalize_tools(tools, where, allow_builtin=True)
+
+
+def _normalize_tools(tools: Any, where: str, allow_builtin: bool) -> tuple[list[dict] | None, tuple[str, ...]]:
     if isinstance(tools, str):  # some HF datasets store the tool list as a JSON string
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as exc:
             raise MessageError(f"{where}: 'tools' is a string but not valid JSON ({exc.msg})") from None
     if tools is None:
-        return None
+        return None, ()
     if not isinstance(tools, list):
         raise MessageError(f"{where}: 'tools' must be a list, got {_kind(tools)}")
     out: list[dict] = []
+    builtins: set[str] = set()
     for j, tool in enumerate(tools, 1):
         at = f"{where}: tool {j}"
         if not isinstance(tool, dict):
             raise MessageError(f"{at}: must be an object, got {_kind(tool)}")
-        if tool.get("type", "function") != "function":
-            raise MessageError(f"{at}: unsupported tool type {tool.get('type')!r} (only 'function')")
+        kind = tool.get("type", "function")
+        if kind in BUILTIN_TOOLS and allow_builtin:
+            unknown = [k for k in tool if k != "type"]
+            if unknown:
+                raise MessageError(f"{at}: the built-in {kind} tool takes no settings, got {unknown[0]!r}")
+            builtins.add(kind)
+            continue
+        if kind != "function":
+            allowed = "'function', 'browser' or 'python'" if allow_builtin else "only 'function'"
+            raise MessageError(f"{at}: unsupported tool type {kind!r} ({allowed})")
         spec = tool.get("function", tool)
         if not isinstance(spec, dict):
             raise MessageError(f"{at}: 'function' must be an object, got {_kind(spec)}")
         name, desc, params = spec.get("name"), spec.get("description", ""), spec.get("parameters")
         if not isinstance(name, str) or not name:
             raise MessageError(f"{at}: needs a 'name' string, got {name!r}")
+        _check_tool_name(name, at)
         if any(t["name"] == name for t in out):
             raise MessageError(f"{at}: duplicate tool name {name!r}")
         if not isinstance(desc, str):
@@ -418,7 +449,17 @@ def normalize_tools(tools: Any, where: str) -> list[dict] | None:
         if params is not None and not isinstance(params, dict):
             raise MessageError(f"{at} ({name!r}): 'parameters' must be a JSON schema object, got {_kind(params)}")
         out.append({"name": name, "description": desc, "parameters": params})
-    return out or None
+    return out or None, tuple(t for t in BUILTIN_TOOLS if t in builtins)
+
+
+def _check_tool_name(name: str, at: str) -> None:
+    """A function name, or ``namespace.name`` for a tool in a namespace of its own (one dot, both parts set)."""
+    parts = name.split(".")
+    if len(parts) > 2 or not all(parts):
+        raise MessageError(f"{at}: tool name {name!r} must be a name or namespace.name (one dot)")
+    if len(parts) == 2 and parts[0] in BUILTIN_TOOLS:
+        raise MessageError(f"{at}: namespace {parts[0]!r} is gpt-oss's built-in tool; declare it as "
+                           f"{{\"type\": \"{parts[0]}\"}} instead of defining functions in it")
 
 
 def _kind(x: Any) -> str:

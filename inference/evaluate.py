@@ -5,11 +5,13 @@ loaded adapter:
 
 - **loss**: the weighted next-token loss (:func:`inference.loss.weighted_nll`) over the rendered conversations, the
   same loss training optimises, so "before" and "after" are comparable.
-- **generation**: each conversation is cut before its last assistant turn; the model completes it greedily from the
-  Harmony prompt (batched, KV-cached); the completion is parsed into channels by openai-harmony. ``exact_match``
+- **generation**: each conversation is cut before each of its assistant turns (``turns="all"``, every turn trained)
+  or only before its last one (``"last"``); the model completes each greedily from the Harmony prompt (batched,
+  KV-cached); the completion is parsed into channels by openai-harmony. ``exact_match``
   compares the final-channel text with the reference (whitespace-stripped); ``final_rate`` is the share of
-  completions that reach a final channel; ``tool_call_json_valid`` the share of generated tool calls whose arguments
-  parse as JSON.
+  completions that reach a final channel; ``stop_rate`` the share that end the turn with a stop token (``<|return|>``
+  or ``<|call|>``) within the token budget; ``tool_call_json_valid`` the share of generated tool calls whose
+  arguments parse as JSON.
 
 ``python -m inference eval`` (:func:`evaluate_file`) and training's before/after evaluation both call
 :func:`evaluate`.
@@ -38,35 +40,55 @@ class Case:
     source: str = ""
 
 
+def make_cases(messages: list[dict], tools: list[dict] | None, options: harmony.HarmonyOptions, source: str = "",
+               turns: str = "all") -> list[Case]:
+    """The generation probes of a conversation: one per run of assistant messages (what the model generates in one
+    go, up to ``<|return|>`` or ``<|call|>``), its prompt the conversation before it as Harmony history, its
+    reference the run's last final answer (None for a run that only calls tools). ``turns="last"``: only the run that
+    ends the conversation; none when the conversation does not end with an assistant message."""
+    runs, start = [], None
+    for i, m in enumerate(messages + [{"role": None}]):
+        if m["role"] == "assistant" and start is None:
+            start = i
+        elif m["role"] != "assistant" and start is not None:
+            runs.append((start, i))
+            start = None
+    if turns == "last":
+        runs = runs[-1:] if runs and runs[-1][1] == len(messages) else []
+    cases = []
+    for start, end in runs:
+        if start == 0:
+            continue   # nothing before it to prompt with
+        finals = [m.get("content") for m in messages[start:end] if m.get("content") and not m.get("tool_calls")]
+        cases.append(Case(harmony.render_prompt(messages[:start], tools, options), finals[-1] if finals else None,
+                          source))
+    return cases
+
+
 def make_case(messages: list[dict], tools: list[dict] | None, options: harmony.HarmonyOptions,
               source: str = "") -> Case | None:
     """Cut a conversation before its last assistant turn; None when it does not end with an assistant turn."""
-    end = len(messages)
-    while end > 0 and messages[end - 1]["role"] == "assistant":
-        end -= 1
-    if end == len(messages) or end == 0:
-        return None
-    finals = [m.get("content") for m in messages[end:] if m.get("content") and not m.get("tool_calls")]
-    return Case(harmony.render_prompt(messages[:end], tools, options), finals[-1] if finals else None, source)
+    return next(iter(make_cases(messages, tools, options, source, "last")), None)
 
 
-def pad_weighted(ids_rows: list[list[int]], weight_rows: list[list[float]]):
-    """Right-padded ``(input_ids, attention_mask, loss_weights)``, each ``(B, T_max)``, for the weighted loss."""
+def pad_weighted(ids_rows: list[list[int]], weight_rows: list[list[float]], target_rows: list[list[int]]):
+    """Right-padded ``(input_ids, attention_mask, loss_weights, targets)``, each ``(B, T_max)``, for the weighted
+    loss."""
     return (pad_rows(ids_rows, PAD_ID), pad_rows([[1] * len(r) for r in ids_rows], 0),
-            pad_rows(weight_rows, 0.0, dtype=torch.float32))
+            pad_rows(weight_rows, 0.0, dtype=torch.float32), pad_rows(target_rows, PAD_ID))
 
 
 @torch.inference_mode()
-def mean_loss(engine, examples: list[tuple[list[int], list[float]]], model: str | None = None,
+def mean_loss(engine, examples: list[tuple[list[int], list[float], list[int]]], model: str | None = None,
               batch_size: int = 8) -> dict:
-    """Weighted mean loss over ``(ids, weights)`` examples, and the matching perplexity."""
+    """Weighted mean loss over ``(ids, weights, targets)`` sequences, and the matching perplexity."""
     rt, adapter = engine.model, engine.adapter_for(model)
     head_w = rt.lm_head.effective_weight(adapter)
     total, weight, tokens = 0.0, 0.0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        ids, mask, w = (t.to(rt.embed.device) for t in pad_weighted([c[0] for c in chunk], [c[1] for c in chunk]))
-        s, ws, n = weighted_nll(rt(ids, mask, adapter=adapter), head_w, rt.lm_head.bias, ids, w)
+        ids, mask, w, targets = (t.to(rt.embed.device) for t in pad_weighted(*(list(c) for c in zip(*chunk))))
+        s, ws, n = weighted_nll(rt(ids, mask, adapter=adapter), head_w, rt.lm_head.bias, targets, w)
         total, weight, tokens = total + s.item(), weight + ws.item(), tokens + int(n)
     loss = total / weight if weight else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "loss_tokens": tokens}
@@ -87,8 +109,8 @@ def generate_greedy(engine, prompts: list[list[int]], max_new_tokens: int, model
     return outputs
 
 
-def evaluate(engine, loss_examples: list[tuple[list[int], list[float]]], cases: list[Case], max_new_tokens: int,
-             model: str | None = None, samples: int = 5, progress=None) -> dict:
+def evaluate(engine, loss_examples: list[tuple[list[int], list[float], list[int]]], cases: list[Case],
+             max_new_tokens: int, model: str | None = None, samples: int = 5, progress=None) -> dict:
     """The evaluation report (a JSON-able dict) for ``model`` (base id or adapter name) on held-out data."""
     report = mean_loss(engine, loss_examples, model) if loss_examples else {}
     completions = generate_greedy(engine, [c.prompt_ids for c in cases], max_new_tokens, model,
@@ -102,6 +124,9 @@ def evaluate(engine, loss_examples: list[tuple[list[int], list[float]]], cases: 
         "exact_match": (sum((r.final or "").strip() == c.reference.strip() for c, r in scored) / len(scored)
                         if scored else None),
         "final_rate": sum(r.final is not None for r in replies) / len(replies) if replies else None,
+        # a turn ends at <|return|> (answer) or <|call|> (tool call); <|end|> after an answer is the history form,
+        # and a model that emits it keeps generating until the token budget runs out
+        "stop_rate": sum(r.complete for r in replies) / len(replies) if replies else None,
         "tool_call_json_valid": sum(_is_json(c["arguments"]) for c in calls) / len(calls) if calls else None,
         "samples": [{"source": c.source, "reference": c.reference, "final": r.final, "analysis": r.analysis}
                     for c, r in list(zip(cases, replies))[:samples]],
@@ -111,40 +136,41 @@ def evaluate(engine, loss_examples: list[tuple[list[int], list[float]]], cases: 
 
 def evaluate_file(engine, path: str | Path, model: str | None = None, max_new_tokens: int = 256,
                   reasoning_effort: str = "medium", loss_weights: dict[str, float] | None = None,
-                  limit: int | None = None, samples: int = 5, progress=None) -> dict:
+                  limit: int | None = None, samples: int = 5, progress=None, turns: str = "all") -> dict:
     """Evaluate on a JSON-lines conversation file (OpenAI chat or ShareGPT records, as training reads them).
 
     Loss weights default to the final channel only; conversations longer than the context window are left out of
     the loss and counted as ``skipped_overlong``. An example's own ``reasoning_effort`` wins over the argument.
+    ``turns``: which assistant turns the loss covers (``all`` or ``last``, as training's ``harmony.trained_turns``).
     """
     from inference.conversations import load_jsonl_examples
     examples = load_jsonl_examples(path, limit=limit)
     report = evaluate_examples(engine, examples, model, max_new_tokens, reasoning_effort, loss_weights, samples,
-                               progress)
+                               progress, turns)
     return {"data": str(path), **report}
 
 
 def evaluate_examples(engine, examples: list, model: str | None = None, max_new_tokens: int = 256,
                       reasoning_effort: str = "medium", loss_weights: dict[str, float] | None = None,
-                      samples: int = 5, progress=None) -> dict:
+                      samples: int = 5, progress=None, turns: str = "all") -> dict:
     """:func:`evaluate_file` on conversations already read (``inference.conversations.Example``)."""
     weights = loss_weights or {"final": 1.0}
     loss_examples, cases, skipped = [], [], 0
     for ex in examples:
         options = harmony.HarmonyOptions(reasoning_effort=ex.reasoning_effort or reasoning_effort)
-        rendered = harmony.render_for_training(ex.messages, ex.tools, options, weights)
-        if len(rendered.ids) > engine.context_length:
-            skipped += 1
-        elif any(w > 0 for w in rendered.weights):
-            loss_examples.append((rendered.ids, rendered.weights))
-        case = make_case(ex.messages, ex.tools, options, ex.source)
-        if case is not None:
-            cases.append(case)
+        options = options.with_builtin_tools(ex.builtin_tools)
+        for rendered in harmony.render_for_training(ex.messages, ex.tools, options, weights, turns):
+            if len(rendered.ids) > engine.context_length:
+                skipped += 1
+            elif any(w > 0 for w in rendered.weights):
+                loss_examples.append((rendered.ids, rendered.weights, rendered.targets))
+        cases += make_cases(ex.messages, ex.tools, options, ex.source, turns)
     if progress is not None:
         progress.reset(total=len(cases))
     report = evaluate(engine, loss_examples, cases, max_new_tokens, model, samples, progress)
     return {"model": model or engine.base_id, "max_new_tokens": max_new_tokens,
-            "reasoning_effort": reasoning_effort, "loss_weights": weights, "skipped_overlong": skipped, **report}
+            "reasoning_effort": reasoning_effort, "loss_weights": weights, "trained_turns": turns,
+            "skipped_overlong": skipped, **report}
 
 
 def _is_json(text: str) -> bool:

@@ -101,29 +101,33 @@ def causal_lm_parts(model):
 
 
 def weighted_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor,
-                      chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum over tokens of ``weight * -log p(token | prefix)`` for a transformers causal LM (PEFT-wrapped or not).
+                      chunk: int = CHUNK_ROWS, targets: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum over tokens of ``weight * -log p(target | prefix)`` for a transformers causal LM (PEFT-wrapped or not).
 
-    ``input_ids``, ``attention_mask``, ``weights``: ``(B, T)``; ``weights[b, t]`` weighs predicting token ``t`` from
-    the prefix before it (so position 0 is never predicted). Returns ``(weighted_sum, weight_total, token_count)``,
-    where ``token_count`` counts the tokens with non-zero weight. ``chunk``: logits rows computed at once.
+    ``input_ids``, ``attention_mask``, ``weights``, ``targets``: ``(B, T)``; ``weights[b, t]`` weighs predicting
+    ``targets[b, t]`` from the tokens before position ``t`` (so position 0 is never predicted). ``targets`` defaults
+    to ``input_ids`` (plain next-token prediction); Harmony training data differs only where history stores an answer
+    with ``<|end|>`` and the model is trained to emit ``<|return|>``. Returns ``(weighted_sum, weight_total,
+    token_count)``, where ``token_count`` counts the tokens with non-zero weight. ``chunk``: logits rows at once.
     """
     backbone, head = causal_lm_parts(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B,T,H)
-    return weighted_nll(hidden, head.weight, head.bias, input_ids, weights, chunk)
+    return weighted_nll(hidden, head.weight, head.bias, input_ids if targets is None else targets, weights, chunk)
 
 
 def weighted_nll(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
-                 input_ids: torch.Tensor, weights: torch.Tensor,
+                 targets: torch.Tensor, weights: torch.Tensor,
                  chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`weighted_loss_sum` from final hidden states ``(B, T, H)`` and the output layer ``(V, H)``."""
+    """:func:`weighted_loss_sum` from final hidden states ``(B, T, H)`` and the output layer ``(V, H)``; ``targets``
+    ``(B, T)`` are read only where ``weights > 0``."""
     target_w = weights[:, 1:].to(torch.float32)          # (B, T-1)
     keep = target_w > 0
     picked = hidden[:, :-1][keep]                        # (N, H): only positions that predict a weighted token
+    wanted = targets[:, 1:][keep]                        # (N,)
     if head_bias is not None:  # gpt-oss has no output bias; keep the plain path for heads that do
-        nll = F.cross_entropy(F.linear(picked, head_weight, head_bias).float(), input_ids[:, 1:][keep],
-                              reduction="none")
+        nll = F.cross_entropy(F.linear(picked, head_weight, head_bias).float(), wanted, reduction="none")
     else:
-        nll = linear_cross_entropy(picked, head_weight, input_ids[:, 1:][keep], chunk)
+        nll = linear_cross_entropy(picked, head_weight, wanted, chunk)
     w = target_w[keep]
     return (nll * w).sum(), w.sum(), keep.sum()

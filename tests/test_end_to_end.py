@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, readme_commands, run_cli
+from conftest import EPS32, REPO, assert_fp32_close, float64, readme_commands, run, run_cli, stop, wait_for
 
 
 def test_readme_starts_with_setup_and_test_commands():
@@ -46,7 +46,7 @@ def test_demo_trains_and_visibly_learns(demo_run):
     assert before["exact_match"] <= 0.05
     assert after["exact_match"] >= before["exact_match"] + 0.3, (before["exact_match"], after["exact_match"])
     assert after["final_rate"] > 0.8
-    table = out[out.index("evaluation on 48 held-out"):]
+    table = out[out.index("evaluation on held-out data: loss over 48 sequences, 48 answers generated"):]
     assert "exact match (final channel)" in table and "before" in table and "after" in table
 
 
@@ -62,7 +62,6 @@ def test_readme_inference_commands_on_the_trained_adapter(demo_run):
     import socket
     import subprocess
     import sys
-    import time
     work, proc = demo_run
     assert proc.returncode == 0
     section = _readme_section("## Chat with, evaluate and serve")
@@ -75,12 +74,13 @@ def test_readme_inference_commands_on_the_trained_adapter(demo_run):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((work / eval_cmd[eval_cmd.index("--out") + 1]).read_text())
     after = json.loads((work / "runs/tiny-cpu/eval_report.json").read_text())["after"]
-    for key in ("loss", "loss_tokens", "examples", "generated", "exact_match", "final_rate"):
-        assert report[key] == pytest.approx(after[key], rel=1e-9, abs=1e-12), key
+    for key in ("loss_tokens", "examples", "generated", "exact_match", "final_rate", "stop_rate"):
+        assert report[key] == after[key], key
+    # the loss is a float32 sum over loss_tokens terms: another process may add them in another order (threads)
+    assert report["loss"] == pytest.approx(after["loss"], rel=after["loss_tokens"] * EPS32, abs=0)
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    chat = subprocess.run([sys.executable, *chat_cmd[1:]], input="Name the color of banana.\n/quit\n", cwd=work,
-                          capture_output=True, text=True, timeout=300, env=env)
+    chat = run([sys.executable, *chat_cmd[1:]], input="Name the color of banana.\n/quit\n", cwd=work, env=env)
     assert chat.returncode == 0, chat.stderr[-2000:]
     thinking = [ln for ln in chat.stdout.splitlines() if ln.startswith("thinking: ")]
     answer = [ln for ln in chat.stdout.splitlines() if ln.startswith("assistant: ")]
@@ -93,24 +93,18 @@ def test_readme_inference_commands_on_the_trained_adapter(demo_run):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         client_code = re.findall(r"```python\n(.*?)```", section, re.S)[0].replace(":8000/", f":{port}/")
-        deadline = time.time() + 120
-        while True:   # the server is up once the client's snippet runs through
-            out = subprocess.run([sys.executable, "-c", client_code], cwd=work, capture_output=True, text=True,
-                                 timeout=120, env=env)
-            if out.returncode == 0 or time.time() > deadline or server.poll() is not None:
-                break
-            time.sleep(1)
+        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=5).close() or True, server,
+                 "python -m inference serve")
+        out = run([sys.executable, "-c", client_code], cwd=work, env=env)
         assert out.returncode == 0, (out.stderr[-2000:], server.poll())
         reasoning, content = out.stdout.strip().rsplit(" -> ", 1)
         assert "banana" in reasoning and content == "yellow", out.stdout
     finally:
-        server.terminate()
-        _, err = server.communicate(timeout=30)
+        _, err = stop(server)
     assert "Traceback" not in err
 
     engine_code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
-    out = subprocess.run([sys.executable, "-c", engine_code], cwd=work, capture_output=True, text=True, timeout=300,
-                         env=env)
+    out = run([sys.executable, "-c", engine_code], cwd=work, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert lines[0].endswith("-> yellow stop " + lines[0].split()[-1]) and "banana" in lines[0], lines
@@ -227,16 +221,17 @@ def test_same_seed_same_losses_and_adapter_reloads_with_equal_logits(tmp_path, t
     assert json.loads((d.run_dir / "run.json").read_text())["kernels"] == "fast"
     assert json.loads((a.run_dir / "run.json").read_text())["kernels"] == "reference"   # auto on CPU
     assert sorted(losses(d.run_dir)) == [1, 2, 3]
+    # Measured (2-core CPU): the two curves are at most 1 fp32 ulp apart over the 3 steps (the fast path sums
+    # attention and experts in another order); 64 ulps leaves room for other BLAS builds and thread counts.
     for step, loss in la.items():
-        assert abs(losses(d.run_dir)[step] - loss) <= 1e-4 * loss, step
+        assert abs(losses(d.run_dir)[step] - loss) <= 64 * EPS32 * loss, step
     # QLoRA on the shipped MXFP4 experts (kept packed, decoded inside the expert matmuls) trains the same curve as
     # the run whose experts were decoded to fp32 at load: the decoded values are exactly the same numbers.
     e = finetune.run(short_recipe(tmp_path / "e", **short, **{"train.kernels": "fast", "model.quantization": "mxfp4",
                                                                "train.gradient_checkpointing": "true"}))
     assert json.loads((e.run_dir / "run.json").read_text())["quantization"] == "mxfp4"
     assert json.loads((a.run_dir / "run.json").read_text())["quantization"] == "none"   # auto on CPU
-    for step, loss in la.items():
-        assert abs(losses(e.run_dir)[step] - loss) <= 1e-4 * loss, step
+    assert losses(e.run_dir) == losses(d.run_dir)   # the same kernels on the same decoded numbers: bit for bit
 
     ids = torch.tensor([[200006, 1428, 200008, 3736, 382, 290, 3089, 328, 4044, 30, 200007, 200006, 173781]])
     reloaded = PeftModel.from_pretrained(load_model(tiny_model_dir), str(a.adapter_dir)).eval()
@@ -246,7 +241,8 @@ def test_same_seed_same_losses_and_adapter_reloads_with_equal_logits(tmp_path, t
         trained_logits = a.model(input_ids=ids).logits
         reloaded_logits = reloaded(input_ids=ids).logits
         base_logits = plain(input_ids=ids).logits
-    assert torch.allclose(trained_logits, reloaded_logits, atol=1e-5, rtol=0)
+    # the same weights through the same modules: nothing differs but, at most, the order of fp32 sums
+    assert_fp32_close(reloaded_logits, trained_logits, float64(reloaded)(input_ids=ids).logits, "reloaded adapter")
     assert (trained_logits - base_logits).abs().max() > 1e-3  # the adapter really changes the model
 
 
@@ -310,8 +306,48 @@ def test_format_samples_train_end_to_end(tmp_path, sample):
     data = str(REPO / "data/sample" / sample)
     result = finetune.run(short_recipe(tmp_path, **{"data.train": data, "data.eval": data, "train.max_steps": "2",
                                                      "train.batch_size": "2", "evaluation.max_new_tokens": "8"}))
-    rows = len((REPO / "data/sample" / sample).read_text().splitlines())
-    assert result.eval_after["examples"] == rows and result.eval_after["generated"] == rows
+    # one training sequence per conversation (no turn reasons before a later turn), one generation per run of
+    # assistant messages: chat.jsonl's tool-call conversation and its two-turn chat have two each, as does
+    # sharegpt.jsonl's two-turn chat
+    sequences, generations = {"chat.jsonl": (4, 6), "sharegpt.jsonl": (2, 3)}[sample]
+    assert len((REPO / "data/sample" / sample).read_text().splitlines()) == sequences
+    assert result.eval_after["examples"] == sequences and result.eval_after["generated"] == generations
     assert sorted(losses(result.run_dir)) == [1, 2]
     if sample == "chat.jsonl":
         assert result.stats["trained_tokens_by_channel"]["tool_call"] > 0
+
+
+def test_shipped_tiny_chat_data_matches_its_generator():
+    import tiny_task
+    for name, text in tiny_task.expected_chat_files().items():
+        assert (REPO / "data" / "tiny-chat" / name).read_text(encoding="utf-8") == text, name
+
+
+def test_multi_turn_fine_tune_ends_every_answer_at_return(tmp_path, monkeypatch, tiny_model_dir):
+    """A multi-turn chat fine-tune (the shipped recipes/tiny-chat.yaml: three turns, two of them earlier turns that
+    history stores with <|end|>) learns to end every held-out answer with <|return|>, the stop token, so generation
+    stops there; training an earlier answer through its history terminator taught the model <|end|>, after which it
+    kept generating."""
+    import finetune
+    from finetune.data import prepare
+    from finetune.recipe import load_recipe
+    from inference import harmony
+    from inference.engine import Engine
+    from inference.evaluate import generate_greedy
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(REPO / "recipes/tiny-chat.yaml", [
+        f"data.train={REPO / 'data/tiny-chat/train.jsonl'}", f"data.eval={REPO / 'data/tiny-chat/eval.jsonl'}",
+        "tracking.mlflow=false", f"output.dir={tmp_path / 'run'}"])
+    result = finetune.run(recipe)
+    after = result.eval_after
+    assert after["generated"] == 96 and after["stop_rate"] == 1.0, after   # every turn of 32 chats
+    assert after["exact_match"] >= 0.3, after   # it learnt the task, not only where to stop
+    # the same, token by token: every completion is one final message ending in <|return|>, never <|end|>
+    engine = Engine.load(tiny_model_dir, adapters={"run": result.adapter_dir})
+    completions = generate_greedy(engine, [c.prompt_ids for c in prepare(recipe).eval_cases],
+                                  recipe.evaluation.max_new_tokens, "run")
+    enc = harmony.encoding()
+    for tokens in completions:
+        text = enc.decode(tokens)
+        assert text.endswith("<|return|>") and "<|end|>" not in text, text

@@ -11,11 +11,11 @@ import datetime
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run
 from openai_harmony import (
     Author,
     Conversation,
@@ -56,6 +56,13 @@ RESULT = '{"temp_c": 21}'
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
+
+def render_one(*args, **kwargs):
+    """The one training sequence of a conversation that renders to a single sequence."""
+    sequences = render_for_training(*args, **kwargs)
+    assert len(sequences) == 1, f"expected one training sequence, got {len(sequences)}"
+    return sequences[0]
+
 
 def enc():
     return harmony.encoding()
@@ -107,9 +114,9 @@ def decode(ids):
 
 
 def trained_runs(rendered):
-    """Decoded text of each maximal run of tokens with weight > 0."""
+    """Decoded text of each maximal run of trained tokens (weight > 0), as trained: the targets."""
     runs, cur = [], []
-    for tok, w in zip(rendered.ids, rendered.weights):
+    for tok, w in zip(rendered.targets, rendered.weights):
         if w > 0:
             cur.append(tok)
         elif cur:
@@ -135,7 +142,11 @@ def run_weights(rendered):
 
 
 def check_invariants(rendered):
-    assert len(rendered.ids) == len(rendered.weights)
+    assert len(rendered.ids) == len(rendered.weights) == len(rendered.targets)
+    # a target differs from its input only where history stores an answer with <|end|> and <|return|> is trained
+    for tok, target, w in zip(rendered.ids, rendered.targets, rendered.weights):
+        if tok != target:
+            assert (decode([tok]), decode([target])) == ("<|end|>", "<|return|>") and w > 0
     # spans tile the rendering exactly, and only assistant tokens carry weight
     pos = 0
     for span in rendered.spans:
@@ -150,7 +161,7 @@ def check_invariants(rendered):
 
 def test_plain_chat():
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
-    r = render_for_training(msgs, None, HarmonyOptions(), None)   # default weights: final only
+    r = render_one(msgs, None, HarmonyOptions(), None)   # default weights: final only
     check_invariants(r)
     oracle = [oracle_system(), o_user("Hi"), o_assistant("Hello there", "final")]
     assert r.ids == oracle_training(oracle)
@@ -168,7 +179,7 @@ def test_system_and_developer_become_developer_instructions():
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Answer in English."},
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     all_weights = {"final": 1.0, "analysis": 1.0, "commentary": 1.0, "tool_call": 1.0}
-    r = render_for_training(msgs, None, HarmonyOptions(), all_weights)
+    r = render_one(msgs, None, HarmonyOptions(), all_weights)
     check_invariants(r)
     dev = Message.from_role_and_content(
         Role.DEVELOPER, DeveloperContent.new().with_instructions("Be brief.\n\nAnswer in English."))
@@ -183,8 +194,8 @@ def test_system_and_developer_become_developer_instructions():
 def test_thinking_single_turn_is_kept_and_analysis_weight_changes_trained_spans():
     msgs = [{"role": "user", "content": "What is 2+2?"},
             {"role": "assistant", "thinking": "Add 2 and 2.", "content": "4"}]
-    with_analysis = render_for_training(msgs, None, HarmonyOptions(), {"final": 1.0, "analysis": 1.0})
-    without = render_for_training(msgs, None, HarmonyOptions(), {"final": 1.0, "analysis": 0.0})
+    with_analysis = render_one(msgs, None, HarmonyOptions(), {"final": 1.0, "analysis": 1.0})
+    without = render_one(msgs, None, HarmonyOptions(), {"final": 1.0, "analysis": 0.0})
     check_invariants(with_analysis)
     check_invariants(without)
     # The turn being trained keeps its chain of thought (openai-harmony's own auto_drop_analysis would remove it here,
@@ -208,7 +219,7 @@ def test_tool_call_tool_result_final():
             {"role": "assistant", "tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": ARGS}]},
             {"role": "tool", "name": "get_weather", "content": RESULT},
             {"role": "assistant", "content": "It is 21 °C in Paris."}]
-    r = render_for_training(msgs, TOOLS, HarmonyOptions(), {"final": 1.0, "tool_call": 0.5})
+    r = render_one(msgs, TOOLS, HarmonyOptions(), {"final": 1.0, "tool_call": 0.5})
     check_invariants(r)
     oracle = [oracle_system(), o_tools_developer(), o_user("Weather in Paris?"), o_call("get_weather", ARGS),
               o_tool_result("get_weather", RESULT), o_assistant("It is 21 °C in Paris.", "final")]
@@ -228,7 +239,7 @@ def test_tool_call_tool_result_final():
 
     # The tool result is never trained, whatever the weights; tools in the bare (non-OpenAI-wrapped) form are the same.
     everything = {"final": 1.0, "analysis": 1.0, "commentary": 1.0, "tool_call": 1.0}
-    r_all = render_for_training(msgs, [TOOLS[0]["function"]], HarmonyOptions(), everything)
+    r_all = render_one(msgs, [TOOLS[0]["function"]], HarmonyOptions(), everything)
     assert r_all.ids == r.ids
     tool_span = next(s for s in r_all.spans if s.role == "tool")
     assert decode(r_all.ids[tool_span.start:tool_span.end]) == (
@@ -244,7 +255,7 @@ def test_tool_calling_turn_keeps_its_reasoning():
             {"role": "tool", "name": "get_weather", "content": RESULT},
             {"role": "assistant", "thinking": "It is 21.", "content": "21 °C."}]
     w = {"final": 1.0, "analysis": 0.25, "commentary": 0.75, "tool_call": 0.5}
-    r = render_for_training(msgs, TOOLS, HarmonyOptions(), w)
+    r = render_one(msgs, TOOLS, HarmonyOptions(), w)
     check_invariants(r)
     oracle = [oracle_system(), o_tools_developer(), o_user("Weather in Paris?"),
               o_assistant("I need the weather tool.", "analysis"), o_assistant("Let me check.", "commentary"),
@@ -265,35 +276,70 @@ def test_tool_calling_turn_keeps_its_reasoning():
     assert by_kind == {"analysis": {0.25}, "commentary": {0.75}, "tool_call": {0.5}, "final": {1.0}}
 
 
-def test_multi_turn_drops_earlier_turns_analysis():
+RETURN, END = "<|return|>", "<|end|>"
+
+
+def test_multi_turn_with_reasoning_trains_each_turn_as_generated():
+    """Every assistant turn is trained as the model generated it: turn 1 in the context it saw (with its reasoning,
+    ending in <|return|>), turn 2 after turn 1's history form (reasoning dropped), which is never trained."""
     msgs = [{"role": "user", "content": "A?"},
             {"role": "assistant", "thinking": "First thought.", "content": "First answer."},
             {"role": "user", "content": "B?"},
             {"role": "assistant", "thinking": "Second thought.", "content": "Second answer."}]
-    r = render_for_training(msgs, None, HarmonyOptions(), {"final": 1.0, "analysis": 1.0})
-    check_invariants(r)
+    w = {"final": 1.0, "analysis": 1.0}
+    first, second = render_for_training(msgs, None, HarmonyOptions(), w)
+    for r in (first, second):
+        check_invariants(r)
+    assert first.ids == oracle_training([oracle_system(), o_user("A?"), o_assistant("First thought.", "analysis"),
+                                         o_assistant("First answer.", "final")])
+    assert trained_runs(first) == [
+        "<|channel|>analysis<|message|>First thought.<|end|><|start|>assistant<|channel|>final<|message|>"
+        "First answer.<|return|>"]
     kept = [oracle_system(), o_user("A?"), o_assistant("First answer.", "final"), o_user("B?"),
             o_assistant("Second thought.", "analysis"), o_assistant("Second answer.", "final")]
-    assert r.ids == oracle_training(kept)
+    assert second.ids == oracle_training(kept)
     # for two turns, openai-harmony's own auto_drop_analysis agrees on the full conversation
     full = [oracle_system(), o_user("A?"), o_assistant("First thought.", "analysis"),
             o_assistant("First answer.", "final"), o_user("B?"), o_assistant("Second thought.", "analysis"),
             o_assistant("Second answer.", "final")]
-    assert r.ids == oracle_training(full, auto_drop_analysis=True)
-    text = decode(r.ids)
-    assert "First thought." not in text
-    assert "Second thought." in text
+    assert second.ids == oracle_training(full, auto_drop_analysis=True)
+    text = decode(second.ids)
+    assert "First thought." not in text and "Second thought." in text
     assert text == (SYSTEM_TEXT + "<|start|>user<|message|>A?<|end|>"
                     "<|start|>assistant<|channel|>final<|message|>First answer.<|end|>"
                     "<|start|>user<|message|>B?<|end|>"
                     "<|start|>assistant<|channel|>analysis<|message|>Second thought.<|end|>"
                     "<|start|>assistant<|channel|>final<|message|>Second answer.<|return|>")
-    assert trained_runs(r) == [
-        "<|channel|>final<|message|>First answer.<|end|>",
+    # the history form of turn 1 (no reasoning, <|end|>) is context only
+    assert trained_runs(second) == [
         "<|channel|>analysis<|message|>Second thought.<|end|><|start|>assistant<|channel|>final<|message|>"
         "Second answer.<|return|>"]
-    assert [(s.role, s.channel) for s in r.spans if s.role == "assistant"] == [
+    assert [(s.role, s.channel) for s in second.spans if s.role == "assistant"] == [
         ("assistant", "final"), ("assistant", "analysis"), ("assistant", "final")]
+    # trained_turns=last: openai-harmony's render_conversation_for_training, only the last turn trained
+    (last,) = render_for_training(msgs, None, HarmonyOptions(), w, turns="last")
+    assert (last.ids, last.weights, last.targets) == (second.ids, second.weights, second.targets)
+
+
+def test_multi_turn_chat_trains_earlier_answers_with_return_in_one_sequence():
+    """ShareGPT-style chat (no reasoning): history equals what was generated, so every turn trains in one sequence;
+    an earlier answer is read as <|end|> (history) and trained as <|return|> (what the model emits)."""
+    msgs = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"},
+            {"role": "user", "content": "and +1?"}, {"role": "assistant", "content": "6"}]
+    (r,) = render_for_training(msgs, None, HarmonyOptions(), None)
+    check_invariants(r)
+    assert r.ids == oracle_training([oracle_system(), o_user("2+3?"), o_assistant("5", "final"), o_user("and +1?"),
+                                     o_assistant("6", "final")])
+    assert trained_runs(r) == ["<|channel|>final<|message|>5<|return|>", "<|channel|>final<|message|>6<|return|>"]
+    (f1, f2) = [s for s in r.spans if s.channel == "final"]
+    assert decode(r.ids[f1.end - 1:f1.end]) == END and decode(r.targets[f1.end - 1:f1.end]) == RETURN
+    assert decode(r.ids[f2.end - 1:f2.end]) == RETURN == decode(r.targets[f2.end - 1:f2.end])
+    assert [i for i, (a, b) in enumerate(zip(r.ids, r.targets)) if a != b] == [f1.end - 1]
+    # no answer is ever trained to end in <|end|>
+    assert all(decode([r.targets[s.end - 1]]) == RETURN and r.weights[s.end - 1] > 0 for s in (f1, f2))
+    (last,) = render_for_training(msgs, None, HarmonyOptions(), None, turns="last")
+    assert last.ids == r.ids
+    assert trained_runs(last) == ["<|channel|>final<|message|>6<|return|>"]
 
 
 def test_three_turns_drop_every_earlier_turns_analysis():
@@ -303,19 +349,91 @@ def test_three_turns_drop_every_earlier_turns_analysis():
     for i in (1, 2, 3):
         msgs += [{"role": "user", "content": f"Q{i}?"},
                  {"role": "assistant", "thinking": f"T{i}.", "content": f"F{i}."}]
-    r = render_for_training(msgs, None, HarmonyOptions(), {"final": 1.0, "analysis": 1.0})
-    check_invariants(r)
-    kept = [oracle_system(), o_user("Q1?"), o_assistant("F1.", "final"), o_user("Q2?"), o_assistant("F2.", "final"),
-            o_user("Q3?"), o_assistant("T3.", "analysis"), o_assistant("F3.", "final")]
-    assert r.ids == oracle_training(kept)
-    text = decode(r.ids)
+    sequences = render_for_training(msgs, None, HarmonyOptions(), {"final": 1.0, "analysis": 1.0})
+    assert len(sequences) == 3
+    for i, r in enumerate(sequences, 1):
+        check_invariants(r)
+        oracle = [oracle_system()]
+        for j in range(1, i):
+            oracle += [o_user(f"Q{j}?"), o_assistant(f"F{j}.", "final")]
+        oracle += [o_user(f"Q{i}?"), o_assistant(f"T{i}.", "analysis"), o_assistant(f"F{i}.", "final")]
+        assert r.ids == oracle_training(oracle)
+        assert trained_runs(r) == [f"<|channel|>analysis<|message|>T{i}.<|end|><|start|>assistant<|channel|>final"
+                                   f"<|message|>F{i}.<|return|>"]
+    text = decode(sequences[-1].ids)
     assert "T1." not in text and "T2." not in text and "T3." in text
+
+
+def test_analysis_between_finals_groups_turns_by_history_form():
+    """Turn 1 (no reasoning) and turn 2 (reasoning) train together: turn 1's history is what was generated. Turn 3
+    comes after turn 2's history form (reasoning dropped), in a sequence of its own."""
+    msgs = [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "F1."},
+            {"role": "user", "content": "Q2?"}, {"role": "assistant", "thinking": "T2.", "content": "F2."},
+            {"role": "user", "content": "Q3?"}, {"role": "assistant", "content": "F3."}]
+    w = {"final": 1.0, "analysis": 1.0}
+    a, b = render_for_training(msgs, None, HarmonyOptions(), w)
+    for r in (a, b):
+        check_invariants(r)
+    assert a.ids == oracle_training([oracle_system(), o_user("Q1?"), o_assistant("F1.", "final"), o_user("Q2?"),
+                                     o_assistant("T2.", "analysis"), o_assistant("F2.", "final")])
+    assert trained_runs(a) == [
+        "<|channel|>final<|message|>F1.<|return|>",
+        "<|channel|>analysis<|message|>T2.<|end|><|start|>assistant<|channel|>final<|message|>F2.<|return|>"]
+    assert b.ids == oracle_training([oracle_system(), o_user("Q1?"), o_assistant("F1.", "final"), o_user("Q2?"),
+                                     o_assistant("F2.", "final"), o_user("Q3?"), o_assistant("F3.", "final")])
+    assert trained_runs(b) == ["<|channel|>final<|message|>F3.<|return|>"]
+    (last,) = render_for_training(msgs, None, HarmonyOptions(), w, turns="last")
+    assert last.ids == b.ids and trained_runs(last) == trained_runs(b)
+
+
+def test_multi_turn_tool_calling_terminators():
+    """A tool-calling turn: reasoning and the preamble end in <|end|> (the turn goes on), the call in <|call|>, the
+    answer in <|return|>; the next turn sees that turn's history form (reasoning dropped, calls and results kept)."""
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "thinking": "I need the weather tool.", "content": "Let me check.",
+             "tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": ARGS}]},
+            {"role": "tool", "name": "get_weather", "content": RESULT},
+            {"role": "assistant", "thinking": "It is 21.", "content": "21 °C."},
+            {"role": "user", "content": "Thanks!"},
+            {"role": "assistant", "content": "You are welcome."}]
+    everything = {"final": 1.0, "analysis": 1.0, "commentary": 1.0, "tool_call": 1.0}
+    a, b = render_for_training(msgs, TOOLS, HarmonyOptions(), everything)
+    for r in (a, b):
+        check_invariants(r)
+    turn1 = [o_user("Weather in Paris?"), o_assistant("I need the weather tool.", "analysis"),
+             o_assistant("Let me check.", "commentary"), o_call("get_weather", ARGS),
+             o_tool_result("get_weather", RESULT), o_assistant("It is 21.", "analysis"), o_assistant("21 °C.", "final")]
+    assert a.ids == oracle_training([oracle_system(), o_tools_developer(), *turn1])
+    assert trained_runs(a) == [
+        "<|channel|>analysis<|message|>I need the weather tool.<|end|>"
+        "<|start|>assistant<|channel|>commentary<|message|>Let me check.<|end|>"
+        "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>" + ARGS
+        + "<|call|>",
+        "<|channel|>analysis<|message|>It is 21.<|end|><|start|>assistant<|channel|>final<|message|>21 °C.<|return|>"]
+    history = [o_user("Weather in Paris?"), o_assistant("Let me check.", "commentary"), o_call("get_weather", ARGS),
+               o_tool_result("get_weather", RESULT), o_assistant("21 °C.", "final")]
+    assert b.ids == oracle_training([oracle_system(), o_tools_developer(), *history, o_user("Thanks!"),
+                                     o_assistant("You are welcome.", "final")])
+    assert trained_runs(b) == ["<|channel|>final<|message|>You are welcome.<|return|>"]
+    # what each sequence trains after its prompt parses back into its turn, and generation would stop there
+    for r, messages in ((a, msgs[:1]), (b, msgs[:5])):
+        prompt = render_prompt(messages, TOOLS)
+        assert r.ids[:len(prompt)] == prompt
+        trained = [t for t, w in zip(r.targets, r.weights) if w > 0]
+        assert trained[-1] in harmony.stop_token_ids()
+
+
+def test_trained_turns_is_checked():
+    with pytest.raises(UserError) as info:
+        render_for_training([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                            turns="first")
+    assert "first" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_per_channel_weights_are_exact():
     msgs = [{"role": "user", "content": "What is 2+2?"},
             {"role": "assistant", "thinking": "Add 2 and 2, carefully.", "content": "The answer is 4."}]
-    r = render_for_training(msgs, None, HarmonyOptions(), {"final": 1.0, "analysis": 0.5})
+    r = render_one(msgs, None, HarmonyOptions(), {"final": 1.0, "analysis": 0.5})
     check_invariants(r)
     analysis_msg = o_assistant("Add 2 and 2, carefully.", "analysis")
     final_msg = o_assistant("The answer is 4.", "final")
@@ -332,7 +450,7 @@ def test_per_channel_weights_are_exact():
     assert r.trained_tokens_by_kind() == {"final": len(f_piece), "analysis": len(a_piece) - header,
                                           "commentary": 0, "tool_call": 0}
     # keys that are not given weigh 0; the default is final only
-    r_default = render_for_training(msgs, None, HarmonyOptions(), None)
+    r_default = render_one(msgs, None, HarmonyOptions(), None)
     assert r_default.ids == r.ids
     assert r_default.trained_tokens_by_kind() == {"final": len(f_piece), "analysis": 0, "commentary": 0,
                                                   "tool_call": 0}
@@ -341,7 +459,7 @@ def test_per_channel_weights_are_exact():
 def test_message_weight_multiplies_and_zero_untrains():
     msgs = [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "First answer.", "weight": 0},
             {"role": "user", "content": "B?"}, {"role": "assistant", "content": "Second answer.", "weight": 2.0}]
-    r = render_for_training(msgs, None, HarmonyOptions(), {"final": 0.5})
+    r = render_one(msgs, None, HarmonyOptions(), {"final": 0.5})
     check_invariants(r)
     assert "First answer." in decode(r.ids)
     assert trained_runs(r) == ["<|channel|>final<|message|>Second answer.<|return|>"]
@@ -360,12 +478,12 @@ def test_trained_tokens_by_kind_counts():
         ("a2", o_assistant("Warm.", "analysis")), ("final", o_assistant("21 °C.", "final"))]}
     header = len(enc().encode("<|start|>assistant", allowed_special="all"))
     everything = {"final": 1.0, "analysis": 1.0, "commentary": 1.0, "tool_call": 1.0}
-    r = render_for_training(msgs, TOOLS, HarmonyOptions(), everything)
+    r = render_one(msgs, TOOLS, HarmonyOptions(), everything)
     # the first assistant message after a user or tool message does not train its <|start|>assistant
     assert r.trained_tokens_by_kind() == {"final": n["final"], "analysis": n["a1"] - header + n["a2"] - header,
                                           "commentary": 0, "tool_call": n["call"]}
     assert sum(r.trained_tokens_by_kind().values()) == sum(1 for w in r.weights if w > 0)
-    r2 = render_for_training(msgs, TOOLS, HarmonyOptions(), {"final": 1.0, "tool_call": 1.0})
+    r2 = render_one(msgs, TOOLS, HarmonyOptions(), {"final": 1.0, "tool_call": 1.0})
     assert r2.ids == r.ids
     assert r2.trained_tokens_by_kind() == {"final": n["final"], "analysis": 0, "commentary": 0,
                                            "tool_call": n["call"]}
@@ -374,7 +492,7 @@ def test_trained_tokens_by_kind_counts():
 def test_options_appear_in_system_message():
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     opts = HarmonyOptions(reasoning_effort="high", conversation_start_date="2024-01-02", model_identity="You are Tiny.")
-    r = render_for_training(msgs, None, opts, None)
+    r = render_one(msgs, None, opts, None)
     oracle = [oracle_system(ReasoningEffort.HIGH, "2024-01-02", "You are Tiny."), o_user("Hi"),
               o_assistant("Hello", "final")]
     assert r.ids == oracle_training(oracle)
@@ -382,17 +500,17 @@ def test_options_appear_in_system_message():
         "<|start|>system<|message|>You are Tiny.\nKnowledge cutoff: 2024-06\nCurrent date: 2024-01-02\n\n"
         "Reasoning: high\n\n# Valid channels: analysis, commentary, final. Channel must be included for every "
         "message.<|end|>")
-    low = decode(render_for_training(msgs, None, HarmonyOptions(reasoning_effort="low"), None).ids)
+    low = decode(render_one(msgs, None, HarmonyOptions(reasoning_effort="low"), None).ids)
     assert "Reasoning: low\n" in low
     with pytest.raises(UserError) as info:
-        render_for_training(msgs, None, HarmonyOptions(reasoning_effort="max"), None)
+        render_one(msgs, None, HarmonyOptions(reasoning_effort="max"), None)
     assert "max" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_rendering_does_not_depend_on_today():
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    a = render_for_training(msgs, None, HarmonyOptions(), None)
-    b = render_for_training(msgs, None, HarmonyOptions(), None)
+    a = render_one(msgs, None, HarmonyOptions(), None)
+    b = render_one(msgs, None, HarmonyOptions(), None)
     assert a.ids == b.ids and a.weights == b.weights
     text = decode(a.ids)
     assert "Current date: 2025-06-28\n" in text
@@ -406,7 +524,7 @@ def test_rendering_does_not_depend_on_today():
 
 def test_unknown_role_is_a_user_error():
     with pytest.raises(UserError) as info:
-        render_for_training([{"role": "robot", "content": "beep"}])
+        render_one([{"role": "robot", "content": "beep"}])
     assert "robot" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -421,7 +539,7 @@ def test_render_prompt_ends_with_assistant_header_and_matches_training_prefix():
         Conversation.from_messages([oracle_system(), o_user("Hi")]), Role.ASSISTANT)
     assert decode(prompt) == SYSTEM_TEXT + "<|start|>user<|message|>Hi<|end|><|start|>assistant"
     # the prompt is exactly the untrained prefix of the training rendering
-    r = render_for_training(msgs, None, HarmonyOptions(), None)
+    r = render_one(msgs, None, HarmonyOptions(), None)
     assert r.ids[:len(prompt)] == prompt
     assert all(w == 0 for w in r.weights[:len(prompt)]) and r.weights[len(prompt)] > 0
 
@@ -437,7 +555,7 @@ def test_render_prompt_multi_turn_and_tools():
     assert prompt == enc().render_conversation_for_completion(
         Conversation.from_messages(oracle), Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False))
     assert "First thought." not in decode(prompt)
-    r = render_for_training(msgs, TOOLS, HarmonyOptions(), {"final": 1.0, "analysis": 1.0})
+    r = render_for_training(msgs, TOOLS, HarmonyOptions(), {"final": 1.0, "analysis": 1.0})[-1]
     assert r.ids[:len(prompt)] == prompt
     assert r.weights[len(prompt) - 1] == 0 and r.weights[len(prompt)] > 0
     # what the model is trained to produce after the prompt parses back into the last turn
@@ -467,6 +585,22 @@ def test_parse_completion_tool_call_and_preamble():
     text2 = ("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>" + ARGS + "<|call|>")
     assert parse_completion(enc().encode(text2, allowed_special="all")).tool_calls == [
         {"name": "get_weather", "arguments": ARGS}]
+
+
+def test_parse_namespaced_and_builtin_calls():
+    """A call to a namespaced tool comes back under the dotted name it was declared with; a built-in tool call
+    (python, browser) is not a function call for the client, and its text is not shown as commentary either."""
+    text = " to=crm.lookup<|channel|>commentary <|constrain|>json<|message|>{\"id\": \"7\"}<|call|>"  # after the prompt
+    reply = parse_completion(enc().encode(text, allowed_special="all"))
+    assert reply.tool_calls == [{"name": "crm.lookup", "arguments": '{"id": "7"}'}] and reply.complete
+    stream = harmony.ReplyStream()
+    pieces = [p for t in enc().encode(text, allowed_special="all") for p in stream.feed(t)]
+    assert stream.calls == ["crm.lookup"] and "".join(t for k, t, _ in pieces if k == "tool_call") == '{"id": "7"}'
+    py = "<|channel|>analysis to=python code<|message|>print(1)<|call|>"
+    reply = parse_completion(enc().encode(py, allowed_special="all"))
+    assert reply.tool_calls == [] and reply.commentary == "" and reply.complete
+    assert harmony.function_name("functions.get_weather") == "get_weather"
+    assert harmony.function_name("browser.search") is None and harmony.function_name("assistant") is None
 
 
 @pytest.mark.parametrize("text", [
@@ -545,8 +679,7 @@ def test_encoding_with_corrupt_vocab_fails_cleanly_in_fresh_process(tmp_path):
     code = ("import sys\nfrom inference import harmony\ntry:\n    harmony.encoding()\n"
             "except harmony.VocabError as e:\n    print('VOCABERROR', e)\n    sys.exit(3)\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), TIKTOKEN_ENCODINGS_BASE=str(bad))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = run([sys.executable, "-c", code], cwd=str(REPO), env=env)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("VOCABERROR") and "sha256" in lines[0]
@@ -599,7 +732,7 @@ def corpus(tiny_model_dir) -> list[str]:
              "tool_calls": [{"id": "c1", "name": "get_weather", "arguments": ARGS}]},
             {"role": "tool", "name": "get_weather", "content": RESULT},
             {"role": "assistant", "thinking": "Warm.", "content": "It is 21 °C."}]
-    texts.append(decode(render_for_training(msgs, TOOLS).ids))
+    texts.append(decode(render_one(msgs, TOOLS).ids))
     return texts
 
 

@@ -7,10 +7,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import EPS32, REPO, run, run_cli, stop, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +34,25 @@ def test_eval_writes_a_report_matching_the_library_call(tmp_path, eval_file, tin
                    "--max-new-tokens", "8", "--reasoning-effort", "low")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["examples"] == 6 and report["generated"] == 6 and report["model"] == tiny_model_dir.name
+    # six conversations scored for loss; seven generations: the tool conversation has two runs of assistant messages
+    # (the call, then the answer after the tool result), and every one is generated
+    assert report["examples"] == 6 and report["generated"] == 7 and report["model"] == tiny_model_dir.name
+    assert report["trained_turns"] == "all"
     assert report["loss"] > 0 and report["loss_tokens"] > 0 and report["adapter"] is None
     assert f"report: {out}" in proc.stdout and "exact match" in proc.stdout
 
     from inference.engine import Engine
     from inference.evaluate import evaluate_file
     same = evaluate_file(Engine.load(tiny_model_dir), eval_file, max_new_tokens=8, reasoning_effort="low")
-    assert same["loss"] == pytest.approx(report["loss"], rel=1e-6)
+    # the same code on the same machine: at most the fp32 sum over the loss tokens may run in another order
+    assert same["loss"] == pytest.approx(report["loss"], rel=report["loss_tokens"] * EPS32)
     assert [s["final"] for s in same["samples"]] == [s["final"] for s in report["samples"]]
 
 
 def test_chat_shows_reasoning_apart_and_keeps_going_after_commands(tiny_model_dir):
     script = "Name the color of banana.\n/effort high\n/effort extreme\n/reset\nAnd of a carrot?\n/quit\n"
-    proc = subprocess.run([sys.executable, "-m", "inference", "chat", "--model", str(tiny_model_dir),
-                           "--temperature", "0", "--max-tokens", "24"], input=script, capture_output=True,
-                          text=True, timeout=300, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = run([sys.executable, "-m", "inference", "chat", "--model", str(tiny_model_dir), "--temperature", "0",
+                "--max-tokens", "24"], input=script, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(reasoning effort high)" in proc.stderr and "effort must be one of" in proc.stderr
     assert "(conversation cleared)" in proc.stderr
@@ -75,22 +77,20 @@ def test_serve_answers_the_openai_client(tmp_path, tiny_model_dir):
                               stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        deadline = time.time() + 120
-        while True:
+
+        def models():   # None until the server answers (it imports torch and loads the model first)
             try:
-                models = client.models.list()
-                break
+                return client.models.list()
             except openai.APIConnectionError:
-                assert server.poll() is None, server.stderr.read()[-2000:]
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(0.5)
-        assert [m.id for m in models.data] == ["base"]
+                return None
+
+        listed = wait_for(models, server, "inference serve")   # polls up to conftest.SERVER_START_S
+        assert [m.id for m in listed.data] == ["base"]
         reply = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}],
                                                temperature=0, max_tokens=8)
         assert reply.usage.completion_tokens <= 8 and reply.choices[0].finish_reason in ("stop", "length")
     finally:
-        server.terminate()
-        _, err = server.communicate(timeout=30)
+        _, err = stop(server)
     assert "Traceback" not in err
 
 
@@ -116,7 +116,7 @@ def test_bad_input_is_one_error_line(tmp_path, tiny_model_dir, args, message):
     good = REPO / "data/tiny/eval.jsonl"
     bad.write_text(good.read_text(encoding="utf-8").splitlines()[0] + "\n{not json\n", encoding="utf-8")
     args = [a.format(tiny=tiny_model_dir, bad=bad, good=good) for a in args]
-    proc = run_cli("inference", *args, cwd=tmp_path, timeout=120)
+    proc = run_cli("inference", *args, cwd=tmp_path)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr

@@ -22,7 +22,6 @@ survived the rounding.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,14 +30,20 @@ import torch
 
 from inference import mxfp4
 from inference.adapters import Adapter, read_adapter
-from inference.checkpoint import QUANTIZATION_CONFIG, TensorFiles, read_config, read_dir_json
+from inference.checkpoint import (
+    QUANTIZATION_CONFIG,
+    SHARD_BYTES,
+    ShardWriter,
+    TensorFiles,
+    read_config,
+    read_dir_json,
+)
 from inference.errors import UserError
 
 EXPERT_FORMATS = ("bf16", "mxfp4")
 # Files of a model directory that travel with its weights (tokenizer, chat template, generation defaults).
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
              "chat_template.jinja", "chat_template.json")
-SHARD_BYTES = 4 << 30
 
 
 @dataclass
@@ -92,47 +97,6 @@ class MergeResult:
         return {"summary": self.summary(), "tensors": [asdict(t) for t in self.tensors]}
 
 
-class _Shards:
-    """Collects tensors and writes them as HF safetensors shards (``model.safetensors`` when one suffices)."""
-
-    def __init__(self, out_dir: Path, shard_bytes: int):
-        self.out_dir, self.shard_bytes = out_dir, shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.written: list[tuple[Path, list[str]]] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.size + nbytes > self.shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.size += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-        path = self.out_dir / f"shard-{len(self.written):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.written.append((path, sorted(self.pending)))
-        self.pending, self.size = {}, 0
-
-    def finish(self) -> None:
-        if self.pending or not self.written:
-            self._flush()
-        n = len(self.written)
-        if n == 1:
-            os.replace(self.written[0][0], self.out_dir / "model.safetensors")
-            return
-        weight_map, total = {}, 0
-        for i, (path, names) in enumerate(self.written, start=1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            total += path.stat().st_size
-            os.replace(path, self.out_dir / final)
-            weight_map |= {name: final for name in names}
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n",
-                                                                   encoding="utf-8")
-
-
 def _expert_rows(src: TensorFiles, base: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """An expert weight as rows ``(E, out, in)`` in float32, and its MXFP4 ``(blocks, scales)`` when packed."""
     if base + "_blocks" in src:
@@ -155,7 +119,7 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, e
     cfg = read_config(model_dir)
     adapter = read_adapter(adapter_dir, cfg, torch.float32, "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = _Shards(out_dir, shard_bytes)
+    shards = ShardWriter(out_dir, shard_bytes)
     result = MergeResult(out_dir, experts, scale_rounding if experts == "mxfp4" else None)
     used: set[str] = set()
     with TensorFiles(model_dir) as src:
@@ -179,7 +143,7 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, e
     return result
 
 
-def _merge_other(src: TensorFiles, name: str, adapter: Adapter, shards: _Shards, result: MergeResult,
+def _merge_other(src: TensorFiles, name: str, adapter: Adapter, shards: ShardWriter, result: MergeResult,
                  used: set[str]) -> None:
     tensor = src[name]
     module = name.removesuffix(".weight")
@@ -193,7 +157,7 @@ def _merge_other(src: TensorFiles, name: str, adapter: Adapter, shards: _Shards,
     used.add(module)
 
 
-def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, shards: _Shards, result: MergeResult,
+def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, shards: ShardWriter, result: MergeResult,
                   used: set[str]) -> None:
     experts = result.experts
     layer, proj = base.split(".mlp.experts.")

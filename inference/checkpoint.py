@@ -24,6 +24,7 @@ from inference import mxfp4
 from inference.errors import UserError
 
 EXPERT_PACKED = ("gate_up_proj", "down_proj")
+SHARD_BYTES = 4 << 30     # the most one written safetensors shard holds (HF's own limit is 5 GB)
 QUANTIZATION_CONFIG = {
     "quant_method": "mxfp4",
     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
@@ -228,3 +229,49 @@ def save_checkpoint(state: dict[str, torch.Tensor], config_dict: dict, model_dir
     cfg = dict(config_dict)
     cfg["quantization_config"] = QUANTIZATION_CONFIG
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class ShardWriter:
+    """Writes tensors as they come into HF safetensors shards of at most ``shard_bytes`` (``model.safetensors`` when
+    one suffices, else ``model-0000N-of-0000M.safetensors`` + ``model.safetensors.index.json``): host memory holds one
+    shard at most. Shards are written under temporary names and get their final names in :meth:`finish`."""
+
+    def __init__(self, out_dir: str | Path, shard_bytes: int = SHARD_BYTES):
+        self.out_dir, self.shard_bytes = Path(out_dir), shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.size += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+        path = self.out_dir / f"shard-{len(self.written):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, sorted(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> list[Path]:
+        """Write what is pending, name the shards, write the index; the files written."""
+        if self.pending or not self.written:
+            self._flush()
+        n = len(self.written)
+        if n == 1:
+            os.replace(self.written[0][0], self.out_dir / "model.safetensors")
+            return [self.out_dir / "model.safetensors"]
+        weight_map, total, files = {}, 0, []
+        for i, (path, names) in enumerate(self.written, start=1):
+            final = self.out_dir / f"model-{i:05d}-of-{n:05d}.safetensors"
+            total += path.stat().st_size
+            os.replace(path, final)
+            files.append(final)
+            weight_map |= {name: final.name for name in names}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n",
+                                                                   encoding="utf-8")
+        return files

@@ -91,7 +91,7 @@ def write(shape: str, out: Path, shard_bytes: int, device: torch.device, seed: i
     """Write the checkpoint to ``out``; returns what was measured (seconds, bytes, peak host and GPU memory)."""
     from tqdm.auto import tqdm
 
-    from inference.checkpoint import QUANTIZATION_CONFIG, ShardWriter
+    from inference.checkpoint import QUANTIZATION_CONFIG, ShardWriter, make_readable
     from inference.tiny import generation_config_dict
     from inference.tokenizer import write_tokenizer
 
@@ -124,6 +124,7 @@ def write(shape: str, out: Path, shard_bytes: int, device: torch.device, seed: i
         (work / MARKER).write_text(
             f"# gpt-oss-{shape} shapes, random weights (seed {seed})\n\nWritten by `benchmarks/make_checkpoint.py` "
             "for measuring speed and memory. Not a trained model.\n", encoding="utf-8")
+        make_readable(work)   # mkdtemp and safetensors create owner-only files
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)

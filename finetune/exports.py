@@ -196,7 +196,8 @@ def _export_one(run: _Run, fmt: str, dest: Path, ref, done: dict, echo, **option
         if not result.passed:
             raise UserError(f"export {fmt} failed its parity check "
                             f"({'; '.join(f for c in checks for f in c.failures)}); nothing was written")
-        _readable(artifact)
+        from inference.checkpoint import make_readable
+        make_readable(artifact)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(artifact, dest)
@@ -208,16 +209,6 @@ def _export_one(run: _Run, fmt: str, dest: Path, ref, done: dict, echo, **option
     _record(run, fmt, dest, result, None)
     echo(f"  parity: PASS ({len(checks)} checks); {fmt} written to {dest}")
     return result
-
-
-def _readable(root: Path) -> None:
-    """Ordinary permissions (as the umask allows) for what is shipped: safetensors and temporary directories are
-    created owner-only, which would keep a team's serving account from reading the export."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
-    for path in root.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _options(run: _Run):

@@ -231,6 +231,16 @@ def save_checkpoint(state: dict[str, torch.Tensor], config_dict: dict, model_dir
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def make_readable(root: Path) -> None:
+    """Ordinary permissions (as the umask allows) for what is shipped: safetensors and temporary directories are
+    created owner-only, which would keep a team's serving account from reading the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 class ShardWriter:
     """Writes tensors as they come into HF safetensors shards of at most ``shard_bytes`` (``model.safetensors`` when
     one suffices, else ``model-0000N-of-0000M.safetensors`` + ``model.safetensors.index.json``): host memory holds one

@@ -47,6 +47,10 @@ def test_sharded_layout_with_index_and_mxfp4_experts(written):
     assert cfg["quantization_config"]["quant_method"] == "mxfp4"
     for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", make_checkpoint.MARKER):
         assert (out / name).is_file(), name
+    import os
+    umask = os.umask(0)
+    os.umask(umask)   # readable as the umask allows, not owner-only as safetensors and mkdtemp create them
+    assert (out / shards[0]).stat().st_mode & 0o777 == 0o666 & ~umask and out.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_loads_in_transformers_and_our_runtime_with_the_stated_spread(written):

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -69,7 +66,8 @@ def layer_tensors(cfg: dict, i: int, gen: torch.Generator, device: torch.device)
 
     p = f"model.layers.{i}."
     dense = {
-        "input_layernorm.weight": torch.ones(H, device=device), "post_attention_layernorm.weight": torch.ones(H),
+        "input_layernorm.weight": torch.ones(H, device=device),
+        "post_attention_layernorm.weight": torch.ones(H, device=device),
         "self_attn.q_proj.weight": normal(nq * D, H), "self_attn.q_proj.bias": normal(nq * D),
         "self_attn.k_proj.weight": normal(nkv * D, H), "self_attn.k_proj.bias": normal(nkv * D),
         "self_attn.v_proj.weight": normal(nkv * D, H), "self_attn.v_proj.bias": normal(nkv * D),
@@ -91,7 +89,7 @@ def write(shape: str, out: Path, shard_bytes: int, device: torch.device, seed: i
     """Write the checkpoint to ``out``; returns what was measured (seconds, bytes, peak host and GPU memory)."""
     from tqdm.auto import tqdm
 
-    from inference.checkpoint import QUANTIZATION_CONFIG, ShardWriter, make_readable
+    from inference.checkpoint import QUANTIZATION_CONFIG, ShardWriter, built_aside, make_readable
     from inference.tiny import generation_config_dict
     from inference.tokenizer import write_tokenizer
 
@@ -104,9 +102,7 @@ def write(shape: str, out: Path, shard_bytes: int, device: torch.device, seed: i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with built_aside(out, f".{out.name}.partial-") as work:
         shards = ShardWriter(work, shard_bytes)
         V, H = cfg["vocab_size"], cfg["hidden_size"]
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -125,12 +121,6 @@ def write(shape: str, out: Path, shard_bytes: int, device: torch.device, seed: i
             f"# gpt-oss-{shape} shapes, random weights (seed {seed})\n\nWritten by `benchmarks/make_checkpoint.py` "
             "for measuring speed and memory. Not a trained model.\n", encoding="utf-8")
         make_readable(work)   # mkdtemp and safetensors create owner-only files
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     result = {
         "shape": shape, "out": str(out), "device": str(device), "seconds": round(time.time() - started, 1),
         "bytes": sum(f.stat().st_size for f in out.iterdir()), "shards": len(files),

@@ -14,8 +14,11 @@ Only safetensors is read or written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -229,6 +232,24 @@ def save_checkpoint(state: dict[str, torch.Tensor], config_dict: dict, model_dir
     cfg = dict(config_dict)
     cfg["quantization_config"] = QUANTIZATION_CONFIG
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def built_aside(target: str | Path, prefix: str):
+    """A new folder beside ``target`` to build a model directory in; when the block completes it replaces ``target``
+    (the caller has checked that ``target`` may be replaced), and on any error it is deleted: nothing half-written
+    ever stands at ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        yield work
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work, target)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def make_readable(root: Path) -> None:

@@ -65,12 +65,6 @@ def make_cases(messages: list[dict], tools: list[dict] | None, options: harmony.
     return cases
 
 
-def make_case(messages: list[dict], tools: list[dict] | None, options: harmony.HarmonyOptions,
-              source: str = "") -> Case | None:
-    """Cut a conversation before its last assistant turn; None when it does not end with an assistant turn."""
-    return next(iter(make_cases(messages, tools, options, source, "last")), None)
-
-
 def pad_weighted(ids_rows: list[list[int]], weight_rows: list[list[float]], target_rows: list[list[int]]):
     """Right-padded ``(input_ids, attention_mask, loss_weights, targets)``, each ``(B, T_max)``, for the weighted
     loss."""

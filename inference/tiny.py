@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -114,14 +111,11 @@ def generation_config_dict() -> dict:
 
 def build_tiny(target: str | Path, seed: int = TINY_SEED) -> Path:
     """Write the complete tiny gpt-oss directory to ``target`` (atomically: built aside, then renamed)."""
-    from inference.checkpoint import save_checkpoint
+    from inference.checkpoint import built_aside, save_checkpoint
     from inference.tokenizer import write_tokenizer
-
     target = Path(target)
     config = tiny_config_dict()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
+    with built_aside(target, ".tiny-") as work:
         save_checkpoint(tiny_state_dict(config, seed), config, work)
         write_tokenizer(work, config["max_position_embeddings"])
         (work / "generation_config.json").write_text(
@@ -129,12 +123,6 @@ def build_tiny(target: str | Path, seed: int = TINY_SEED) -> Path:
         (work / "README.md").write_text(
             f"# {TINY_NAME} (seed {seed})\n\nA tiny random gpt-oss for tests and demos, built locally by "
             "`inference.tiny.build_tiny`. Not a trained model.\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     return target
 
 

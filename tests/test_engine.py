@@ -23,7 +23,7 @@ from inference import harmony
 from inference.checkpoint import load_model
 from inference.conversations import MessageError, load_jsonl_examples
 from inference.engine import BadParameter, Completion, Delta, Engine, PromptTooLong, SamplingParams, UnknownModel
-from inference.evaluate import make_case
+from inference.evaluate import make_cases
 from inference.generate import PAD_ID, greedy_batch, stream_tokens
 
 BASE, TUNED = "tiny", "tuned"
@@ -43,9 +43,10 @@ def prompts() -> list[list[int]]:
     """Three Harmony prompts from the eval data, then a long one (~170 tokens)."""
     options = harmony.HarmonyOptions(reasoning_effort="low")
     examples = load_jsonl_examples("data/tiny/eval.jsonl", limit=12)
-    cases = [make_case(ex.messages, ex.tools, options) for ex in examples[:3]]
+    cases = [make_cases(ex.messages, ex.tools, options)[0] for ex in examples[:3]]   # single-turn: one each
     question = " ".join(ex.messages[0]["content"] for ex in examples)
-    long = make_case([{"role": "user", "content": question}, {"role": "assistant", "content": "ok"}], None, options)
+    (long,) = make_cases([{"role": "user", "content": question}, {"role": "assistant", "content": "ok"}], None,
+                         options)
     return [c.prompt_ids for c in cases] + [long.prompt_ids]
 
 

@@ -85,6 +85,6 @@ def compare(targets=None, uri: str | None = None, sort: str = "eval_loss", desce
 
 def export(run, to: str, out=None, force: bool = False, **options):
     """Export a run (its directory or the result of :func:`run`) as ``to``, parity-checked; returns a
-    :class:`finetune.exports.ExportResult`. See :func:`finetune.exports.export` for the options."""
-    from finetune.exports import export as _export
+    :class:`finetune.ship.ExportResult`. See :func:`finetune.ship.export` for the options."""
+    from finetune.ship import export as _export
     return _export(run, to, out=out, force=force, **options)

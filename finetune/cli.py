@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="show rendered training examples with trained tokens marked", epilog=EPILOG)
     _recipe_args(p)
     p.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
-    from finetune.exports import FORMATS, MIN_EFFECT_KEPT  # light: heavy imports happen inside export()
+    from finetune.ship import FORMATS, MIN_EFFECT_KEPT  # light: heavy imports happen inside export()
     p = sub.add_parser("export", help="ship a run's adapter (PEFT, merged bf16/MXFP4, GGUF, Ollama), parity-checked",
                        description="Export a finished run. Each artifact is reloaded by its real consumer and "
                        "compared with the trained model on fixed probes; a failed check writes nothing.")
@@ -52,6 +52,14 @@ def parser() -> argparse.ArgumentParser:
                    "model.name_or_path)")
     p.add_argument("--min-effect-kept", type=float, default=MIN_EFFECT_KEPT,
                    help=f"MXFP4 merges must keep this share of the adapter's effect (default {MIN_EFFECT_KEPT})")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="where merges and checks run (default: the GPU when "
+                   "there is one)")
+    p.add_argument("--max-memory", type=float, metavar="GIB", help="the most memory (GPU, or host with --device "
+                   "cpu) a check may load a model whole into (default: what is free); bigger models run layer by "
+                   "layer")
+    p.add_argument("--check-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="what the parity checks compute in (default float32; bfloat16 widens the pass criteria by "
+                   "bf16's own error, measured in the same run)")
     p = sub.add_parser("sweep", help="train every combination of comma-separated override values, as child runs of "
                        "one MLflow parent run", epilog="Example: python -m finetune sweep recipes/tiny-cpu.yaml "
                        "lora.r=8,16 train.lr=1e-3,3e-3 train.max_steps=50. A value with commas outside brackets is "
@@ -132,9 +140,10 @@ def _run(args) -> None:
         serve(args.uri, args.host, args.port)
         return
     if args.command == "export":
-        from finetune.exports import export
+        from finetune.ship import export
         export(args.run_dir, args.to, out=args.out, force=args.force, model=args.model, base_name=args.base_name,
-               min_effect_kept=args.min_effect_kept)
+               min_effect_kept=args.min_effect_kept, device=args.device, max_memory=args.max_memory,
+               check_dtype=args.check_dtype)
         return
     from finetune.recipe import dump_recipe, load_recipe
     if args.command == "sweep":

@@ -164,6 +164,17 @@ def attach(base: GptOss, name: str, adapter: Adapter) -> None:
     base.adapters.append(name)
 
 
+def attach_layer(layer, index: int, name: str, adapter: Adapter) -> None:
+    """Attach the part of ``adapter`` that belongs to decoder layer ``index`` to a lone :class:`Layer` (the
+    layer-streamed forward builds one layer at a time; ``lm_head`` is its caller's)."""
+    prefix = f"model.layers.{index}."
+    for module, lora in adapter.linear.items():
+        if module.startswith(prefix):
+            getattr(layer.attn, module.removeprefix(prefix + "self_attn.")).loras[name] = lora
+    if f"model.layers.{index}" in adapter.experts:
+        layer.experts.loras[name] = adapter.experts[f"model.layers.{index}"]
+
+
 def merge(base: GptOss, adapter: Adapter) -> None:
     """Fold ``adapter`` into the base weights for good (merged experts are held dense, in the base dtype)."""
     for module, lora in adapter.linear.items():

@@ -112,6 +112,10 @@ class TensorFiles:
     def names(self) -> list[str]:
         return sorted(self._files)
 
+    def rows(self, key: str, rows: slice) -> torch.Tensor:
+        """``self[key][rows]``, reading only those rows of the first dimension from disk."""
+        return self._files[key].get_slice(key)[rows]
+
 
 def fingerprint(model_dir: str | Path) -> str:
     """A cheap identity of a checkpoint: sha256 over config.json and, per safetensors file, its name, size and three

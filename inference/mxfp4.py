@@ -126,6 +126,15 @@ class PackStats:
             sq = {"down": self.sq_error_down, "up": self.sq_error_up}[rounding]
         return math.sqrt(sq / self.sq_norm) if self.sq_norm > 0 else 0.0
 
+    @classmethod
+    def combine(cls, parts: list["PackStats"]) -> "PackStats":
+        """The stats of a tensor packed in parts (one rounding): counts and squared sums add up."""
+        rounding = {p.scale_rounding for p in parts}
+        if len(rounding) != 1:
+            raise ValueError(f"cannot combine stats of different scale roundings: {sorted(rounding)}")
+        return cls(rounding.pop(), *(sum(getattr(p, f) for p in parts) for f in (
+            "groups", "differ", "took_up", "sq_norm", "sq_error", "sq_error_down", "sq_error_up")))
+
     @property
     def up_share(self) -> float:
         return self.took_up / self.groups if self.groups else 0.0
@@ -164,8 +173,10 @@ def _pack(values: torch.Tensor, scale_rounding: str, measure: bool):
     blocks = torch.empty(n, GROUP // 2, dtype=torch.uint8, device=values.device)
     scales = torch.empty(n, dtype=torch.uint8, device=values.device)
     totals = [0] * 3 + [0.0] * 4                              # groups, differ, took_up, sq_norm, sq_error, down, up
-    for start in range(0, n, PACK_CHUNK_GROUPS):
-        chunk = slice(start, start + PACK_CHUNK_GROUPS)
+    # a GPU wants bigger chunks (each chunk syncs once for its sums); 16x is ~3 GB of temporaries at most
+    step = PACK_CHUNK_GROUPS * (16 if values.device.type == "cuda" else 1)
+    for start in range(0, n, step):
+        chunk = slice(start, start + step)
         code, shared, sums = _pack_groups(groups[chunk].to(torch.float32), scale_rounding, measure)
         blocks[chunk] = code[:, 0::2] | (code[:, 1::2] << 4)  # low nibble first
         scales[chunk] = (shared + SCALE_BIAS).to(torch.uint8)

@@ -439,30 +439,38 @@ def read_tensors(model_dir: Path, cfg, dtype: torch.dtype, device) -> dict[str, 
     from safetensors import safe_open
 
     from inference.checkpoint import safetensors_files
-    expected = expected_shapes(cfg)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            shapes |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    check_shapes(model_dir, cfg, shapes)
     tensors: dict[str, torch.Tensor] = {}
-    problems = []
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in f.keys():
-                shape = tuple(f.get_slice(key).get_shape())
-                want = expected.get(key) or _dense_expert_shapes(cfg, key)
-                if want is None:
-                    problems.append(f"unexpected tensor {key}")
-                    continue
-                if shape != want:
-                    problems.append(f"{key} has shape {shape}, config.json implies {want}")
-                    continue
                 t = f.get_tensor(key)
                 tensors[key] = t if t.dtype == torch.uint8 else t.to(dtype)
+    return tensors
+
+
+def check_shapes(model_dir: Path, cfg, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A UserError unless the checkpoint's tensor ``shapes`` are exactly what config.json implies (experts packed or
+    dense)."""
+    expected = expected_shapes(cfg)
+    problems = []
+    for key, shape in shapes.items():
+        want = expected.get(key) or _dense_expert_shapes(cfg, key)
+        if want is None:
+            problems.append(f"unexpected tensor {key}")
+        elif shape != want:
+            problems.append(f"{key} has shape {shape}, config.json implies {want}")
     for key in expected:
         dense = key.removesuffix("_blocks").removesuffix("_scales")
-        if key not in tensors and dense not in tensors:
+        if key not in shapes and dense not in shapes:
             problems.append(f"missing tensor {key}")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"{model_dir}: weights do not match config.json: {'; '.join(problems[:3])}{more}")
-    return tensors
 
 
 def load(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> GptOss:

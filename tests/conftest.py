@@ -134,11 +134,11 @@ def run(argv: list[str], timeout: float = CLI_TIMEOUT_S, **kwargs) -> subprocess
                     f"{_text(exc.stdout)[-5000:]}\n--- stderr:\n{_text(exc.stderr)[-5000:]}", pytrace=False)
 
 
-def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = CLI_TIMEOUT_S, env: dict | None = None
-            ) -> subprocess.CompletedProcess:
-    """Run ``python -m <args>`` for real, as a user would, capturing output."""
+def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = CLI_TIMEOUT_S, env: dict | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` for real, as a user would, capturing output (``input`` typed on its stdin)."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    return run([sys.executable, "-m", *args], timeout=timeout, cwd=str(cwd), env=full_env)
+    return run([sys.executable, "-m", *args], timeout=timeout, cwd=str(cwd), env=full_env, input=input)
 
 
 def wait_for(ready, server: subprocess.Popen, what: str, timeout: float = SERVER_START_S, every: float = 0.5,

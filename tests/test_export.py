@@ -18,7 +18,8 @@ from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
 import finetune
-from finetune.exports import modelfile, vllm_rank_warning
+from finetune.ship import vllm_rank_warning
+from finetune.ship.ollama import modelfile
 from inference import mxfp4
 from inference.errors import UserError
 
@@ -127,7 +128,8 @@ def test_readme_export_command_peft(run_copy):
     proc = run_cli(*command[2:], cwd=run_copy)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "transformers + PeftModel.from_pretrained vs trained model" in out and "-> PASS" in out
+    assert "transformers + PeftModel.from_pretrained (CPU, float32, whole) vs trained model" in out
+    assert "-> PASS" in out and "plan: peft" in out and "disk at" in out and "expected time" in out
     assert "warning" not in out.lower()  # rank 16 is one vLLM accepts
     export = run_copy / RUN / "exports" / "peft"
     cfg = json.loads((export / "adapter_config.json").read_text())
@@ -136,7 +138,12 @@ def test_readme_export_command_peft(run_copy):
     assert cfg["modules_to_save"] is None and cfg["r"] == 16
     assert (export / "adapter_model.safetensors").read_bytes() == (
         run_copy / RUN / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert "--enable-lora --lora-modules" in (export / "README.md").read_text()
+    readme = (export / "README.md").read_text()
+    # every command names the export where it is (not a temporary folder) and the base the run trained on
+    assert f"vllm serve tiny-gpt-oss --enable-lora --lora-modules adapter={export.resolve()}\n" in readme
+    chat = re.search(r"^python -m inference chat .*$", readme, re.M).group(0).split()
+    reply = run_cli(*chat[2:], "--max-tokens", "4", cwd=run_copy, input="hi\n")
+    assert reply.returncode == 0, reply.stderr[-2000:]
     umask = os.umask(0)
     os.umask(umask)  # what is shipped is readable as the umask allows (safetensors writes owner-only files)
     assert (export / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
@@ -223,9 +230,10 @@ def test_merged_mxfp4_requantizes_with_mx_rounding_and_reports_quality(shipped, 
     report = json.loads((result.path / "quality_report.json").read_text())
     tensors = report["tensors"]["tensors"]
     assert len(tensors) == 4 and all(0 < t["rel_error"] < 0.2 and 0.5 < t["delta_kept"] < 1.05 for t in tensors)
-    vs_bf16 = report["vs_bf16_merge"]
-    assert 0 < vs_bf16["kl"] and 0.5 < vs_bf16["top1"] < 1 and 0.8 < vs_bf16["effect_kept"] < 1.05
-    assert report["held_out_conversations"] == 3 and report["vs_bf16_merge_held_out"]["positions"] > 0
+    vs_trained = report["vs_trained"]
+    assert 0 < vs_trained["kl"] and 0.5 < vs_trained["top1"] < 1 and 0.8 < vs_trained["effect_kept"] < 1.05
+    assert report["held_out_conversations"] == 3 and report["vs_trained_held_out"]["positions"] > 0
+    assert report["reference"] == "CPU, float32, whole" and report["reference_precision"] is None
     runtime, transformers = passed_checks(result.path)
     assert transformers["consumer"].startswith("transformers Mxfp4Config") and transformers["max_abs"] <= 1e-3
     assert runtime["effect_kept"] >= 0.8
@@ -268,7 +276,7 @@ def test_gguf_export_runs_in_llama_cpp(shipped):
     # reading a 201k-token vocabulary back with gguf-py takes half a minute)
     result = shipped["gguf"]
     assert result.passed and (result.path / "model.gguf").stat().st_size > 50e6
-    assert json.loads((result.path / "quality_report.json").read_text())["vs_bf16_merge"]["positions"] > 0
+    assert json.loads((result.path / "quality_report.json").read_text())["vs_trained"]["positions"] > 0
     (llama,) = [c for c in passed_checks(result.path) if c["consumer"].startswith("llama.cpp")]
     assert llama["against"] == "our runtime (same MXFP4 merge)"
     assert llama["extra"]["tokenizer_equal"] is True and llama["top1"] >= 0.9 and llama["kl"] < 0.05
@@ -293,6 +301,10 @@ def test_gguf_lora_export_carries_the_expert_updates_into_llama_cpp(shipped):
     assert "blk.0.attn_q.weight.lora_a" in names
     (check,) = passed_checks(result.path)
     assert check["against"] == "trained model" and 0.9 <= check["effect_kept"] <= 1.1
+    # the base GGUF the adapter was checked against ships beside it, and the README's lines name both where they are
+    assert GGUFReader(str(result.path / "base.gguf")).fields["general.type"] is not None
+    readme = (result.path / "README.md").read_text()
+    assert f"llama-server -m {result.path / 'base.gguf'} --lora {result.path / 'adapter.gguf'}" in readme
 
 
 def test_ollama_export_has_modelfile_and_gguf(shipped):
@@ -309,13 +321,11 @@ def test_ollama_export_has_modelfile_and_gguf(shipped):
     assert any(c["consumer"].startswith("llama.cpp") for c in passed_checks(result.path))
 
 
-def test_modelfile_system_block_is_harmony_rendering():
+def test_modelfile_template_carries_the_recipes_options():
+    # tests/test_ollama.py executes the template with Go's text/template against our renderer; here: the options
     from inference import harmony
-    options = harmony.HarmonyOptions(reasoning_effort="high")
-    text = modelfile(options)
-    rendered = harmony.encoding().decode(harmony.render_prompt([{"role": "user", "content": "hi"}], None, options))
-    system = rendered[:rendered.index("<|start|>user")]
-    assert 'TEMPLATE """' + system in text and "Reasoning: high" in system
+    text = modelfile(harmony.HarmonyOptions(reasoning_effort="high", conversation_start_date=None))
+    assert "Reasoning: high" in text and "Current date" not in text
 
 
 def test_vllm_rank_warning():

@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp (:mod:`finetune.gguf`), read back by gguf-py and run by llama.cpp itself, against our
+"""GGUF export for llama.cpp (:mod:`finetune.ship.gguf`), read back by gguf-py and run by llama.cpp itself, against our
 runtime (:mod:`inference.runtime`) on CPU.
 
 Two models of the tiny gpt-oss architecture:
@@ -36,7 +36,7 @@ import pytest
 import torch
 from conftest import ATTENTION, EPS32, FP32_MARGIN, make_adapter
 
-from finetune import gguf as export
+from finetune.ship import gguf as export
 from inference import adapters, harmony, runtime
 from inference.checkpoint import read_config, save_checkpoint
 from inference.errors import UserError

@@ -3,21 +3,26 @@
 Formats (:data:`FORMATS`):
 
 - ``peft``: the adapter as vLLM and PEFT load it (``base_model_name_or_path`` set, experts through
-  ``target_parameters``, no ``modules_to_save``); checked with ``PeftModel.from_pretrained`` on transformers and with
-  our runtime.
-- ``merged-bf16``: an HF-layout gpt-oss with the adapter folded in, experts dense bf16 (:mod:`finetune.merge`);
+  ``target_parameters``, no ``modules_to_save``) with a README whose commands name the export where it lies; checked
+  with ``PeftModel.from_pretrained`` on transformers and with our runtime.
+- ``merged-bf16``: an HF-layout gpt-oss with the adapter folded in, experts dense bf16 (:mod:`finetune.ship.merge`);
   checked with transformers and our runtime.
 - ``merged-mxfp4``: the same with experts requantized to MXFP4 in the original layout (scale rounding ``"best"``: per
   group the lower-error of the OCP and the gpt-oss convention), plus ``quality_report.json`` (the rounding used;
   per-tensor quantization error, next to what pure ``down`` and pure ``up`` rounding would have reached, and adapter
-  update kept; KL, top-1 agreement and adapter effect kept vs the bf16 merge on held-out data); checked with
-  transformers (``Mxfp4Config(dequantize=True)``) and our runtime.
-- ``gguf``: the MXFP4 merge as one GGUF in llama.cpp's gpt-oss layout; ``gguf-lora``: the adapter alone as a GGUF
-  LoRA; ``ollama``: the merged GGUF with a Modelfile. All three checked by llama.cpp itself (llama-cpp-python).
+  update kept; KL, top-1 agreement and adapter effect kept against the trained model, held-out data apart); checked
+  with transformers (its own MXFP4 dequantization) and our runtime, and refused when the expert updates were rounded
+  away (:func:`_requantized_check`).
+- ``gguf``: the MXFP4 merge as one GGUF in llama.cpp's gpt-oss layout; ``gguf-lora``: the adapter as a GGUF LoRA
+  beside the base GGUF it was checked on; ``ollama``: the merged GGUF with a Modelfile (:mod:`finetune.ship.ollama`).
+  All three checked by llama.cpp itself (llama-cpp-python).
 
-Every export is written to a temporary directory beside its destination, checked (:mod:`finetune.parity`), and only
-then renamed into place: a failed check or an error leaves nothing that looks complete. The result lands in
-``parity.json`` inside the export, in the run's ``run.json`` and in its MLflow run.
+Before anything is written the plan is printed and the disk checked (:mod:`finetune.ship.plan`). The reference and
+every consumer run where :class:`finetune.ship.parity.Where` says: the GPU when there is one, loaded whole when the
+model fits, else layer by layer. Every export is written to a temporary directory beside its destination, checked
+(:mod:`finetune.ship.parity`), and only then renamed into place: a failed check, an error or Ctrl-C leaves nothing
+that looks complete. The result lands in ``parity.json`` inside the export, in the run's ``run.json`` and in its
+MLflow run.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import parity
-from finetune.parity import Check
+from finetune.ship import parity
+from finetune.ship.ollama import modelfile
+from finetune.ship.parity import Check
 from inference.errors import UserError
 
 FORMATS = ("peft", "merged-bf16", "merged-mxfp4", "gguf", "gguf-lora", "ollama")
@@ -43,12 +49,12 @@ MIN_EFFECT_KEPT = 0.8  # an MXFP4 merge must keep this share of the adapter's ef
 SCALE_ROUNDING = "best"
 SCALE_ROUNDING_MEANS = "per 32-value group the lower-error scale of 'down' (OCP MX rule) and 'up' (gpt-oss quantizer)"
 
-# Pass criteria (see finetune.parity for the measures). Measured on the tiny demo run (tests/test_export.py):
-# - SAME: one artifact read by two float32 consumers, or the adapter reloaded unchanged: differences are float32
-#   summation order, ~2e-5 on logits of magnitude ~10; 1e-3 leaves room for other BLAS builds and nothing else.
-SAME = {"max_abs": 1e-3, "min_top1": 1.0, "min_kept": 0.999, "max_kept": 1.001}
-# - BF16: weights rounded to bf16 (8 significant bits) once; measured KL 5e-4, top-1 99.4%, effect kept 0.9998.
-BF16 = {"max_kl": 1e-2, "min_top1": 0.97, "min_kept": 0.98, "max_kept": 1.02}
+class ExportFailed(UserError):
+    """A parity check failed: nothing was written. ``result`` holds the checks (what failed and by how much)."""
+
+    def __init__(self, message: str, result: "ExportResult"):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -57,6 +63,9 @@ class ExportResult:
     path: Path
     checks: list[Check]
     report: dict = field(default_factory=dict)
+    seconds: float = 0.0          # this format's own time (the shared reference not included)
+    reference_seconds: float = 0.0
+    reference: str = ""           # where and how the reference ran
 
     @property
     def passed(self) -> bool:
@@ -142,18 +151,24 @@ def _destination(run: _Run, fmt: str, out: str | Path | None, force: bool) -> Pa
 
 def export(run, to: str | list[str], out: str | Path | None = None, force: bool = False,
            model: str | Path | None = None, base_name: str | None = None, min_effect_kept: float = MIN_EFFECT_KEPT,
-           echo=print):
+           device: str | None = None, max_memory: float | None = None, check_dtype: str = "float32",
+           echo=print, progress: bool = True):
     """Export a run (its directory, or the ``RunResult`` that ``finetune.run`` returned) as ``to``.
 
     ``to`` is a format or a list of formats (or ``"gguf,ollama"``): several formats share one reference computation,
     and ``ollama`` next to ``gguf`` reuses that GGUF and its checks. ``out`` is the directory to write (one format;
     default ``RUN_DIR/exports/FORMAT``) or, for several, the directory that gets one sub-directory per format.
     ``model`` overrides the base model recorded by the run; ``base_name`` is the ``base_model_name_or_path`` written
-    into a ``peft`` export (default: the recipe's model). Returns an :class:`ExportResult` (a list for several
-    formats). Raises :class:`UserError` on bad input and when a parity check fails: nothing of that format is left
-    behind, and the formats after it are not attempted.
+    into a ``peft`` export (default: the recipe's model). ``device`` (``"cuda"`` or ``"cpu"``; default the GPU when
+    there is one) is where merges and checks run; ``max_memory`` (GiB) caps what a check may load whole (on the
+    GPU, or the host with ``device="cpu"``; beyond it, models run layer-streamed); ``check_dtype`` is what the checks
+    compute in (``"float32"``, or ``"bfloat16"`` with pass criteria widened by bf16's error as measured in the same
+    run). Returns an :class:`ExportResult` (a list for several formats). Raises :class:`UserError` on bad input and
+    when the disk is too small (before anything is written), :class:`ExportFailed` when a parity check fails: nothing
+    of that format is left behind, and the formats after it are not attempted.
     """
     from finetune.pipeline import set_quiet_environment
+    from finetune.ship import plan as planning
     formats = [f.strip() for f in to.split(",")] if isinstance(to, str) else list(to)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -161,6 +176,14 @@ def export(run, to: str | list[str], out: str | Path | None = None, force: bool 
                         f"{', '.join(FORMATS)}")
     if len(set(formats)) != len(formats):
         raise UserError(f"export formats repeat: {', '.join(formats)}")
+    if device not in (None, "cuda", "cpu"):
+        raise UserError(f"--device: expected cuda or cpu, got {device!r}")
+    if device == "cuda" and not _cuda():
+        raise UserError("--device cuda: no CUDA GPU is visible here")
+    if check_dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--check-dtype: expected float32 or bfloat16, got {check_dtype!r}")
+    if max_memory is not None and max_memory <= 0:
+        raise UserError(f"--max-memory: expected a positive number of GiB, got {max_memory}")
     formats.sort(key=FORMATS.index)   # gguf before ollama, so ollama can reuse it
     set_quiet_environment()
     run_ = _open_run(run, model)
@@ -168,15 +191,35 @@ def export(run, to: str | list[str], out: str | Path | None = None, force: bool 
         dests = {formats[0]: _destination(run_, formats[0], out, force)}
     else:
         dests = {f: _destination(run_, f, Path(out) / f if out is not None else None, force) for f in formats}
+    where = parity.Where.pick(device, None if max_memory is None else int(max_memory * (1 << 30)),
+                              check_dtype)
+    the_plan = planning.make(run_.model_dir, run_.adapter_dir, dests, where)
     echo(f"exporting {run_.run_dir} as {', '.join(formats)} (base {run_.model_dir})")
+    for line in the_plan.lines():
+        echo("  " + line)
+    the_plan.check_disk()
     prompts = parity.probe_prompts(_held_out(run_, echo), _options(run_))
-    echo(f"  reference: the trained model on {len(prompts)} probes (base + adapter, float32, CPU)")
-    ref = parity.Reference(run_.model_dir, run_.adapter_dir, prompts)
+    echo(f"reference: the trained model on {len(prompts)} probes (base + adapter, "
+         f"{where.describe(run_.model_dir)})")
+    started = time.time()
+    ref = parity.Reference(run_.model_dir, run_.adapter_dir, prompts, where, progress)
+    ref.seconds = time.time() - started
+    precision = "" if ref.precision is None else f"; its own {str(where.dtype).removeprefix('torch.')} error " \
+        f"(vs float32): {ref.precision.line()}"
+    echo(f"  ready in {ref.seconds:.1f} s{precision}")
     done: dict[str, ExportResult] = {}
-    for fmt in formats:
-        done[fmt] = _export_one(run_, fmt, dests[fmt], ref, done, base_name=base_name,
-                                min_effect_kept=min_effect_kept, echo=echo)
+    try:
+        for fmt in formats:
+            done[fmt] = _export_one(run_, fmt, dests[fmt], ref, done, base_name=base_name,
+                                    min_effect_kept=min_effect_kept, echo=echo)
+    finally:
+        ref.release()
     return done[formats[0]] if len(formats) == 1 else [done[f] for f in formats]
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def _export_one(run: _Run, fmt: str, dest: Path, ref, done: dict, echo, **options) -> ExportResult:
@@ -190,12 +233,17 @@ def _export_one(run: _Run, fmt: str, dest: Path, ref, done: dict, echo, **option
         artifact.mkdir()
         scratch = work / "scratch"
         scratch.mkdir()
-        checks, report = _EXPORTERS[fmt](run, ref, artifact, scratch, done=done, echo=echo, **options)
-        result = ExportResult(fmt, dest, checks, report)
-        _write_parity(artifact, result, run, time.time() - started, len(ref.probes))
+        if fmt != "peft":
+            ref.release()   # the reference's model leaves the device: the artifacts' consumers need it
+        checks, report = _EXPORTERS[fmt](run, ref, artifact, scratch, done=done, echo=echo, dest=dest, **options)
+        result = ExportResult(fmt, dest, checks, report, time.time() - started, ref.seconds,
+                              ref.where.describe(run.model_dir))
+        _write_parity(artifact, result, run, ref)
         if not result.passed:
-            raise UserError(f"export {fmt} failed its parity check "
-                            f"({'; '.join(f for c in checks for f in c.failures)}); nothing was written")
+            hint = _hint(fmt, report)
+            raise ExportFailed(f"export {fmt} failed its parity check "
+                               f"({'; '.join(f for c in checks for f in c.failures)}){hint}; nothing was written",
+                               result)
         from inference.checkpoint import make_readable
         make_readable(artifact)
         if dest.exists():
@@ -207,8 +255,19 @@ def _export_one(run: _Run, fmt: str, dest: Path, ref, done: dict, echo, **option
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _record(run, fmt, dest, result, None)
-    echo(f"  parity: PASS ({len(checks)} checks); {fmt} written to {dest}")
+    echo(f"  parity: PASS ({len(checks)} checks); {fmt} written to {dest} in {result.seconds:.1f} s")
     return result
+
+
+def _hint(fmt: str, report: dict) -> str:
+    """What to do instead, when an MXFP4 merge lost the adapter: its update is finer than MXFP4's grid."""
+    summary = (report.get("tensors") or {}).get("summary", {}) if fmt in ("merged-mxfp4", "gguf", "ollama") else {}
+    kept = summary.get("mean_delta_kept")
+    if kept is None or kept >= MIN_EFFECT_KEPT:
+        return ""
+    return (f". Requantizing to MXFP4 kept {kept:.0%} of the adapter's update (the update is finer than MXFP4's "
+            "grid of 8 magnitudes per 32 values); ship it as peft (vLLM, PEFT, our runtime), merged-bf16, or "
+            "gguf-lora (llama.cpp) instead")
 
 
 def _options(run: _Run):
@@ -221,7 +280,8 @@ def _options(run: _Run):
 
 # -- the formats ----------------------------------------------------------------------------------------------------
 
-def _export_peft(run: _Run, ref, out: Path, scratch: Path, base_name=None, echo=print, **_) -> tuple[list, dict]:
+def _export_peft(run: _Run, ref, out: Path, scratch: Path, base_name=None, echo=print, dest: Path | None = None,
+                 **_) -> tuple[list, dict]:
     cfg = json.loads((run.adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     name = base_name or (run.recipe.model.name_or_path if run.recipe is not None else str(run.model_dir))
     cfg |= {"base_model_name_or_path": name, "modules_to_save": None, "inference_mode": True}
@@ -230,19 +290,36 @@ def _export_peft(run: _Run, ref, out: Path, scratch: Path, base_name=None, echo=
         echo(f"  warning: {warning}")
     shutil.copy2(run.adapter_dir / "adapter_model.safetensors", out / "adapter_model.safetensors")
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (out / "README.md").write_text(
-        f"# LoRA adapter for {name}\n\nExported from `{run.run_dir}` by `python -m finetune export`.\n\n"
-        f"```bash\nvllm serve {name} --enable-lora --lora-modules adapter={out.name}\n```\n", encoding="utf-8")
+    (out / "README.md").write_text(peft_readme(run, name, dest or out), encoding="utf-8")
     echo("  parity:")
+    where = ref.where
     checks = parity.run_checks([
-        lambda: Check("transformers + PeftModel.from_pretrained", "trained model",
-                      parity.compare(parity.transformers_logits(run.model_dir, ref.probes, out), ref.trained,
-                                     ref.base), SAME),
-        lambda: Check("our runtime (adapter unmerged)", "trained model",
-                      parity.compare(parity.runtime_logits(run.model_dir, ref.probes, out), ref.trained, ref.base),
-                      SAME),
+        # the same code on the same device as the reference, reading the exported files: equal up to float noise
+        lambda: Check(f"our runtime (adapter unmerged; {where.describe(run.model_dir)})", "trained model",
+                      parity.compare(ref.adapter_logits(out, "exported"), ref.trained, ref.base),
+                      parity.criteria("identical")),
+        lambda: Check(f"transformers + PeftModel.from_pretrained ({where.describe(run.model_dir, dense=True)})",
+                      "trained model", parity.compare(_transformers_peft(run, ref, out), ref.trained, ref.base),
+                      parity.criteria("same", ref.precision)),
     ], echo)
     return checks, {"rank": cfg.get("r"), "vllm_rank_ok": cfg.get("r") in VLLM_LORA_RANKS}
+
+
+def _transformers_peft(run: _Run, ref, out: Path) -> list:
+    ref.release()    # the reference's model leaves the device first: transformers holds its own copy
+    return parity.transformers_logits(run.model_dir, ref.probes, out, ref.where)
+
+
+def peft_readme(run: _Run, name: str, path: Path) -> str:
+    """The README of a peft export: commands that work when copied (the export's own path, the base's name)."""
+    return (f"# LoRA adapter for {name}\n\nExported from `{run.run_dir}` by `python -m finetune export`.\n\n"
+            "Serve it with vLLM (the base model, with this adapter selectable as `adapter`):\n\n"
+            f"```bash\nvllm serve {name} --enable-lora --lora-modules adapter={path}\n```\n\n"
+            "Load it with PEFT:\n\n"
+            f"```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({name!r}), {str(path)!r})\n```\n\n"
+            "Or with this workbench's runtime:\n\n"
+            f"```bash\npython -m inference chat --model {name} --adapter {path}\n```\n")
 
 
 def vllm_rank_warning(rank) -> str | None:
@@ -254,74 +331,90 @@ def vllm_rank_warning(rank) -> str | None:
 
 
 def _export_bf16(run: _Run, ref, out: Path, scratch: Path, echo=print, **_) -> tuple[list, dict]:
-    from finetune.merge import merge
-    merged = merge(run.model_dir, run.adapter_dir, out, "bf16")
-    echo(f"  merged {len(merged.merged)} tensors; parity:")
-    hf = parity.transformers_logits(out, ref.probes)
+    from finetune.ship.merge import merge
+    where = ref.where
+    merged = merge(run.model_dir, run.adapter_dir, out, "bf16", device=where.device)
+    echo(f"  merged {len(merged.merged)} tensors on the {where.device.type.upper()}; parity:")
+    hf = parity.transformers_logits(out, ref.probes, where=where)
     checks = parity.run_checks([
-        lambda: Check("transformers (merged-bf16)", "trained model", parity.compare(hf, ref.trained, ref.base), BF16),
-        lambda: Check("our runtime (merged-bf16)", "transformers (merged-bf16)",
-                      parity.compare(parity.runtime_logits(out, ref.probes), hf),
-                      {k: v for k, v in SAME.items() if "kept" not in k}),
+        lambda: Check(f"transformers (merged-bf16; {where.describe(out, dense=True)})", "trained model",
+                      parity.compare(hf, ref.trained, ref.base), parity.criteria("bf16-merge", ref.precision)),
+        lambda: Check(f"our runtime (merged-bf16; {where.describe(out)})", "transformers (merged-bf16)",
+                      parity.compare(parity.runtime_logits(out, ref.probes, where), hf),
+                      parity.without_kept(parity.criteria("same", ref.precision))),
     ], echo)
     return checks, merged.summary()
 
 
-def _mxfp4_merge(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: float, echo) -> tuple[list, dict, list]:
+def _mxfp4_merge(run: _Run, ref, out: Path, min_effect_kept: float, echo) -> tuple[list, dict, list]:
     """The MXFP4 merge into ``out`` with its quality report and checks (shared by merged-mxfp4 and the GGUFs); also
     returns our runtime's logits on it."""
-    from finetune.merge import merge
-    merged = merge(run.model_dir, run.adapter_dir, out, "mxfp4", scale_rounding=SCALE_ROUNDING)
-    bf16_dir = scratch / "merged-bf16"
-    merge(run.model_dir, run.adapter_dir, bf16_dir, "bf16", progress=False)
-    bf16 = parity.runtime_logits(bf16_dir, ref.probes)
-    shutil.rmtree(bf16_dir)
-    ours = parity.runtime_logits(out, ref.probes)
-    vs_bf16 = parity.compare(ours, bf16, ref.base)
+    from finetune.ship.merge import merge
+    where = ref.where
+    merged = merge(run.model_dir, run.adapter_dir, out, "mxfp4", scale_rounding=SCALE_ROUNDING, device=where.device)
+    ours = parity.runtime_logits(out, ref.probes, where)
+    vs_trained = parity.compare(ours, ref.trained, ref.base)
     held_out = [i for i, p in enumerate(ref.probes) if p.source.startswith("held-out")]
-    vs_bf16_held = parity.compare([ours[i] for i in held_out], [bf16[i] for i in held_out],
-                                  [ref.base[i] for i in held_out]) if held_out else None
+    vs_held = parity.compare([ours[i] for i in held_out], [ref.trained[i] for i in held_out],
+                             [ref.base[i] for i in held_out]) if held_out else None
     summary = merged.summary()
-    echo(f"  requantized {summary['merged_tensors']} adapted tensors to MXFP4, scale rounding "
-         f"'{merged.scale_rounding}' ({SCALE_ROUNDING_MEANS}; up in {summary.get('mean_up_share', 0):.0%} of groups): "
-         f"mean relative error {summary.get('mean_rel_error', 0):.4f} (all down "
-         f"{summary.get('mean_rel_error_down', 0):.4f}, all up {summary.get('mean_rel_error_up', 0):.4f}), adapter "
-         f"update kept {summary.get('mean_delta_kept', 1):.4f} (min {summary.get('min_delta_kept', 1):.4f})")
-    echo(f"  MXFP4 merge vs bf16 merge: {vs_bf16.line()}")
+    echo(f"  requantized {summary['merged_tensors']} adapted tensors to MXFP4 on the {where.device.type.upper()}, "
+         f"scale rounding '{merged.scale_rounding}' ({SCALE_ROUNDING_MEANS}; up in "
+         f"{summary.get('mean_up_share', 0):.0%} of groups): mean relative error "
+         f"{summary.get('mean_rel_error', 0):.4f} (all down {summary.get('mean_rel_error_down', 0):.4f}, all up "
+         f"{summary.get('mean_rel_error_up', 0):.4f}), adapter update kept {summary.get('mean_delta_kept', 1):.4f} "
+         f"(min {summary.get('min_delta_kept', 1):.4f})")
     report = {"scale_rounding": merged.scale_rounding, "scale_rounding_means": SCALE_ROUNDING_MEANS,
-              "tensors": merged.to_dict(), "vs_bf16_merge": vs_bf16.__dict__,
-              "vs_bf16_merge_held_out": vs_bf16_held.__dict__ if vs_bf16_held else None,
-              "held_out_conversations": len(held_out)}
+              "tensors": merged.to_dict(), "vs_trained": vs_trained.__dict__,
+              "vs_trained_held_out": vs_held.__dict__ if vs_held else None,
+              "held_out_conversations": len(held_out), "reference": where.describe(run.model_dir),
+              "reference_precision": ref.precision.__dict__ if ref.precision else None}
     (out / "quality_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     echo("  parity:")
     checks = parity.run_checks([
-        lambda: Check("our runtime (merged-mxfp4, packed)", "trained model",
-                      parity.compare(ours, ref.trained, ref.base), {"min_kept": min_effect_kept}),
-        lambda: Check("transformers Mxfp4Config(dequantize=True)", "our runtime (merged-mxfp4)",
-                      parity.compare(parity.transformers_logits(out, ref.probes), ours),
-                      {k: v for k, v in SAME.items() if "kept" not in k}),
+        lambda: _requantized_check(f"our runtime (merged-mxfp4, packed; {where.describe(out)})", vs_trained,
+                                   summary, min_effect_kept),
+        lambda: Check(f"transformers Mxfp4Config(dequantize=True) ({where.describe(out, dense=True)})",
+                      "our runtime (merged-mxfp4)", parity.compare(parity.transformers_logits(out, ref.probes,
+                                                                                                where=where), ours),
+                      parity.without_kept(parity.criteria("same", ref.precision))),
     ], echo)
     return checks, report, ours
 
 
+def _requantized_check(consumer: str, vs_trained, summary: dict, min_effect_kept: float) -> Check:
+    """The MXFP4 merge against the trained model: the share of the adapter's effect on the logits it kept, and the
+    share of the expert updates it kept in weight space (measured exactly by the merge). Both must reach
+    ``min_effect_kept``: attention LoRA survives requantization untouched, so the logits alone can look fine while
+    every expert update was rounded away."""
+    kept = summary.get("mean_delta_kept")
+    extra = {} if kept is None else {"expert_update_kept": round(kept, 4)}
+    check = Check(consumer, "trained model", vs_trained, {"min_kept": min_effect_kept}, extra)
+    if kept is not None and kept < min_effect_kept:
+        check.failures.append(f"expert updates kept {kept:.4f} < {min_effect_kept} in weight space (MXFP4's grid "
+                              "rounded them away)")
+        check.passed = False
+    return check
+
+
 def _export_mxfp4(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: float, echo=print, **_):
-    checks, report, _ = _mxfp4_merge(run, ref, out, scratch, min_effect_kept, echo)
+    checks, report, _ = _mxfp4_merge(run, ref, out, min_effect_kept, echo)
     return checks, report
 
 
 def _export_gguf(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: float, done: dict | None = None,
                  echo=print, **_):
-    from finetune import gguf
+    from finetune.ship import gguf
     mxfp4_done = (done or {}).get("merged-mxfp4")
     if mxfp4_done is not None:
         # The MXFP4 merge exported (and checked) a moment ago from the same run: convert that one.
         merged_dir, checks, report = mxfp4_done.path, list(mxfp4_done.checks), mxfp4_done.report
         echo(f"  the MXFP4 merge: the merged-mxfp4 export ({merged_dir}), checked above")
-        ours = parity.runtime_logits(merged_dir, ref.probes)
+        ours = parity.runtime_logits(merged_dir, ref.probes, ref.where)
     else:
         merged_dir = scratch / "merged-mxfp4"
         merged_dir.mkdir()
-        checks, report, ours = _mxfp4_merge(run, ref, merged_dir, scratch, min_effect_kept, echo)
+        checks, report, ours = _mxfp4_merge(run, ref, merged_dir, min_effect_kept, echo)
     gguf_file = gguf.write_model(merged_dir, out / "model.gguf")
     shutil.copy2(merged_dir / "quality_report.json", out / "quality_report.json")
     checks += parity.run_checks([lambda: _llama_check("llama.cpp (model.gguf)", gguf_file, None, merged_dir, ref,
@@ -329,34 +422,57 @@ def _export_gguf(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: floa
     return checks, report
 
 
-def _export_gguf_lora(run: _Run, ref, out: Path, scratch: Path, echo=print, **_):
-    from finetune import gguf
-    base_gguf = gguf.write_model(run.model_dir, scratch / "base.gguf")
+def _export_gguf_lora(run: _Run, ref, out: Path, scratch: Path, echo=print, dest: Path | None = None, **_):
+    from finetune.ship import gguf
+    # The base GGUF ships beside the adapter: llama.cpp applies a GGUF LoRA to the GGUF it was made for, and this
+    # is the one the check ran.
+    base_gguf = gguf.write_model(run.model_dir, out / "base.gguf")
     lora_gguf = gguf.write_lora(run.adapter_dir, run.model_dir, out / "adapter.gguf")
+    (out / "README.md").write_text(gguf_lora_readme(run, dest or out), encoding="utf-8")
     echo("  parity:")
-    checks = parity.run_checks([lambda: _llama_check("llama.cpp (base GGUF + adapter.gguf)", base_gguf, lora_gguf,
+    checks = parity.run_checks([lambda: _llama_check("llama.cpp (base.gguf + adapter.gguf)", base_gguf, lora_gguf,
                                                      None, ref, ref.trained, "trained model")], echo)
-    return checks, {}
+    return checks, {"base_gguf": "base.gguf", "base_model": str(run.model_dir)}
 
 
-def _export_ollama(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: float, done: dict, echo=print, **_):
+def gguf_lora_readme(run: _Run, path: Path) -> str:
+    return (f"# GGUF LoRA adapter from {run.run_dir.name}\n\nExported from `{run.run_dir}` by `python -m finetune "
+            f"export`. `adapter.gguf` is the adapter; `base.gguf` is the base model `{run.model_dir}` converted to "
+            "GGUF, the file the adapter was checked against (llama.cpp applies a LoRA to the GGUF it was made "
+            "for).\n\n"
+            f"```bash\nllama-cli -m {path / 'base.gguf'} --lora {path / 'adapter.gguf'} -cnv\n"
+            f"llama-server -m {path / 'base.gguf'} --lora {path / 'adapter.gguf'} --host 127.0.0.1 --port 8080\n```\n")
+
+
+def _export_ollama(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: float, done: dict, echo=print,
+                   dest: Path | None = None, **_):
     gguf_done = done.get("gguf")
     if gguf_done is not None:
         # The GGUF exported (and checked) a moment ago from the same run: the same bytes, so the same checks.
-        shutil.copy2(gguf_done.path / "model.gguf", out / "model.gguf")
+        _link_or_copy(gguf_done.path / "model.gguf", out / "model.gguf")
         shutil.copy2(gguf_done.path / "quality_report.json", out / "quality_report.json")
-        if _sha256(out / "model.gguf") != _sha256(gguf_done.path / "model.gguf"):
+        if os.path.getsize(out / "model.gguf") != os.path.getsize(gguf_done.path / "model.gguf") or (
+                _sha256(out / "model.gguf") != _sha256(gguf_done.path / "model.gguf")):
             raise UserError(f"{out / 'model.gguf'}: copy differs from {gguf_done.path / 'model.gguf'}")
         echo(f"  model.gguf: the gguf export's file ({gguf_done.path}), checked above")
         checks, report = gguf_done.checks, gguf_done.report
     else:
         checks, report = _export_gguf(run, ref, out, scratch, min_effect_kept=min_effect_kept, done=done, echo=echo)
     (out / "Modelfile").write_text(modelfile(_options(run)), encoding="utf-8")
+    name = run.run_dir.name
     (out / "README.md").write_text(
-        f"# {run.run_dir.name} for Ollama\n\nExported from `{run.run_dir}` by `python -m finetune export`.\n\n"
-        f"```bash\nollama create {run.run_dir.name} -f Modelfile && ollama run {run.run_dir.name}\n```\n",
+        f"# {name} for Ollama\n\nExported from `{run.run_dir}` by `python -m finetune export`.\n\n"
+        f"```bash\ncd {dest or out} && ollama create {name} -f Modelfile && ollama run {name}\n```\n",
         encoding="utf-8")
     return checks, report
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link when both are on one filesystem (a 13 GB GGUF is not copied twice), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _sha256(path: Path) -> str:
@@ -385,14 +501,14 @@ def _llama_check(consumer: str, gguf_file: Path, lora_file: Path | None, same_we
                  against_logits, against: str) -> Check:
     """llama.cpp's teacher-forced logits vs ``against_logits``; its greedy tokens vs our runtime's on the same weights
     (``same_weights_dir``) or vs the trained model's; its tokenizer vs openai-harmony."""
-    from finetune import gguf
+    from finetune.ship import gguf
     logits = [_tensor(x) for x in gguf.llama_logits_many(gguf_file, [p.ids for p in ref.probes], lora_file=lora_file)]
     criteria = LLAMA_LORA if lora_file is not None else LLAMA
     comparison = parity.compare(logits, against_logits, ref.base)
-    expected = _greedy_ours(same_weights_dir, ref) if same_weights_dir is not None else [
+    prompts = [p.ids[:p.prompt_len] for p in ref.probes]
+    expected = parity.greedy(same_weights_dir, prompts, ref.where) if same_weights_dir is not None else [
         ref.continuation(p) for p in ref.probes]
-    got = gguf.llama_greedy_many(gguf_file, [p.ids[:p.prompt_len] for p in ref.probes], parity.CONTINUATION,
-                                 lora_file=lora_file)
+    got = gguf.llama_greedy_many(gguf_file, prompts, parity.CONTINUATION, lora_file=lora_file)
     same = sum(_until_stop(g) == _until_stop(e) for g, e in zip(got, expected))
     extra = {"greedy_same": f"{same}/{len(expected)}", "tokenizer_equal": _tokenizer_matches(gguf_file, ref)}
     check = Check(consumer, against, comparison, criteria, extra)
@@ -417,49 +533,23 @@ def _tensor(array):
     return torch.from_numpy(array).float()
 
 
-def _greedy_ours(model_dir: Path, ref) -> list[list[int]]:
-    import torch
-
-    from inference.engine import Engine, SamplingParams
-    engine = Engine.load(model_dir, dtype=torch.float32, device="cpu")
-    return [engine.complete(p.ids[:p.prompt_len], SamplingParams(max_tokens=parity.CONTINUATION,
-                                                                  temperature=0.0)).token_ids for p in ref.probes]
-
-
 def _tokenizer_matches(gguf_file: Path, ref) -> bool:
     """The GGUF's own tokenizer turns the probes' text into the same ids openai-harmony produced."""
-    from finetune import gguf
+    from finetune.ship import gguf
     from inference import harmony
     enc = harmony.encoding()
     prompts = [p.ids[:p.prompt_len] for p in ref.probes]
     return gguf.llama_tokenize_many(gguf_file, [enc.decode(ids) for ids in prompts]) == prompts
 
 
-def modelfile(options) -> str:
-    """An Ollama Modelfile for a Harmony model: the GGUF, a Harmony template and the stop tokens."""
-    from inference import harmony
-    enc = harmony.encoding()
-    system = enc.decode(harmony.render_prompt([{"role": "user", "content": "\x00"}], None, options))
-    system = system[:system.index("<|start|>user")]
-    return (
-        "# Ollama Modelfile for a gpt-oss fine-tune (Harmony format); made by `python -m finetune export`.\n"
-        "FROM ./model.gguf\n"
-        'TEMPLATE """' + system
-        + "{{- if .System }}<|start|>developer<|message|># Instructions\n\n{{ .System }}<|end|>{{ end }}"
-        "{{- range .Messages }}"
-        "{{- if eq .Role \"user\" }}<|start|>user<|message|>{{ .Content }}<|end|>"
-        "{{- else if eq .Role \"assistant\" }}<|start|>assistant<|channel|>final<|message|>{{ .Content }}<|end|>"
-        "{{- end }}{{- end }}<|start|>assistant\"\"\"\n"
-        # <|end|> closes every message, the reasoning too: a turn ends only at <|return|> (answer) or <|call|> (tool).
-        'PARAMETER stop "<|return|>"\nPARAMETER stop "<|call|>"\n'
-        "PARAMETER temperature 1.0\nPARAMETER top_p 1.0\n")
-
-
 # -- recording ------------------------------------------------------------------------------------------------------
 
-def _write_parity(out: Path, result: ExportResult, run: _Run, seconds: float, probes: int) -> None:
+def _write_parity(out: Path, result: ExportResult, run: _Run, ref) -> None:
     data = {"format": result.format, "run_dir": str(run.run_dir), "base_model": str(run.model_dir),
-            "passed": result.passed, "seconds": round(seconds, 1), "probes": probes,
+            "passed": result.passed, "seconds": round(result.seconds, 1),
+            "reference_seconds": round(getattr(ref, "seconds", 0.0), 1), "probes": len(ref.probes),
+            "reference": ref.where.describe(run.model_dir),
+            "reference_precision": ref.precision.__dict__ if ref.precision is not None else None,
             "checks": [c.to_dict() for c in result.checks]}
     (out / "parity.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 

@@ -97,39 +97,48 @@ class MergeResult:
         return {"summary": self.summary(), "tensors": [asdict(t) for t in self.tensors]}
 
 
-def _expert_rows(src: TensorFiles, base: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """An expert weight as rows ``(E, out, in)`` in float32, and its MXFP4 ``(blocks, scales)`` when packed."""
-    if base + "_blocks" in src:
-        packed = src[base + "_blocks"], src[base + "_scales"]
-        return mxfp4.unpack(*packed), packed
-    return src[base].float().transpose(1, 2), None             # dense (E, in, out) -> (E, out, in)
+EXPERT_CHUNK_BYTES = 1 << 30   # float32 bytes of one expert chunk's rows: merge temporaries stay a few GiB at 120b
+
+
+def default_device() -> torch.device:
+    """Where the merge math runs: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, experts: str = "bf16",
-          shard_bytes: int = SHARD_BYTES, progress: bool = True, scale_rounding: str = "best") -> MergeResult:
+          shard_bytes: int = SHARD_BYTES, progress: bool = True, scale_rounding: str = "best",
+          device: str | torch.device | None = None) -> MergeResult:
     """Fold the adapter at ``adapter_dir`` into the gpt-oss at ``model_dir``; write the result to ``out_dir``
     (which must not exist yet or be empty: the caller decides about replacing things). ``scale_rounding`` chooses
-    the MXFP4 scales of requantized experts (``experts="mxfp4"``)."""
+    the MXFP4 scales of requantized experts (``experts="mxfp4"``). The math runs on ``device`` (default: the GPU when
+    there is one) a tensor, and for experts a chunk of experts, at a time; what is written goes back to the host."""
     from tqdm.auto import tqdm
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
     if scale_rounding not in mxfp4.SCALE_ROUNDINGS:
         raise ValueError(f"scale_rounding must be one of {mxfp4.SCALE_ROUNDINGS}, got {scale_rounding!r}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    device = torch.device(device) if device is not None else default_device()
     cfg = read_config(model_dir)
-    adapter = read_adapter(adapter_dir, cfg, torch.float32, "cpu")
+    adapter = read_adapter(adapter_dir, cfg, torch.float32, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = ShardWriter(out_dir, shard_bytes)
     result = MergeResult(out_dir, experts, scale_rounding if experts == "mxfp4" else None)
     used: set[str] = set()
     with TensorFiles(model_dir) as src:
         names = [n for n in src.names() if not n.endswith("_scales")]
-        for name in tqdm(names, desc=f"merging ({experts} experts)", unit="tensor", leave=False,
-                         disable=not progress):
-            if name.endswith("_blocks") or (name.endswith(("gate_up_proj", "down_proj")) and ".mlp.experts." in name):
-                _merge_expert(src, name.removesuffix("_blocks"), adapter, shards, result, used)
-            else:
-                _merge_other(src, name, adapter, shards, result, used)
+        total = sum(_nbytes(src, n) for n in src.names())
+        with tqdm(total=total, desc=f"merge ({experts} experts, {device.type})", unit="B", unit_scale=True,
+                  leave=False, disable=not progress) as bar:
+            for name in names:
+                if name.endswith("_blocks") or (name.endswith(("gate_up_proj", "down_proj"))
+                                                and ".mlp.experts." in name):
+                    _merge_expert(src, name.removesuffix("_blocks"), adapter, shards, result, used, device)
+                    bar.update(_nbytes(src, name) + (_nbytes(src, name.removesuffix("_blocks") + "_scales")
+                                                     if name.endswith("_blocks") else 0))
+                else:
+                    _merge_other(src, name, adapter, shards, result, used, device)
+                    bar.update(_nbytes(src, name))
     wanted = set(adapter.linear) | {f"{layer}.mlp.experts.{p}_proj" for layer, loras in adapter.experts.items()
                                     for p in loras}
     unused = sorted(wanted - used)
@@ -143,22 +152,48 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, e
     return result
 
 
+def _nbytes(src: TensorFiles, name: str) -> int:
+    import math
+    return math.prod(src.shapes[name]) * _DTYPE_BYTES.get(src.dtypes[name], 4)
+
+
+_DTYPE_BYTES = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
+
+
 def _merge_other(src: TensorFiles, name: str, adapter: Adapter, shards: ShardWriter, result: MergeResult,
-                 used: set[str]) -> None:
+                 used: set[str], device: torch.device) -> None:
     tensor = src[name]
     module = name.removesuffix(".weight")
     lora = adapter.linear.get(module) if name.endswith(".weight") else None
     if lora is None:
         shards.add(name, tensor)   # untouched: kept in its stored dtype, bit for bit
         return
-    merged = tensor.float() + (lora.B @ lora.A) * lora.scale          # (out, r) @ (r, in)
-    shards.add(name, merged.to(torch.bfloat16))
+    merged = tensor.to(device).float() + (lora.B @ lora.A) * lora.scale          # (out, r) @ (r, in)
+    shards.add(name, merged.to(torch.bfloat16).cpu())
     result.merged.append(name)
     used.add(module)
 
 
+def _expert_chunks(src: TensorFiles, base: str) -> list[slice]:
+    """Slices of the expert axis whose float32 rows hold at most EXPERT_CHUNK_BYTES (at least one expert each)."""
+    key = base + "_blocks" if base + "_blocks" in src else base
+    shape = src.shapes[key]
+    E = shape[0]
+    per_expert = 4 * (shape[1] * shape[2] * shape[3] * 2 if key.endswith("_blocks") else shape[1] * shape[2])
+    step = max(1, EXPERT_CHUNK_BYTES // per_expert)
+    return [slice(e, min(E, e + step)) for e in range(0, E, step)]
+
+
+def _expert_rows(src: TensorFiles, base: str, experts: slice, device: torch.device) -> torch.Tensor:
+    """Experts ``experts`` of an expert weight as rows ``(e, out, in)`` in float32 on ``device`` (MXFP4 decoded)."""
+    if base + "_blocks" in src:
+        blocks = src.rows(base + "_blocks", experts).to(device)
+        return mxfp4.unpack(blocks, src.rows(base + "_scales", experts).to(device))
+    return src.rows(base, experts).to(device).float().transpose(1, 2)            # dense (e, in, out) -> (e, out, in)
+
+
 def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, shards: ShardWriter, result: MergeResult,
-                  used: set[str]) -> None:
+                  used: set[str], device: torch.device) -> None:
     experts = result.experts
     layer, proj = base.split(".mlp.experts.")
     lora = adapter.experts.get(layer, {}).get(proj.removesuffix("_proj"))
@@ -166,35 +201,46 @@ def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, shards: ShardWr
         shards.add(base + "_blocks", src[base + "_blocks"])        # untouched: the original codes, byte for byte
         shards.add(base + "_scales", src[base + "_scales"])
         return
-    rows, _ = _expert_rows(src, base)                                # (E, out, in)
-    delta = None
     if lora is not None:
-        delta = torch.einsum("eri,ero->eoi", lora.A, lora.B) * lora.scale
         used.add(base)
         result.merged.append(base)
-    merged = rows if delta is None else rows + delta
+    outputs: list[list[torch.Tensor]] = [[], []]
+    stats = []
+    max_abs = kept = delta_sq = rows_sq = 0.0
+    for chunk in _expert_chunks(src, base):
+        rows = _expert_rows(src, base, chunk, device)                   # (e, out, in) float32
+        delta = None
+        if lora is not None:
+            delta = torch.einsum("eri,ero->eoi", lora.A[chunk], lora.B[chunk]) * lora.scale
+        merged = rows if delta is None else rows + delta
+        if experts == "bf16":
+            outputs[0].append(merged.transpose(1, 2).to(torch.bfloat16).cpu())   # transformers' (e, in, out)
+            continue
+        if delta is None:                                             # a dense source, quantized: nothing to report
+            blocks, scales = mxfp4.pack(merged, result.scale_rounding)  # (e, out, in/32, 16), (e, out, in/32)
+        else:   # the codes, and the squared errors of the rounding used and of both pure conventions
+            blocks, scales, chunk_stats = mxfp4.pack_with_stats(merged, result.scale_rounding)
+            stats.append(chunk_stats)
+            quant = mxfp4.unpack(blocks, scales)
+            max_abs = max(max_abs, float((quant - merged).abs().max()))
+            kept += float(((quant - rows) * delta).sum(dtype=torch.float64))
+            delta_sq += float(delta.square().sum(dtype=torch.float64))
+            rows_sq += float(rows.square().sum(dtype=torch.float64))
+            del quant
+        outputs[0].append(blocks.cpu())
+        outputs[1].append(scales.cpu())
+        del rows, delta, merged
     if experts == "bf16":
-        shards.add(base, merged.transpose(1, 2).to(torch.bfloat16))  # transformers' (E, in, out)
+        shards.add(base, torch.cat(outputs[0]))
         return
-    if delta is None:                                                # a dense source, quantized: nothing to report
-        blocks, scales = mxfp4.pack(merged, result.scale_rounding)   # (E, out, in/32, 16), (E, out, in/32)
-        shards.add(base + "_blocks", blocks)
-        shards.add(base + "_scales", scales)
+    shards.add(base + "_blocks", torch.cat(outputs[0]))
+    shards.add(base + "_scales", torch.cat(outputs[1]))
+    if lora is None:
         return
-    # the codes, and the squared errors of the rounding used and of both pure conventions
-    blocks, scales, stats = mxfp4.pack_with_stats(merged, result.scale_rounding)
-    shards.add(base + "_blocks", blocks)
-    shards.add(base + "_scales", scales)
-    max_abs, kept, delta_sq = 0.0, 0.0, 0.0
-    for e in range(merged.shape[0]):                                 # one expert (out, in) at a time: bounded memory
-        quant = mxfp4.unpack(blocks[e], scales[e])
-        max_abs = max(max_abs, float((quant - merged[e]).abs().max()))
-        kept += float(((quant - rows[e]) * delta[e]).sum(dtype=torch.float64))
-        delta_sq += float(delta[e].square().sum(dtype=torch.float64))
-    delta_rel = float(delta.norm() / rows.norm().clamp_min(1e-30))
+    total = mxfp4.PackStats.combine(stats)
     result.tensors.append(TensorReport(
-        base, stats.rel_error(), max_abs, kept / max(delta_sq, 1e-30), delta_rel, stats.scale_rounding,
-        stats.rel_error("down"), stats.rel_error("up"), stats.up_share, stats.differ_share))
+        base, total.rel_error(), max_abs, kept / max(delta_sq, 1e-30), (delta_sq / max(rows_sq, 1e-30)) ** 0.5,
+        total.scale_rounding, total.rel_error("down"), total.rel_error("up"), total.up_share, total.differ_share))
 
 
 def _write_config(model_dir: Path, out_dir: Path, experts: str) -> None:

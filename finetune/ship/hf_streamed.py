@@ -1,0 +1,139 @@
+"""transformers' own gpt-oss (and PEFT on top) on a checkpoint too big to load whole: one decoder layer at a time.
+
+The reference consumer of an export is ``GptOssForCausalLM.from_pretrained`` (+ ``PeftModel.from_pretrained``), which
+dequantizes MXFP4 experts: 42 GB of bf16 for gpt-oss-20b, more than the 24 GB cards people train it on. Here the
+same modules run with their weights brought in per layer: the model (and the PEFT wrapping, with the adapter's real
+weights) is built on the meta device; embedding, final norm and head are read once; a forward pre-hook on each
+decoder layer reads that layer's tensors from the safetensors files (MXFP4 experts decoded by transformers' own
+``convert_moe_packed_tensors``) onto the device, and a forward hook puts them back on the meta device. All probes
+run as one right-padded batch, so each layer is read once. Device memory holds one dense layer (1.6 GB at 20b in
+bf16) plus embedding and head; PEFT's LoRA weights stay resident (they are small).
+
+Nothing of transformers or PEFT is patched: parameters are swapped on the modules they belong to, between calls.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from inference.checkpoint import TensorFiles, read_config
+
+_WRAPPED = re.compile(r"\.base_layer(?=\.|$)")
+
+
+def logits(model_dir: str | Path, sequences: list[list[int]], adapter_dir: str | Path | None, dtype: torch.dtype,
+           device: str | torch.device, progress: bool = True) -> list[torch.Tensor]:
+    """Logits ``(T, V)`` (float32, CPU) of each sequence from transformers' ``GptOssForCausalLM`` (eager attention),
+    with ``PeftModel.from_pretrained(adapter_dir)`` on top when given, holding one decoder layer at a time."""
+    from tqdm.auto import tqdm
+    from transformers import GptOssForCausalLM
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    model_dir, device = Path(model_dir), torch.device(device)
+    config = read_config(model_dir)
+    config._attn_implementation = "eager"
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = GptOssForCausalLM(config)
+    with TensorFiles(model_dir) as files:
+        # Everything but the experts stays resident (gpt-oss-20b: 3.8 GB in bf16), before PEFT wraps anything: PEFT
+        # puts a LoRA on its base weight's device, which must be a real one.
+        for path, module in model.named_modules():
+            for name, _ in list(module.named_parameters(recurse=False)):
+                key = f"{path}.{name}"
+                if ".mlp.experts." not in key:
+                    _set(module, name, files[key].to(device, dtype))
+        with torch.device(device):
+            model.model.rotary_emb = GptOssRotaryEmbedding(config)   # non-persistent: not in the checkpoint
+        top = model
+        if adapter_dir is not None:
+            top = _with_adapter(model, Path(adapter_dir), device)
+        bar = tqdm(total=config.num_hidden_layers, desc=f"transformers on {model_dir.name} (layer-streamed)",
+                   unit="layer", leave=False, disable=not progress)
+        handles = []
+        for i, layer in enumerate(model.model.layers):
+            loaded: list = []
+            handles.append(layer.register_forward_pre_hook(_loader(files, i, dtype, device, loaded)))
+            handles.append(layer.register_forward_hook(_unloader(bar, loaded)))
+        try:
+            lengths = [len(s) for s in sequences]
+            ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, s in enumerate(sequences):               # right padding: real tokens keep positions 0..T-1
+                ids[row, :len(s)] = torch.tensor(s)
+                mask[row, :len(s)] = 1
+            top.eval()
+            with torch.no_grad():
+                out = top(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            return [out[row, :n].float().cpu() for row, n in enumerate(lengths)]
+        finally:
+            for h in handles:
+                h.remove()
+            bar.close()
+
+
+def _with_adapter(model, adapter_dir: Path, device: torch.device):
+    """``PeftModel.from_pretrained`` on the meta-device model, then PEFT's own loader into real LoRA weights.
+
+    PEFT wraps the model (its config, its layers, its forward); with ``low_cpu_mem_usage`` it makes the LoRA weights
+    on the meta device, and moves each to the device of its base weight, which for the experts is still the meta
+    device. So the LoRA weights are given real (empty) storage on ``device``, in the dtype PEFT chose, and filled by
+    ``set_peft_model_state_dict`` from the adapter's file: PEFT's key mapping and loading, nothing of ours.
+    """
+    from peft import PeftModel
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    top = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False, low_cpu_mem_usage=True)
+    lora = []
+    for path, module in top.named_modules():
+        if "lora_" in path:
+            for name, p in list(module.named_parameters(recurse=False)):
+                _set(module, name, torch.empty_like(p, device=device))
+                lora.append(f"{path}.{name}")
+    result = set_peft_model_state_dict(top, load_peft_weights(str(adapter_dir), device="cpu"))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing or not lora:
+        raise RuntimeError(f"{adapter_dir}: PEFT did not load every LoRA weight (unexpected "
+                           f"{result.unexpected_keys[:3]}, missing {missing[:3]})")
+    return top
+
+
+def _set(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def _loader(files: TensorFiles, index: int, dtype: torch.dtype, device: torch.device, loaded: list):
+    """A pre-hook that reads decoder layer ``index``'s expert weights onto ``device`` (MXFP4 decoded by transformers'
+    own ``convert_moe_packed_tensors`` into its ``(E, in, out)`` layout); ``loaded`` remembers what it set."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    prefix = f"model.layers.{index}."
+
+    def hook(layer, args):
+        for path, module in layer.named_modules():
+            if "lora_" in path:
+                continue
+            for name, p in list(module.named_parameters(recurse=False)):
+                if not p.is_meta:
+                    continue
+                key = prefix + _WRAPPED.sub("", f"{path}.{name}" if path else name)
+                if key + "_blocks" in files:
+                    value = convert_moe_packed_tensors(files[key + "_blocks"].to(device),
+                                                       files[key + "_scales"].to(device), dtype=dtype)
+                else:
+                    value = files[key].to(device, dtype)
+                _set(module, name, value)
+                loaded.append((module, name))
+    return hook
+
+
+def _unloader(bar, loaded: list):
+    """A forward hook that puts what the pre-hook loaded back on the meta device."""
+    def hook(layer, args, output):
+        for module, name in loaded:
+            p = module._parameters[name]
+            module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        loaded.clear()
+        bar.update(1)
+    return hook

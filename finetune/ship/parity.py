@@ -1,0 +1,482 @@
+"""Parity checks for exports: each artifact, reloaded by its real consumer, against the trained model.
+
+**Probes.** Fixed Harmony conversations (:data:`PROBES`, one longer than gpt-oss's sliding window) plus up to
+``held_out`` conversations from the run's eval set. Each probe is the Harmony prompt followed by the trained model's
+own greedy continuation, so positions inside the answer, where the adapter matters most, are compared too.
+
+**Reference.** The trained model as the run saved it: the base with the adapter applied beside it (unmerged), in
+float32 on CPU, in our runtime (which matches transformers + PEFT to ~1e-5, see tests/test_runtime.py). The base
+alone is measured as well, to know how far the adapter moved the model.
+
+**Comparison** of an artifact's teacher-forced logits ``(T, V)`` per probe with the reference's:
+
+- ``max_abs``: largest logit difference; ``top1``: share of positions whose argmax agrees;
+- ``kl``: mean KL(reference || artifact) in nats per position;
+- ``effect_kept``: the share of the adapter's effect the artifact carries, ``<a - b, r - b> / ||r - b||^2`` over all
+  logits (``a`` artifact, ``r`` reference, ``b`` base): 1 when the artifact moves the base exactly as the trained
+  model does, 0 when the adapter was lost (the silent failure this module exists to catch).
+
+A :class:`Check` turns a comparison into pass/fail under named criteria; a failed check fails the export.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from inference import harmony
+
+if TYPE_CHECKING:
+    import torch
+
+PROBES: tuple[tuple[str, ...], ...] = (
+    ("What colour is the sky on a clear day?",),
+    ("Name three prime numbers and say why they are prime.",),
+    ("You are a careful assistant.", "Summarise in one sentence: a LoRA adapter adds a low-rank update to frozen "
+     "weights, so fine-tuning trains few parameters and the base model stays untouched."),
+    # Longer than gpt-oss's sliding window (128 tokens; 64 on the tiny model) so windowed layers are exercised.
+    ("Read the following notes and answer the question at the end. " + " ".join(
+        f"Note {i}: the shipment numbered {100 + 7 * i} left the warehouse on day {i + 1} and arrived intact."
+        for i in range(4)) + " Question: which shipment left on day three?",),
+)
+CONTINUATION = 16      # greedy tokens of the trained model appended to each probe prompt
+
+
+@dataclass
+class Probe:
+    ids: list[int]
+    prompt_len: int
+    source: str
+
+
+@dataclass
+class Comparison:
+    max_abs: float
+    top1: float
+    kl: float
+    effect_kept: float | None
+    positions: int
+
+    def line(self) -> str:
+        kept = "-" if self.effect_kept is None else f"{self.effect_kept:.4f}"
+        return (f"max |Δlogit| {self.max_abs:.2e}, top-1 agreement {100 * self.top1:.1f}%, KL {self.kl:.2e}, "
+                f"adapter effect kept {kept} ({self.positions} positions)")
+
+
+@dataclass
+class Check:
+    """One consumer of one artifact, compared with ``against``; ``criteria`` say what passing means."""
+
+    consumer: str
+    against: str
+    comparison: Comparison
+    criteria: dict[str, float]          # max_abs / min_top1 / max_kl / min_kept / max_kept
+    extra: dict = field(default_factory=dict)
+    passed: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        c, k = self.comparison, self.criteria
+        tests = [("max_abs", c.max_abs <= k.get("max_abs", float("inf")), f"max |Δlogit| {c.max_abs:.2e} > "
+                  f"{k.get('max_abs')}"),
+                 ("min_top1", c.top1 >= k.get("min_top1", 0.0), f"top-1 agreement {c.top1:.4f} < {k.get('min_top1')}"),
+                 ("max_kl", c.kl <= k.get("max_kl", float("inf")), f"KL {c.kl:.2e} > {k.get('max_kl')}")]
+        if c.effect_kept is not None:
+            tests += [("min_kept", c.effect_kept >= k.get("min_kept", float("-inf")),
+                       f"adapter effect kept {c.effect_kept:.4f} < {k.get('min_kept')}"),
+                      ("max_kept", c.effect_kept <= k.get("max_kept", float("inf")),
+                       f"adapter effect kept {c.effect_kept:.4f} > {k.get('max_kept')}")]
+        self.failures = [msg for key, ok, msg in tests if key in k and not ok]
+        for key, value in self.extra.items():
+            if key.endswith("_equal") and value is False:
+                self.failures.append(f"{key.removesuffix('_equal').replace('_', ' ')} differ")
+        self.passed = not self.failures
+
+    def line(self) -> str:
+        status = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        extra = "".join(f", {k} {v}" for k, v in self.extra.items())
+        return f"{self.consumer} vs {self.against}: {self.comparison.line()}{extra} -> {status}"
+
+    def to_dict(self) -> dict:
+        return {"consumer": self.consumer, "against": self.against, "passed": self.passed,
+                "failures": self.failures, "criteria": self.criteria, "extra": self.extra,
+                **asdict(self.comparison)}
+
+
+# -- probes and the reference ---------------------------------------------------------------------------------------
+
+def _messages(texts: tuple[str, ...]) -> list[dict]:
+    *system, user = texts
+    return [{"role": "system", "content": s} for s in system] + [{"role": "user", "content": user}]
+
+
+def probe_prompts(held_out: list | None = None, options: harmony.HarmonyOptions | None = None) -> list[Probe]:
+    """Prompt token ids of the fixed probes and of held-out conversations (``inference.conversations.Example``
+    objects, cut before their last assistant turn)."""
+    options = options or harmony.HarmonyOptions(reasoning_effort="low")
+    out = [Probe(harmony.render_prompt(_messages(p), None, options), 0, f"probe {i}") for i, p in enumerate(PROBES)]
+    for i, ex in enumerate(held_out or []):
+        msgs = list(ex.messages)
+        last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+        out.append(Probe(harmony.render_prompt(msgs[:last], ex.tools, options.with_builtin_tools(ex.builtin_tools)),
+                         0, f"held-out {i}"))
+    for p in out:
+        p.prompt_len = len(p.ids)
+    return out
+
+
+@dataclass
+class Where:
+    """Where models run for the checks: ``device`` and ``dtype`` (bf16 on a GPU, float32 on the CPU), and how many
+    bytes one model may hold there when loaded whole (``budget``); a model that needs more runs layer-streamed
+    (:mod:`inference.streamed`: one decoder layer at a time), which bounds memory at any size."""
+
+    device: "torch.device"
+    dtype: "torch.dtype"
+    budget: int
+
+    @classmethod
+    def pick(cls, device: str | None = None, max_memory: int | None = None, dtype: str = "float32") -> "Where":
+        """The GPU when there is one (or ``device="cuda"``), else the CPU; float32 unless ``dtype="bfloat16"``.
+        ``budget``: 90% of the free memory there (host: MemAvailable), capped at 90% of ``max_memory``.
+
+        Float32 is the default on the GPU too: on a gpt-oss-20b-shaped model bf16's own error is as large as a LoRA
+        adapter's effect (measured: bf16 vs float32 logits agree on 43% of top-1 tokens and carry 71% of the
+        adapter's effect, benchmarks/results/export_scale-20b-h200-bf16-checks-*.json), so a bf16 reference cannot
+        tell a correct export from a broken one. Float32 whole fits a 20b in ~18 GiB (experts stay packed) and
+        anything bigger runs layer-streamed.
+        """
+        import torch
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else available_host_memory()
+        if max_memory is not None:
+            free = min(free, max_memory)
+        return cls(dev, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], int(free * 0.9))
+
+    def fits(self, model_dir: Path, dense: bool = False) -> bool:
+        return resident_bytes(model_dir, self.dtype, dense) <= self.budget
+
+    def describe(self, model_dir: Path, dense: bool = False) -> str:
+        how = "whole" if self.fits(model_dir, dense) else "layer-streamed"
+        kind = "GPU" if self.device.type == "cuda" else "CPU"
+        return f"{kind}, {str(self.dtype).removeprefix('torch.')}, {how}"
+
+
+def available_host_memory() -> int:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), or total RAM where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resident_bytes(model_dir: Path, dtype: "torch.dtype", dense: bool = False) -> int:
+    """Bytes a model's weights take loaded in ``dtype``: MXFP4 experts packed (our runtime) or, with ``dense``,
+    decoded (transformers dequantizes them); read from the safetensors headers only."""
+    import math
+
+    from inference.checkpoint import TensorFiles
+    size = {"torch.float32": 4}.get(str(dtype), 2)
+    total = 0
+    with TensorFiles(model_dir) as files:
+        for name, shape in files.shapes.items():
+            n = math.prod(shape)
+            if files.dtypes[name] == "U8":
+                total += (2 * n * size if name.endswith("_blocks") else 0) if dense else n
+            else:
+                total += n * size
+    return total
+
+
+class Reference:
+    """The trained model (base + adapter, unmerged, in our runtime) and the base alone, with their logits on the
+    probes, computed where :class:`Where` says: loaded whole when it fits, else layer-streamed.
+
+    In bf16 the reference carries bf16's own error; ``precision`` measures it in the same run (the trained model in
+    bf16 against the same in float32, layer-streamed on the same device) and the bf16 pass criteria are derived from
+    it (:func:`criteria`). In float32 ``precision`` is None.
+    """
+
+    def __init__(self, model_dir: Path, adapter_dir: Path, prompts: list[Probe], where: Where | None = None,
+                 progress: bool = True):
+        import torch
+        self.model_dir, self.adapter_dir = Path(model_dir), Path(adapter_dir)
+        self.where = where or Where.pick()
+        self.seconds = 0.0          # set by the caller that timed it
+        self.engine = None
+        self.streamed = not self.where.fits(self.model_dir)
+        if self.streamed:
+            self.probes = _greedy_streamed(self.model_dir, self.adapter_dir, prompts, self.where, progress)
+            out = streamed_logits(self.model_dir, self.probes, {"trained": self.adapter_dir, None: None},
+                                  self.where, "reference logits", progress)
+            self.trained, self.base = out["trained"], out[None]
+        else:
+            from inference.engine import Engine, SamplingParams
+            self.engine = Engine.load(self.model_dir, adapters={"trained": self.adapter_dir}, dtype=self.where.dtype,
+                                      device=self.where.device)
+            self.probes = []
+            for p in _bar(prompts, "reference: greedy continuations", progress):
+                done = self.engine.complete(p.ids, SamplingParams(max_tokens=CONTINUATION, temperature=0.0),
+                                            "trained")
+                self.probes.append(Probe(p.ids + done.token_ids, p.prompt_len, p.source))
+            self.trained = self.logits_with("trained")
+            self.base = self.logits_with(None)
+        self.precision = None
+        if self.where.dtype != torch.float32:
+            exact = Where(self.where.device, torch.float32, 0)     # float32, always layer-streamed
+            out = streamed_logits(self.model_dir, self.probes, {"trained": self.adapter_dir, None: None}, exact,
+                                  "reference in float32 (bf16's own error)", progress)
+            self.precision = compare(self.trained, out["trained"], out[None])
+
+    def logits_with(self, adapter: str | None) -> list["torch.Tensor"]:
+        """Logits of the loaded reference model (whole) with one of its adapters, or the base with None."""
+        return _model_logits(self.engine.model, self.probes, adapter)
+
+    def adapter_logits(self, adapter_dir: Path, name: str) -> list["torch.Tensor"]:
+        """Our runtime with the adapter at ``adapter_dir`` read from its files, beside the reference's own."""
+        if self.engine is None:
+            return runtime_logits(self.model_dir, self.probes, self.where, adapter_dir)
+        from inference.adapters import attach, read_adapter
+        attach(self.engine.model, name, read_adapter(adapter_dir, self.engine.model))
+        return self.logits_with(name)
+
+    def release(self) -> None:
+        """Free the loaded reference model (its logits stay): the artifacts' consumers need the memory."""
+        if self.engine is not None:
+            self.engine = None
+            _free(self.where)
+
+    def continuation(self, probe: Probe) -> list[int]:
+        return probe.ids[probe.prompt_len:]
+
+
+def _bar(items, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, leave=False, disable=not progress)
+
+
+def _free(where: Where) -> None:
+    import gc
+
+    import torch
+    gc.collect()
+    if where.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _model_logits(model, probes: list[Probe], adapter: str | None) -> list["torch.Tensor"]:
+    import torch
+    device = model.embed.device
+    with torch.no_grad():
+        return [model.logits(model(torch.tensor([p.ids], device=device), adapter=adapter), adapter)[0].float().cpu()
+                for p in probes]
+
+
+# -- consumers ------------------------------------------------------------------------------------------------------
+
+def streamed_logits(model_dir: Path, probes: list[Probe], adapters: dict, where: Where, desc: str,
+                    progress: bool = True) -> dict:
+    """:func:`inference.streamed.logits` with a progress bar over its layers."""
+    from tqdm.auto import tqdm
+
+    from inference import streamed
+    with tqdm(desc=desc + " (layer-streamed)", unit="layer", leave=False, disable=not progress) as bar:
+        def tick(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+        return streamed.logits(model_dir, [p.ids for p in probes], adapters, where.dtype, where.device, tick)
+
+
+def runtime_logits(model_dir: Path, probes: list[Probe], where: Where | None = None,
+                   adapter_dir: Path | None = None, progress: bool = True) -> list["torch.Tensor"]:
+    """Our runtime (MXFP4 experts kept packed when the directory has them) where ``where`` says (default: float32
+    on the CPU), loaded whole when it fits, else layer-streamed; the model is freed before returning."""
+    import torch
+    where = where or Where(torch.device("cpu"), torch.float32, 1 << 62)
+    if not where.fits(model_dir):
+        name = "a" if adapter_dir else None
+        return streamed_logits(model_dir, probes, {name: adapter_dir}, where, f"our runtime on {model_dir.name}",
+                               progress)[name]
+    from inference.engine import Engine
+    engine = Engine.load(model_dir, adapters={"a": adapter_dir} if adapter_dir else None, dtype=where.dtype,
+                         device=where.device)
+    try:
+        return _model_logits(engine.model, probes, "a" if adapter_dir else None)
+    finally:
+        del engine
+        _free(where)
+
+
+def transformers_logits(model_dir: Path, probes: list[Probe], adapter_dir: Path | None = None,
+                        where: Where | None = None, progress: bool = True) -> list["torch.Tensor"]:
+    """transformers' ``GptOssForCausalLM`` (eager attention) with ``PeftModel.from_pretrained`` on top for an
+    adapter, where ``where`` says (default: float32 on the CPU). Loaded whole with ``from_pretrained`` when its dense
+    weights fit (MXFP4 checkpoints through ``Mxfp4Config(dequantize=True)``, transformers' own path for them); else
+    layer-streamed through transformers' own modules (:mod:`finetune.ship.hf_streamed`)."""
+    import torch
+    where = where or Where(torch.device("cpu"), torch.float32, 1 << 62)
+    if not where.fits(model_dir, dense=True):
+        from finetune.ship import hf_streamed
+        return hf_streamed.logits(model_dir, [p.ids for p in probes], adapter_dir, where.dtype, where.device,
+                                  progress)
+    from transformers import GptOssForCausalLM, Mxfp4Config
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # "MXFP4 on CPU will be dequantized" and load bars: expected, not news
+    hf_logging.disable_progress_bar()
+    try:
+        from inference.checkpoint import read_dir_json
+        quant = read_dir_json(model_dir, "config.json", "model", "gpt-oss model").get("quantization_config") or {}
+        extra = {"quantization_config": Mxfp4Config(dequantize=True)} if quant.get("quant_method") == "mxfp4" else {}
+        model = GptOssForCausalLM.from_pretrained(str(model_dir), dtype=where.dtype, attn_implementation="eager",
+                                                  local_files_only=True, device_map=str(where.device), **extra)
+        if adapter_dir is not None:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [model(input_ids=torch.tensor([p.ids], device=where.device)).logits[0].float().cpu()
+                    for p in probes]
+    finally:
+        del model
+        _free(where)
+
+
+# -- pass criteria --------------------------------------------------------------------------------------------------
+
+# Measured on the tiny demo run (tests/test_export.py), all in float32 on the CPU:
+# - IDENTICAL: one artifact read by two float32 consumers, or the adapter reloaded unchanged: differences are float32
+#   summation order, ~2e-5 on logits of magnitude ~10; 1e-3 leaves room for other BLAS builds and nothing else.
+IDENTICAL = {"max_abs": 1e-3, "min_top1": 1.0, "min_kept": 0.999, "max_kept": 1.001}
+# - BF16_WEIGHTS: a merge's weights rounded to bf16 (8 significant bits) once; measured KL 5e-4, top-1 99.4%, effect
+#   kept 0.9998.
+BF16_WEIGHTS = {"max_kl": 1e-2, "min_top1": 0.97, "min_kept": 0.98, "max_kept": 1.02}
+# In bf16 (on a GPU) every consumer carries bf16's own error. The reference measures it in the same run (its bf16
+# logits against its float32 ones: Reference.precision, distance d). Two consumers each within d of the exact values
+# are within 2d of each other; MARGIN more on top. KL grows with the square of a logit perturbation, so its bound
+# scales with (2 * MARGIN) ** 2. tests/test_parity_scale.py shows on the tiny model that the bf16 thresholds derived
+# this way pass a correct export and fail a broken one.
+MARGIN = 2.0
+
+
+def criteria(kind: str, precision: Comparison | None = None) -> dict[str, float]:
+    """Pass criteria of a check: ``"identical"`` (same code and weights as the reference), ``"same"`` (two consumers
+    of the same weights) or ``"bf16-merge"`` (a merge rounded to bf16 against the trained model). With ``precision``
+    (the reference's own bf16 error), the bounds widen to what that error allows, never narrower than float32's."""
+    base = {"identical": IDENTICAL, "same": IDENTICAL, "bf16-merge": BF16_WEIGHTS}[kind]
+    if kind == "identical" or precision is None:
+        return dict(base)
+    return loosest(base, derived(precision))
+
+
+def derived(precision: Comparison) -> dict[str, float]:
+    """Bounds for two bf16 consumers, from the measured bf16-vs-float32 distance of one (see MARGIN)."""
+    k = 2 * MARGIN
+    kept_err = abs(1 - precision.effect_kept) if precision.effect_kept is not None else 0.0
+    return {"max_abs": k * precision.max_abs, "max_kl": k * k * precision.kl,
+            "min_top1": max(0.0, 1 - k * (1 - precision.top1)), "min_kept": 1 - k * kept_err,
+            "max_kept": 1 + k * kept_err}
+
+
+def loosest(*bounds: dict[str, float]) -> dict[str, float]:
+    """Per criterion the most permissive bound of those given (``max_*`` the largest, ``min_*`` the smallest)."""
+    out: dict[str, float] = {}
+    for b in bounds:
+        for key, value in b.items():
+            pick = max if key.startswith("max_") else min
+            out[key] = pick(out[key], value) if key in out else value
+    return out
+
+
+def without_kept(bounds: dict[str, float]) -> dict[str, float]:
+    """Bounds for a comparison without a base (artifact vs artifact): the effect-kept ones dropped."""
+    return {k: v for k, v in bounds.items() if "kept" not in k}
+
+
+def greedy(model_dir: Path, prompts: list[list[int]], where: Where, adapter_dir: Path | None = None,
+           progress: bool = True) -> list[list[int]]:
+    """Our runtime's greedy continuations (up to CONTINUATION tokens, ending at a stop token) where ``where`` says:
+    loaded whole when it fits, else one layer-streamed pass per token."""
+    probes = [Probe(list(p), len(p), "greedy") for p in prompts]
+    if where.fits(model_dir):
+        from inference.engine import Engine, SamplingParams
+        engine = Engine.load(model_dir, adapters={"a": adapter_dir} if adapter_dir else None, dtype=where.dtype,
+                             device=where.device)
+        try:
+            return [engine.complete(p, SamplingParams(max_tokens=CONTINUATION, temperature=0.0),
+                                    "a" if adapter_dir else None).token_ids for p in prompts]
+        finally:
+            del engine
+            _free(where)
+    done = _greedy_streamed(model_dir, adapter_dir, probes, where, progress)
+    return [p.ids[p.prompt_len:] for p in done]
+
+
+def _greedy_streamed(model_dir: Path, adapter_dir: Path | None, prompts: list[Probe], where: Where,
+                     progress: bool) -> list[Probe]:
+    """Greedy continuations, one layer-streamed pass per new token for all unfinished probes."""
+    stops = set(harmony.stop_token_ids())
+    probes = [Probe(list(p.ids), p.prompt_len, p.source) for p in prompts]
+    live = list(range(len(probes)))
+    name = "a" if adapter_dir else None
+    for step in range(CONTINUATION):
+        if not live:
+            break
+        out = streamed_logits(model_dir, [probes[i] for i in live], {name: adapter_dir}, where,
+                              f"greedy token {step + 1}/{CONTINUATION}", progress)
+        for i, logits in zip(list(live), out[name]):
+            token = int(logits[-1].argmax())
+            probes[i].ids.append(token)
+            if token in stops:
+                live.remove(i)
+    return probes
+
+
+# -- comparing ------------------------------------------------------------------------------------------------------
+
+def compare(artifact: list["torch.Tensor"], reference: list["torch.Tensor"],
+            base: list["torch.Tensor"] | None = None) -> Comparison:
+    """Compare teacher-forced logits ``(T, V)`` probe by probe (see the module docstring for the measures).
+
+    Sums are accumulated per probe so no ``(all positions, V)`` temporaries are made (V is 201,088 for gpt-oss).
+    """
+    import torch
+    max_abs = kl = agree = num = den = 0.0
+    positions = 0
+    for i, (a, r) in enumerate(zip(artifact, reference, strict=True)):
+        a, r = a.float(), r.float()
+        if a.shape != r.shape:
+            raise ValueError(f"probe {i}: logit shapes differ: {tuple(a.shape)} vs {tuple(r.shape)}")
+        # Fused reductions (dot products, kl_div) and in-place temporaries: V is large and this runs on CPU.
+        max_abs = max(max_abs, float((a - r).abs_().max()))
+        agree += float((a.argmax(-1) == r.argmax(-1)).sum())
+        kl += float(torch.nn.functional.kl_div(torch.log_softmax(a, -1), torch.log_softmax(r, -1), reduction="sum",
+                                               log_target=True))
+        if base is not None:
+            b = base[i].float()
+            effect = (r - b).view(-1)
+            num += float(torch.dot((a - b).view(-1), effect))
+            den += float(torch.dot(effect, effect))
+        positions += a.shape[0]
+    kept = num / max(den, 1e-30) if base is not None else None
+    return Comparison(max_abs=max_abs, top1=agree / positions, kl=max(kl / positions, 0.0), effect_kept=kept,
+                      positions=positions)
+
+
+def run_checks(checks: list[Callable[[], Check]], echo=print) -> list[Check]:
+    """Run each check, printing its line as it lands."""
+    out = []
+    for make in checks:
+        check = make()
+        echo("  " + check.line())
+        out.append(check)
+    return out

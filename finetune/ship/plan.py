@@ -1,0 +1,140 @@
+"""What an export will do, said before it starts: formats, output sizes, disk needed and free, where the checks run,
+and a rough time. A destination whose disk cannot hold what will be written there is refused here, before anything
+is written.
+
+Sizes come from the safetensors headers (nothing is read but the headers):
+
+- ``peft``: the adapter file; ``gguf-lora``: the adapter in float32 plus the base as GGUF (experts stay MXFP4);
+- ``merged-mxfp4`` / ``gguf`` / ``ollama``: about the base's size (the experts keep 4.25 bits per weight); ``gguf``
+  and ``ollama`` without a ``merged-mxfp4`` beside them build that merge in scratch space first;
+- ``merged-bf16``: every expert decoded to bf16 (4 bytes per packed byte), the scales dropped.
+
+Everything is built beside its destination and renamed into place, so scratch space counts on the destination's
+filesystem. The time is an estimate from throughputs measured so far (:data:`RATES`), and says where they come from.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inference.checkpoint import TensorFiles
+from inference.errors import UserError
+
+GiB = 1 << 30
+HEADROOM = 1 * GiB          # left free on a filesystem after the export (logs, other writers, filesystem metadata)
+# Throughputs measured so far, bytes per second: the reference (model bytes), a peft export's checks (model bytes),
+# the other formats (output bytes, merge and checks included). GPU: gpt-oss-20b shapes on an H200 host
+# (benchmarks/results/export_scale-20b-h200-bf16-checks-2026-12-05.json); CPU: the tiny model on 2 cores, where fixed
+# costs weigh more, so a big model on a CPU is a guess from them. The plan says which.
+RATES = {"cuda": {"reference": 0.39e9, "peft": 1.5e9, "output": 0.21e9},
+         "cpu": {"reference": 25e6, "peft": 25e6, "output": 15e6}}
+RATE_SOURCE = {"cuda": "gpt-oss-20b shapes on an H200 host", "cpu": "the tiny model on a 2-core CPU"}
+_BYTES = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
+
+
+@dataclass
+class Plan:
+    formats: dict[str, Path]                            # format -> destination
+    sizes: dict[str, int]                               # format -> bytes the export will hold
+    scratch: dict[str, int]                             # format -> bytes of scratch space it needs while running
+    where: object                                       # parity.Where
+    reference: str
+    model_bytes: int
+    need: dict[Path, int] = field(default_factory=dict)  # filesystem (mount point) -> bytes needed at the peak
+    free: dict[Path, int] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        rate = RATES[self.where.device.type]
+        return self.model_bytes / rate["reference"] + sum(
+            self.model_bytes / rate["peft"] if f == "peft" else self.sizes[f] / rate["output"] for f in self.formats)
+
+    def lines(self) -> list[str]:
+        out = [f"plan: {', '.join(f'{f} ({_size(self.sizes[f])})' for f in self.formats)}",
+               f"checks run on: {self.reference}"]
+        for mount, need in self.need.items():
+            out.append(f"disk at {mount}: needs {_size(need)} (with scratch and {_size(HEADROOM)} headroom), "
+                       f"{_size(self.free[mount])} free")
+        out.append(f"expected time: about {_duration(self.seconds)} (rough: from throughput measured with "
+                   f"{RATE_SOURCE[self.where.device.type]})")
+        return out
+
+    def check_disk(self) -> None:
+        short = [(m, n) for m, n in self.need.items() if n > self.free[m]]
+        if short:
+            mount, need = short[0]
+            raise UserError(f"not enough disk at {mount} for the export: it needs {_size(need)} and "
+                            f"{_size(self.free[mount])} is free; free some space or pass --out on another disk")
+
+
+def make(model_dir: Path, adapter_dir: Path, dests: dict[str, Path], where) -> Plan:
+    """The plan for exporting ``adapter_dir`` on ``model_dir`` to ``dests`` (format -> destination)."""
+    from finetune.ship.merge import AUX_FILES
+    base, dense, packed_expert_bytes = _model_sizes(model_dir)
+    aux = sum((model_dir / a).stat().st_size for a in AUX_FILES + ("config.json",) if (model_dir / a).is_file())
+    base, dense = base + aux, dense + aux        # merges carry the tokenizer, config and generation defaults
+    adapter = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    adapter_f32 = _adapter_f32(adapter_dir)
+    sizes, scratch = {}, {}
+    for fmt in dests:
+        sizes[fmt] = {"peft": adapter, "merged-bf16": dense, "merged-mxfp4": base, "gguf": base,
+                      "gguf-lora": adapter_f32 + base, "ollama": base}[fmt]
+        scratch[fmt] = base if fmt in ("gguf", "ollama") and "merged-mxfp4" not in dests and not (
+            fmt == "ollama" and "gguf" in dests) else 0
+    plan = Plan(dict(dests), sizes, scratch, where, where.describe(model_dir), base)
+    for fmt, dest in dests.items():
+        mount = _mount(dest)
+        plan.free.setdefault(mount, shutil.disk_usage(_existing(dest)).free)
+        plan.need[mount] = plan.need.get(mount, HEADROOM) + sizes[fmt]
+    for mount in plan.need:   # formats run one after another; each one's scratch is freed when it finishes
+        plan.need[mount] += max(scratch[f] for f, d in dests.items() if _mount(d) == mount)
+    return plan
+
+
+def _model_sizes(model_dir: Path) -> tuple[int, int, int]:
+    """Bytes of the checkpoint's tensors as stored, with experts decoded to bf16, and of its packed experts."""
+    stored = dense = packed = 0
+    with TensorFiles(model_dir) as files:
+        for name, shape in files.shapes.items():
+            n = math.prod(shape) * _BYTES.get(files.dtypes[name], 4)
+            stored += n
+            if name.endswith("_blocks"):
+                dense += 4 * n              # 2 values per byte, 2 bytes per bf16 value
+                packed += n
+            elif not name.endswith("_scales"):
+                dense += n
+    return stored, dense, packed
+
+
+def _adapter_f32(adapter_dir: Path) -> int:
+    from safetensors import safe_open
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt", device="cpu") as f:
+        return sum(4 * math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _mount(path: Path) -> Path:
+    path = _existing(path).resolve()
+    while not path.is_mount():
+        path = path.parent
+    return path
+
+
+def _size(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

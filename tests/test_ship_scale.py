@@ -1,0 +1,181 @@
+"""Exports at any size, shown on the tiny model: the layer-streamed forwards (ours and transformers' + PEFT's) give
+what the whole-model ones give; bf16 pass criteria derived from bf16's error, measured in the same run, pass a
+correct export and fail a broken merge; an export too big for its memory budget runs layer by layer and passes; the
+plan predicts what lands on disk and refuses a disk too small; an MXFP4 merge that rounds a small adapter away is
+refused with what to ship instead, leaving nothing behind; the real-scale benchmark runs (on the tiny shape)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, assert_fp32_close, float64, make_adapter
+from safetensors.torch import load_file, save_file
+
+import finetune
+from finetune.ship import ExportFailed, parity
+from finetune.ship import plan as planning
+from finetune.ship.merge import merge
+from inference import streamed
+from inference.errors import UserError
+
+CPU32 = parity.Where(torch.device("cpu"), torch.float32, 1 << 62)      # loads anything whole
+CPU32_STREAMED = parity.Where(torch.device("cpu"), torch.float32, 0)    # loads nothing whole: layer by layer
+CPU16 = parity.Where(torch.device("cpu"), torch.bfloat16, 1 << 62)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("ship") / "adapter", seed=3)
+
+
+@pytest.fixture(scope="module")
+def probes():
+    return parity.probe_prompts()
+
+
+def test_streamed_runtime_is_the_whole_model_forward(tiny_model_dir, adapter, probes):
+    from inference.engine import Engine
+    out = streamed.logits(tiny_model_dir, [p.ids for p in probes], {"a": adapter, None: None})
+    model = Engine.load(tiny_model_dir, adapters={"a": adapter}, dtype=torch.float32, device="cpu").model
+    with torch.no_grad():
+        for name in ("a", None):
+            for p, got in zip(probes, out[name]):
+                whole = model.logits(model(torch.tensor([p.ids]), adapter=name), name)[0]
+                assert torch.equal(got, whole), (name, p.source)   # the same operations, one layer at a time
+
+
+def test_streamed_transformers_with_peft_is_from_pretrained(tiny_model_dir, adapter, probes):
+    from peft import PeftModel
+
+    from inference.checkpoint import load_model
+    whole = parity.transformers_logits(tiny_model_dir, probes, adapter, CPU32, progress=False)
+    layered = parity.transformers_logits(tiny_model_dir, probes, adapter, CPU32_STREAMED, progress=False)
+    exact_model = float64(PeftModel.from_pretrained(load_model(tiny_model_dir), str(adapter)))
+    with torch.no_grad():
+        for p, w, s in zip(probes, whole, layered):
+            exact = exact_model(input_ids=torch.tensor([p.ids])).logits[0]
+            assert_fp32_close(s, w, exact, p.source)        # padding the batch changes only fp32 summation order
+
+
+def test_bf16_criteria_come_from_bf16s_measured_error_and_catch_broken_merges(tiny_model_dir, adapter, probes,
+                                                                               tmp_path):
+    ref = parity.Reference(tiny_model_dir, adapter, probes, CPU16, progress=False)
+    p = ref.precision
+    assert p is not None and p.max_abs > 0 and p.kl > 0        # bf16 has an error, and it was measured
+    same = parity.criteria("same", p)
+    k = 2 * parity.MARGIN
+    assert same["max_abs"] == max(parity.IDENTICAL["max_abs"], k * p.max_abs)
+    assert same["max_kl"] == k * k * p.kl and same["min_top1"] == min(1.0, 1 - k * (1 - p.top1))
+
+    # a correct export passes at these thresholds: transformers + PEFT, and a bf16 merge read by our runtime
+    good = parity.compare(parity.transformers_logits(tiny_model_dir, ref.probes, adapter, CPU16, progress=False),
+                          ref.trained, ref.base)
+    assert parity.Check("transformers + PEFT", "trained", good, same).passed, good.line()
+    merged = merge(tiny_model_dir, adapter, tmp_path / "good", "bf16", progress=False)
+    assert merged.merged
+    bf16_merge = parity.criteria("bf16-merge", p)
+    check = parity.Check("merged", "trained", parity.compare(parity.runtime_logits(
+        tmp_path / "good", ref.probes, CPU16, progress=False), ref.trained, ref.base), bf16_merge)
+    assert check.passed, check.line()
+
+    # the adapter dropped: the base alone
+    dropped = parity.Check("dropped", "trained", parity.compare(ref.base, ref.trained, ref.base), bf16_merge)
+    assert not dropped.passed and any("effect kept" in f for f in dropped.failures)
+
+    # one expert's LoRA zeroed in one layer, then merged
+    broken = tmp_path / "broken-adapter"
+    shutil.copytree(adapter, broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    E = json.loads((tiny_model_dir / "config.json").read_text())["num_local_experts"]
+    zeroed = 0
+    for key, t in tensors.items():
+        if "layers.0.mlp.experts" in key and "lora_B" in key:     # B (out, r * E): column k * E + e is expert e's
+            t[:, 0::E] = 0
+            zeroed += 1
+    assert zeroed == 2
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    merge(tiny_model_dir, broken, tmp_path / "broken", "bf16", progress=False)
+    bad = parity.Check("broken merge", "trained", parity.compare(parity.runtime_logits(
+        tmp_path / "broken", ref.probes, CPU16, progress=False), ref.trained, ref.base), bf16_merge)
+    assert not bad.passed, bad.line()
+
+
+@pytest.fixture
+def small_run(tiny_model_dir, adapter, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "adapter")
+    (run / "run.json").write_text(json.dumps({"model_dir": str(tiny_model_dir)}))
+    return run
+
+
+def test_export_beyond_its_memory_budget_runs_layer_by_layer(small_run, tmp_path):
+    lines = []
+    result = finetune.export(small_run, "merged-bf16", out=tmp_path / "out" / "merged-bf16", device="cpu",
+                             max_memory=0.01, echo=lines.append, progress=False)
+    assert result.passed
+    consumers = [c.consumer for c in result.checks]
+    assert all("layer-streamed" in c for c in consumers), consumers
+    assert any("checks run on: CPU, float32, layer-streamed" in line for line in lines)
+    report = json.loads((tmp_path / "out" / "merged-bf16" / "parity.json").read_text())
+    assert report["reference"] == "CPU, float32, layer-streamed" and report["reference_seconds"] > 0
+
+
+def test_plan_predicts_sizes_and_refuses_a_disk_too_small(small_run, tiny_model_dir, tmp_path):
+    dests = {"peft": tmp_path / "p", "merged-bf16": tmp_path / "b", "merged-mxfp4": tmp_path / "m"}
+    where = parity.Where.pick("cpu")
+    plan = planning.make(tiny_model_dir, small_run / "adapter", dests, where)
+    text = "\n".join(plan.lines())
+    assert "plan: peft" in text and "merged-bf16" in text and "disk at" in text and "expected time" in text
+    plan.check_disk()                                     # this disk holds a tiny export
+    for fmt in ("merged-bf16", "merged-mxfp4"):
+        merge(tiny_model_dir, small_run / "adapter", dests[fmt], fmt.removeprefix("merged-"), progress=False)
+        actual = sum(f.stat().st_size for f in dests[fmt].rglob("*") if f.is_file())
+        assert abs(plan.sizes[fmt] - actual) <= 0.01 * actual, (fmt, plan.sizes[fmt], actual)
+    (mount,) = plan.need
+    plan.free[mount] = plan.need[mount] - 1               # one byte short
+    with pytest.raises(UserError, match="not enough disk at .* for the export: it needs"):
+        plan.check_disk()
+
+
+def test_mxfp4_merge_that_rounds_a_small_adapter_away_is_refused(small_run, tmp_path):
+    # a short fine-tune's update: lora_B 25x smaller than the test adapter's, ~1% of a weight
+    weights = small_run / "adapter" / "adapter_model.safetensors"
+    tensors = {k: (v * 0.04 if "lora_B" in k else v) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    out = tmp_path / "exports" / "merged-mxfp4"
+    with pytest.raises(ExportFailed) as failed:
+        finetune.export(small_run, "merged-mxfp4", out=out, echo=lambda *_: None, progress=False)
+    msg = str(failed.value)
+    assert "expert updates kept 0.0000 < 0.8 in weight space" in msg and "ship it as peft" in msg
+    assert "nothing was written" in msg
+    summary = failed.value.result.report["tensors"]["summary"]
+    assert summary["mean_delta_kept"] < 0.8                # measured in weight space: the update rounded away
+    assert not out.exists() and list(out.parent.iterdir()) == []   # no partial directory either
+
+
+def test_export_scale_benchmark_runs_and_records_each_format(tmp_path):
+    """benchmarks/export_scale.py as the README shows it, on the tiny shape: every format measured in its own process,
+    a failed parity check recorded with its reason (its times still count), the baseline timed beside ours."""
+    from conftest import run
+    out = tmp_path / "export_scale.json"
+    proc = run([sys.executable, str(REPO / "benchmarks" / "export_scale.py"), "--shape", "tiny", "--work",
+                str(tmp_path / "xs"), "--formats", "merged-mxfp4,merged-bf16", "--baseline", "--json", str(out)],
+               cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["checkpoint"]["shape"] == "tiny" and report["adapter"]["r"] == 8    # the 20b recipe's rank
+    mxfp4, bf16 = (report["formats"][f] for f in ("merged-mxfp4", "merged-bf16"))
+    assert bf16["passed"] and bf16["output_bytes"] > 0         # the same small update, carried exactly
+    for data in (mxfp4, bf16):
+        assert data["process_seconds"] >= data["export_seconds"] > 0 and data["peak_host_anon_GiB"] > 0
+        assert data["reference"] == "CPU, float32, whole" and data["checks"]
+    # a ~1% update on a base already on the MXFP4 grid: the expert updates round away, and the check says so
+    assert not mxfp4["passed"] and mxfp4["output_bytes"] == 0
+    assert any("expert updates kept" in f for c in mxfp4["checks"] for f in c["failures"])
+    assert report["baseline"]["output_bytes"] > 0 and report["merged_bf16_speedup_vs_baseline"] > 0
+    assert not (tmp_path / "xs" / "exports" / "merged-bf16").exists()     # measured, then deleted

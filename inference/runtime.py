@@ -444,12 +444,16 @@ def read_tensors(model_dir: Path, cfg, dtype: torch.dtype, device) -> dict[str, 
         with safe_open(str(path), framework="pt", device="cpu") as f:
             shapes |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     check_shapes(model_dir, cfg, shapes)
+    from tqdm.auto import tqdm
     tensors: dict[str, torch.Tensor] = {}
-    for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                tensors[key] = t if t.dtype == torch.uint8 else t.to(dtype)
+    # a bar only when loading takes a while (a gpt-oss-20b: ~15 s from disk)
+    with tqdm(total=len(shapes), desc=f"loading {model_dir.name}", unit="tensor", delay=3.0, leave=False) as bar:
+        for path in safetensors_files(model_dir):
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    tensors[key] = t if t.dtype == torch.uint8 else t.to(dtype)
+                    bar.update(1)
     return tensors
 
 

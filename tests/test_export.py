@@ -302,7 +302,7 @@ def test_gguf_lora_export_carries_the_expert_updates_into_llama_cpp(shipped):
     (check,) = passed_checks(result.path)
     assert check["against"] == "trained model" and 0.9 <= check["effect_kept"] <= 1.1
     # the base GGUF the adapter was checked against ships beside it, and the README's lines name both where they are
-    assert GGUFReader(str(result.path / "base.gguf")).fields["general.type"] is not None
+    assert (result.path / "base.gguf").read_bytes()[:4] == b"GGUF"   # the file llama.cpp just ran the check on
     readme = (result.path / "README.md").read_text()
     assert f"llama-server -m {result.path / 'base.gguf'} --lora {result.path / 'adapter.gguf'}" in readme
 

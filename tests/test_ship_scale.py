@@ -1,8 +1,8 @@
 """Exports at any size, shown on the tiny model: the layer-streamed forwards (ours and transformers' + PEFT's) give
 what the whole-model ones give; bf16 pass criteria derived from bf16's error, measured in the same run, pass a
-correct export and fail a broken merge; an export too big for its memory budget runs layer by layer and passes; the
-plan predicts what lands on disk and refuses a disk too small; an MXFP4 merge that rounds a small adapter away is
-refused with what to ship instead, leaving nothing behind; the real-scale benchmark runs (on the tiny shape)."""
+correct export and fail a broken merge; the plan predicts what lands on disk and refuses a disk too small; an MXFP4
+merge that rounds a small adapter away is refused with what to ship instead, leaving nothing behind; the real-scale
+benchmark measures an export too big for its memory budget, run layer by layer, and the baseline beside it."""
 
 from __future__ import annotations
 
@@ -113,18 +113,6 @@ def small_run(tiny_model_dir, adapter, tmp_path) -> Path:
     return run
 
 
-def test_export_beyond_its_memory_budget_runs_layer_by_layer(small_run, tmp_path):
-    lines = []
-    result = finetune.export(small_run, "merged-bf16", out=tmp_path / "out" / "merged-bf16", device="cpu",
-                             max_memory=0.01, echo=lines.append, progress=False)
-    assert result.passed
-    consumers = [c.consumer for c in result.checks]
-    assert all("layer-streamed" in c for c in consumers), consumers
-    assert any("checks run on: CPU, float32, layer-streamed" in line for line in lines)
-    report = json.loads((tmp_path / "out" / "merged-bf16" / "parity.json").read_text())
-    assert report["reference"] == "CPU, float32, layer-streamed" and report["reference_seconds"] > 0
-
-
 def test_plan_predicts_sizes_and_refuses_a_disk_too_small(small_run, tiny_model_dir, tmp_path):
     dests = {"peft": tmp_path / "p", "merged-bf16": tmp_path / "b", "merged-mxfp4": tmp_path / "m"}
     where = parity.Where.pick("cpu")
@@ -158,24 +146,23 @@ def test_mxfp4_merge_that_rounds_a_small_adapter_away_is_refused(small_run, tmp_
     assert not out.exists() and list(out.parent.iterdir()) == []   # no partial directory either
 
 
-def test_export_scale_benchmark_runs_and_records_each_format(tmp_path):
-    """benchmarks/export_scale.py as the README shows it, on the tiny shape: every format measured in its own process,
-    a failed parity check recorded with its reason (its times still count), the baseline timed beside ours."""
+def test_export_scale_benchmark_measures_a_layer_streamed_export_and_the_baseline(tiny_model_dir, tmp_path):
+    """benchmarks/export_scale.py as the README shows it, on the tiny model, with a memory budget it does not fit in
+    (as gpt-oss-20b on a 24 GB card): the export runs in its own process with every check layer by layer, and is
+    measured (times, peak memory, size, checks); the transformers + PEFT baseline is measured beside it."""
     from conftest import run
     out = tmp_path / "export_scale.json"
-    proc = run([sys.executable, str(REPO / "benchmarks" / "export_scale.py"), "--shape", "tiny", "--work",
-                str(tmp_path / "xs"), "--formats", "merged-mxfp4,merged-bf16", "--baseline", "--json", str(out)],
-               cwd=str(REPO))
+    proc = run([sys.executable, str(REPO / "benchmarks" / "export_scale.py"), "--model", str(tiny_model_dir),
+                "--work", str(tmp_path / "xs"), "--formats", "peft", "--max-memory", "0.01", "--baseline",
+                "--json", str(out)], cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checks run on: CPU, float32, layer-streamed" in proc.stdout and "expected time" in proc.stdout
     report = json.loads(out.read_text())
-    assert report["checkpoint"]["shape"] == "tiny" and report["adapter"]["r"] == 8    # the 20b recipe's rank
-    mxfp4, bf16 = (report["formats"][f] for f in ("merged-mxfp4", "merged-bf16"))
-    assert bf16["passed"] and bf16["output_bytes"] > 0         # the same small update, carried exactly
-    for data in (mxfp4, bf16):
-        assert data["process_seconds"] >= data["export_seconds"] > 0 and data["peak_host_anon_GiB"] > 0
-        assert data["reference"] == "CPU, float32, whole" and data["checks"]
-    # a ~1% update on a base already on the MXFP4 grid: the expert updates round away, and the check says so
-    assert not mxfp4["passed"] and mxfp4["output_bytes"] == 0
-    assert any("expert updates kept" in f for c in mxfp4["checks"] for f in c["failures"])
-    assert report["baseline"]["output_bytes"] > 0 and report["merged_bf16_speedup_vs_baseline"] > 0
-    assert not (tmp_path / "xs" / "exports" / "merged-bf16").exists()     # measured, then deleted
+    assert report["adapter"]["r"] == 8 and report["adapter"]["lora_B_std"] == 0.002   # the 20b recipe's shape
+    peft = report["formats"]["peft"]
+    assert peft["passed"] and peft["reference"] == "CPU, float32, layer-streamed"
+    assert all("layer-streamed" in c["consumer"] and c["passed"] for c in peft["checks"]), peft["checks"]
+    assert peft["process_seconds"] >= peft["export_seconds"] >= peft["reference_seconds"] > 0
+    assert peft["peak_host_anon_GiB"] > 0 and peft["output_bytes"] > report["adapter"]["bytes"]
+    assert report["baseline"]["output_bytes"] > 0 and report["baseline"]["process_seconds"] > 0
+    assert not (tmp_path / "xs" / "exports" / "peft").exists()     # measured, then deleted

@@ -24,9 +24,11 @@ from inference.checkpoint import TensorFiles, read_config
 
 def logits(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str | None, str | Path | None]
            | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-           progress: Callable[[int, int], None] | None = None) -> dict[str | None, list[torch.Tensor]]:
+           progress: Callable[[int, int], None] | None = None, last_only: bool = False
+           ) -> dict[str | None, list[torch.Tensor]]:
     """Logits ``(T, V)`` (float32, on the CPU) of each sequence, for each entry of ``adapters``: a name mapped to an
-    adapter directory, or to ``None`` for the base alone (default: the base alone, under ``None``).
+    adapter directory, or to ``None`` for the base alone (default: the base alone, under ``None``). With
+    ``last_only``, the last position's alone, ``(1, V)`` (all a greedy step needs; V is 201,088 for gpt-oss).
 
     ``progress(done, total)`` is called after each of the ``num_hidden_layers + 2`` steps (embedding, layers, head).
     """
@@ -80,7 +82,7 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
         for name, adapter in read.items():
             if "lm_head" in adapter.linear:
                 head.loras[name] = adapter.linear["lm_head"]
-        out = {name: [head(norm(h), name if name in read else None).float()[0].cpu() for h in hs]
-               for name, hs in hidden.items()}
+        out = {name: [head(norm(h[:, -1:] if last_only else h), name if name in read else None).float()[0].cpu()
+                      for h in hs] for name, hs in hidden.items()}
         step()
     return out

@@ -280,7 +280,7 @@ def _model_logits(model, probes: list[Probe], adapter: str | None) -> list["torc
 # -- consumers ------------------------------------------------------------------------------------------------------
 
 def streamed_logits(model_dir: Path, probes: list[Probe], adapters: dict, where: Where, desc: str,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, last_only: bool = False) -> dict:
     """:func:`inference.streamed.logits` with a progress bar over its layers."""
     from tqdm.auto import tqdm
 
@@ -289,7 +289,8 @@ def streamed_logits(model_dir: Path, probes: list[Probe], adapters: dict, where:
         def tick(done, total):
             bar.total = total
             bar.update(done - bar.n)
-        return streamed.logits(model_dir, [p.ids for p in probes], adapters, where.dtype, where.device, tick)
+        return streamed.logits(model_dir, [p.ids for p in probes], adapters, where.dtype, where.device, tick,
+                               last_only)
 
 
 def runtime_logits(model_dir: Path, probes: list[Probe], where: Where | None = None,
@@ -432,7 +433,7 @@ def _greedy_streamed(model_dir: Path, adapter_dir: Path | None, prompts: list[Pr
         if not live:
             break
         out = streamed_logits(model_dir, [probes[i] for i in live], {name: adapter_dir}, where,
-                              f"greedy token {step + 1}/{CONTINUATION}", progress)
+                              f"greedy token {step + 1}/{CONTINUATION}", progress, last_only=True)
         for i, logits in zip(list(live), out[name]):
             token = int(logits[-1].argmax())
             probes[i].ids.append(token)

@@ -457,16 +457,19 @@ def compare(artifact: list["torch.Tensor"], reference: list["torch.Tensor"],
         a, r = a.float(), r.float()
         if a.shape != r.shape:
             raise ValueError(f"probe {i}: logit shapes differ: {tuple(a.shape)} vs {tuple(r.shape)}")
-        # Fused reductions (dot products, kl_div) and in-place temporaries: V is large and this runs on CPU.
-        max_abs = max(max_abs, float((a - r).abs_().max()))
+        # Fused reductions (dot products, kl_div) and one (T, V) difference reused: V is large and this runs on CPU.
+        d = a - r
+        if base is not None:
+            effect = (r - base[i].float()).view(-1)            # r - b; then a - b = d + (r - b)
+            e2 = float(torch.dot(effect, effect))
+            num += float(torch.dot(d.view(-1), effect)) + e2
+            den += e2
+            del effect
+        max_abs = max(max_abs, float(d.abs_().max()))
+        del d
         agree += float((a.argmax(-1) == r.argmax(-1)).sum())
         kl += float(torch.nn.functional.kl_div(torch.log_softmax(a, -1), torch.log_softmax(r, -1), reduction="sum",
                                                log_target=True))
-        if base is not None:
-            b = base[i].float()
-            effect = (r - b).view(-1)
-            num += float(torch.dot((a - b).view(-1), effect))
-            den += float(torch.dot(effect, effect))
         positions += a.shape[0]
     kept = num / max(den, 1e-30) if base is not None else None
     return Comparison(max_abs=max_abs, top1=agree / positions, kl=max(kl / positions, 0.0), effect_kept=kept,

@@ -35,7 +35,9 @@ def adapter(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def probes():
-    return parity.probe_prompts()
+    """Two of the export's probes: a short prompt, and the one longer than the sliding window."""
+    everything = parity.probe_prompts()
+    return [everything[0], everything[-1]]
 
 
 def test_streamed_runtime_is_the_whole_model_forward(tiny_model_dir, adapter, probes):
@@ -62,9 +64,11 @@ def test_streamed_transformers_with_peft_is_from_pretrained(tiny_model_dir, adap
             assert_fp32_close(s, w, exact, p.source)        # padding the batch changes only fp32 summation order
 
 
-def test_bf16_criteria_come_from_bf16s_measured_error_and_catch_broken_merges(tiny_model_dir, adapter, probes,
-                                                                               tmp_path):
-    ref = parity.Reference(tiny_model_dir, adapter, probes, CPU16, progress=False)
+def test_bf16_criteria_come_from_bf16s_measured_error_and_catch_broken_merges(tiny_model_dir, adapter, tmp_path):
+    # On the export's own probes, as an export derives them. (They bound our runtime's bf16 error; another
+    # implementation's can be larger: on two of these probes alone transformers + PEFT in bf16 is 1.98 away where
+    # the bound is 0.38. One reason the checks compute in float32 unless asked.)
+    ref = parity.Reference(tiny_model_dir, adapter, parity.probe_prompts(), CPU16, progress=False)
     p = ref.precision
     assert p is not None and p.max_abs > 0 and p.kl > 0        # bf16 has an error, and it was measured
     same = parity.criteria("same", p)
@@ -154,18 +158,20 @@ def test_reference_layer_streamed_is_the_whole_model_reference(tiny_model_dir, a
 
 
 def test_export_scale_benchmark_measures_an_export(tiny_model_dir, tmp_path):
-    """benchmarks/export_scale.py as the README shows it, on the tiny model: the export runs in its own process and
-    is measured (times, peak memory, size, checks)."""
+    """benchmarks/export_scale.py's two halves on the tiny model: the adapter of the 20b recipe's shape, and one
+    format exported and measured in a process of its own (times, peak memory, size, checks)."""
     from conftest import run
+
+    from benchmarks.export_scale import write_adapter
     out = tmp_path / "export_scale.json"
-    proc = run([sys.executable, str(REPO / "benchmarks" / "export_scale.py"), "--model", str(tiny_model_dir),
-                "--work", str(tmp_path / "xs"), "--formats", "peft", "--json", str(out)], cwd=str(REPO))
+    adapter = write_adapter(tiny_model_dir, tmp_path / "run" / "adapter")      # what the parent process does first
+    assert adapter["r"] == 8 and adapter["lora_B_std"] == 0.002                # the 20b QLoRA recipe's shape
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"model_dir": str(tiny_model_dir)}))
+    proc = run([sys.executable, str(REPO / "benchmarks" / "export_scale.py"), "--child", "peft", "--run",
+                str(tmp_path / "run"), "--out", str(tmp_path / "peft"), "--result", str(out)], cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checks run on: CPU, float32, whole" in proc.stdout and "expected time" in proc.stdout
-    report = json.loads(out.read_text())
-    assert report["adapter"]["r"] == 8 and report["adapter"]["lora_B_std"] == 0.002   # the 20b recipe's shape
-    peft = report["formats"]["peft"]
+    peft = json.loads(out.read_text())
     assert peft["passed"] and peft["reference"] == "CPU, float32, whole" and len(peft["checks"]) == 2
     assert peft["process_seconds"] >= peft["export_seconds"] >= peft["reference_seconds"] > 0
-    assert peft["peak_host_anon_GiB"] > 0 and peft["output_bytes"] > report["adapter"]["bytes"]
-    assert not (tmp_path / "xs" / "exports" / "peft").exists()     # measured, then deleted
+    assert peft["peak_host_anon_GiB"] > 0 and peft["output_bytes"] > adapter["bytes"]

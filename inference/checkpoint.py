@@ -27,6 +27,8 @@ from inference import mxfp4
 from inference.errors import UserError
 
 EXPERT_PACKED = ("gate_up_proj", "down_proj")
+# Bytes per element of safetensors' dtype names.
+DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
 SHARD_BYTES = 4 << 30     # the most one written safetensors shard holds (HF's own limit is 5 GB)
 QUANTIZATION_CONFIG = {
     "quant_method": "mxfp4",
@@ -111,6 +113,11 @@ class TensorFiles:
 
     def names(self) -> list[str]:
         return sorted(self._files)
+
+    def nbytes(self, key: str) -> int:
+        """Bytes ``key`` takes as stored (from the header: nothing is read)."""
+        import math
+        return math.prod(self.shapes[key]) * DTYPE_BYTES[self.dtypes[key]]
 
     def rows(self, key: str, rows: slice) -> torch.Tensor:
         """``self[key][rows]``, reading only those rows of the first dimension from disk."""

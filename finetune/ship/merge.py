@@ -127,18 +127,18 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, e
     used: set[str] = set()
     with TensorFiles(model_dir) as src:
         names = [n for n in src.names() if not n.endswith("_scales")]
-        total = sum(_nbytes(src, n) for n in src.names())
+        total = sum(src.nbytes(n) for n in src.names())
         with tqdm(total=total, desc=f"merge ({experts} experts, {device.type})", unit="B", unit_scale=True,
                   leave=False, disable=not progress) as bar:
             for name in names:
                 if name.endswith("_blocks") or (name.endswith(("gate_up_proj", "down_proj"))
                                                 and ".mlp.experts." in name):
                     _merge_expert(src, name.removesuffix("_blocks"), adapter, shards, result, used, device)
-                    bar.update(_nbytes(src, name) + (_nbytes(src, name.removesuffix("_blocks") + "_scales")
+                    bar.update(src.nbytes(name) + (src.nbytes(name.removesuffix("_blocks") + "_scales")
                                                      if name.endswith("_blocks") else 0))
                 else:
                     _merge_other(src, name, adapter, shards, result, used, device)
-                    bar.update(_nbytes(src, name))
+                    bar.update(src.nbytes(name))
     wanted = set(adapter.linear) | {f"{layer}.mlp.experts.{p}_proj" for layer, loras in adapter.experts.items()
                                     for p in loras}
     unused = sorted(wanted - used)
@@ -150,14 +150,6 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, e
         if (model_dir / aux).is_file():
             shutil.copy2(model_dir / aux, out_dir / aux)
     return result
-
-
-def _nbytes(src: TensorFiles, name: str) -> int:
-    import math
-    return math.prod(src.shapes[name]) * _DTYPE_BYTES.get(src.dtypes[name], 4)
-
-
-_DTYPE_BYTES = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
 
 
 def _merge_other(src: TensorFiles, name: str, adapter: Adapter, shards: ShardWriter, result: MergeResult,

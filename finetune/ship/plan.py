@@ -32,7 +32,6 @@ HEADROOM = 1 * GiB          # left free on a filesystem after the export (logs, 
 RATES = {"cuda": {"reference": 0.39e9, "peft": 1.5e9, "output": 0.21e9},
          "cpu": {"reference": 25e6, "peft": 25e6, "output": 15e6}}
 RATE_SOURCE = {"cuda": "gpt-oss-20b shapes on an H200 host", "cpu": "the tiny model on a 2-core CPU"}
-_BYTES = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
 
 
 @dataclass
@@ -98,8 +97,8 @@ def _model_sizes(model_dir: Path) -> tuple[int, int, int]:
     """Bytes of the checkpoint's tensors as stored, with experts decoded to bf16, and of its packed experts."""
     stored = dense = packed = 0
     with TensorFiles(model_dir) as files:
-        for name, shape in files.shapes.items():
-            n = math.prod(shape) * _BYTES.get(files.dtypes[name], 4)
+        for name in files.shapes:
+            n = files.nbytes(name)
             stored += n
             if name.endswith("_blocks"):
                 dense += 4 * n              # 2 values per byte, 2 bytes per bf16 value

@@ -124,8 +124,9 @@ class _GraphStep:
 
 @torch.inference_mode()
 def greedy_batch(model: GptOss, prompts: list[list[int]], max_new: int, stop_ids: set[int],
-                 adapter: str | None = None) -> list[list[int]]:
-    """Greedy completions of ``prompts`` decoded together; each stops at its first stop id (which it keeps)."""
+                 adapter: str | None = None, on_step=None) -> list[list[int]]:
+    """Greedy completions of ``prompts`` decoded together; each stops at its first stop id (which it keeps).
+    ``on_step()`` is called after each token step (for a progress bar)."""
     device = model.embed.device
     # left padding: every row's last prompt token in the same column
     ids = pad_rows(prompts, PAD_ID, left=True).to(device)
@@ -140,6 +141,8 @@ def greedy_batch(model: GptOss, prompts: list[list[int]], max_new: int, stop_ids
         nxt = torch.argmax(logits, dim=-1)                                                 # (B,)
         for i in torch.nonzero(~done).flatten().tolist():
             out[i].append(int(nxt[i]))
+        if on_step is not None:
+            on_step()
         done |= torch.isin(nxt, stops)
         if bool(done.all()) or step == max_new - 1:
             break

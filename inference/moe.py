@@ -82,7 +82,7 @@ def _dense_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Ten
     return _gmm_loop(x, w, offs)
 
 
-def _decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Packed ``(E, R, G, 16)`` -> ``(E, R, G * 32)``: the Triton decoder on CUDA, its PyTorch twin elsewhere."""
     if blocks.is_cuda and kernels.available():
         return kernels.mxfp4_decode(blocks, scales, dtype)
@@ -107,10 +107,10 @@ def mxfp4_grouped_mm(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor
     experts, n_out, groups, _ = blocks.shape
     step = _chunk(n_out, experts * groups * mxfp4.GROUP * x.element_size(), 16)
     if step == n_out:
-        return _dense_mm(x, _decode(blocks, scales, x.dtype).transpose(1, 2), offs)
+        return _dense_mm(x, decode(blocks, scales, x.dtype).transpose(1, 2), offs)
     out = x.new_empty(x.shape[0], n_out)
     for n0 in range(0, n_out, step):
-        w = _decode(blocks[:, n0:n0 + step], scales[:, n0:n0 + step], x.dtype)      # (E, n, K)
+        w = decode(blocks[:, n0:n0 + step], scales[:, n0:n0 + step], x.dtype)      # (E, n, K)
         out[:, n0:n0 + step] = _dense_mm(x, w.transpose(1, 2), offs)
     return out
 
@@ -123,10 +123,10 @@ def mxfp4_grouped_mm_t(grad: torch.Tensor, blocks: torch.Tensor, scales: torch.T
     experts, n_out, groups, _ = blocks.shape
     step = _chunk(groups, experts * n_out * mxfp4.GROUP * grad.element_size(), 1)
     if step == groups:
-        return _dense_mm(grad, _decode(blocks, scales, grad.dtype), offs)
+        return _dense_mm(grad, decode(blocks, scales, grad.dtype), offs)
     out = grad.new_empty(grad.shape[0], groups * mxfp4.GROUP)
     for g0 in range(0, groups, step):
-        w = _decode(blocks[:, :, g0:g0 + step], scales[:, :, g0:g0 + step], grad.dtype)   # (E, N, k)
+        w = decode(blocks[:, :, g0:g0 + step], scales[:, :, g0:g0 + step], grad.dtype)   # (E, N, k)
         out[:, g0 * mxfp4.GROUP:(g0 + step) * mxfp4.GROUP] = _dense_mm(grad, w, offs)
     return out
 

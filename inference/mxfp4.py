@@ -32,6 +32,7 @@ but every library that touches the weight sees the right values.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -76,8 +77,10 @@ def _ldexp(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return x * lo * hi
 
 
+@functools.lru_cache(maxsize=8)
 def _byte_lut(dtype: torch.dtype, device) -> torch.Tensor:
-    """``(256, 2)``: the two e2m1 values of every byte, low nibble first."""
+    """``(256, 2)``: the two e2m1 values of every byte, low nibble first (built once per dtype and device: a forward
+    decodes thousands of experts)."""
     fp4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
     codes = torch.arange(256)
     return torch.stack((fp4[codes & 0x0F], fp4[codes >> 4]), dim=-1).to(dtype=dtype, device=device)

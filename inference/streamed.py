@@ -7,8 +7,10 @@ then the final norm and the head. Device memory holds one layer (gpt-oss-20b: 1.
 0.4 GB packed) plus the hidden states, so a merged bf16 gpt-oss-20b (39 GB) is checked on a 24 GB card, or a 20b on
 a CPU-only machine in bounded host memory. Several adapters (and the base, ``None``) are computed in the same pass.
 
-Each layer is :class:`inference.runtime.Layer` itself and each sequence runs alone (batch 1), so the result is the
-whole-model forward's, operation for operation (tests/test_streamed.py checks they are equal).
+Each layer is :class:`inference.runtime.Layer` itself, and sequences run in the padded batches of :func:`batches`,
+as :func:`model_logits` runs them through a model loaded whole: the two give the same logits, operation for operation
+(tests/test_ship_scale.py checks they are equal). Batching matters on a GPU: a prefill decodes each routed expert
+once per batch and layer, not once per sequence.
 """
 
 from __future__ import annotations
@@ -20,6 +22,49 @@ import torch
 import torch.nn.functional as F
 
 from inference.checkpoint import TensorFiles, read_config
+
+# Padded tokens per batch: attention scores are (B, heads, 1024, S) at most, so B * S stays bounded.
+TOKENS_PER_BATCH = 2048
+
+
+def batches(lengths: list[int], budget: int = TOKENS_PER_BATCH) -> list[list[int]]:
+    """Indices of sequences grouped into batches: sorted by length (little padding), each at most ``budget`` padded
+    tokens (a longer sequence runs alone)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def padded(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids (B, T)`` right-padded and ``attention_mask (B, T)`` (0 = padding): real tokens keep positions 0..T-1."""
+    from inference.generate import PAD_ID, pad_rows
+    return pad_rows(sequences, PAD_ID).to(device), pad_rows([[1] * len(s) for s in sequences], 0).to(device)
+
+
+def _rows(hidden: torch.Tensor, group: list[int], sequences: list[list[int]], last_only: bool):
+    """Each sequence's real positions of a batch's hidden states ``(B, T, H)``: ``(1, n, H)``, or ``(1, 1, H)``."""
+    for row, i in enumerate(group):
+        n = len(sequences[i])
+        yield i, hidden[row:row + 1, n - 1:n] if last_only else hidden[row:row + 1, :n]
+
+
+def model_logits(model, sequences: list[list[int]], adapter: str | None = None, last_only: bool = False
+                 ) -> list[torch.Tensor]:
+    """Logits ``(T, V)`` (float32, on the CPU) of each sequence from a model loaded whole
+    (:class:`inference.runtime.GptOss`), in the batches of :func:`batches`: what :func:`logits` gives layer by
+    layer."""
+    out: list = [None] * len(sequences)
+    with torch.no_grad():
+        for group in batches([len(s) for s in sequences]):
+            ids, mask = padded([sequences[i] for i in group], model.embed.device)
+            hidden = model(ids, attention_mask=mask, adapter=adapter)                    # (B, T, H), normed
+            for i, h in _rows(hidden, group, sequences, last_only):
+                out[i] = model.logits(h, adapter)[0].float().cpu()
+    return out
 
 
 def logits(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str | None, str | Path | None]
@@ -55,14 +100,18 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
     with torch.no_grad(), TensorFiles(model_dir) as files:
         check_shapes(model_dir, cfg, files.shapes)
         embed = weight(files, "model.embed_tokens.weight")                                   # (V, H)
-        ids = [torch.tensor([s], device=device) for s in sequences]                        # (1, T) each
-        hidden = {name: [F.embedding(x, embed) for x in ids] for name in adapters}         # (1, T, H) each
+        groups = batches([len(s) for s in sequences])
+        ids, qpos = [], []                                                                   # (B, T) per batch
+        for group in groups:
+            x, mask = padded([sequences[i] for i in group], device)
+            ids.append(x)
+            qpos.append(torch.where(mask.bool(), mask.cumsum(1) - 1, -1))     # as GptOss.forward, without a cache
+        hidden = {name: [F.embedding(x, embed) for x in ids] for name in adapters}         # (B, T, H) per batch
         del embed
         with torch.device(device):
             rope = GptOssRotaryEmbedding(cfg)
-        qpos = [torch.arange(x.shape[1], device=device)[None] for x in ids]                # (1, T)
-        rotary = [rope(h, q) for h, q in zip(hidden[next(iter(adapters))], qpos)]         # cos, sin (1, T, D/2)
-        masks = {name: [{} for _ in ids] for name in adapters}   # per sequence, shared by its layers as in GptOss
+        rotary = [rope(h, q.clamp(min=0)) for h, q in zip(hidden[next(iter(adapters))], qpos)]   # cos, sin (B, T, D/2)
+        masks = {name: [{} for _ in ids] for name in adapters}   # per batch, shared by its layers as in GptOss
         step()
         for i in range(cfg.num_hidden_layers):
             prefix = f"model.layers.{i}."
@@ -82,7 +131,11 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
         for name, adapter in read.items():
             if "lm_head" in adapter.linear:
                 head.loras[name] = adapter.linear["lm_head"]
-        out = {name: [head(norm(h[:, -1:] if last_only else h), name if name in read else None).float()[0].cpu()
-                      for h in hs] for name, hs in hidden.items()}
+        out: dict = {}
+        for name, hs in hidden.items():
+            out[name] = [None] * len(sequences)
+            for group, h in zip(groups, hs):
+                for i, rows in _rows(norm(h), group, sequences, last_only):       # normed whole, as GptOss does
+                    out[name][i] = head(rows, name if name in read else None).float()[0].cpu()
         step()
     return out

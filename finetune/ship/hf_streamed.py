@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from inference import streamed
 from inference.checkpoint import TensorFiles, read_config
 
 _WRAPPED = re.compile(r"\.base_layer(?=\.|$)")
@@ -59,16 +60,11 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapter_dir: str |
             handles.append(layer.register_forward_pre_hook(_loader(files, i, dtype, device, loaded)))
             handles.append(layer.register_forward_hook(_unloader(bar, loaded)))
         try:
-            lengths = [len(s) for s in sequences]
-            ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, s in enumerate(sequences):               # right padding: real tokens keep positions 0..T-1
-                ids[row, :len(s)] = torch.tensor(s)
-                mask[row, :len(s)] = 1
+            ids, mask = streamed.padded(sequences, device)   # right padding: real tokens keep positions 0..T-1
             top.eval()
             with torch.no_grad():
-                out = top(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            return [out[row, :n].float().cpu() for row, n in enumerate(lengths)]
+                out = top(input_ids=ids, attention_mask=mask).logits
+            return [out[row, :len(s)].float().cpu() for row, s in enumerate(sequences)]
         finally:
             for h in handles:
                 h.remove()

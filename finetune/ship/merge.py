@@ -107,11 +107,12 @@ def default_device() -> torch.device:
 
 def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, experts: str = "bf16",
           shard_bytes: int = SHARD_BYTES, progress: bool = True, scale_rounding: str = "best",
-          device: str | torch.device | None = None) -> MergeResult:
+          device: str | torch.device | None = None, expert_chunk_bytes: int = EXPERT_CHUNK_BYTES) -> MergeResult:
     """Fold the adapter at ``adapter_dir`` into the gpt-oss at ``model_dir``; write the result to ``out_dir``
     (which must not exist yet or be empty: the caller decides about replacing things). ``scale_rounding`` chooses
     the MXFP4 scales of requantized experts (``experts="mxfp4"``). The math runs on ``device`` (default: the GPU when
-    there is one) a tensor, and for experts a chunk of experts, at a time; what is written goes back to the host."""
+    there is one) a tensor, and for experts a chunk of experts (at most ``expert_chunk_bytes`` of float32 rows, at
+    least one expert) at a time; what is written goes back to the host."""
     from tqdm.auto import tqdm
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
@@ -133,7 +134,8 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, e
             for name in names:
                 if name.endswith("_blocks") or (name.endswith(("gate_up_proj", "down_proj"))
                                                 and ".mlp.experts." in name):
-                    _merge_expert(src, name.removesuffix("_blocks"), adapter, shards, result, used, device)
+                    _merge_expert(src, name.removesuffix("_blocks"), adapter, shards, result, used, device,
+                                  expert_chunk_bytes)
                     bar.update(src.nbytes(name) + (src.nbytes(name.removesuffix("_blocks") + "_scales")
                                                      if name.endswith("_blocks") else 0))
                 else:
@@ -166,13 +168,13 @@ def _merge_other(src: TensorFiles, name: str, adapter: Adapter, shards: ShardWri
     used.add(module)
 
 
-def _expert_chunks(src: TensorFiles, base: str) -> list[slice]:
-    """Slices of the expert axis whose float32 rows hold at most EXPERT_CHUNK_BYTES (at least one expert each)."""
+def _expert_chunks(src: TensorFiles, base: str, budget: int = EXPERT_CHUNK_BYTES) -> list[slice]:
+    """Slices of the expert axis whose float32 rows hold at most ``budget`` bytes (at least one expert each)."""
     key = base + "_blocks" if base + "_blocks" in src else base
     shape = src.shapes[key]
     E = shape[0]
     per_expert = 4 * (shape[1] * shape[2] * shape[3] * 2 if key.endswith("_blocks") else shape[1] * shape[2])
-    step = max(1, EXPERT_CHUNK_BYTES // per_expert)
+    step = max(1, budget // per_expert)
     return [slice(e, min(E, e + step)) for e in range(0, E, step)]
 
 
@@ -185,7 +187,7 @@ def _expert_rows(src: TensorFiles, base: str, experts: slice, device: torch.devi
 
 
 def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, shards: ShardWriter, result: MergeResult,
-                  used: set[str], device: torch.device) -> None:
+                  used: set[str], device: torch.device, chunk_bytes: int = EXPERT_CHUNK_BYTES) -> None:
     experts = result.experts
     layer, proj = base.split(".mlp.experts.")
     lora = adapter.experts.get(layer, {}).get(proj.removesuffix("_proj"))
@@ -199,7 +201,7 @@ def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, shards: ShardWr
     outputs: list[list[torch.Tensor]] = [[], []]
     stats = []
     max_abs = kept = delta_sq = rows_sq = 0.0
-    for chunk in _expert_chunks(src, base):
+    for chunk in _expert_chunks(src, base, chunk_bytes):
         rows = _expert_rows(src, base, chunk, device)                   # (e, out, in) float32
         delta = None
         if lora is not None:

@@ -25,13 +25,15 @@ from inference.errors import UserError
 
 GiB = 1 << 30
 HEADROOM = 1 * GiB          # left free on a filesystem after the export (logs, other writers, filesystem metadata)
-# Throughputs measured so far, bytes per second: the reference (model bytes), a peft export's checks (model bytes),
-# the other formats (output bytes, merge and checks included). GPU: gpt-oss-20b shapes on an H200 host
-# (benchmarks/results/export_scale-20b-h200-bf16-checks-2026-12-05.json); CPU: the tiny model on 2 cores, where fixed
-# costs weigh more, so a big model on a CPU is a guess from them. The plan says which.
-RATES = {"cuda": {"reference": 0.39e9, "peft": 1.5e9, "output": 0.21e9},
-         "cpu": {"reference": 25e6, "peft": 25e6, "output": 15e6}}
-RATE_SOURCE = {"cuda": "gpt-oss-20b shapes on an H200 host", "cpu": "the tiny model on a 2-core CPU"}
+# Throughputs measured so far, bytes per second, and a fixed cost (imports, CUDA start-up), never the fastest run seen:
+# the reference (model bytes), a peft export's checks (model bytes), a merge with its checks (output bytes), a GGUF
+# format (output bytes; llama.cpp's check on the CPU dominates). GPU: gpt-oss-20b and -120b shapes on an H100 host,
+# float32 checks, caches cold (benchmarks/results/export_scale-{20b,120b}-h100-*2026-12-05.json: 20b peft 40 s,
+# merged-mxfp4 63 s, merged-bf16 127 s, gguf 256 s; 120b peft 86 s). CPU: the tiny model on 2 cores, where fixed costs
+# weigh more, so a big model on a CPU is a guess from them. The plan says which.
+RATES = {"cuda": {"fixed": 13.0, "reference": 0.7e9, "peft": 1.3e9, "merge": 0.42e9, "gguf": 0.06e9},
+         "cpu": {"fixed": 5.0, "reference": 25e6, "peft": 25e6, "merge": 15e6, "gguf": 15e6}}
+RATE_SOURCE = {"cuda": "gpt-oss-20b and -120b shapes on an H100 host", "cpu": "the tiny model on a 2-core CPU"}
 
 
 @dataclass
@@ -48,8 +50,14 @@ class Plan:
     @property
     def seconds(self) -> float:
         rate = RATES[self.where.device.type]
-        return self.model_bytes / rate["reference"] + sum(
-            self.model_bytes / rate["peft"] if f == "peft" else self.sizes[f] / rate["output"] for f in self.formats)
+
+        def cost(fmt: str) -> float:
+            if fmt == "peft":
+                return self.model_bytes / rate["peft"]
+            if fmt == "ollama" and "gguf" in self.formats:
+                return 0.0                                  # a link to the gguf export's file and a Modelfile
+            return self.sizes[fmt] / rate["gguf" if fmt in ("gguf", "gguf-lora", "ollama") else "merge"]
+        return rate["fixed"] + self.model_bytes / rate["reference"] + sum(cost(f) for f in self.formats)
 
     def lines(self) -> list[str]:
         out = [f"plan: {', '.join(f'{f} ({_size(self.sizes[f])})' for f in self.formats)}",

@@ -88,7 +88,9 @@ class Experts(torch.nn.Module):
         """Expert ``e``'s weight for ``proj`` and whether it is ``(out, in)`` (packed) rather than ``(in, out)``."""
         if self.packed:
             blocks, scales = getattr(self, proj + "_blocks"), getattr(self, proj + "_scales")
-            if blocks.is_cuda:   # one Triton pass at memory speed (bit-identical to unpack, tests/test_mxfp4.py)
+            # on CUDA one Triton pass at memory speed (bit-identical to unpack: tests/gpu/test_qlora_cuda.py); on
+            # the CPU unpack's table lookup is ~6x faster than moe.decode's elementwise twin
+            if blocks.is_cuda:
                 return decode(blocks[e:e + 1], scales[e:e + 1], self.dtype)[0], True
             return mxfp4.unpack(blocks[e], scales[e], self.dtype), True
         return getattr(self, proj)[e], False
@@ -384,7 +386,7 @@ class GptOss(torch.nn.Module):
             cache.reserve(cache.columns + input_ids.shape[1])
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
         start = cache.next_pos[:, None] if cache is not None else 0
-        qpos = torch.where(mask.bool(), start + mask.cumsum(1) - 1, -1)            # (B, T)
+        qpos = positions(mask, start)                                                # (B, T)
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope(x, qpos.clamp(min=0))                                   # (B, T, D/2) each
         masks: dict = {}
@@ -403,6 +405,12 @@ class GptOss(torch.nn.Module):
     def nbytes(self) -> int:
         """Bytes held by weights (packed experts count at their packed size)."""
         return sum(t.numel() * t.element_size() for t in list(self.parameters()) + list(self.buffers()))
+
+
+def positions(mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """Each token's position ``(B, T)`` from ``attention_mask (B, T)``: real tokens count on from ``start`` (what a
+    cache already holds), padding gets -1 (never attended)."""
+    return torch.where(mask.bool(), start + mask.cumsum(1) - 1, -1)
 
 
 def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:

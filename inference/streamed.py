@@ -52,8 +52,7 @@ def _rows(hidden: torch.Tensor, group: list[int], sequences: list[list[int]], la
         yield i, hidden[row:row + 1, n - 1:n] if last_only else hidden[row:row + 1, :n]
 
 
-def model_logits(model, sequences: list[list[int]], adapter: str | None = None, last_only: bool = False
-                 ) -> list[torch.Tensor]:
+def model_logits(model, sequences: list[list[int]], adapter: str | None = None) -> list[torch.Tensor]:
     """Logits ``(T, V)`` (float32, on the CPU) of each sequence from a model loaded whole
     (:class:`inference.runtime.GptOss`), in the batches of :func:`batches`: what :func:`logits` gives layer by
     layer."""
@@ -62,7 +61,7 @@ def model_logits(model, sequences: list[list[int]], adapter: str | None = None, 
         for group in batches([len(s) for s in sequences]):
             ids, mask = padded([sequences[i] for i in group], model.embed.device)
             hidden = model(ids, attention_mask=mask, adapter=adapter)                    # (B, T, H), normed
-            for i, h in _rows(hidden, group, sequences, last_only):
+            for i, h in _rows(hidden, group, sequences, False):
                 out[i] = model.logits(h, adapter)[0].float().cpu()
     return out
 
@@ -80,7 +79,7 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
 
     from inference.adapters import attach_layer, read_adapter
-    from inference.runtime import Layer, Linear, RMSNorm, check_shapes
+    from inference.runtime import Layer, Linear, RMSNorm, check_shapes, positions
     model_dir, device = Path(model_dir), torch.device(device)
     cfg = read_config(model_dir)
     adapters = {None: None} if adapters is None else dict(adapters)
@@ -105,7 +104,7 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
         for group in groups:
             x, mask = padded([sequences[i] for i in group], device)
             ids.append(x)
-            qpos.append(torch.where(mask.bool(), mask.cumsum(1) - 1, -1))     # as GptOss.forward, without a cache
+            qpos.append(positions(mask))                                       # as GptOss.forward, without a cache
         hidden = {name: [F.embedding(x, embed) for x in ids] for name in adapters}         # (B, T, H) per batch
         del embed
         with torch.device(device):

@@ -187,7 +187,7 @@ def _expert_rows(src: TensorFiles, base: str, experts: slice, device: torch.devi
 
 
 def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, shards: ShardWriter, result: MergeResult,
-                  used: set[str], device: torch.device, chunk_bytes: int = EXPERT_CHUNK_BYTES) -> None:
+                  used: set[str], device: torch.device, chunk_bytes: int) -> None:
     experts = result.experts
     layer, proj = base.split(".mlp.experts.")
     lora = adapter.experts.get(layer, {}).get(proj.removesuffix("_proj"))

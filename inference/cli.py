@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="the most tokens one request may generate")
     p.add_argument("--context-length", type=int, default=None, help="cap the context window (saves KV memory)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    _batch_args(p, "--max-batch", "requests generated together at most (default: 64 on CUDA, 8 on CPU)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a free slot; beyond it a request gets 429 (default 256)")
     p.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
 
     p = sub.add_parser("eval", help="evaluate on a held-out JSONL conversation dataset; writes a JSON report")
@@ -70,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSON-lines conversations (OpenAI chat or ShareGPT records)")
     p.add_argument("--out", default="eval_report.json", help="where to write the report (default eval_report.json)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    _batch_args(p, "--batch-size", "answers generated together (default: 64 on CUDA, 8 on CPU; KV memory "
+                "permitting, the rest wait their turn)")
     p.add_argument("--reasoning-effort", choices=EFFORTS, default="medium",
                    help="for conversations that do not set their own")
     p.add_argument("--loss-weights", default="final=1",
@@ -114,12 +119,35 @@ def _adapters(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _batch_args(p, flag: str, help: str) -> None:
+    p.add_argument(flag, dest="max_batch", type=int, default=None, help=help)
+    p.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
+                   help="GiB of KV cache for all sequences together (default: half the GPU memory free after "
+                        "loading, 1 GiB on CPU)")
+
+
+def _limits(args) -> dict:
+    """The engine's batching limits from the command line (only those given; the engine checks their values)."""
+    out = {}
+    if getattr(args, "max_batch", None) is not None:
+        out["max_batch"] = args.max_batch
+    if getattr(args, "max_queue", None) is not None:
+        out["max_queue"] = args.max_queue
+    if getattr(args, "kv_memory", None) is not None:
+        if not args.kv_memory > 0:
+            raise UserError(f"--kv-memory must be a positive number of GiB, got {args.kv_memory}")
+        out["kv_memory"] = int(args.kv_memory * 2**30)
+    return out
+
+
 def _load(args, adapters: dict[str, str] | None, name: str | None = None, context_length: int | None = None):
     from inference.engine import Engine
+    limits = _limits(args)
     print(f"loading {args.model}" + (f" with adapters {', '.join(adapters)}" if adapters else "") + " ...",
           file=sys.stderr)
     return Engine.load(args.model, adapters, merge=getattr(args, "merge", False),
-                       dtype=_dtype(args.dtype), device=args.device, name=name, context_length=context_length)
+                       dtype=_dtype(args.dtype), device=args.device, name=name, context_length=context_length,
+                       **limits)
 
 
 def chat(args) -> None:

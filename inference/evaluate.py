@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from inference import harmony
-from inference.generate import PAD_ID, greedy_batch, pad_rows
+from inference.engine.batch import PAD_ID, pad_rows
 from inference.loss import weighted_nll
 
 
@@ -89,18 +89,11 @@ def mean_loss(engine, examples: list[tuple[list[int], list[float], list[int]]], 
 
 
 def generate_greedy(engine, prompts: list[list[int]], max_new_tokens: int, model: str | None = None,
-                    batch_size: int = 16, progress=None) -> list[list[int]]:
-    """Greedy completions (token ids, stop token included if reached) of Harmony prompts, in batches."""
-    adapter, stops = engine.adapter_for(model), set(harmony.stop_token_ids())
-    outputs: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        room = engine.context_length - max(len(p) for p in chunk)
-        outputs += greedy_batch(engine.model, chunk, max(0, min(max_new_tokens, room)), stops, adapter) \
-            if room > 0 else [[] for _ in chunk]
-        if progress is not None:
-            progress.update(len(chunk))
-    return outputs
+                    progress=None) -> list[list[int]]:
+    """Greedy completions (token ids, stop token included if reached) of Harmony prompts, all generated together by
+    the engine's continuous batching (``engine.max_batch`` at a time; each ends at its own stop token)."""
+    return engine.generate(prompts, max_new_tokens, model,
+                           on_done=None if progress is None else lambda: progress.update(1))
 
 
 def evaluate(engine, loss_examples: list[tuple[list[int], list[float], list[int]]], cases: list[Case],

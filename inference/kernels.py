@@ -9,6 +9,13 @@ times the bytes. Prefill (many tokens per expert) stays on the plain path, whose
 :func:`mxfp4_decode` decodes packed expert weights to bf16/fp32 in one pass (each packed byte read once, its two
 values written once): the training path's expert matmuls decode a slice of all experts before each grouped matmul,
 forward and backward, so this runs at memory speed on every step. Its twin is :func:`inference.mxfp4.unpack`.
+
+:func:`mxfp4_grouped` is the batched decode step's expert work: up to :data:`GROUPED_MAX_TOKENS` tokens, each routed
+to k experts. One program per (expert, block of outputs) decodes that block of the expert's weights in registers
+once and multiplies it with every row routed to the expert (a tensor-core ``dot``), so each routed expert is read
+once per step however many sequences chose it, and an expert no row chose is not read at all. The rows of each
+expert are found on the device (no host synchronisation), so the step can be captured as a CUDA graph. Its twin is
+:func:`mxfp4_matvec_reference`.
 """
 
 from __future__ import annotations
@@ -58,6 +65,110 @@ def mxfp4_matvec(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, ex
 
 
 _BLOCK_N, _BLOCK_K = 32, 256   # output rows and input features per step (K need not be a multiple: masked)
+
+GROUPED_MAX_TOKENS = 4096   # a prefill chunk's tokens at most (the table of rows per expert is E x tokens)
+
+
+def expert_rows(experts: torch.Tensor, num_experts: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(table (E, max_rows) int32, counts (E,) int32)``: the row numbers routed to each expert (-1 past its count),
+    from ``experts (P,)`` on the device, without reading anything back to the host."""
+    P = experts.numel()
+    order = torch.argsort(experts, stable=True)                                        # rows in expert order
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device)
+    counts.scatter_add_(0, experts, torch.ones_like(experts, dtype=torch.int32))
+    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts                       # (E,)
+    sorted_experts = experts[order]
+    rank = torch.arange(P, device=experts.device, dtype=torch.int32) - starts[sorted_experts]   # place in its group
+    table = torch.full((num_experts, max_rows), -1, dtype=torch.int32, device=experts.device)
+    table[sorted_experts, rank.long()] = order.to(torch.int32)
+    return table, counts
+
+
+def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor,
+                  tokens: int) -> torch.Tensor:
+    """:func:`mxfp4_matvec_reference` for ``x (P, K)`` rows of at most ``tokens`` tokens (P = tokens * k, a token
+    routed to each expert at most once, so an expert has at most ``tokens`` rows): bf16/fp16 ``x``, fp32
+    accumulation, result in ``x.dtype``. An expert's rows are taken ``BLOCK_M`` at a time."""
+    P, K = x.shape
+    E, N, G, half_group = blocks.shape
+    if K != G * 32 or half_group != 16:
+        raise ValueError(f"x has {K} features, blocks hold {G * 32}")
+    if tokens > GROUPED_MAX_TOKENS:
+        raise ValueError(f"mxfp4_grouped takes at most {GROUPED_MAX_TOKENS} tokens, got {tokens}")
+    block_m = min(64, max(16, 1 << (tokens - 1).bit_length()))
+    table, counts = expert_rows(experts, E, tokens)
+    out = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    grid = (E, -(-N // _GROUPED_N))
+    _grouped_kernel()[grid](x.contiguous(), blocks, scales, table, counts, out, N, K, tokens,
+                            blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+                            BLOCK_M=block_m, BLOCK_N=_GROUPED_N, BLOCK_K=_GROUPED_K, num_warps=4)
+    return out
+
+
+_GROUPED_N, _GROUPED_K = 64, 128
+
+
+@functools.lru_cache(maxsize=1)
+def _grouped_kernel():
+    import triton
+    import triton.language as tl
+
+    _grouped_rows = _grouped_rows_fn()
+
+    @triton.jit
+    def kernel(x_ptr, blocks_ptr, scales_ptr, table_ptr, counts_ptr, y_ptr, N, K, max_rows, stride_be, stride_bn,
+               stride_se, stride_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        e = tl.program_id(0)
+        count = tl.load(counts_ptr + e)
+        if count == 0:          # no row chose this expert: its weights are not read
+            return
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        e64 = e.to(tl.int64)
+        w_rows = blocks_ptr + e64 * stride_be + offs_n[:, None].to(tl.int64) * stride_bn
+        s_rows = scales_ptr + e64 * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
+        for m0 in range(0, count, BLOCK_M):   # the expert's rows, BLOCK_M at a time (the weight tile stays in L2)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < count
+            rows = tl.load(table_ptr + e64 * max_rows + offs_m, mask=mask_m, other=0).to(tl.int64)   # (M,)
+            _grouped_rows(x_ptr, y_ptr, rows, mask_m, w_rows, s_rows, offs_n, mask_n, N, K,
+                          BLOCK_M, BLOCK_N, BLOCK_K)
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=1)
+def _grouped_rows_fn():
+    import triton
+    import triton.language as tl
+
+    fp4, pow2_pair = _fp4(), _pow2_pair()
+
+    @triton.jit
+    def rows_block(x_ptr, y_ptr, rows, mask_m, w_rows, s_rows, offs_n, mask_n, N, K, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``y[rows, offs_n] = x[rows] @ W[offs_n]^T`` for one block of an expert's rows."""
+        offs_j = tl.arange(0, BLOCK_K // 2)                  # byte j holds values 2j (low nibble) and 2j + 1
+        offs_g = tl.arange(0, BLOCK_K // 32)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_j = k0 + 2 * offs_j < K
+            packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=mask_n[:, None] & mask_j[None, :],
+                             other=0)                                                           # (N, K/2)
+            exponent = tl.load(s_rows + (k0 // 32 + offs_g)[None, :],
+                               mask=mask_n[:, None] & (k0 + 32 * offs_g < K)[None, :], other=127)  # (N, K/32)
+            scale_lo, scale_hi = pow2_pair(exponent)
+            values = tl.interleave(fp4(packed & 15, 1.0, 1.0), fp4(packed >> 4, 1.0, 1.0))       # (N, K) exact
+            values = tl.reshape(values, (BLOCK_N, BLOCK_K // 32, 32))
+            w = tl.reshape(values * scale_lo[:, :, None] * scale_hi[:, :, None], (BLOCK_N, BLOCK_K))
+            xs = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
+                         mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)          # (M, K)
+            acc += tl.dot(xs, tl.trans(w.to(xs.dtype)))
+        out = y_ptr + rows[:, None] * N + offs_n[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    return rows_block
 
 
 @functools.lru_cache(maxsize=1)

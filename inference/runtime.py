@@ -40,21 +40,94 @@ class Lora:
     scale: float
 
 
+@dataclass(frozen=True)
+class RowAdapters:
+    """Which adapter each row of a batch uses: ``index (B,)`` (or ``(B, T)`` per token), 0 for the base and ``i``
+    for ``names[i - 1]``. Passed as a forward's ``adapter``, it gives every sequence of one batch its own LoRA side
+    path (the base weights are read once for all of them), as multi-LoRA servers do."""
+
+    index: torch.Tensor
+    names: tuple[str, ...]
+
+    def per_token(self, T: int) -> "RowAdapters":
+        if self.index.dim() == 2:
+            return self
+        return RowAdapters(self.index[:, None].expand(-1, T), self.names)
+
+    def flat(self) -> torch.Tensor:
+        return self.index.reshape(-1)
+
+
+def _stack_rows(blocks: list[torch.Tensor | None], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``[base zeros, adapter 1, ...]`` stacked on a new first dimension; an adapter without this module is zeros and
+    a smaller rank is zero-padded (zeros add exactly nothing)."""
+    out = torch.zeros((len(blocks) + 1, *shape), dtype=like.dtype, device=like.device)
+    for i, t in enumerate(blocks, start=1):
+        if t is not None:
+            out[(i, *(slice(0, n) for n in t.shape))] = t
+    return out
+
+
+def _lora_blocks(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Row ``i``'s LoRA output ``(x_i A_g^T) B_g`` with ``g = block[i]``, for ``a (G, r, in)``, ``b (G, r, out)``:
+    ``x`` times every block's A in one matmul, the other blocks zeroed by a one-hot mask, then times all the B's.
+    No per-row weight copies (a gather of ``A_g`` per row would be ``rows * r * in`` values: 0.75 GB for a
+    2,048-token gpt-oss-20b prefill) and no host synchronisation."""
+    G, r, fin = a.shape
+    low = (x @ a.reshape(-1, fin).T).view(x.shape[0], G, r)                          # (rows, G, r)
+    keep = (block[:, None] == torch.arange(G, device=x.device)[None, :]).to(low.dtype)   # (rows, G)
+    return (low * keep[:, :, None]).reshape(x.shape[0], -1) @ b.reshape(-1, b.shape[-1])
+
+
 class Linear(torch.nn.Module):
-    """``y = x W^T + b`` plus, for the adapter chosen per call, ``scale * (x A^T) B^T`` (never merged unless asked)."""
+    """``y = x W^T + b`` plus, for the adapter chosen per call, ``scale * (x A^T) B^T`` (never merged unless asked).
+
+    ``adapter`` is one adapter's name for the whole call, or :class:`RowAdapters` (one per row)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.weight = torch.nn.Parameter(weight, requires_grad=False)   # (out, in)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.loras: dict[str, Lora] = {}
+        self._stacks: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor] | None] = {}
 
-    def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter=None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
+        if isinstance(adapter, RowAdapters):
+            return self._rows(x, y, adapter)
         lora = self.loras.get(adapter) if adapter else None
         if lora is not None:
             y = y + F.linear(F.linear(x, lora.A), lora.B) * lora.scale
         return y
+
+    def _stack(self, names: tuple[str, ...]):
+        """``A ((n+1) r, in)`` and ``scale * B ((n+1) r, out)`` of adapters ``names`` (block 0: the base, zeros);
+        None when none of them adapts this layer. Built once per set of names."""
+        if names not in self._stacks:
+            loras = [self.loras.get(n) for n in names]
+            if not any(loras):
+                self._stacks[names] = None
+            else:
+                r = max(lo.A.shape[0] for lo in loras if lo)
+                out_f, in_f = self.weight.shape
+                a = _stack_rows([lo.A if lo else None for lo in loras], (r, in_f), self.weight)
+                b = _stack_rows([(lo.B * lo.scale).T if lo else None for lo in loras], (r, out_f), self.weight)
+                self._stacks[names] = (a.reshape(-1, in_f), b.reshape(-1, out_f))
+        return self._stacks[names]
+
+    def _rows(self, x: torch.Tensor, y: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """Each row's own LoRA: ``x`` times every adapter's A at once (a thin matmul), the other adapters' parts
+        zeroed by a one-hot mask, then times the stacked B: two dense matmuls whatever the mix, no host sync."""
+        stack = self._stack(rows.names)
+        if stack is None:
+            return y
+        a, b = stack
+        n = len(rows.names) + 1
+        flat = x.reshape(-1, x.shape[-1])                                           # (N, in)
+        low = (flat @ a.T).view(flat.shape[0], n, -1)                               # (N, n+1, r)
+        # a one-hot by comparison: F.one_hot checks its indices on the host, which a CUDA graph cannot capture
+        keep = (rows.flat()[:, None] == torch.arange(n, device=x.device)).to(low.dtype)[:, :, None]   # (N, n+1, 1)
+        return y + ((low * keep).reshape(flat.shape[0], -1) @ b).view_as(y)
 
     def effective_weight(self, adapter: str | None) -> torch.Tensor:
         """The weight this layer applies for ``adapter``, merged (for losses that take the weight itself)."""
@@ -83,6 +156,7 @@ class Experts(torch.nn.Module):
             self.register_buffer(name, t)
         self.alpha, self.limit, self.dtype = alpha, limit, dtype
         self.loras: dict[str, dict[str, Lora]] = {}   # adapter -> {"gate_up": Lora, "down": Lora}
+        self._stacks: dict[tuple[str, ...], dict] = {}
 
     def _weight(self, proj: str, e: int) -> tuple[torch.Tensor, bool]:
         """Expert ``e``'s weight for ``proj`` and whether it is ``(out, in)`` (packed) rather than ``(in, out)``."""
@@ -95,27 +169,65 @@ class Experts(torch.nn.Module):
             return mxfp4.unpack(blocks[e], scales[e], self.dtype), True
         return getattr(self, proj)[e], False
 
-    def _project(self, x: torch.Tensor, proj: str, e: int, lora: dict[str, Lora] | None) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, proj: str, e: int, lora) -> torch.Tensor:
+        """Expert ``e``'s ``proj`` for its rows ``x (n, in)``; ``lora``: one adapter's ``{proj: Lora}``, or
+        ``(stacks, index (n,))`` for per-row adapters."""
         w, out_in = self._weight(proj, e)
         y = (F.linear(x, w) if out_in else x @ w) + getattr(self, proj + "_bias")[e]
-        if lora and proj in lora:
+        if isinstance(lora, tuple):
+            stacks, index = lora
+            if proj in stacks:
+                a, b = stacks[proj]                                                   # (n+1, E, r, in/out)
+                n = a.shape[0]
+                low = (x @ a[:, e].reshape(-1, x.shape[1]).T).view(x.shape[0], n, -1)  # (rows, n+1, r)
+                keep = (index[:, None] == torch.arange(n, device=x.device)).to(low.dtype)[:, :, None]
+                y = y + (low * keep).reshape(x.shape[0], -1) @ b[:, e].reshape(-1, b.shape[-1])
+        elif lora and proj in lora:
             ab = lora[proj]
             y = y + (x @ ab.A[e].T) @ ab.B[e] * ab.scale
         return y
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                adapter: str | None = None) -> torch.Tensor:
-        """``x (N, H)`` routed to ``indices (N, k)`` with ``weights (N, k)`` → ``(N, H)``."""
-        lora = self.loras.get(adapter) if adapter else None
-        if indices.numel() <= self.num_experts:
+    def stacks(self, names: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per projection, ``A (n+1, E, r, in)`` and ``scale * B (n+1, E, r, out)`` of adapters ``names`` (index 0:
+        the base, zeros); built once per set of names."""
+        cache = self._stacks
+        if names not in cache:
+            out = {}
+            for proj in ("gate_up", "down"):
+                loras = [self.loras.get(n, {}).get(proj) for n in names]
+                if any(loras):
+                    E, r = self.num_experts, max(lo.A.shape[1] for lo in loras if lo)
+                    in_f, out_f = next((lo.A.shape[2], lo.B.shape[2]) for lo in loras if lo)
+                    like = next(lo.A for lo in loras if lo)
+                    out[proj] = (_stack_rows([lo.A if lo else None for lo in loras], (E, r, in_f), like),
+                                 _stack_rows([lo.B * lo.scale if lo else None for lo in loras], (E, r, out_f), like))
+            cache[names] = out
+        return cache[names]
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, adapter=None) -> torch.Tensor:
+        """``x (N, H)`` routed to ``indices (N, k)`` with ``weights (N, k)`` → ``(N, H)``. ``adapter``: a name, or
+        :class:`RowAdapters` with one index per token."""
+        if isinstance(adapter, RowAdapters):
+            lora = (self.stacks(adapter.names), adapter.flat())
+        else:
+            lora = self.loras.get(adapter) if adapter else None
+        if indices.numel() <= self.num_experts or self._grouped(x, x.shape[0]):
             return self._forward_gathered(x, indices, weights, lora)
         out = torch.zeros_like(x)
         for e in torch.unique(indices).tolist():   # each routed expert decoded once, for all its tokens
             token, slot = torch.where(indices == e)                                   # (n,), (n,)
-            gate_up = self._project(x[token], "gate_up", e, lora)                     # (n, 2I)
-            y = self._project(self._glu(gate_up), "down", e, lora)                    # (n, H)
+            part = lora if not isinstance(lora, tuple) else (lora[0], lora[1][token])
+            gate_up = self._project(x[token], "gate_up", e, part)                     # (n, 2I)
+            y = self._project(self._glu(gate_up), "down", e, part)                    # (n, H)
             out.index_add_(0, token, y * weights[token, slot, None])
         return out
+
+    def _grouped(self, x: torch.Tensor, tokens: int) -> bool:
+        """Whether a batch of tokens goes through :func:`kernels.mxfp4_grouped` (CUDA, packed, bf16/fp16): every
+        routed expert's weights read once for all its tokens, with no host synchronisation, so a batched decode
+        step can be captured as a CUDA graph and a prefill chunk needs no per-expert loop."""
+        return (self.packed and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+                and 1 < tokens <= kernels.GROUPED_MAX_TOKENS and kernels.available())
 
     @property
     def num_experts(self) -> int:
@@ -125,26 +237,37 @@ class Experts(torch.nn.Module):
         return swiglu(gate_up, self.alpha, self.limit)
 
     def _forward_gathered(self, x, indices, weights, lora):
-        """Decoding path: few tokens, so decode just the ``N*k`` routed (token, expert) weights in one batch,
-        with no per-expert loop and no host synchronisation."""
+        """Decoding path: few tokens, so compute just the ``N*k`` routed (token, expert) pairs in one batch, with no
+        per-expert loop and no host synchronisation."""
         n, k = indices.shape
         flat = indices.reshape(-1)                                                    # (n*k,)
         xs = x.repeat_interleave(k, dim=0)                                            # (n*k, H)
-        h = self._glu(self._project_gathered(xs, "gate_up", flat, lora))              # (n*k, I)
-        y = self._project_gathered(h, "down", flat, lora)                             # (n*k, H)
+        if isinstance(lora, tuple):
+            lora = (lora[0], lora[1].repeat_interleave(k))                            # each pair's adapter
+        h = self._glu(self._project_gathered(xs, "gate_up", flat, lora, n))           # (n*k, I)
+        y = self._project_gathered(h, "down", flat, lora, n)                          # (n*k, H)
         return (y.view(n, k, -1) * weights[..., None]).sum(dim=1)
 
-    def _project_gathered(self, x, proj: str, flat, lora) -> torch.Tensor:
-        if self.packed:   # decoded in registers on CUDA (kernels.py), else decoded to memory then bmm
-            matvec = kernels.mxfp4_matvec if x.is_cuda and kernels.available() else kernels.mxfp4_matvec_reference
-            y = matvec(x, getattr(self, proj + "_blocks"), getattr(self, proj + "_scales"), flat)   # (n*k, out)
+    def _project_gathered(self, x, proj: str, flat, lora, tokens: int) -> torch.Tensor:
+        if self.packed:
+            blocks, scales = getattr(self, proj + "_blocks"), getattr(self, proj + "_scales")
+            if self._grouped(x, tokens):   # several tokens: each expert read once for all its pairs
+                y = kernels.mxfp4_grouped(x, blocks, scales, flat, tokens)                            # (n*k, out)
+            elif x.is_cuda and kernels.available():   # decoded in registers (kernels.py)
+                y = kernels.mxfp4_matvec(x, blocks, scales, flat)
+            else:                                      # decoded to memory, then bmm
+                y = kernels.mxfp4_matvec_reference(x, blocks, scales, flat)
         else:
             y = torch.bmm(x[:, None, :], getattr(self, proj)[flat])[:, 0]            # (n*k, in, out)
         y = y + getattr(self, proj + "_bias")[flat]
-        if lora and proj in lora:
+        if isinstance(lora, tuple):
+            stacks, index = lora
+            if proj in stacks:
+                a, b = stacks[proj]                                                   # (n+1, E, r, in/out)
+                y = y + _lora_blocks(x, a.flatten(0, 1), b.flatten(0, 1), index * a.shape[1] + flat)
+        elif lora and proj in lora:
             ab = lora[proj]
-            low = torch.bmm(ab.A[flat], x[:, :, None])[:, :, 0]                      # (n*k, r)
-            y = y + torch.bmm(low[:, None, :], ab.B[flat])[:, 0] * ab.scale          # (n*k, out)
+            y = y + _lora_blocks(x, ab.A, ab.B * ab.scale, flat)
         return y
 
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +343,52 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v + self.pos)
 
+    # The cache protocol GptOss.forward speaks (inference.engine.cache.SlotCache speaks it too):
+    # prepare(T) before a forward of T new columns, start() the rows' first new positions (B, 1),
+    # update(layer, k, v, qpos) -> what that layer attends over, advance(T, mask) after the forward.
+
+    def prepare(self, new_columns: int) -> None:
+        self.reserve(self.columns + new_columns)
+
+    def start(self) -> torch.Tensor:
+        return self.next_pos[:, None]
+
+    def advance(self, new_columns: int, mask: torch.Tensor) -> None:
+        self.columns += new_columns
+        self.next_pos += mask.sum(1)
+        if self.column is not None:
+            self.column += new_columns
+
+    def update(self, layer: int, k, v, qpos):
+        """Attend over cached + new keys, then store the new ones. ``k``/``v (B, kvh, T, D)``, ``qpos (B, T)`` ->
+        ``keys, values (B, kvh, S, D), kpos (B, S)``."""
+        T, size = k.shape[2], self.size[layer]
+        ck, cv, cp = self.k[layer], self.v[layer], self.pos[layer]
+        filled = min(self.columns, size)
+        if T == 1 and self.column is not None:
+            # fixed shapes, slot from a device counter: the step can be captured as a CUDA graph and replayed
+            slot = self.column % size                                                # (1,)
+            ck.index_copy_(2, slot, k)
+            cv.index_copy_(2, slot, v)
+            cp.index_copy_(1, slot, qpos)
+            return ck, cv, cp
+        if T == 1:
+            # decode: write first, then attend over the buffer (a full ring then holds exactly the window)
+            slot = self.columns % size
+            ck[:, :, slot], cv[:, :, slot], cp[:, slot] = k[:, :, 0], v[:, :, 0], qpos[:, 0]
+            n = min(self.columns + 1, size)
+            return ck[:, :, :n], cv[:, :, :n], cp[:, :n]
+        keys = torch.cat([ck[:, :, :filled], k], dim=2)
+        values = torch.cat([cv[:, :, :filled], v], dim=2)
+        kpos = torch.cat([cp[:, :filled], qpos], dim=1)
+        keep = min(T, size)                                       # a ring only needs the last `size` new columns
+        cols = torch.arange(self.columns + T - keep, self.columns + T, device=k.device)
+        slots = cols % size
+        ck.index_copy_(2, slots, k[:, :, -keep:])
+        cv.index_copy_(2, slots, v[:, :, -keep:])
+        cp.index_copy_(1, slots, qpos[:, -keep:])
+        return keys, values, kpos
+
 
 class Attention(torch.nn.Module):
     def __init__(self, t: dict[str, torch.Tensor], cfg, window: int | None):
@@ -242,7 +411,7 @@ class Attention(torch.nn.Module):
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys, values, kpos = k, v, qpos
         if cache is not None:
-            keys, values, kpos = _cache_step(cache, layer, k, v, qpos)
+            keys, values, kpos = cache.update(layer, k, v, qpos)
         out = torch.cat([self._attend(q[:, :, i:i + QUERY_CHUNK], keys, values, self._blocked(
                              masks, i, qpos[:, i:i + QUERY_CHUNK], kpos)) for i in range(0, T, QUERY_CHUNK)],
                         dim=2)                                                      # (B, nh, T, D)
@@ -274,34 +443,6 @@ class Attention(torch.nn.Module):
         return out.view(B, self.nh, Tq, D)
 
 
-def _cache_step(cache: KVCache, layer: int, k, v, qpos):
-    """Attend over cached + new keys, then store the new ones. Returns ``keys, values (B, kvh, S, D), kpos (B, S)``."""
-    T, size = k.shape[2], cache.size[layer]
-    ck, cv, cp = cache.k[layer], cache.v[layer], cache.pos[layer]
-    filled = min(cache.columns, size)
-    if T == 1 and cache.column is not None:
-        # fixed shapes, slot from a device counter: the step can be captured as a CUDA graph and replayed
-        slot = cache.column % size                                               # (1,)
-        ck.index_copy_(2, slot, k)
-        cv.index_copy_(2, slot, v)
-        cp.index_copy_(1, slot, qpos)
-        return ck, cv, cp
-    if T == 1:
-        # decode: write first, then attend over the buffer (a full ring then holds exactly the window)
-        slot = cache.columns % size
-        ck[:, :, slot], cv[:, :, slot], cp[:, slot] = k[:, :, 0], v[:, :, 0], qpos[:, 0]
-        n = min(cache.columns + 1, size)
-        return ck[:, :, :n], cv[:, :, :n], cp[:, :n]
-    keys = torch.cat([ck[:, :, :filled], k], dim=2)
-    values = torch.cat([cv[:, :, :filled], v], dim=2)
-    kpos = torch.cat([cp[:, :filled], qpos], dim=1)
-    keep = min(T, size)                                       # a ring only needs the last `size` new columns
-    cols = torch.arange(cache.columns + T - keep, cache.columns + T, device=k.device)
-    slots = cols % size
-    ck.index_copy_(2, slots, k[:, :, -keep:])
-    cv.index_copy_(2, slots, v[:, :, -keep:])
-    cp.index_copy_(1, slots, qpos[:, -keep:])
-    return keys, values, kpos
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -380,12 +521,18 @@ class GptOss(torch.nn.Module):
 
         With a ``cache``, the tokens continue what it holds; without, they are a whole sequence.
         """
-        if adapter is not None and adapter not in self.adapters:
+        if isinstance(adapter, RowAdapters):
+            unknown = sorted(set(adapter.names) - set(self.adapters))
+            if unknown:
+                raise UserError(f"no adapter named {unknown[0]!r} is loaded")
+            adapter = adapter.per_token(input_ids.shape[1])
+        elif adapter is not None and adapter not in self.adapters:
             raise UserError(f"no adapter named {adapter!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
-        if cache is not None:
-            cache.reserve(cache.columns + input_ids.shape[1])
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
-        start = cache.next_pos[:, None] if cache is not None else 0
+        start = 0
+        if cache is not None:
+            cache.prepare(input_ids.shape[1])
+            start = cache.start()                                                    # (B, 1)
         qpos = positions(mask, start)                                                # (B, T)
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope(x, qpos.clamp(min=0))                                   # (B, T, D/2) each
@@ -393,10 +540,7 @@ class GptOss(torch.nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, qpos, cache, i, adapter, masks)
         if cache is not None:
-            cache.columns += input_ids.shape[1]
-            cache.next_pos += mask.sum(1)
-            if cache.column is not None:
-                cache.column += input_ids.shape[1]
+            cache.advance(input_ids.shape[1], mask)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor, adapter: str | None = None) -> torch.Tensor:

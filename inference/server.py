@@ -2,7 +2,9 @@
 
 Routes (all of them behind ``Authorization: Bearer KEY`` when the server has an API key):
 
-- ``GET  /health``               ``{"status": "ok", "active_generations": N}``
+- ``GET  /health``               ``{"status": "ok", "active_generations", "running", "waiting", "tokens_per_second",
+                                  "max_running", ...}``: requests in this server, sequences generating and waiting in
+                                  the engine's batch, generated tokens/s over the last 10 s
 - ``GET  /v1/models``            the base model and each adapter, as OpenAI model objects
 - ``GET  /v1/models/{id}``       one of them (404 when unknown)
 - ``POST /v1/chat/completions``  a chat completion, whole or streamed as server-sent events
@@ -11,8 +13,13 @@ Every error is OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "cod
 full (fields, model id, messages, prompt length) before any compute, and a stream's headers go out only once the
 engine has accepted it, so a bad request is always a plain JSON error. A client that goes away stops its generation
 at the next delta (a failed write when streaming, end-of-file on its socket otherwise). The server binds 127.0.0.1
-unless told otherwise, and then only with an API key. ``make_server`` builds it (``port=0``: a free port), ``serve``
-runs it until Ctrl-C.
+unless told otherwise, and then only with an API key.
+
+Each connection has a thread; all of them submit to the engine's scheduler, which generates every request in one
+continuously batched loop. When all of its slots are busy and its waiting queue is full, a request gets 429
+(``server_overloaded``) at once rather than an unbounded wait.
+
+``make_server`` builds it (``port=0``: a free port), ``serve`` runs it until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -33,7 +40,16 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from inference.engine import Completion, Delta, Engine, PromptTooLong, SamplingParams, UnknownModel
+from inference.engine import (
+    Completion,
+    Delta,
+    Engine,
+    Overloaded,
+    PromptTooLong,
+    SamplingParams,
+    TooLarge,
+    UnknownModel,
+)
 from inference.errors import UserError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -62,6 +78,10 @@ def from_user_error(exc: UserError) -> ApiError:
         return ApiError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, TooLarge):
+        return ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, Overloaded):
+        return ApiError(429, str(exc), "rate_limit_error", code="server_overloaded")
     return ApiError(400, str(exc))
 
 
@@ -229,6 +249,7 @@ class ChatServer(ThreadingHTTPServer):
                 connection.shutdown(socket.SHUT_RDWR)
             except OSError:  # already closed by the client
                 pass
+        self.engine.close()   # every generation in flight ends now, so the handler threads can be joined
         super().server_close()
 
     def handle_error(self, request, client_address):
@@ -315,7 +336,9 @@ class ChatHandler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ routes
 
     def _health(self):
-        self._send_json(200, {"status": "ok", "active_generations": self.server.active_generations})
+        # running/waiting are the scheduler's (a request waits when every slot is busy); tokens/s over the last 10 s
+        self._send_json(200, {"status": "ok", "active_generations": self.server.active_generations,
+                              **self.server.engine.stats()})
 
     def _model_object(self, model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": self.server.created, "owned_by": "local"}

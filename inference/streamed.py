@@ -41,7 +41,7 @@ def batches(lengths: list[int], budget: int = TOKENS_PER_BATCH) -> list[list[int
 
 def padded(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """``ids (B, T)`` right-padded and ``attention_mask (B, T)`` (0 = padding): real tokens keep positions 0..T-1."""
-    from inference.generate import PAD_ID, pad_rows
+    from inference.engine.batch import PAD_ID, pad_rows
     return pad_rows(sequences, PAD_ID).to(device), pad_rows([[1] * len(s) for s in sequences], 0).to(device)
 
 

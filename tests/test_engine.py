@@ -1,4 +1,4 @@
-"""The Engine (:mod:`inference.engine`) and its decode loop (:mod:`inference.generate`) on the tiny gpt-oss, fp32 CPU.
+"""The Engine (:mod:`inference.engine`) and its continuous batching on the tiny gpt-oss, fp32 CPU.
 
 Greedy generation is checked token for token against transformers' ``generate`` (PEFT for the adapter) on Harmony
 prompts from ``data/tiny/eval.jsonl``, one of them long enough that prompt and reply cross the sliding window.
@@ -13,7 +13,6 @@ The parser itself (:class:`inference.harmony.ReplyStream`) is also tested on han
 from __future__ import annotations
 
 import functools
-import weakref
 
 import pytest
 import torch
@@ -23,8 +22,8 @@ from inference import harmony
 from inference.checkpoint import load_model
 from inference.conversations import MessageError, load_jsonl_examples
 from inference.engine import BadParameter, Completion, Delta, Engine, PromptTooLong, SamplingParams, UnknownModel
+from inference.engine.batch import PAD_ID
 from inference.evaluate import make_cases
-from inference.generate import PAD_ID, greedy_batch, stream_tokens
 
 BASE, TUNED = "tiny", "tuned"
 SHORT_NEW, LONG_NEW = 24, 80      # greedy tokens generated for the eval prompts and for the long prompt
@@ -128,6 +127,14 @@ def short_engine(tiny_model_dir):
 def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
 
+def wait_idle(engine, seconds: float = 10.0) -> None:
+    import time
+    end = time.monotonic() + seconds
+    while not engine.scheduler.idle():
+        assert time.monotonic() < end, "the scheduler did not go idle"
+        time.sleep(0.01)
+    assert engine.scheduler.cache.empty()               # every slot and page came back
+
 
 # ------------------------------------------------------------------------------------------- greedy vs transformers
 
@@ -141,11 +148,12 @@ def test_greedy_matches_transformers_generate(engine, expected, model):
 
 
 @pytest.mark.parametrize("model", [BASE, TUNED])
-def test_greedy_batch_equals_one_by_one(engine, expected, model):
+def test_generate_many_equals_one_by_one(engine, expected, model):
     batch = prompts()
-    assert len({len(p) for p in batch}) > 1          # ragged: rows are left-padded
-    out = greedy_batch(engine.model, batch, SHORT_NEW, set(harmony.stop_token_ids()), engine.adapter_for(model))
+    assert len({len(p) for p in batch}) > 1          # ragged prompts, prefilled together
+    out = engine.generate(batch, SHORT_NEW, model)
     assert out == [until_stop(e[:SHORT_NEW]) for e in expected[model]]
+    wait_idle(engine)
 
 
 # --------------------------------------------------------------------------------------------------------- sampling
@@ -216,15 +224,14 @@ def test_random_model_stream_is_consistent(engine):
     assert (done.prompt_tokens, done.completion_tokens, len(done.token_ids)) == (len(prompt), 5, 5)
 
 
-def test_interleaved_token_streams_keep_their_own_cache_and_adapter(engine, expected):
-    """Two token streams on one model advanced in turn (base and adapter, different prompts, as concurrent requests
-    interleave) each give their own greedy tokens. (The random model's Engine streams carry no deltas, so the
-    interleaving is done on :func:`stream_tokens`, one token at a time.)"""
-    stops = set(harmony.stop_token_ids())
-    a = stream_tokens(engine.model, prompts()[0], SHORT_NEW, stops, adapter=None)
-    b = stream_tokens(engine.model, prompts()[1], SHORT_NEW, stops, adapter=engine.adapter_for(TUNED))
-    pairs = list(zip(a, b))
-    assert [x for x, _ in pairs] == expected[BASE][0] and [y for _, y in pairs] == expected[TUNED][1]
+def test_streams_read_in_turn_keep_their_own_cache_and_adapter(engine, expected):
+    """Two streams consumed in turn (base and adapter, different prompts, as concurrent requests are) share the
+    running batch and each give their own greedy tokens."""
+    a = engine.stream(prompts()[0], greedy(SHORT_NEW))
+    b = engine.stream(prompts()[1], greedy(SHORT_NEW), model=TUNED)
+    *_, done_a = a
+    *_, done_b = b
+    assert done_a.token_ids == expected[BASE][0] and done_b.token_ids == expected[TUNED][1]
 
 
 # ----------------------------------------------------------------------------------------------------- stop strings
@@ -271,21 +278,23 @@ def test_max_tokens_gives_length(engine):
 
 # --------------------------------------------------------------------------------------------------- closing early
 
-def test_closing_a_stream_stops_generation_and_frees_its_cache(scripted, monkeypatch):
-    engine = scripted[FINAL]
-    rt = engine.model
-    caches = []
-    new_cache = rt.new_cache
-    monkeypatch.setattr(rt, "new_cache", lambda *a: caches.append(new_cache(*a)) or caches[-1])
-    prompt = engine.encode_chat(HI)
-    gen = engine.stream(prompt, greedy(100))
+def test_closing_a_stream_stops_generation_and_frees_its_cache(scripted, engine):
+    wait_idle(engine)
+    before = engine.scheduler.generated
+    # the random model writes no Harmony (no deltas) and does not stop by itself: read its tokens directly
+    request = engine.scheduler.submit(prompts()[0], 1000, frozenset(harmony.stop_token_ids()))
+    tokens = request.tokens()
+    next(tokens)
+    tokens.close()
+    wait_idle(engine)                                    # its slot and pages came back
+    assert engine.scheduler.generated - before < 500     # it stopped long before its 1000 tokens
+    scripted_engine = scripted[FINAL]
+    prompt = scripted_engine.encode_chat(HI)
+    gen = scripted_engine.stream(prompt, greedy(100))
     assert next(gen) == Delta("content", " red")
-    cache = weakref.ref(caches.pop())
     gen.close()
-    with pytest.raises(StopIteration):
-        next(gen)
-    assert cache() is None                               # freed at once, not at the next garbage collection
-    assert engine.complete(prompt, greedy(100)).content == " red green blue cyan"   # the lock was released
+    assert scripted_engine.complete(prompt, greedy(100)).content == " red green blue cyan"
+    wait_idle(scripted_engine)
 
 
 # ------------------------------------------------------------------------------------------------- eager validation

@@ -429,9 +429,9 @@ def test_harmony_logits_match_our_runtime(harmony_model, harmony_gguf, probe):
 
 
 def test_greedy_continuation_matches(harmony_model, harmony_gguf):
-    from inference.generate import greedy_batch
+    from inference.engine import Engine
     prompt = harmony.render_prompt([{"role": "user", "content": "Tell me a story about a lighthouse."}])
-    (mine,) = greedy_batch(harmony_model, [prompt], 6, set(harmony.stop_token_ids()))
+    (mine,) = Engine(harmony_model, "harmony").generate([prompt], 6)
     assert export.llama_greedy(harmony_gguf, prompt, 6) == mine
 
 

@@ -31,9 +31,9 @@ def eval_file(tmp_path_factory):
 def test_eval_writes_a_report_matching_the_library_call(tmp_path, eval_file, tiny_model_dir):
     out = tmp_path / "reports" / "base.json"
     proc = run_cli("inference", "eval", "--model", str(tiny_model_dir), "--data", str(eval_file), "--out", str(out),
-                   "--max-new-tokens", "8", "--reasoning-effort", "low")
+                   "--max-new-tokens", "8", "--reasoning-effort", "low", "--batch-size", "3", "--kv-memory", "0.25")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text())   # 7 answers through 3 slots: some wait for a finished one's slot
     # six conversations scored for loss; seven generations: the tool conversation has two runs of assistant messages
     # (the call, then the answer after the tool result), and every one is generated
     assert report["examples"] == 6 and report["generated"] == 7 and report["model"] == tiny_model_dir.name

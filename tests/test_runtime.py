@@ -22,8 +22,8 @@ from conftest import EPS32, FP32_MARGIN, float64, make_adapter
 
 from inference import adapters, runtime
 from inference.checkpoint import load_model
+from inference.engine.batch import PAD_ID
 from inference.errors import UserError
-from inference.generate import PAD_ID
 
 T, PAD = 150, 20  # sequence length (> sliding window 64) and left padding of row 1
 

@@ -486,6 +486,12 @@ class BrokenEngine:
     def stream(self, prompt_ids, params, model=None, cancelled=None):
         raise RuntimeError("kaboom")
 
+    def stats(self):
+        return {"running": 0, "waiting": 0}
+
+    def close(self):
+        pass
+
 
 def test_unexpected_error_is_a_500_and_the_server_goes_on(capfd):
     server = make_server(BrokenEngine())

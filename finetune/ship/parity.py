@@ -219,12 +219,11 @@ class Reference:
             self.trained, self.base = out["trained"], out[None]
         else:
             from inference.engine import Engine
-            from inference.generate import greedy_batch
             self.engine = Engine.load(self.model_dir, adapters={"trained": self.adapter_dir}, dtype=self.where.dtype,
                                       device=self.where.device)
-            with _bar(CONTINUATION, "reference: greedy continuations", progress) as bar:
-                done = greedy_batch(self.engine.model, [p.ids for p in prompts], CONTINUATION,
-                                    set(harmony.stop_token_ids()), "trained", bar.update)   # all probes together
+            with _bar(len(prompts), "reference: greedy continuations", progress, "probe") as bar:
+                done = self.engine.generate([p.ids for p in prompts], CONTINUATION, "trained",
+                                            on_done=bar.update)   # all probes together, continuously batched
             self.probes = [Probe(p.ids + d, p.prompt_len, p.source) for p, d in zip(prompts, done)]
             self.trained = self.logits_with("trained")
             self.base = self.logits_with(None)
@@ -257,9 +256,9 @@ class Reference:
         return probe.ids[probe.prompt_len:]
 
 
-def _bar(total: int, desc: str, progress: bool):
+def _bar(total: int, desc: str, progress: bool, unit: str = "token"):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="token", leave=False, disable=not progress)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress)
 
 
 def _free(where: Where) -> None:
@@ -412,13 +411,12 @@ def greedy(model_dir: Path, prompts: list[list[int]], where: Where, adapter_dir:
     probes = [Probe(list(p), len(p), "greedy") for p in prompts]
     if where.fits(model_dir):
         from inference.engine import Engine
-        from inference.generate import greedy_batch
         engine = Engine.load(model_dir, adapters={"a": adapter_dir} if adapter_dir else None, dtype=where.dtype,
                              device=where.device)
         try:
-            return greedy_batch(engine.model, [list(p) for p in prompts], CONTINUATION, set(harmony.stop_token_ids()),
-                                "a" if adapter_dir else None)
+            return engine.generate([list(p) for p in prompts], CONTINUATION, "a" if adapter_dir else None)
         finally:
+            engine.close()
             del engine
             _free(where)
     done = _greedy_streamed(model_dir, adapter_dir, probes, where, progress)

@@ -12,7 +12,9 @@ from conftest import EPS32, float64, fp32_tolerance
 
 from inference import adapters, harmony, runtime
 from inference.checkpoint import load_model
-from inference.generate import PAD_ID, greedy_batch, stream_tokens
+from inference.engine import Engine
+from inference.engine.batch import PAD_ID
+from inference.engine.scheduler import Scheduler
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -70,12 +72,21 @@ def test_bf16_error_is_no_worse_than_transformers_bf16(tiny_model_dir, ids):
     assert err_ours <= 1.5 * err_theirs, (err_ours, err_theirs)
 
 
+def scheduler(model, graphs: bool, slots: int = 8) -> Scheduler:
+    return Scheduler(model, tuple(model.adapters), slots, pages=128, max_len=2048, graphs=graphs)
+
+
+def generate(s: Scheduler, prompt, n, stops=frozenset(), temperature=0.0, seed=None, adapter=0) -> list[int]:
+    return list(s.submit(prompt, n, stops, temperature, 1.0, seed, adapter).tokens())
+
+
 def test_greedy_generation_equals_transformers_generate_on_cuda(tiny_model_dir):
     hf = load_model(tiny_model_dir, torch.float32, CUDA)
     ours = runtime.load(tiny_model_dir, torch.float32, CUDA)
     stops = harmony.stop_token_ids()
     prompts = [harmony.render_prompt([{"role": "user", "content": q}], None, harmony.HarmonyOptions("low"))
                for q in ("Name the color of banana.", "What is 2 + 2?", "Tell me a long story about a lighthouse.")]
+    engine = Engine(ours, "tiny")
     singles = []
     for p in prompts:
         ids = torch.tensor([p], device=CUDA)
@@ -83,10 +94,10 @@ def test_greedy_generation_equals_transformers_generate_on_cuda(tiny_model_dir):
             out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=80, do_sample=False,
                               eos_token_id=stops, pad_token_id=PAD_ID)[0, len(p):].tolist()
         cut = next((i + 1 for i, t in enumerate(out) if t in stops), len(out))
-        mine = list(stream_tokens(ours, p, 80, set(stops)))
+        (mine,) = engine.generate([p], 80)
         assert mine == out[:cut]
         singles.append(mine)
-    assert greedy_batch(ours, prompts, 80, set(stops)) == singles
+    assert engine.generate(prompts, 80) == singles     # together, in one continuously batched run
 
 
 def test_fused_mxfp4_matvec_equals_its_plain_twin():
@@ -113,29 +124,61 @@ def test_fused_mxfp4_matvec_equals_its_plain_twin():
             assert (fused - exact).abs().max().item() <= 1.5 * (plain - exact).abs().max().item() + EPS32 * scale
 
 
+def test_grouped_mxfp4_equals_its_plain_twin():
+    """The batched decode step's expert kernel: up to 64 tokens, each routed to 4 distinct experts."""
+    from inference import kernels, mxfp4
+    g = torch.Generator().manual_seed(3)
+    for E, N, K in ((4, 256, 128), (32, 5760, 2880), (32, 2880, 2880)):
+        w = torch.randn(E, N, K, generator=g) * 0.02
+        blocks, scales = (t.to(CUDA) for t in mxfp4.pack(w))
+        for tokens in (2, 5, 16, 64, 300):   # 300: a prefill chunk, an expert's rows in several blocks
+            k = min(4, E)
+            experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)]).flatten().to(CUDA)
+            x = torch.randn(tokens * k, K, generator=g).to(CUDA, torch.bfloat16)
+            fused = kernels.mxfp4_grouped(x, blocks, scales, experts, tokens).double()
+
+            def reference(rows, codes):   # float64, a few rows at a time (a 20b expert decodes to 130 MB in fp64)
+                return torch.cat([kernels.mxfp4_matvec_reference(rows[i:i + 4], codes, scales, experts[i:i + 4])
+                                  for i in range(0, len(rows), 4)])
+
+            exact = reference(x.double(), blocks)
+            # bf16 inputs and decoded weights are exact; fp32 accumulation, then one rounding to bf16
+            magnitudes = reference(x.double().abs(), blocks & 0x77)
+            bound = K * EPS32 * magnitudes + torch.finfo(torch.bfloat16).eps * exact.abs()
+            assert ((fused - exact).abs() <= bound).all(), (E, N, K, tokens)
+
+
 def test_cuda_graph_decoding_equals_eager_decoding(tiny_model_dir, adapter_dir):
-    ours = runtime.load(tiny_model_dir, torch.float32, CUDA)
+    """Batched decode steps replayed as CUDA graphs (bf16, the serving dtype: the grouped MXFP4 kernel) give exactly
+    the eager steps' tokens, for the base, an adapter and seeded sampling in one batch."""
+    ours = runtime.load(tiny_model_dir, torch.bfloat16, CUDA)
     adapters.attach(ours, "a", adapters.read_adapter(adapter_dir, ours))
-    prompt = harmony.render_prompt([{"role": "user", "content": "Tell me about lighthouses."}], None,
-                                   harmony.HarmonyOptions("low"))
-    for adapter, temperature in ((None, 0.0), ("a", 0.0), ("a", 1.0)):
-        runs = [list(stream_tokens(ours, prompt, 100, set(), temperature, seed=7, adapter=adapter, cuda_graph=graph))
-                for graph in (False, True)]
-        assert len(runs[0]) == 100 and runs[0] == runs[1], (adapter, temperature)
+    prompts = [harmony.render_prompt([{"role": "user", "content": q}], None, harmony.HarmonyOptions("low"))
+               for q in ("Tell me about lighthouses.", "Two?", "A longer question about the sea and its tides.")]
+    cases = [(p, adapter, t) for p in prompts for adapter, t in ((0, 0.0), (1, 0.0), (1, 1.0))]
+    runs = []
+    for graphs in (False, True):
+        s = scheduler(ours, graphs, slots=16)
+        requests = s.submit_many([(p, 100, frozenset(), t, 1.0, 7, a) for p, a, t in cases])   # one first step
+        runs.append([list(r.tokens()) for r in requests])
+        if graphs:
+            assert s.stepper.graph_count > 0
+    assert all(len(r) == 100 for r in runs[0]) and runs[0] == runs[1]
 
 
 def test_concurrent_streams_with_cuda_graphs_match_one_at_a_time(tiny_model_dir):
-    """The server's situation: threads stream at once, each capturing its own graph under one shared lock."""
+    """The server's situation: threads stream at once into one batch (fp32, so that the batch's composition cannot
+    move the tokens by rounding; graphs forced on, with few enough rows for the gathered expert path)."""
     import threading
     ours = runtime.load(tiny_model_dir, torch.float32, CUDA)
-    lock = threading.Lock()
+    s = scheduler(ours, True, slots=2)
     prompts = [harmony.render_prompt([{"role": "user", "content": q}], None, harmony.HarmonyOptions("low"))
                for q in ("One?", "Two, please.", "Three!")]
-    alone = [list(stream_tokens(ours, p, 60, set(), lock=lock)) for p in prompts]
+    alone = [generate(s, p, 60) for p in prompts]
     together: dict[int, list[int]] = {}
 
     def run(i):
-        together[i] = list(stream_tokens(ours, prompts[i], 60, set(), lock=lock))
+        together[i] = generate(s, prompts[i], 60)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -143,3 +186,4 @@ def test_concurrent_streams_with_cuda_graphs_match_one_at_a_time(tiny_model_dir)
     for t in threads:
         t.join()
     assert [together.get(i) for i in range(len(prompts))] == alone and len(alone[0]) == 60
+    assert s.stepper.graph_count > 0

@@ -7,12 +7,17 @@ model's name) with its MXFP4 experts kept packed, plus any number of PEFT adapte
 adapter's name; its experts are then held dense, which costs about four times the packed memory.
 
 Streams yield :class:`Delta` events as tokens arrive and end with exactly one :class:`Completion`. Closing the
-generator early (``gen.close()``, or dropping it) stops generation and frees its KV cache. Generation steps of
-concurrent streams interleave under one lock, so one Engine may serve several threads.
+generator early (``gen.close()``, or dropping it) stops generation and gives its KV memory back. All streams, of
+any threads, are generated together by one :class:`~inference.engine.scheduler.Scheduler` (continuous batching:
+a request joins the running batch at the next step; each sequence keeps its own adapter, sampling and stop rules).
+``max_batch`` caps the sequences generated at once, ``kv_memory`` the bytes of KV cache, ``max_queue`` the requests
+that may wait for a slot (beyond it, :class:`Overloaded`). :meth:`Engine.generate` completes many prompts at once
+(evaluation, export checks).
 
 Errors a caller can cause are :class:`inference.errors.UserError` subclasses: bad messages
 (``inference.conversations.MessageError``), :class:`UnknownModel`, :class:`PromptTooLong`, :class:`BadParameter`,
-raised before any token is computed.
+:class:`TooLarge` (more KV memory than the engine has), raised before any token is computed, and
+:class:`Overloaded` (the waiting queue is full).
 
     engine = Engine.load("tiny-gpt-oss")
     reply = engine.chat([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=64)
@@ -21,14 +26,20 @@ raised before any token is computed.
 
 from __future__ import annotations
 
-import threading
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from inference import harmony
+from inference.engine.scheduler import Overloaded, Scheduler, TooLarge
 from inference.errors import UserError
+
+__all__ = ["BadParameter", "Completion", "Delta", "Engine", "Overloaded", "PromptTooLong", "SamplingParams",
+           "TooLarge", "UnknownModel"]
+
+CPU_KV_MEMORY = 1 << 30   # bytes of KV cache on the CPU unless told otherwise
+CUDA_KV_SHARE = 0.5       # on CUDA: this share of the memory free after loading, unless told otherwise
 
 
 class UnknownModel(UserError):
@@ -88,13 +99,54 @@ class Completion:
 class Engine:
     """A loaded model with its adapters; see the module docstring."""
 
-    def __init__(self, model, base_id: str, context_length: int | None = None):
+    def __init__(self, model, base_id: str, context_length: int | None = None, max_batch: int | None = None,
+                 kv_memory: int | None = None, max_queue: int = 256):
         self.model = model                          # inference.runtime.GptOss
         self.base_id = base_id
         self.context_length = min(context_length or model.context_length, model.context_length)
-        self._lock = threading.Lock()               # one forward step at a time; streams interleave per token
-        self._stop_ids = set(harmony.stop_token_ids())
+        cuda = model.embed.device.type == "cuda"
+        self.max_batch = max_batch or (64 if cuda else 8)
+        self.kv_memory, self.max_queue = kv_memory, max_queue
+        for name, value in (("max_batch", self.max_batch), ("max_queue", max_queue)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+        self._scheduler: Scheduler | None = None
+        self._stop_ids = frozenset(harmony.stop_token_ids())
         self._call_id = harmony.encoding().encode("<|call|>", allowed_special="all")[0]
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """Built at first use: its KV memory is sized from what is free then."""
+        if self._scheduler is None:
+            from inference.engine.cache import page_bytes, slot_bytes
+            budget = self.kv_memory
+            if budget is None:
+                if self.model.embed.device.type == "cuda":
+                    import torch
+                    budget = int(torch.cuda.mem_get_info(self.model.embed.device)[0] * CUDA_KV_SHARE)
+                else:
+                    budget = CPU_KV_MEMORY
+            per_seq = -(-self.context_length // 64)
+            pages = (budget - self.max_batch * slot_bytes(self.model)) // max(page_bytes(self.model), 1)
+            pages = min(pages, self.max_batch * per_seq)
+            if pages < 1:
+                raise UserError(f"kv_memory {budget} bytes cannot hold {self.max_batch} sequences' sliding-window "
+                                "caches; lower max_batch or raise kv_memory")
+            cuda = self.model.embed.device.type == "cuda"
+            self._scheduler = Scheduler(self.model, tuple(self.model.adapters), self.max_batch, int(pages),
+                                        self.context_length, self.max_queue, 2048 if cuda else 512)
+        return self._scheduler
+
+    def stats(self) -> dict:
+        """Running and waiting requests, tokens/s, KV pages (all zero before the first generation)."""
+        if self._scheduler is None:
+            return {"running": 0, "waiting": 0, "tokens_per_second": 0.0, "max_running": self.max_batch}
+        return self._scheduler.stats()
+
+    def close(self) -> None:
+        """Cancel every generation in flight and stop the scheduler's worker (a server calls it on shutdown)."""
+        if self._scheduler is not None:
+            self._scheduler.close()
 
     @property
     def adapter_ids(self) -> list[str]:
@@ -106,11 +158,13 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | Path, adapters: dict[str, str | Path] | None = None, merge: bool = False,
-             dtype=None, device=None, name: str | None = None, context_length: int | None = None) -> "Engine":
+             dtype=None, device=None, name: str | None = None, context_length: int | None = None,
+             **limits) -> "Engine":
         """Load ``model`` (directory, ``tiny-gpt-oss[@seed]`` or a hub id already in the local cache) and adapters.
 
         ``dtype``/``device`` default to bf16 on CUDA, else fp32 on CPU. ``name`` is the base model's id (default:
         the name given, or the directory's name). ``context_length`` caps the window below the model's own.
+        ``limits``: ``max_batch``, ``kv_memory`` (bytes), ``max_queue`` (see the module docstring).
         """
         from inference import adapters as lora
         from inference import runtime
@@ -134,7 +188,7 @@ class Engine:
         else:
             for adapter_name, adapter in read.items():
                 lora.attach(rt, adapter_name, adapter)
-        return cls(rt, base_id, context_length)
+        return cls(rt, base_id, context_length, **limits)
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     reasoning_effort: str | None = None) -> list[int]:
@@ -146,6 +200,11 @@ class Engine:
         specs = normalize_tools(tools, "tools")
         options = harmony.HarmonyOptions(reasoning_effort=reasoning_effort or "medium")
         return harmony.render_prompt(msgs, specs, options)
+
+    def adapter_index(self, model: str | None) -> int:
+        """A model id as the scheduler's adapter index (0: the base)."""
+        adapter = self.adapter_for(model)
+        return 0 if adapter is None else self.model.adapters.index(adapter) + 1
 
     def adapter_for(self, model: str | None) -> str | None:
         """The runtime adapter behind a model id (None for the base); UnknownModel for an id that is not loaded."""
@@ -190,15 +249,20 @@ class Engine:
 
     def _run(self, prompt: list[int], params: SamplingParams, adapter: str | None, max_new: int,
              cancelled: Callable[[], bool] | None) -> Iterator[Delta | Completion]:
-        from inference.generate import stream_tokens
+        index = 0 if adapter is None else self.model.adapters.index(adapter) + 1
+        request = self.scheduler.submit(prompt, max_new, self._stop_ids, params.temperature, params.top_p,
+                                        params.seed, index)
+        return self._events(request, prompt, params, cancelled)
+
+    def _events(self, request, prompt: list[int], params: SamplingParams,
+                cancelled: Callable[[], bool] | None) -> Iterator[Delta | Completion]:
         parser = harmony.ReplyStream()
         content = _StopText(params.stop)
         reasoning: list[str] = []
         calls: list[dict] = []
         tokens: list[int] = []
         finish = "length"
-        gen = stream_tokens(self.model, prompt, max_new, self._stop_ids, params.temperature, params.top_p,
-                            params.seed, adapter, self._lock)
+        gen = request.tokens()
         try:
             for token in gen:
                 tokens.append(token)
@@ -228,12 +292,33 @@ class Engine:
                 if token in self._stop_ids:
                     finish = "tool_calls" if token == self._call_id and calls else "stop"
         finally:
-            gen.close()     # frees the KV cache now, also when our consumer stopped early
+            gen.close()     # cancels the request: its slot and KV memory come back at the next step
         rest = content.flush()
         if rest:
             yield Delta("content", rest)
         yield Completion("".join(reasoning) or None, content.text or None, calls, finish, len(prompt), len(tokens),
                          tokens)
+
+    def generate(self, prompts: list[list[int]], max_new: int, model: str | None = None,
+                 params: SamplingParams = SamplingParams(temperature=0), on_done=None) -> list[list[int]]:
+        """Token ids generated for each prompt (a stop token included when reached), all submitted at once and
+        generated together; a prompt that leaves no room gets ``[]``. ``on_done()`` is called as each finishes."""
+        index = self.adapter_index(model)
+        rooms = [min(max_new, self.context_length - len(p)) for p in prompts]
+        queued = iter(self.scheduler.submit_many([(p, room, self._stop_ids, params.temperature, params.top_p,
+                                                   params.seed, index) for p, room in zip(prompts, rooms) if room > 0]))
+        requests = [next(queued) if room > 0 else None for room in rooms]
+        out = []
+        try:
+            for r in requests:
+                out.append(list(r.tokens()) if r is not None else [])
+                if on_done is not None:
+                    on_done()
+        finally:
+            for r in requests:
+                if r is not None:
+                    r.cancel()
+        return out
 
     def complete(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
                  model: str | None = None) -> Completion:

@@ -1,0 +1,277 @@
+"""Continuous batching: requests join the running batch at any step and leave it as soon as they end.
+
+:class:`Scheduler` owns the KV memory (:class:`~inference.engine.cache.SlotCache`) and a worker thread that runs
+while there is work. Each iteration it
+
+1. retires requests that finished or were cancelled (their slot and pages come back at once; the last live slot
+   moves into the hole, so live sequences always fill slots ``[0, n)``),
+2. admits waiting requests, oldest first, while a slot and the pages for prompt + ``max_new`` tokens are free,
+3. runs one prefill chunk: up to ``prefill_tokens`` prompt tokens over the admitted sequences still reading their
+   prompt, as one batch (a long prompt takes several iterations, so decoding sequences never wait long),
+4. runs one decode step for every sequence that is generating, and hands each its next token.
+
+A request's tokens arrive on its own queue (:meth:`Request.tokens`); closing that iterator or :meth:`Request.cancel`
+ends it at the next iteration. Submitting beyond ``max_queue`` waiting requests raises :class:`Overloaded` (a
+server answers 429). A failure inside a step is handed to every request in flight (each consumer raises it), the
+memory is cleared, and the scheduler goes on with new requests.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from inference.engine.batch import Stepper
+from inference.engine.cache import SlotCache
+from inference.engine.sampling import choose, generator
+from inference.errors import UserError
+
+_END = object()
+_SCHEDULERS: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """A worker thread still inside torch when the interpreter finalizes aborts the process ("terminate called
+    without an active exception"), so at exit every scheduler cancels its work and joins its worker."""
+    for scheduler in list(_SCHEDULERS):
+        scheduler.close()
+
+
+class Overloaded(UserError):
+    """Every slot is busy and the waiting queue is full: try again later."""
+
+
+class TooLarge(UserError):
+    """A request needs more KV memory than the scheduler has in total."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate: ``max_new`` tokens at most, ending at a stop id (which it yields)."""
+
+    prompt: list[int]
+    max_new: int
+    stop_ids: frozenset[int]
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+    adapter: int                           # 0: the base; i: the scheduler's names[i - 1]
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False
+    slot: int | None = None
+    read: int = 0                          # prompt tokens already in the cache
+    out: list[int] = field(default_factory=list)
+    finished: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def tokens(self) -> Iterator[int]:
+        """The generated ids as they come (blocking); closing it early cancels the request."""
+        try:
+            while True:
+                event = self.events.get()
+                if event is _END:
+                    return
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            self.cancel()
+
+
+class Scheduler:
+    """See the module docstring. ``names``: the adapters a request's index picks; ``max_len``: the longest
+    sequence (prompt + generated) one slot may hold."""
+
+    def __init__(self, model, names: tuple[str, ...], max_seqs: int, pages: int, max_len: int,
+                 max_queue: int = 256, prefill_tokens: int = 2048, graphs: bool | None = None):
+        self.model, self.names = model, names
+        self.cache = SlotCache(model, max_seqs, pages, max_len)
+        self.stepper = Stepper(model, self.cache, names, graphs)
+        self.max_queue, self.prefill_tokens = max_queue, prefill_tokens
+        self._lock = threading.Lock()
+        self._waiting: deque[Request] = deque()
+        self._live: list[Request] = []           # by slot: live[i].slot == i
+        self._worker: threading.Thread | None = None
+        self._recent: deque[tuple[float, int]] = deque()   # (time, tokens) of the last steps, for tokens/s
+        self._firsts: deque[tuple[float, float]] = deque()  # (time, seconds from submission to first token)
+        self.generated = 0
+        _SCHEDULERS.add(self)
+
+    # ------------------------------------------------------------------ what callers use
+
+    def submit(self, prompt: list[int], max_new: int, stop_ids: frozenset[int], temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, adapter: int = 0, bounded: bool = True) -> Request:
+        """Queue a request (``bounded``: refuse with :class:`Overloaded` when ``max_queue`` are already waiting)."""
+        return self.submit_many([(prompt, max_new, stop_ids, temperature, top_p, seed, adapter)], bounded)[0]
+
+    def submit_many(self, items: list[tuple], bounded: bool = False) -> list[Request]:
+        """Queue several requests (each ``submit``'s arguments as a tuple) at once: they join the same step."""
+        requests = [self._request(*item) for item in items]
+        with self._lock:
+            if bounded and len(self._waiting) + len(requests) > self.max_queue:
+                raise Overloaded(f"the server is at capacity ({len(self._live)} generating, {len(self._waiting)} "
+                                 "waiting); retry shortly")
+            self._waiting.extend(requests)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="inference-scheduler", daemon=True)
+                self._worker.start()
+        return requests
+
+    def _request(self, prompt: list[int], max_new: int, stop_ids: frozenset[int], temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, adapter: int = 0) -> Request:
+        need = self.cache.pages_for(len(prompt) + max_new)
+        if need > self.cache.pages or len(prompt) + max_new > self.cache.max_len:
+            raise TooLarge(f"the prompt ({len(prompt)} tokens) plus up to {max_new} generated tokens need "
+                           f"{need} KV pages; this engine holds {self.cache.pages} pages of {self.cache.max_len} "
+                           "tokens per sequence at most (raise the KV memory or lower max_tokens)")
+        rng = generator(seed, self.model.embed.device) if temperature > 0 else None
+        return Request(list(prompt), max_new, frozenset(stop_ids), temperature, top_p, rng, adapter)
+
+    def stats(self) -> dict:
+        """Running and waiting requests, generated tokens per second and time to first token (p50, p95: from
+        submission to the first token chosen) over the last 10 s, free KV pages."""
+        now = time.perf_counter()
+        with self._lock:
+            recent = [(t, n) for t, n in self._recent if now - t <= 10.0]
+            firsts = sorted(s for t, s in self._firsts if now - t <= 10.0)
+            running, waiting = len(self._live), len(self._waiting)
+        rate = sum(n for _, n in recent) / 10.0 if recent else 0.0
+        ttft = {}
+        if firsts:
+            ttft = {"ttft_p50_s": round(firsts[len(firsts) // 2], 4),
+                    "ttft_p95_s": round(firsts[min(len(firsts) - 1, int(0.95 * len(firsts)))], 4)}
+        return {**ttft, "running": running, "waiting": waiting, "tokens_per_second": round(rate, 1),
+                "max_running": self.cache.slots, "kv_pages_free": self.cache.free_pages,
+                "kv_pages": self.cache.pages, "generated_tokens": self.generated}
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._live and not self._waiting and self._worker is None
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel everything and wait for the worker to stop."""
+        with self._lock:
+            for r in [*self._live, *self._waiting]:
+                r.cancel()
+            worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
+
+    # ------------------------------------------------------------------ the worker
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._live and not self._waiting:
+                    self._worker = None
+                    return
+            try:
+                self._step()
+            except BaseException as exc:   # noqa: BLE001 - handed to every consumer; the worker must not die silently
+                self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            victims = [*self._live, *self._waiting]
+            self._live, self._waiting = [], deque()
+        for r in victims:
+            r.events.put(exc)
+        for slot in range(self.cache.slots):
+            self.cache.release(slot)
+
+    def _step(self) -> None:
+        self._retire()
+        self._admit()
+        self._prefill()
+        self._decode()
+        self._retire()
+
+    def _retire(self) -> None:
+        with self._lock:
+            for r in [r for r in self._live if r.finished or r.cancelled]:
+                if not r.finished:
+                    r.finished = True
+                    r.events.put(_END)
+                slot, last = r.slot, len(self._live) - 1
+                self.cache.release(slot)
+                if slot != last:                 # keep live slots contiguous: the last one fills the hole
+                    moved = self._live[last]
+                    self.cache.move(last, slot)
+                    moved.slot = slot
+                    self._live[slot] = moved
+                self._live.pop()
+            for r in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(r)
+                r.events.put(_END)
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and len(self._live) < self.cache.slots:
+                r = self._waiting[0]
+                if self.cache.pages_for(len(r.prompt) + r.max_new) > self.cache.free_pages:
+                    break                        # oldest first: it waits for pages rather than being overtaken
+                self._waiting.popleft()
+                r.slot = len(self._live)
+                self.cache.allocate(r.slot, len(r.prompt) + r.max_new)
+                self._live.append(r)
+
+    def _prefill(self) -> None:
+        budget, rows = self.prefill_tokens, []
+        for r in self._live:
+            if r.read < len(r.prompt) and budget > 0 and not r.cancelled:
+                take = min(len(r.prompt) - r.read, budget)
+                rows.append((r, r.prompt[r.read:r.read + take]))
+                budget -= take
+        if not rows:
+            return
+        logits = self.stepper.prefill([r.slot for r, _ in rows], [c for _, c in rows], [r.adapter for r, _ in rows],
+                                      [r.read + len(c) for r, c in rows])
+        for r, chunk in rows:
+            r.read += len(chunk)
+        done = [i for i, (r, _) in enumerate(rows) if r.read == len(r.prompt)]
+        if done:
+            self._emit([rows[i][0] for i in done], logits[done])
+
+    def _decode(self) -> None:
+        live = list(self._live)
+        active = [r.read == len(r.prompt) and r.out and not r.finished and not r.cancelled for r in live]
+        if not any(active):
+            return
+        tokens = [r.out[-1] if a else None for r, a in zip(live, active)]
+        pages = max(self.cache.pages_for(len(r.prompt) + len(r.out)) for r, a in zip(live, active) if a)
+        logits = self.stepper.decode(tokens, [r.adapter for r in live], pages)
+        chosen = [i for i, a in enumerate(active) if a]
+        self._emit([live[i] for i in chosen], logits[chosen])
+
+    def _emit(self, requests: list[Request], logits: torch.Tensor) -> None:
+        """Choose each request's next token from its row of ``logits``, hand it over, and mark finished ones."""
+        tokens = choose(logits, [r.temperature for r in requests], [r.top_p for r in requests],
+                        [r.generator for r in requests])
+        now = time.perf_counter()
+        for r, token in zip(requests, tokens):
+            if not r.out:
+                self._firsts.append((now, now - r.submitted))
+            r.out.append(token)
+            r.events.put(token)
+            if token in r.stop_ids or len(r.out) >= r.max_new:
+                r.finished = True
+                r.events.put(_END)
+        self.generated += len(tokens)
+        now = time.perf_counter()
+        with self._lock:
+            self._recent.append((now, len(tokens)))
+            for window in (self._recent, self._firsts):
+                while window and now - window[0][0] > 10.0:
+                    window.popleft()

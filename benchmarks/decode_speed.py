@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from inference.generate import stream_tokens
+    from inference.engine.scheduler import Scheduler
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
@@ -88,8 +88,10 @@ def main() -> None:
                               do_sample=False, pad_token_id=199999)
         assert out.shape[1] == ids.shape[1] + n
 
+    sched = Scheduler(ours, (), max_seqs=1, pages=-(-(args.prompt_tokens + n) // 64), max_len=args.prompt_tokens + n)
+
     def run_ours():
-        assert len(list(stream_tokens(ours, prompt, n, set()))) == n
+        assert len(list(sched.submit(prompt, n, frozenset()).tokens())) == n
 
     for fn in (run_hf, run_ours):   # warm-up: allocator, kernels, lazy imports
         fn()

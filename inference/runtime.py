@@ -75,6 +75,7 @@ def _lora_blocks(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: torch
     2,048-token gpt-oss-20b prefill) and no host synchronisation."""
     G, r, fin = a.shape
     low = (x @ a.reshape(-1, fin).T).view(x.shape[0], G, r)                          # (rows, G, r)
+    # a one-hot by comparison: F.one_hot checks its indices on the host, which a CUDA graph cannot capture
     keep = (block[:, None] == torch.arange(G, device=x.device)[None, :]).to(low.dtype)   # (rows, G)
     return (low * keep[:, :, None]).reshape(x.shape[0], -1) @ b.reshape(-1, b.shape[-1])
 
@@ -101,7 +102,7 @@ class Linear(torch.nn.Module):
         return y
 
     def _stack(self, names: tuple[str, ...]):
-        """``A ((n+1) r, in)`` and ``scale * B ((n+1) r, out)`` of adapters ``names`` (block 0: the base, zeros);
+        """``A (n+1, r, in)`` and ``scale * B (n+1, r, out)`` of adapters ``names`` (block 0: the base, zeros);
         None when none of them adapts this layer. Built once per set of names."""
         if names not in self._stacks:
             loras = [self.loras.get(n) for n in names]
@@ -112,22 +113,16 @@ class Linear(torch.nn.Module):
                 out_f, in_f = self.weight.shape
                 a = _stack_rows([lo.A if lo else None for lo in loras], (r, in_f), self.weight)
                 b = _stack_rows([(lo.B * lo.scale).T if lo else None for lo in loras], (r, out_f), self.weight)
-                self._stacks[names] = (a.reshape(-1, in_f), b.reshape(-1, out_f))
+                self._stacks[names] = (a, b)
         return self._stacks[names]
 
     def _rows(self, x: torch.Tensor, y: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
-        """Each row's own LoRA: ``x`` times every adapter's A at once (a thin matmul), the other adapters' parts
-        zeroed by a one-hot mask, then times the stacked B: two dense matmuls whatever the mix, no host sync."""
+        """Each row's own LoRA (:func:`_lora_blocks` over the stacked adapters)."""
         stack = self._stack(rows.names)
         if stack is None:
             return y
-        a, b = stack
-        n = len(rows.names) + 1
         flat = x.reshape(-1, x.shape[-1])                                           # (N, in)
-        low = (flat @ a.T).view(flat.shape[0], n, -1)                               # (N, n+1, r)
-        # a one-hot by comparison: F.one_hot checks its indices on the host, which a CUDA graph cannot capture
-        keep = (rows.flat()[:, None] == torch.arange(n, device=x.device)).to(low.dtype)[:, :, None]   # (N, n+1, 1)
-        return y + ((low * keep).reshape(flat.shape[0], -1) @ b).view_as(y)
+        return y + _lora_blocks(flat, *stack, rows.flat()).view_as(y)
 
     def effective_weight(self, adapter: str | None) -> torch.Tensor:
         """The weight this layer applies for ``adapter``, merged (for losses that take the weight itself)."""
@@ -178,10 +173,7 @@ class Experts(torch.nn.Module):
             stacks, index = lora
             if proj in stacks:
                 a, b = stacks[proj]                                                   # (n+1, E, r, in/out)
-                n = a.shape[0]
-                low = (x @ a[:, e].reshape(-1, x.shape[1]).T).view(x.shape[0], n, -1)  # (rows, n+1, r)
-                keep = (index[:, None] == torch.arange(n, device=x.device)).to(low.dtype)[:, :, None]
-                y = y + (low * keep).reshape(x.shape[0], -1) @ b[:, e].reshape(-1, b.shape[-1])
+                y = y + _lora_blocks(x, a[:, e], b[:, e], index)
         elif lora and proj in lora:
             ab = lora[proj]
             y = y + (x @ ab.A[e].T) @ ab.B[e] * ab.scale

@@ -6,17 +6,8 @@ Owns the Python API (:mod:`.api`: :class:`Engine`, its requests, deltas and erro
 harmony, conversations, errors) and torch; never the HTTP layer or ``finetune``.
 """
 
-from inference.engine.api import (
-                                  BadParameter,
-                                  Completion,
-                                  Delta,
-                                  Engine,
-                                  Overloaded,
-                                  PromptTooLong,
-                                  SamplingParams,
-                                  TooLarge,
-                                  UnknownModel,
-)
+from inference.engine.api import BadParameter, Completion, Delta, Engine, PromptTooLong, SamplingParams, UnknownModel
+from inference.engine.scheduler import Overloaded, TooLarge
 
 __all__ = ["BadParameter", "Completion", "Delta", "Engine", "Overloaded", "PromptTooLong", "SamplingParams",
            "TooLarge", "UnknownModel"]

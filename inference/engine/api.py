@@ -32,11 +32,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from inference import harmony
-from inference.engine.scheduler import Overloaded, Scheduler, TooLarge
+from inference.engine.scheduler import Scheduler
 from inference.errors import UserError
-
-__all__ = ["BadParameter", "Completion", "Delta", "Engine", "Overloaded", "PromptTooLong", "SamplingParams",
-           "TooLarge", "UnknownModel"]
 
 CPU_KV_MEMORY = 1 << 30   # bytes of KV cache on the CPU unless told otherwise
 CUDA_KV_SHARE = 0.5       # on CUDA: this share of the memory free after loading, unless told otherwise
@@ -118,7 +115,7 @@ class Engine:
     def scheduler(self) -> Scheduler:
         """Built at first use: its KV memory is sized from what is free then."""
         if self._scheduler is None:
-            from inference.engine.cache import page_bytes, slot_bytes
+            from inference.engine.cache import PAGE, page_bytes, slot_bytes
             budget = self.kv_memory
             if budget is None:
                 if self.model.embed.device.type == "cuda":
@@ -126,7 +123,7 @@ class Engine:
                     budget = int(torch.cuda.mem_get_info(self.model.embed.device)[0] * CUDA_KV_SHARE)
                 else:
                     budget = CPU_KV_MEMORY
-            per_seq = -(-self.context_length // 64)
+            per_seq = -(-self.context_length // PAGE)
             pages = (budget - self.max_batch * slot_bytes(self.model)) // max(page_bytes(self.model), 1)
             pages = min(pages, self.max_batch * per_seq)
             if pages < 1:

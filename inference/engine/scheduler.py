@@ -36,14 +36,20 @@ from inference.errors import UserError
 
 _END = object()
 _SCHEDULERS: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+_WORKERS: list[threading.Thread] = []    # strong references: a worker may outlive its scheduler's last other owner
 
 
 @atexit.register
 def _stop_all() -> None:
     """A worker thread still inside torch when the interpreter finalizes aborts the process ("terminate called
-    without an active exception"), so at exit every scheduler cancels its work and joins its worker."""
+    without an active exception"), so at exit every scheduler cancels its work and every worker thread is joined.
+    The threads are joined themselves, not through their schedulers: when the caller has dropped the engine, the
+    worker holds the scheduler's last reference, and freeing it (and its KV tensors) is the thread's very last act,
+    after the scheduler has already forgotten the thread."""
     for scheduler in list(_SCHEDULERS):
-        scheduler.close()
+        scheduler.close(timeout=0)   # cancel all first, so the joins below are short
+    for worker in list(_WORKERS):
+        worker.join(30.0)
 
 
 class Overloaded(UserError):
@@ -126,6 +132,8 @@ class Scheduler:
             self._waiting.extend(requests)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._loop, name="inference-scheduler", daemon=True)
+                _WORKERS[:] = [w for w in _WORKERS if w.is_alive()]
+                _WORKERS.append(self._worker)
                 self._worker.start()
         return requests
 

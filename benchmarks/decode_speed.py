@@ -1,17 +1,21 @@
 """Decode speed: our runtime (MXFP4 experts packed, KV cache) vs transformers' ``generate``, same model, same run.
 
-Both decode greedily the same number of new tokens (stop tokens ignored) after the same prompt; the script prints
-tokens/s for each and the ratio. The model is the embedded tiny gpt-oss (default) or, with ``--shape 20b``, random
-weights with gpt-oss-20b's real dimensions (``--layers`` of them, to fit the time); transformers then holds the
-experts dequantized in the compute dtype, which is what it does without the hub's MXFP4 kernels.
+Both decode greedily the same number of new tokens (stop tokens ignored) after prompts of the same length, for each
+of ``--batch-sizes`` (transformers: one ``generate`` call on the batch; ours: that many requests submitted together
+to the continuous-batching scheduler); the script prints the total tokens/s of each and the ratio. The model is
+the embedded tiny gpt-oss (default) or, with ``--shape 20b``, random weights with gpt-oss-20b's real dimensions
+(``--layers`` of them, to fit the time); transformers then holds the experts dequantized in the compute dtype, which
+is what it does without the hub's MXFP4 kernels.
 
     python benchmarks/decode_speed.py                       # tiny model, CPU
     python benchmarks/decode_speed.py --device cuda --shape 20b --layers 4
+    python benchmarks/decode_speed.py --device cuda --shape 20b --layers 24 --batch-sizes 1,16,64 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -72,39 +76,53 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-sizes", default="1", help="comma-separated numbers of sequences decoded together")
+    ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
     from inference.engine.scheduler import Scheduler
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     hf, ours = build(args, dtype, device)
-    prompt = torch.randint(0, 199_000, (1, args.prompt_tokens)).tolist()[0]
-    ids = torch.tensor([prompt], device=device)
-    n = args.new_tokens
-
-    def run_hf():
-        with torch.inference_mode():
-            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=199999)
-        assert out.shape[1] == ids.shape[1] + n
-
-    sched = Scheduler(ours, (), max_seqs=1, pages=-(-(args.prompt_tokens + n) // 64), max_len=args.prompt_tokens + n)
-
-    def run_ours():
-        assert len(list(sched.submit(prompt, n, frozenset()).tokens())) == n
-
-    for fn in (run_hf, run_ours):   # warm-up: allocator, kernels, lazy imports
-        fn()
-    t_hf = min(timed(run_hf, device) for _ in range(args.repeats))
-    t_ours = min(timed(run_ours, device) for _ in range(args.repeats))
+    n, length = args.new_tokens, args.prompt_tokens + args.new_tokens
+    sched = Scheduler(ours, (), max_seqs=max(sizes), pages=max(sizes) * -(-length // 64), max_len=length)
     name = "tiny gpt-oss" if args.shape == "tiny" else f"gpt-oss-20b shapes, {args.layers} layers, random weights"
-    print(f"decode, {name}, {device.type} {str(dtype).removeprefix('torch.')}, prompt {args.prompt_tokens} tokens, "
-          f"{n} new tokens, best of {args.repeats}")
-    print(f"  transformers generate : {n / t_hf:8.1f} tokens/s")
-    print(f"  inference runtime     : {n / t_ours:8.1f} tokens/s")
-    print(f"  ratio (ours / transformers): {t_hf / t_ours:.2f}x")
-    print(f"  weights held: ours {ours.nbytes() / 2**20:.0f} MiB, transformers "
-          f"{sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**20:.0f} MiB")
+    print(f"decode, {name}, {device.type} {str(dtype).removeprefix('torch.')}, prompts of {args.prompt_tokens} tokens, "
+          f"{n} new tokens each, best of {args.repeats}")
+    rows = []
+    for size in sizes:
+        prompts = torch.randint(0, 199_000, (size, args.prompt_tokens))
+        ids = prompts.to(device)
+
+        def run_hf():
+            with torch.inference_mode():
+                out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=199999)
+            assert out.shape[1] == ids.shape[1] + n
+
+        def run_ours():
+            requests = sched.submit_many([(p, n, frozenset()) for p in prompts.tolist()])
+            assert all(len(list(r.tokens())) == n for r in requests)
+
+        for fn in (run_hf, run_ours):   # warm-up: allocator, kernels, CUDA graphs, lazy imports
+            fn()
+        t_hf = min(timed(run_hf, device) for _ in range(args.repeats))
+        t_ours = min(timed(run_ours, device) for _ in range(args.repeats))
+        row = dict(batch=size, transformers_tokens_per_s=round(size * n / t_hf, 1),
+                   ours_tokens_per_s=round(size * n / t_ours, 1), ratio=round(t_hf / t_ours, 2))
+        rows.append(row)
+        print(f"  batch {size:3d}: transformers generate {row['transformers_tokens_per_s']:9.1f} tokens/s | "
+              f"inference runtime {row['ours_tokens_per_s']:9.1f} tokens/s | ratio {row['ratio']:.2f}x", flush=True)
+    held = dict(ours_mib=round(ours.nbytes() / 2**20), transformers_mib=round(
+        sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**20))
+    print(f"  weights held: ours {held['ours_mib']} MiB, transformers {held['transformers_mib']} MiB")
+    if args.json:
+        args.json.write_text(json.dumps(dict(
+            benchmark="decode_speed", shape=args.shape, layers=args.layers if args.shape == "20b" else None,
+            device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            dtype=str(dtype).removeprefix("torch."), prompt_tokens=args.prompt_tokens, new_tokens=n,
+            repeats=args.repeats, results=rows, weights_held=held), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ joins them: the eval split, the over-long policy (drop or truncate, with counts)
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from finetune.datasets import DataError, Example, dataset_fingerprint, load_examples
 from finetune.recipe import Recipe, resolve_path
@@ -42,14 +42,9 @@ class PreparedData:
 def harmony_options(recipe: Recipe, example: Example | None = None) -> harmony.HarmonyOptions:
     """The Harmony rendering options for one example: the recipe's, with the example's own reasoning effort (it wins)
     and the built-in tools it declares."""
-    h = recipe.harmony
-    options = harmony.HarmonyOptions(
-        reasoning_effort=(example.reasoning_effort if example and example.reasoning_effort else h.reasoning_effort),
-        conversation_start_date=h.conversation_start_date, knowledge_cutoff=h.knowledge_cutoff,
-        model_identity=h.model_identity,
-        required_channels=tuple(h.required_channels) if h.required_channels else None,
-        builtin_tools=tuple(h.builtin_tools), developer_instructions=h.developer_instructions,
-        tool_namespaces=tuple(h.tool_namespaces.items()))
+    options = harmony.HarmonyOptions.from_settings(recipe.harmony.model_dump())
+    if example and example.reasoning_effort:
+        options = replace(options, reasoning_effort=example.reasoning_effort)
     return options.with_builtin_tools(example.builtin_tools if example else ())
 
 

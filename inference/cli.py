@@ -19,8 +19,8 @@ EFFORTS = ("low", "medium", "high")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
                    help="HF-layout gpt-oss directory, 'tiny-gpt-oss', or a hub id already in the local cache")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -68,21 +68,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
 
     p = sub.add_parser("eval", help="evaluate on a held-out JSONL conversation dataset; writes a JSON report")
-    _model_args(p)
+    p.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="a fine-tuning run directory: its base model, adapter, held-out data, Harmony rendering, "
+                        "loss weights, trained turns and generation budget, as its own evaluation used them (any "
+                        "option given here wins)")
+    _model_args(p, required=False)
     p.add_argument("--adapter", default=None, help="a PEFT adapter directory to evaluate")
-    p.add_argument("--data", required=True, help="JSON-lines conversations (OpenAI chat or ShareGPT records)")
+    p.add_argument("--data", default=None, help="JSON-lines conversations (OpenAI chat or ShareGPT records)")
     p.add_argument("--out", default="eval_report.json", help="where to write the report (default eval_report.json)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (with --run: the run's)")
     _batch_args(p, "--batch-size", "answers generated together (default: 64 on CUDA, 8 on CPU; KV memory "
                 "permitting, the rest wait their turn)")
-    p.add_argument("--reasoning-effort", choices=EFFORTS, default="medium",
-                   help="for conversations that do not set their own")
-    p.add_argument("--loss-weights", default="final=1",
-                   help="channels whose tokens the loss counts, e.g. final=1,analysis=1 (default final=1)")
+    p.add_argument("--reasoning-effort", choices=EFFORTS, default=None,
+                   help="for conversations that do not set their own (default medium; with --run: the run's)")
+    p.add_argument("--loss-weights", default=None,
+                   help="channels whose tokens the loss counts, e.g. final=1,analysis=1 (default final=1; with "
+                        "--run: the run's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N conversations")
-    p.add_argument("--turns", choices=("all", "last"), default="all",
+    p.add_argument("--turns", choices=("all", "last"), default=None,
                    help="assistant turns scored (loss and generation): all, or each conversation's last; as the "
-                        "recipe's harmony.trained_turns (default all)")
+                        "recipe's harmony.trained_turns (default all; with --run: the run's)")
     return ap
 
 
@@ -152,6 +157,7 @@ def _load(args, adapters: dict[str, str] | None, name: str | None = None, contex
 
 def chat(args) -> None:
     """A read-eval-print loop; ``/reset`` forgets the conversation, ``/effort LEVEL`` changes reasoning effort."""
+    from inference import harmony
     from inference.engine import Completion, SamplingParams
     engine = _load(args, {"adapter": args.adapter} if args.adapter else None)
     model = engine.model_ids[-1]              # the adapter when there is one (or the merged model)
@@ -191,11 +197,12 @@ def chat(args) -> None:
             history.pop()
             print(f"error: {exc}", file=sys.stderr)
             continue
-        section = None
+        section, shown = None, False
         for ev in events:
             if isinstance(ev, Completion):
                 done = ev
                 continue
+            shown = True
             if ev.kind == "reasoning" and args.hide_reasoning:
                 continue
             label = {"reasoning": f"{dim}thinking: ", "content": f"{reset}{bold}assistant:{reset} ",
@@ -204,17 +211,43 @@ def chat(args) -> None:
                 print(("\n" if section else "") + label, end="")
                 section = ev.kind
             print((f"{ev.name} " if ev.name else "") + ev.text, end="", flush=True)
+        if done.token_ids and (not done.parsed or not shown):
+            # not Harmony (an untrained or broken model): what it wrote is all the user can look at
+            why = "is not valid Harmony" if not done.parsed else "has no Harmony channel"
+            print(("\n" if section else "") + f"{reset}(the reply {why}; its raw text:){reset}\n"
+                  + harmony.encoding().decode(done.token_ids), end="")
         print(reset + ("" if done.finish_reason != "length" else "\n(cut off: max tokens reached)"))
         if done.content or done.reasoning:   # a reply with nothing in it would make the next prompt invalid
             history.append({"role": "assistant", "content": done.content or "", "thinking": done.reasoning})
 
 
 def evaluate(args) -> None:
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
     from inference.conversations import load_jsonl_examples
-    from inference.evaluate import evaluate_examples
-    weights = _weights(args.loss_weights)
+    from inference.evaluate import evaluate_examples, run_settings
+    run = run_settings(args.run) if args.run else None
+    if run is None and not args.model:
+        raise UserError("eval needs --model (or --run RUN_DIR, which names the run's base model)")
+    if run is None and not args.data:
+        raise UserError("eval needs --data (or --run RUN_DIR, whose recipe names its held-out data)")
+    if run is not None and not args.data and not run.data:
+        raise UserError(f"--run {args.run}: the run split its held-out set from data.train (data.eval is null); "
+                        "pass --data")
+    args.model, args.adapter = args.model or (run and run.model), args.adapter or (run and run.adapter)
+    args.data = args.data or run.data
+    weights = _weights(args.loss_weights) if args.loss_weights else (run.loss_weights if run else {"final": 1.0})
+    turns = args.turns or (run.turns if run else "all")
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else (run.max_new_tokens if run else 256)
+    effort = args.reasoning_effort or (run.options.reasoning_effort if run else "medium")
+    options = replace(run.options, reasoning_effort=effort) if run else None
+    max_cases = run.max_cases if run and args.limit is None else None
+    if run is not None:
+        print(f"evaluating run {args.run}: model {args.model}, adapter {args.adapter}, data {args.data}, reasoning "
+              f"effort {effort}, loss weights {','.join(f'{k}={v:g}' for k, v in weights.items())}, turns {turns}, "
+              f"{max_new} new tokens" + (f", at most {max_cases} generations" if max_cases else ""), file=sys.stderr)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     out = Path(args.out)
@@ -224,8 +257,8 @@ def evaluate(args) -> None:
     engine = _load(args, {"adapter": args.adapter} if args.adapter else None)
     model = engine.model_ids[-1]
     with tqdm(total=len(examples), desc="evaluating", unit="conv", file=sys.stderr) as bar:
-        report = evaluate_examples(engine, examples, model, args.max_new_tokens, args.reasoning_effort, weights,
-                                   progress=bar, turns=args.turns)
+        report = evaluate_examples(engine, examples, model, max_new, effort, weights, progress=bar, turns=turns,
+                                   options=options, max_cases=max_cases)
     report = {"data": args.data, "adapter": args.adapter, **report}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -139,12 +139,17 @@ def evaluate_file(engine, path: str | Path, model: str | None = None, max_new_to
 
 def evaluate_examples(engine, examples: list, model: str | None = None, max_new_tokens: int = 256,
                       reasoning_effort: str = "medium", loss_weights: dict[str, float] | None = None,
-                      samples: int = 5, progress=None, turns: str = "all") -> dict:
-    """:func:`evaluate_file` on conversations already read (``inference.conversations.Example``)."""
+                      samples: int = 5, progress=None, turns: str = "all",
+                      options: harmony.HarmonyOptions | None = None, max_cases: int | None = None) -> dict:
+    """:func:`evaluate_file` on conversations already read (``inference.conversations.Example``). ``options``: the
+    Harmony rendering (a run's, see :func:`run_settings`; its effort replaces ``reasoning_effort``), a
+    conversation's own effort still winning; ``max_cases`` caps the generations (the recipe's
+    ``evaluation.max_examples``)."""
     weights = loss_weights or {"final": 1.0}
+    base = options or harmony.HarmonyOptions(reasoning_effort=reasoning_effort)
     loss_examples, cases, skipped = [], [], 0
     for ex in examples:
-        options = harmony.HarmonyOptions(reasoning_effort=ex.reasoning_effort or reasoning_effort)
+        options = replace(base, reasoning_effort=ex.reasoning_effort or base.reasoning_effort)
         options = options.with_builtin_tools(ex.builtin_tools)
         for rendered in harmony.render_for_training(ex.messages, ex.tools, options, weights, turns):
             if len(rendered.ids) > engine.context_length:
@@ -152,12 +157,62 @@ def evaluate_examples(engine, examples: list, model: str | None = None, max_new_
             elif any(w > 0 for w in rendered.weights):
                 loss_examples.append((rendered.ids, rendered.weights, rendered.targets))
         cases += make_cases(ex.messages, ex.tools, options, ex.source, turns)
+    cases = cases[:max_cases] if max_cases else cases
     if progress is not None:
         progress.reset(total=len(cases))
     report = evaluate(engine, loss_examples, cases, max_new_tokens, model, samples, progress)
     return {"model": model or engine.base_id, "max_new_tokens": max_new_tokens,
-            "reasoning_effort": reasoning_effort, "loss_weights": weights, "trained_turns": turns,
+            "reasoning_effort": base.reasoning_effort, "loss_weights": weights, "trained_turns": turns,
             "skipped_overlong": skipped, **report}
+
+
+@dataclass
+class RunSettings:
+    """What ``python -m inference eval --run RUN_DIR`` takes from a fine-tuning run, so that it evaluates as the
+    run's own end-of-run evaluation did."""
+
+    model: str                    # the base model directory (run.json) or the recipe's model name
+    adapter: str                  # RUN_DIR/adapter
+    data: str | None              # the recipe's data.eval (None: the run split its held-out set from data.train)
+    options: harmony.HarmonyOptions
+    loss_weights: dict[str, float]
+    turns: str
+    max_new_tokens: int
+    max_cases: int | None
+
+
+def run_settings(run_dir: str | Path) -> RunSettings:
+    """Read a run directory's ``recipe.yaml`` (the resolved recipe) and ``run.json``: one clear error when the
+    directory is not a finished run. Paths in the recipe are taken from the current directory, as the run did."""
+    import yaml
+
+    from inference.errors import UserError
+    run_dir = Path(run_dir)
+    recipe_file, adapter = run_dir / "recipe.yaml", run_dir / "adapter"
+    if not recipe_file.is_file():
+        raise UserError(f"--run {run_dir}: no recipe.yaml there; give the directory a `python -m finetune run` wrote")
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"--run {run_dir}: no final adapter ({adapter}/adapter_config.json); did the run finish?")
+    try:
+        recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (run_dir / "run.json").is_file() \
+            else {}
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise UserError(f"--run {run_dir}: cannot read the run's records ({type(exc).__name__}: {exc})") from None
+    h, ev = recipe.get("harmony") or {}, recipe.get("evaluation") or {}
+    model = info.get("model_dir") if info.get("model_dir") and Path(info["model_dir"]).is_dir() else \
+        (recipe.get("model") or {}).get("name_or_path")
+    if not model:
+        raise UserError(f"--run {run_dir}: the base model is recorded neither in run.json nor in recipe.yaml")
+    # recipe.yaml is the resolved recipe, every key written out: a missing one is not guessed
+    for section, key in (("harmony", "loss_weights"), ("harmony", "trained_turns"), ("harmony", "reasoning_effort"),
+                         ("evaluation", "max_new_tokens"), ("evaluation", "max_examples")):
+        if key not in (h if section == "harmony" else ev):
+            raise UserError(f"--run {run_dir}: recipe.yaml has no {section}.{key}; evaluate with --model, --adapter "
+                            "and --data instead")
+    return RunSettings(model=str(model), adapter=str(adapter), data=(recipe.get("data") or {}).get("eval"),
+                       options=harmony.HarmonyOptions.from_settings(h), loss_weights=h["loss_weights"],
+                       turns=h["trained_turns"], max_new_tokens=ev["max_new_tokens"], max_cases=ev["max_examples"])
 
 
 def _is_json(text: str) -> bool:

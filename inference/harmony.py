@@ -31,7 +31,7 @@ import gzip
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from inference.errors import UserError
@@ -121,6 +121,20 @@ class HarmonyOptions:
     builtin_tools: tuple[str, ...] = ()
     developer_instructions: str | None = None
     tool_namespaces: tuple[tuple[str, str], ...] = ()    # (namespace, description) pairs: hashable, ordered
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> HarmonyOptions:
+        """From a recipe's ``harmony`` section as plain data (keys that are not rendering options, such as
+        ``loss_weights``, are ignored; absent keys keep the defaults): the one place recipe keys become options."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in settings.items() if k in names}
+        if "required_channels" in kw:   # an empty list, like null, leaves the line out
+            kw["required_channels"] = tuple(kw["required_channels"]) if kw["required_channels"] else None
+        if "builtin_tools" in kw:
+            kw["builtin_tools"] = tuple(kw["builtin_tools"] or ())
+        if "tool_namespaces" in kw:
+            kw["tool_namespaces"] = tuple((kw["tool_namespaces"] or {}).items())
+        return cls(**kw)
 
     def with_builtin_tools(self, names) -> HarmonyOptions:
         """These options plus built-in tools (a record's own), in the canonical order."""

@@ -199,3 +199,25 @@ def test_serve_load_benchmark_drives_the_real_server(tmp_path):
     assert all(r["errors"] == 0 and r["requests"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
     assert rows[(2, ("base",))]["vs_1_client"] > 0 and rows[(2, ("base", "a", "b"))]["vs_base_alone"] > 0
     assert "vs 1 client" in proc.stdout
+
+
+def test_decode_speed_benchmark_compares_batches_with_transformers(tmp_path):
+    """The README's CPU command of benchmarks/decode_speed.py, shortened and with two batch sizes: both sides decode
+    each batch, and the JSON's ratio is the one the rates give."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    assert "python benchmarks/decode_speed.py --new-tokens 64" in (REPO / "README.md").read_text(encoding="utf-8")
+    out = tmp_path / "decode.json"
+    proc = subprocess.run([sys.executable, "benchmarks/decode_speed.py", "--new-tokens", "4", "--prompt-tokens", "8",
+                           "--batch-sizes", "1,3", "--repeats", "1", "--json", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["results"]] == [1, 3] and report["new_tokens"] == 4
+    for r in report["results"]:
+        assert r["transformers_tokens_per_s"] > 0 and r["ours_tokens_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_tokens_per_s"] / r["transformers_tokens_per_s"], rel=0.02)
+    assert "batch   3:" in proc.stdout

@@ -67,6 +67,11 @@ def test_chat_shows_reasoning_apart_and_keeps_going_after_commands(tiny_model_di
         assert f"assistant: {reply.content}" in proc.stdout
     if reply.finish_reason == "length":
         assert proc.stdout.count("(cut off: max tokens reached)") == 2    # both questions were answered
+    if not reply.content and not reply.reasoning and not reply.tool_calls:
+        # nothing Harmony to show: the raw text is printed with a note, not an empty line
+        from inference import harmony
+        note = "has no Harmony channel" if reply.parsed else "is not valid Harmony"
+        assert f"(the reply {note}; its raw text:)\n{harmony.encoding().decode(reply.token_ids)}" in proc.stdout
 
 
 def test_serve_answers_the_openai_client(tmp_path, tiny_model_dir):
@@ -107,6 +112,8 @@ def _free_port() -> int:
     (["eval", "--model", "{tiny}", "--data", "/nonexistent/data.jsonl"], "dataset not found"),
     (["eval", "--model", "{tiny}", "--data", "{bad}"], "bad.jsonl:2: not valid JSON"),
     (["eval", "--model", "{tiny}", "--data", "{bad}", "--loss-weights", "final=x"], "is not a number"),
+    (["eval", "--data", "{good}"], "eval needs --model (or --run RUN_DIR"),
+    (["eval", "--run", "{tmp}"], "no recipe.yaml there"),
     (["serve", "--model", "{tiny}", "--host", "0.0.0.0"], "refusing to listen on 0.0.0.0 without --api-key"),
     (["serve", "--model", "{tiny}", "--adapter", "noequals"], "expected NAME=DIR"),
     (["serve", "--model", "{tiny}", "--merge"], "--merge needs exactly one --adapter"),
@@ -115,7 +122,7 @@ def test_bad_input_is_one_error_line(tmp_path, tiny_model_dir, args, message):
     bad = tmp_path / "bad.jsonl"
     good = REPO / "data/tiny/eval.jsonl"
     bad.write_text(good.read_text(encoding="utf-8").splitlines()[0] + "\n{not json\n", encoding="utf-8")
-    args = [a.format(tiny=tiny_model_dir, bad=bad, good=good) for a in args]
+    args = [a.format(tiny=tiny_model_dir, bad=bad, good=good, tmp=tmp_path) for a in args]
     proc = run_cli("inference", *args, cwd=tmp_path)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -82,7 +82,8 @@ class Delta:
 class Completion:
     """A whole reply. ``finish_reason``: ``stop`` (end of turn, a stop string, or output Harmony cannot parse),
     ``length`` (max_tokens or the context window), ``tool_calls`` (the model called a tool and waits for its result)
-    or ``cancelled`` (the caller's ``cancelled()`` said so)."""
+    or ``cancelled`` (the caller's ``cancelled()`` said so). ``parsed`` is False when the model wrote something
+    Harmony cannot parse (what came before it is kept; ``token_ids`` hold all of it)."""
 
     reasoning: str | None
     content: str | None
@@ -91,6 +92,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    parsed: bool = True
 
 
 class Engine:
@@ -294,7 +296,7 @@ class Engine:
         if rest:
             yield Delta("content", rest)
         yield Completion("".join(reasoning) or None, content.text or None, calls, finish, len(prompt), len(tokens),
-                         tokens)
+                         tokens, not parser.broken)
 
     def generate(self, prompts: list[list[int]], max_new: int, model: str | None = None,
                  params: SamplingParams = SamplingParams(temperature=0), on_done=None) -> list[list[int]]:

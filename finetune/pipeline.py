@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import owned
 from finetune.recipe import Recipe, dump_recipe, flatten, recipe_to_dict, resolve_path
 from inference.errors import UserError
 
@@ -179,16 +180,27 @@ def check_run_dir(recipe: Recipe, resume: bool) -> tuple[Path, dict]:
             what = "already holds a run" if info_path.is_file() else "is not empty"
             raise UserError(f"output.dir: {run_dir} {what}; pass --resume to continue a run, "
                             "output.overwrite=true to replace it, or choose another output.dir")
-        if not info_path.is_file() and not (run_dir / "recipe.yaml").is_file():
-            raise UserError(f"output.dir: {run_dir} is not empty and is not a run directory; refusing to delete it")
+        mark = owned.marker(run_dir)
+        if mark is None or mark.get("kind") != "run":
+            raise UserError(f"output.dir: {run_dir} is not empty and is not a run directory this tool created (no "
+                            f"{owned.MARKER}); refusing to delete anything in it")
     return run_dir, {}
 
 
-def create_run_dir(run_dir: Path, resume: bool) -> None:
+def create_run_dir(run_dir: Path, resume: bool, echo=print) -> None:
+    """Create the run directory, or (``output.overwrite``, allowed by :func:`check_run_dir`) remove what an earlier
+    run wrote there and nothing else; claimed as ours either way (:mod:`finetune.owned`)."""
     try:
-        if not resume and run_dir.exists():
-            shutil.rmtree(run_dir)  # check_run_dir allowed it: an earlier run, with output.overwrite=true
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:   # check_run_dir found this run's run.json and recipe: a run from before markers is ours too
+            if owned.marker(run_dir) is None:
+                owned.claim(run_dir, "run", owned.RUN_ENTRIES)
+            return
+        if run_dir.exists() and any(run_dir.iterdir()):
+            left = owned.clear(run_dir, "run")
+            if left:
+                echo(f"output.overwrite: removed the earlier run in {run_dir}; kept what it did not write: "
+                     f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
+        owned.claim(run_dir, "run", owned.RUN_ENTRIES)
     except OSError as exc:
         raise UserError(f"output.dir: cannot create {run_dir} ({exc.strerror})") from None
 
@@ -257,7 +269,7 @@ def run(recipe: Recipe, resume: bool = False, echo=print, log_lines: bool | None
     plan = _estimate(recipe, echo)
     prepared = _prepare_data(recipe, echo)
     model, tokenizer, setup = _load_model(recipe, echo, plan)
-    create_run_dir(run_dir, resume)
+    create_run_dir(run_dir, resume, echo)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     tracker, info = _start_tracking(recipe, run_dir, previous, prepared.stats, setup, parent_run_id)
     try:

@@ -232,7 +232,8 @@ class OutputConfig(_Section):
     """Where the run directory goes."""
 
     dir: str = Field("runs/default", description="run directory (relative to the current working directory)")
-    overwrite: bool = Field(False, description="replace an existing run directory")
+    overwrite: bool = Field(False, description="replace an earlier run in output.dir: removes only what a run of "
+                            "this tool wrote there (its marker lists it); other files stay")
 
     @field_validator("dir")
     @classmethod

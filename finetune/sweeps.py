@@ -14,11 +14,11 @@ import gc
 import itertools
 import json
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import owned
 from finetune.recipe import Recipe, apply_overrides, dump_recipe, flatten, recipe_to_dict, resolve_path
 from inference.errors import UserError
 
@@ -138,8 +138,10 @@ def _check_sweep_dir(sweep_dir: Path, overwrite: bool) -> None:
         if not overwrite:
             raise UserError(f"output.dir: {sweep_dir} is not empty; choose another output.dir (runs/NAME-{{n}} picks "
                             "a new one each time) or pass output.overwrite=true to replace an earlier sweep")
-        if not (sweep_dir / "sweep.json").is_file():
-            raise UserError(f"output.dir: {sweep_dir} is not empty and is not a sweep directory; refusing to delete it")
+        mark = owned.marker(sweep_dir) if sweep_dir.is_dir() else None
+        if mark is None or mark.get("kind") != "sweep":
+            raise UserError(f"output.dir: {sweep_dir} is not empty and is not a sweep directory this tool created "
+                            f"(no {owned.MARKER}); refusing to delete anything in it")
 
 
 def sweep(recipe: Recipe, axes: list[tuple[str, list[str]]], echo=print, sort: str = "eval_loss") -> SweepResult:
@@ -153,9 +155,11 @@ def sweep(recipe: Recipe, axes: list[tuple[str, list[str]]], echo=print, sort: s
                         "train_loss, wall_time_s, lora.r)")
     sweep_dir, children = plan(recipe, axes)
     _check_sweep_dir(sweep_dir, recipe.output.overwrite)
-    if sweep_dir.exists():
-        shutil.rmtree(sweep_dir)
-    sweep_dir.mkdir(parents=True)
+    if sweep_dir.exists() and any(sweep_dir.iterdir()):
+        left = owned.clear(sweep_dir, "sweep")   # what the earlier sweep wrote, its runs included; nothing else
+        if left:
+            echo(f"output.overwrite: kept what the earlier sweep did not write in {sweep_dir}: {', '.join(left[:5])}")
+    owned.claim(sweep_dir, "sweep", owned.SWEEP_ENTRIES + tuple(Path(c.recipe.output.dir).name for c in children))
     (sweep_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     t = recipe.tracking
     parent = tracking.start(t.mlflow, t.tracking_uri, t.experiment, t.run_name or f"sweep {sweep_dir.name}",

@@ -257,6 +257,19 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(cli, work):
     assert "output.dir" in msg and "not a run directory" in msg and str(work / "out" / "run1") in msg
 
 
+def test_overwrite_refuses_a_folder_that_merely_holds_a_recipe_yaml(cli, work):
+    """The data folder a user trains from, with its own recipe.yaml: not a run of this tool (no marker), so
+    output.overwrite=true must delete nothing in it."""
+    folder = work / "out" / "run1"
+    folder.mkdir(parents=True)
+    shutil.copy(work / "r.yaml", folder / "recipe.yaml")
+    shutil.copy(work / "data" / "train.jsonl", folder / "train.jsonl")
+    (folder / "run.json").write_text("{}\n")
+    (folder / "notes.txt").write_text("mine\n")
+    msg = fails_keeping(cli, work, "run", "r.yaml", "output.overwrite=true")
+    assert "not a run directory this tool created" in msg and str(folder) in msg
+
+
 def test_output_dir_is_a_file(cli, work):
     (work / "out").mkdir()
     (work / "out" / "run1").write_text("a file\n")

@@ -165,6 +165,10 @@ def check_run_dir(recipe: Recipe, resume: bool) -> tuple[Path, dict]:
             break
     if resume:
         if not info_path.is_file():
+            mark = owned.marker(run_dir) if run_dir.is_dir() else None
+            if mark is not None and mark.get("kind") == "run":   # created, then stopped before run.json
+                raise UserError(f"--resume: the run in {run_dir} stopped before it had started training (no "
+                                "run.json); start it again with output.overwrite=true")
             raise UserError(f"--resume: {run_dir} holds no run to resume")
         try:
             previous = json.loads(info_path.read_text(encoding="utf-8"))
@@ -174,6 +178,10 @@ def check_run_dir(recipe: Recipe, resume: bool) -> tuple[Path, dict]:
         saved = load_recipe(run_dir / "recipe.yaml")
         if _comparable(saved) != _comparable(recipe):
             raise UserError(f"--resume: {run_dir} holds a run with a different recipe ({run_dir / 'recipe.yaml'})")
+        if previous.get("status") == "completed" and (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+            # resuming would retrain from the last checkpoint and replace a correct adapter (and its export records)
+            raise UserError(f"--resume: {run_dir} finished (run.json: completed, adapter saved); there is nothing to "
+                            "resume. To train further, start a new run in another output.dir")
         return run_dir, previous
     if run_dir.exists() and any(run_dir.iterdir()):
         if not recipe.output.overwrite:
@@ -211,9 +219,18 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _latest_checkpoint(run_dir: Path) -> str | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+def _latest_checkpoint(run_dir: Path, echo=print) -> str | None:
+    """The newest complete checkpoint. Its trained-token count is written last, after the Trainer's own files
+    (:class:`finetune.train.TrainedTokensCheckpoint`), so a checkpoint without it was cut short by a kill while it
+    was saved: it is skipped, with a note, for the complete one before it."""
+    from finetune.train import TRAINED_TOKENS_FILE
+    found = [(int(p.name.removeprefix("checkpoint-")), p) for p in (run_dir / "checkpoints").glob("checkpoint-*")
+             if p.name.removeprefix("checkpoint-").isdigit() and p.is_dir()]
+    for _, path in sorted(found, reverse=True):
+        if (path / TRAINED_TOKENS_FILE).is_file():
+            return str(path)
+        echo(f"skipping {path}: incomplete (the run stopped while saving it)")
+    return None
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -453,7 +470,7 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     from tqdm.auto import tqdm
 
     from finetune import fastpath
-    from finetune.train import build_trainer, restore_trained_tokens
+    from finetune.train import build_trainer, checkpoint_is_final, load_final_checkpoint, restore_trained_tokens
     from inference.engine import Engine
     from inference.evaluate import evaluate
 
@@ -485,7 +502,7 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
 
     trainer = build_trainer(recipe, model, tokenizer, prepared.train, prepared.eval, run_dir, device, tracker,
                             log_lines)
-    checkpoint = _latest_checkpoint(run_dir) if resume else None
+    checkpoint = _latest_checkpoint(run_dir, echo) if resume else None
     restore_trained_tokens(trainer, checkpoint)
     if resume:
         echo(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training from the start")
@@ -493,7 +510,13 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint and checkpoint_is_final(checkpoint):
+        # the Trainer, resumed at its last step, would train one step more: the run was killed after training
+        # (saving the adapter or evaluating), so the checkpoint's adapter is the final one
+        echo(f"{checkpoint} is the run's last step: not training again, finishing from it")
+        load_final_checkpoint(trainer, checkpoint)
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     if cuda:   # measured against the estimate printed first (python -m finetune estimate)
         setup["training_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         echo(f"peak GPU memory while training: {setup['training_peak_gpu_bytes'] / 2**30:.2f} GiB "

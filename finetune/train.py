@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -84,14 +85,36 @@ class TrainedTokensCheckpoint(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            (ckpt / TRAINED_TOKENS_FILE).write_text(json.dumps({"trained_tokens": self.trainer.trained_tokens}))
+        if ckpt.is_dir():   # written last and atomically: its presence is what makes the checkpoint complete
+            tmp = ckpt / (TRAINED_TOKENS_FILE + ".tmp")
+            tmp.write_text(json.dumps({"trained_tokens": self.trainer.trained_tokens}))
+            os.replace(tmp, ckpt / TRAINED_TOKENS_FILE)
 
 
 def restore_trained_tokens(trainer, checkpoint: str | None) -> None:
     path = Path(checkpoint) / TRAINED_TOKENS_FILE if checkpoint else None
     if path is not None and path.is_file():
         trainer.trained_tokens = int(json.loads(path.read_text())["trained_tokens"])
+
+
+def checkpoint_is_final(checkpoint: str) -> bool:
+    """Whether a checkpoint was saved at the run's last optimizer step (its trainer_state.json says so)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+def load_final_checkpoint(trainer, checkpoint: str) -> None:
+    """Put a final checkpoint's adapter weights and Trainer state in place without training (see
+    :func:`checkpoint_is_final`): what ``trainer.train`` would have left at its last step."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+    weights = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(trainer.model, weights)
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise RuntimeError(f"{checkpoint}: adapter weights do not fit the model ({unexpected[:3]})")
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
 
 # Trainer log keys -> MLflow metric names. The Trainer's end-of-training summary has its own "train_loss" (the mean

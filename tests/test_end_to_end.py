@@ -290,6 +290,34 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     assert resumed.trained_tokens == full.trained_tokens > 0  # the count continued from checkpoint-3
 
 
+def test_resume_never_trains_past_the_end_and_skips_a_half_saved_checkpoint(tmp_path):
+    """Kills after training (while the adapter is saved) and during the last checkpoint's save both resume to the
+    very adapter and trained-token count of the uninterrupted run; a finished run is not resumed at all."""
+    import finetune
+    from inference.errors import UserError
+    recipe = short_recipe(tmp_path)    # constant learning rate: one step more would change the adapter
+    done = finetune.run(recipe)
+    weights = done.adapter_dir / "adapter_model.safetensors"
+    adapter, info = weights.read_bytes(), json.loads((done.run_dir / "run.json").read_text())
+    with pytest.raises(UserError, match="nothing to resume"):
+        finetune.run(recipe, resume=True)
+    assert weights.read_bytes() == adapter
+
+    def killed():
+        shutil.rmtree(done.adapter_dir)
+        (done.run_dir / "run.json").write_text(json.dumps(info | {"status": "running"}))
+
+    killed()                            # after checkpoint-6, the last step: nothing left to train
+    again = finetune.run(recipe, resume=True)
+    assert weights.read_bytes() == adapter and again.trained_tokens == done.trained_tokens > 0
+    assert max(losses(again.run_dir)) == 6
+    killed()                            # during checkpoint-6's save: its trained-token file, written last, is missing
+    (done.run_dir / "checkpoints/checkpoint-6/trained_tokens.json").unlink()
+    third = finetune.run(recipe, resume=True)       # from checkpoint-3, steps 4-6 replayed
+    assert weights.read_bytes() == adapter and third.trained_tokens == done.trained_tokens
+    assert losses(third.run_dir) == losses(done.run_dir)
+
+
 def test_resume_refuses_a_different_recipe(tmp_path):
     import finetune
     from inference.errors import UserError

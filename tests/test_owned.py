@@ -66,3 +66,18 @@ def test_a_sweep_clears_its_child_runs_but_not_files_inside_them_it_did_not_writ
     _earlier_run(sweep / "lr-0.1")
     left = owned.clear(sweep, "sweep")
     assert left == ["lr-0.1"] and sorted(p.name for p in (sweep / "lr-0.1").iterdir()) == ["data", "notes.txt"]
+
+
+def test_resume_of_a_run_that_stopped_before_run_json_says_what_to_do(tmp_path, monkeypatch):
+    from conftest import REPO
+
+    from finetune.pipeline import check_run_dir
+    from finetune.recipe import load_recipe
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(REPO / "recipes/tiny-cpu.yaml", [f"output.dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="holds no run to resume"):
+        check_run_dir(recipe, resume=True)
+    owned.claim(tmp_path / "run", "run", owned.RUN_ENTRIES)     # killed right after the directory was created
+    (tmp_path / "run" / "recipe.yaml").write_text("{}\n")
+    with pytest.raises(UserError, match="stopped before it had started training.*output.overwrite=true"):
+        check_run_dir(recipe, resume=True)

@@ -42,8 +42,13 @@ def build(args, dtype, device):
     config = GptOssConfig.from_dict(cfg)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    with torch.device(device):
-        hf = GptOssForCausalLM(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)   # built in the compute dtype: an fp32 copy of 24 dense layers would not fit 80 GB
+    try:
+        with torch.device(device):
+            hf = GptOssForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.02)

@@ -60,11 +60,13 @@ def mxfp4_matvec(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, ex
     grid = (n, -(-N // _BLOCK_N))
     _kernel()[grid](x.contiguous(), blocks, scales, experts.contiguous(), out, N, K,
                     blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-                    BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+                    BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=4)
     return out.to(x.dtype)
 
 
-_BLOCK_N, _BLOCK_K = 32, 256   # output rows and input features per step (K need not be a multiple: masked)
+_BLOCK_N, _BLOCK_K = 16, 256   # output rows and input features per step (K need not be a multiple: masked);
+# 16 x 256 with 4 warps was the fastest of the tiles tried at gpt-oss-20b shapes on an H100 (74/45 us for the two
+# projections of one token, 89/51 with 32 x 256)
 
 GROUPED_MAX_TOKENS = 4096   # a prefill chunk's tokens at most (the table of rows per expert is E x tokens)
 
@@ -96,16 +98,23 @@ def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, e
     if tokens > GROUPED_MAX_TOKENS:
         raise ValueError(f"mxfp4_grouped takes at most {GROUPED_MAX_TOKENS} tokens, got {tokens}")
     block_m = min(64, max(16, 1 << (tokens - 1).bit_length()))
+    # Up to 16 rows per expert block: decoding the weights is the cost, so each 32-value group is multiplied
+    # unscaled and its scale applied once to the (M, N) partial (per_group). More rows: one dot per K tile with the
+    # scales applied per weight, so each decoded tile serves up to 64 rows. Measured at gpt-oss-20b shapes on an
+    # H100 (benchmarks/results/serve_load-20b-h100-2026-12-06.json and the README): per_group for up to 64 tokens
+    # won the kernel benchmark with routing spread evenly (416 vs 620 us for gate_up at 64 tokens) but lost end to
+    # end (64 sequences: 1,625 vs 3,170 tokens/s in benchmarks/decode_speed.py), most likely because real routing
+    # gives some experts many rows and per_group decodes the weights again for every 16 of them (not profiled).
+    per_group = block_m == 16
+    block_n, block_k, warps = (128, 32, 4) if per_group else (64, 64, 8)
     table, counts = expert_rows(experts, E, tokens)
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
-    grid = (E, -(-N // _GROUPED_N))
+    grid = (E, -(-N // block_n))
     _grouped_kernel()[grid](x.contiguous(), blocks, scales, table, counts, out, N, K, tokens,
                             blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-                            BLOCK_M=block_m, BLOCK_N=_GROUPED_N, BLOCK_K=_GROUPED_K, num_warps=4)
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PER_GROUP=per_group,
+                            num_warps=warps)
     return out
-
-
-_GROUPED_N, _GROUPED_K = 64, 128
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,7 +126,8 @@ def _grouped_kernel():
 
     @triton.jit
     def kernel(x_ptr, blocks_ptr, scales_ptr, table_ptr, counts_ptr, y_ptr, N, K, max_rows, stride_be, stride_bn,
-               stride_se, stride_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               stride_se, stride_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PER_GROUP: tl.constexpr):
         e = tl.program_id(0)
         count = tl.load(counts_ptr + e)
         if count == 0:          # no row chose this expert: its weights are not read
@@ -132,7 +142,7 @@ def _grouped_kernel():
             mask_m = offs_m < count
             rows = tl.load(table_ptr + e64 * max_rows + offs_m, mask=mask_m, other=0).to(tl.int64)   # (M,)
             _grouped_rows(x_ptr, y_ptr, rows, mask_m, w_rows, s_rows, offs_n, mask_n, N, K,
-                          BLOCK_M, BLOCK_N, BLOCK_K)
+                          BLOCK_M, BLOCK_N, BLOCK_K, PER_GROUP)
 
     return kernel
 
@@ -142,33 +152,73 @@ def _grouped_rows_fn():
     import triton
     import triton.language as tl
 
-    fp4, pow2_pair = _fp4(), _pow2_pair()
+    pow2_pair, (e4m3_low, e4m3_high) = _pow2_pair(), _e4m3()
 
     @triton.jit
     def rows_block(x_ptr, y_ptr, rows, mask_m, w_rows, s_rows, offs_n, mask_n, N, K, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """``y[rows, offs_n] = x[rows] @ W[offs_n]^T`` for one block of an expert's rows."""
-        offs_j = tl.arange(0, BLOCK_K // 2)                  # byte j holds values 2j (low nibble) and 2j + 1
-        offs_g = tl.arange(0, BLOCK_K // 32)
-        offs_k = tl.arange(0, BLOCK_K)
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_GROUP: tl.constexpr):
+        """``y[rows, offs_n] = x[rows] @ W[offs_n]^T`` for one block of an expert's rows.
+
+        Scales multiply as ``(v * (lo * 64)) * hi`` (``pow2_pair``), so byte 255 overflows only where the product
+        does and a zero weight stays zero, as in ``unpack``."""
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_j = k0 + 2 * offs_j < K
-            packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=mask_n[:, None] & mask_j[None, :],
-                             other=0)                                                           # (N, K/2)
-            exponent = tl.load(s_rows + (k0 // 32 + offs_g)[None, :],
-                               mask=mask_n[:, None] & (k0 + 32 * offs_g < K)[None, :], other=127)  # (N, K/32)
-            scale_lo, scale_hi = pow2_pair(exponent)
-            values = tl.interleave(fp4(packed & 15, 1.0, 1.0), fp4(packed >> 4, 1.0, 1.0))       # (N, K) exact
-            values = tl.reshape(values, (BLOCK_N, BLOCK_K // 32, 32))
-            w = tl.reshape(values * scale_lo[:, :, None] * scale_hi[:, :, None], (BLOCK_N, BLOCK_K))
-            xs = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
-                         mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)          # (M, K)
-            acc += tl.dot(xs, tl.trans(w.to(xs.dtype)))
+        if PER_GROUP:
+            # one 32-value group (16 bytes) per step: two K=16 dots (even and odd values) with the exact unscaled
+            # weights, then the group's scale on the (M, N) partial. K is whole groups (checked by the caller).
+            j = tl.arange(0, 16)
+            for g in range(0, K // 32):
+                packed = tl.load(w_rows + g * 16 + j[None, :], mask=mask_n[:, None], other=0)         # (N, 16)
+                exponent = tl.load(s_rows + g, mask=mask_n[:, None], other=127)                         # (N, 1)
+                lo, hi = pow2_pair(exponent)
+                x_even = tl.load(x_ptr + rows[:, None] * K + (g * 32 + 2 * j)[None, :], mask=mask_m[:, None],
+                                 other=0.0)                                                              # (M, 16)
+                x_odd = tl.load(x_ptr + rows[:, None] * K + (g * 32 + 2 * j + 1)[None, :], mask=mask_m[:, None],
+                                other=0.0)
+                part = tl.dot(x_even, tl.trans(e4m3_low(packed).to(x_even.dtype)))
+                part = tl.dot(x_odd, tl.trans(e4m3_high(packed).to(x_odd.dtype)), part)                # (M, N)
+                acc += part * tl.reshape(lo * 64.0, (1, BLOCK_N)) * tl.reshape(hi, (1, BLOCK_N))
+        else:
+            offs_j = tl.arange(0, BLOCK_K // 2)              # byte j holds values 2j (low nibble) and 2j + 1
+            offs_g = tl.arange(0, BLOCK_K // 32)
+            offs_k = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                mask_j = k0 + 2 * offs_j < K
+                packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=mask_n[:, None] & mask_j[None, :],
+                                 other=0)                                                               # (N, K/2)
+                exponent = tl.load(s_rows + (k0 // 32 + offs_g)[None, :],
+                                   mask=mask_n[:, None] & (k0 + 32 * offs_g < K)[None, :], other=127)  # (N, K/32)
+                lo, hi = pow2_pair(exponent)
+                lo, hi = (lo * 64.0)[:, :, None], hi[:, :, None]
+                low = tl.reshape(e4m3_low(packed).to(tl.float32), (BLOCK_N, BLOCK_K // 32, 16)) * lo * hi
+                high = tl.reshape(e4m3_high(packed).to(tl.float32), (BLOCK_N, BLOCK_K // 32, 16)) * lo * hi
+                w = tl.interleave(tl.reshape(low, (BLOCK_N, BLOCK_K // 2)),
+                                  tl.reshape(high, (BLOCK_N, BLOCK_K // 2)))                           # (N, K)
+                xs = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
+                             mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)          # (M, K)
+                acc += tl.dot(xs, tl.trans(w.to(xs.dtype)))
         out = y_ptr + rows[:, None] * N + offs_n[None, :]
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     return rows_block
+
+
+@functools.lru_cache(maxsize=1)
+def _e4m3():
+    import triton
+    import triton.language as tl
+
+    # An e2m1 nibble's bits placed into an e4m3 byte (sign to bit 7, exponent and mantissa to bits 4..2) make the
+    # e4m3 number fp4 * 2^-6 exactly (e2m1's subnormal 0.5 lands on e4m3's subnormals); the hardware converts e4m3
+    # to bf16 far faster than fp4 can be decoded with integer ops. The 2^6 goes back into the group's scale.
+    @triton.jit
+    def e4m3_low(packed):    # values 2j: the low nibbles of (N, J) bytes
+        return (((packed & 8) << 4) | ((packed & 7) << 2)).to(tl.float8e4nv, bitcast=True)
+
+    @triton.jit
+    def e4m3_high(packed):   # values 2j + 1: the high nibbles
+        return ((packed & 0x80) | ((packed & 0x70) >> 2)).to(tl.float8e4nv, bitcast=True)
+
+    return e4m3_low, e4m3_high
 
 
 @functools.lru_cache(maxsize=1)
@@ -180,12 +230,14 @@ def _fp4():
     def fp4(code, lo, hi):
         """e2m1 code (0..15, bit 3 = sign) → its value (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives) times ``lo * hi``,
         in that order (see ``pow2_pair``; 1.0, 1.0 for the bare value)."""
+        # The fp32 bits are built directly (integer ops are cheaper than exp2 in a kernel bound by decoding):
+        # exponent field e in 1..3 is 2^(e-1) * (1 + m/2), so the fp32 exponent is e + 126 and m the top mantissa
+        # bit; e == 0 is 0 or 0.5 (0x3F000000). The sign bit is set directly, so code 8 is -0.0 as in ``unpack``.
         c = code.to(tl.int32)
         e = (c >> 1) & 3
-        m = (c & 1).to(tl.float32)
-        mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
-        # the sign rides on the nonzero scale: Triton negates as 0 - x, so -mag would turn code 8's -0.0 into +0.0
-        return mag * tl.where((c & 8) != 0, -lo, lo) * hi
+        m = c & 1
+        bits = tl.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22)) | ((c & 8) << 28)
+        return bits.to(tl.float32, bitcast=True) * lo * hi
 
     return fp4
 

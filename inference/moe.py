@@ -51,7 +51,7 @@ def swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
 
 
 @fused
-def _gate_up_epilogue(mm, lora, bias, expert, alpha: float, limit: float):
+def gate_up_epilogue(mm, lora, bias, expert, alpha: float, limit: float):
     """``swiglu(x W_e + b_e [+ LoRA])`` for ``(S, 2I)`` matmul outputs: one pass instead of five."""
     h = mm + bias[expert]
     if lora is not None:
@@ -60,7 +60,7 @@ def _gate_up_epilogue(mm, lora, bias, expert, alpha: float, limit: float):
 
 
 @fused
-def _down_epilogue(mm, lora, bias, expert, weight):
+def down_epilogue(mm, lora, bias, expert, weight):
     """``(h W_e + b_e [+ LoRA]) * routing weight`` for ``(S, H)`` matmul outputs."""
     y = mm + bias[expert]
     if lora is not None:
@@ -243,7 +243,7 @@ def moe_experts(hidden: torch.Tensor, router_indices: torch.Tensor, routing_weig
 
     x = _GatherTokens.apply(hidden, order, inverse, k)                         # (S, H)
     lora = _lora(x, lora_gate_up, offs) if lora_gate_up is not None else None
-    h = _gate_up_epilogue(grouped_mm(x, gate_up, offs), lora, gate_up_bias, expert, alpha, limit)   # (S, I)
+    h = gate_up_epilogue(grouped_mm(x, gate_up, offs), lora, gate_up_bias, expert, alpha, limit)   # (S, I)
     lora = _lora(h, lora_down, offs) if lora_down is not None else None
-    y = _down_epilogue(grouped_mm(h, down, offs), lora, down_bias, expert, routing_weights.reshape(-1)[order])
+    y = down_epilogue(grouped_mm(h, down, offs), lora, down_bias, expert, routing_weights.reshape(-1)[order])
     return _SumTokens.apply(y, order, inverse, k).to(hidden.dtype)             # (T, H)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from inference import kernels, mxfp4
 from inference.errors import UserError
-from inference.moe import decode, swiglu
+from inference.moe import decode, down_epilogue, gate_up_epilogue, swiglu
 
 QUERY_CHUNK = 1024   # attention scores are (B, nh, QUERY_CHUNK, S) at most, so long prompts don't need T*T memory
 
@@ -236,11 +236,15 @@ class Experts(torch.nn.Module):
         xs = x.repeat_interleave(k, dim=0)                                            # (n*k, H)
         if isinstance(lora, tuple):
             lora = (lora[0], lora[1].repeat_interleave(k))                            # each pair's adapter
-        h = self._glu(self._project_gathered(xs, "gate_up", flat, lora, n))           # (n*k, I)
-        y = self._project_gathered(h, "down", flat, lora, n)                          # (n*k, H)
-        return (y.view(n, k, -1) * weights[..., None]).sum(dim=1)
+        # bias, LoRA, SwiGLU and the routing weight in one fused pass each on CUDA (moe's epilogues)
+        h = gate_up_epilogue(*self._project_gathered(xs, "gate_up", flat, lora, n), self.gate_up_bias, flat,
+                             self.alpha, self.limit)                                  # (n*k, I)
+        y = down_epilogue(*self._project_gathered(h, "down", flat, lora, n), self.down_bias, flat,
+                          weights.reshape(-1))                                        # (n*k, H)
+        return y.view(n, k, -1).sum(dim=1)
 
-    def _project_gathered(self, x, proj: str, flat, lora, tokens: int) -> torch.Tensor:
+    def _project_gathered(self, x, proj: str, flat, lora, tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x W_e^T, LoRA or None)`` for each routed pair, bias not added (the caller's epilogue adds it)."""
         if self.packed:
             blocks, scales = getattr(self, proj + "_blocks"), getattr(self, proj + "_scales")
             if self._grouped(x, tokens):   # several tokens: each expert read once for all its pairs
@@ -251,16 +255,16 @@ class Experts(torch.nn.Module):
                 y = kernels.mxfp4_matvec_reference(x, blocks, scales, flat)
         else:
             y = torch.bmm(x[:, None, :], getattr(self, proj)[flat])[:, 0]            # (n*k, in, out)
-        y = y + getattr(self, proj + "_bias")[flat]
+        side = None
         if isinstance(lora, tuple):
             stacks, index = lora
             if proj in stacks:
                 a, b = stacks[proj]                                                   # (n+1, E, r, in/out)
-                y = y + _lora_blocks(x, a.flatten(0, 1), b.flatten(0, 1), index * a.shape[1] + flat)
+                side = _lora_blocks(x, a.flatten(0, 1), b.flatten(0, 1), index * a.shape[1] + flat)
         elif lora and proj in lora:
             ab = lora[proj]
-            y = y + _lora_blocks(x, ab.A, ab.B * ab.scale, flat)
-        return y
+            side = _lora_blocks(x, ab.A, ab.B * ab.scale, flat)
+        return y, side
 
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``gate_up (E, H, 2I)`` and ``down (E, I, H)`` in fp32 (all experts decoded; for merging and export)."""
@@ -425,18 +429,27 @@ class Attention(torch.nn.Module):
         B, _, Tq, D = q.shape
         S = keys.shape[2]
         grouped = q.reshape(B, self.kvh, -1, D)                                     # (B, kvh, rep*Tq, D)
-        scores = (grouped @ keys.transpose(2, 3)).view(B, self.nh, Tq, S) * self.d ** -0.5
-        scores = scores.masked_fill(blocked, float("-inf"))
-        sinks = self.sinks.reshape(1, -1, 1, 1).expand(B, -1, Tq, 1).to(scores.dtype)
-        combined = torch.cat([scores, sinks], dim=-1)       # the sink takes probability mass but has no value
-        combined = combined - combined.max(dim=-1, keepdim=True).values
-        probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]        # (B, nh, Tq, S)
+        scores = (grouped @ keys.transpose(2, 3)).view(B, self.nh, Tq, S)
+        probs = _sink_softmax(scores, blocked, self.sinks, self.d ** -0.5)                   # (B, nh, Tq, S)
         out = probs.to(values.dtype).reshape(B, self.kvh, -1, S) @ values           # (B, kvh, rep*Tq, D)
         return out.view(B, self.nh, Tq, D)
 
 
+@kernels.fused
+def _sink_softmax(scores: torch.Tensor, blocked: torch.Tensor, sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention probabilities ``(B, nh, Tq, S)`` from raw ``scores`` with ``blocked (B, 1, Tq, S)`` keys masked
+    and each head's sink in the softmax (one fused pass on CUDA: a decode step runs this per layer)."""
+    B, _, Tq, _ = scores.shape
+    scores = (scores * scale).masked_fill(blocked, float("-inf"))
+    sinks = sinks.reshape(1, -1, 1, 1).expand(B, -1, Tq, 1).to(scores.dtype)
+    combined = torch.cat([scores, sinks], dim=-1)       # the sink takes probability mass but has no value
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    return F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
 
 
+
+
+@kernels.fused
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on halves (not interleaved pairs), as gpt-oss does. ``x (B, h, T, D)``, ``cos (B, T, D/2)``."""
     cos, sin = cos[:, None], sin[:, None]
@@ -451,9 +464,15 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * h).to(x.dtype)
+        return _rms_norm(x, self.weight, self.eps)
+
+
+@kernels.fused
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """gpt-oss's RMSNorm in fp32, back in ``x``'s dtype (one fused pass on CUDA)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h).to(x.dtype)
 
 
 class Layer(torch.nn.Module):

@@ -49,11 +49,13 @@ class Stepper:
         # graphs for the serving dtypes; float32 on CUDA (a checking configuration) decodes eagerly
         self.graphs_on = (self.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
                           if graphs is None else graphs)
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, bool], _Graph] = {}
         self.pool = None
 
-    def _adapters(self, index: torch.Tensor) -> RowAdapters:
-        return RowAdapters(index, self.names)
+    def _names(self, adapters: list[int]) -> tuple[str, ...]:
+        """The adapters a step's side paths stack: none when every row is the base, so a base-only step computes
+        no LoRA at all (with adapters loaded, their stacks would otherwise be multiplied by zeros in every layer)."""
+        return self.names if any(adapters) else ()
 
     @torch.inference_mode()
     def prefill(self, slots: list[int], chunks: list[list[int]], adapters: list[int], ends: list[int]) -> torch.Tensor:
@@ -62,7 +64,7 @@ class Stepper:
         ids = pad_rows(chunks, PAD_ID).to(self.device)
         mask = pad_rows([[1] * len(c) for c in chunks], 0).to(self.device)
         rows = self.cache.rows(torch.tensor(slots), self.cache.pages_for(max(ends)))
-        which = self._adapters(torch.tensor(adapters, device=self.device))
+        which = RowAdapters(torch.tensor(adapters, device=self.device), self._names(adapters))
         hidden = self.model(ids, mask, rows, which)                                   # (B, T, H)
         last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
         return self.model.logits(hidden[torch.arange(len(chunks), device=self.device), last], which)
@@ -74,16 +76,17 @@ class Stepper:
         n = len(tokens)
         inputs = torch.tensor([[PAD_ID if t is None else t for t in tokens], [t is not None for t in tokens],
                                adapters], dtype=torch.long)                             # (3, n)
+        names = self._names(adapters)
         if not self._graph_ok(n):
-            return self._run(inputs.to(self.device), pages)
+            return self._run(inputs.to(self.device), pages, names)
         b = min(bucket(n), self.cache.slots)
         p = min(bucket(pages), self.cache.max_pages)
         padded = torch.zeros(3, b, dtype=torch.long)
         padded[0] = PAD_ID
         padded[:, :n] = inputs
-        graph = self._graphs.get((b, p))
+        graph = self._graphs.get((b, p, bool(names)))
         if graph is None:
-            graph = self._graphs[(b, p)] = _Graph(self, b, p)
+            graph = self._graphs[(b, p, bool(names))] = _Graph(self, b, p, names)
         return graph(padded)[:n]
 
     def _graph_ok(self, n: int) -> bool:
@@ -98,9 +101,9 @@ class Stepper:
         probe = torch.empty(1, 1, dtype=self.model.dtype, device=self.device)
         return experts._grouped(probe, b)
 
-    def _run(self, inputs: torch.Tensor, pages: int) -> torch.Tensor:
+    def _run(self, inputs: torch.Tensor, pages: int, names: tuple[str, ...]) -> torch.Tensor:
         """The decode step itself: ``inputs (3, b)`` = token ids, real-token mask, adapter index, on the device."""
-        which = self._adapters(inputs[2])
+        which = RowAdapters(inputs[2], names)
         rows = self.cache.rows(range(inputs.shape[1]), pages)
         hidden = self.model(inputs[0][:, None], inputs[1][:, None], rows, which)
         return self.model.logits(hidden[:, -1], which)
@@ -111,10 +114,11 @@ class Stepper:
 
 
 class _Graph:
-    """One decode-step shape ``(b rows, p pages)``: eager the first time, captured the second, replayed after."""
+    """One decode-step shape ``(b rows, p pages)`` with adapters ``names`` (all or none): eager the first time,
+    captured the second, replayed after."""
 
-    def __init__(self, stepper: Stepper, b: int, p: int):
-        self.stepper, self.pages = stepper, p
+    def __init__(self, stepper: Stepper, b: int, p: int, names: tuple[str, ...]):
+        self.stepper, self.pages, self.names = stepper, p, names
         self.inputs = torch.zeros(3, b, dtype=torch.long, device=stepper.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
@@ -124,13 +128,13 @@ class _Graph:
         self.inputs.copy_(host_inputs)
         self.calls += 1
         if self.calls == 1:
-            return self.stepper._run(self.inputs, self.pages)
+            return self.stepper._run(self.inputs, self.pages, self.names)
         if self.graph is None:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             # recorded, not run: the cache does not advance here, the replay below does it
             with torch.cuda.graph(graph, pool=self.stepper.pool, capture_error_mode="thread_local"):
-                self.out = self.stepper._run(self.inputs, self.pages)
+                self.out = self.stepper._run(self.inputs, self.pages, self.names)
             self.stepper.pool = graph.pool()
             self.graph = graph
         self.graph.replay()

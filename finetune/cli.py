@@ -167,8 +167,15 @@ def _run(args) -> None:
         from finetune.data import preview
         print(preview(recipe, args.n, color=sys.stdout.isatty()))
     elif args.command == "run":
+        import shlex
+
         from finetune.pipeline import run
-        run(recipe, resume=args.resume)
+        try:
+            run(recipe, resume=args.resume)
+        except KeyboardInterrupt:   # Ctrl-C or SIGTERM: run.json and MLflow already say so; say how to go on
+            again = shlex.join(["python", "-m", "finetune", "run", args.recipe, *args.overrides, "--resume"])
+            print(f"the run stopped; to continue it from its last checkpoint: {again}", file=sys.stderr)
+            raise
 
 
 def _estimate(recipe, gpu_memory: float | None, as_json: bool) -> None:

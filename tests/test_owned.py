@@ -81,3 +81,23 @@ def test_resume_of_a_run_that_stopped_before_run_json_says_what_to_do(tmp_path, 
     (tmp_path / "run" / "recipe.yaml").write_text("{}\n")
     with pytest.raises(UserError, match="stopped before it had started training.*output.overwrite=true"):
         check_run_dir(recipe, resume=True)
+
+
+def test_an_export_removes_work_left_by_killed_exports_only(tmp_path):
+    """A SIGKILLed export leaves its ``.FORMAT.partial-PID-*`` work directory; the next export removes it, but not
+    the work of an export still running, nor anything else in exports/."""
+    import os
+    import subprocess
+    import sys
+
+    from finetune.ship.export import clean_stale_partials
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    exports = tmp_path / "exports"
+    for name in (f".peft.partial-{dead_pid}-abc", f".gguf.partial-{os.getpid()}-def", "peft", ".notes"):
+        (exports / name).mkdir(parents=True)
+        (exports / name / "f").write_text("x")
+    said = []
+    assert clean_stale_partials(exports, said.append) == [f".peft.partial-{dead_pid}-abc"]
+    assert sorted(p.name for p in exports.iterdir()) == [f".gguf.partial-{os.getpid()}-def", ".notes", "peft"]
+    assert "killed export" in said[0]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -225,7 +226,9 @@ def _cuda() -> bool:
 def _export_one(run: _Run, fmt: str, dest: Path, ref, done: dict, echo, **options) -> ExportResult:
     """One format: built in a temporary directory beside ``dest``, checked, then renamed into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    clean_stale_partials(dest.parent, echo)
+    # the pid in the name tells a later export whether the process building it is gone (killed: it cannot clean up)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=dest.parent))
     started = time.time()
     try:
         echo(f"{fmt}:")
@@ -257,6 +260,30 @@ def _export_one(run: _Run, fmt: str, dest: Path, ref, done: dict, echo, **option
     _record(run, fmt, dest, result, None)
     echo(f"  parity: PASS ({len(checks)} checks); {fmt} written to {dest} in {result.seconds:.1f} s")
     return result
+
+
+def clean_stale_partials(exports: Path, echo=print) -> list[str]:
+    """Remove the work directories (``.FORMAT.partial-PID-*``) that exports killed mid-way left in ``exports``:
+    only those whose process is gone; an export still running in another process keeps its own."""
+    removed = []
+    for path in sorted(exports.glob(".*.partial-*")):
+        match = re.fullmatch(r"\..+\.partial-(\d+)-[^/]+", path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    if removed:
+        echo(f"removed {len(removed)} unfinished export(s) left by a killed export: {', '.join(removed)}")
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process: alive
+        return True
+    return True
 
 
 def _hint(fmt: str, report: dict) -> str:

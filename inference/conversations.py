@@ -120,10 +120,18 @@ def read_jsonl(path: str | Path) -> Records:
             if not line.strip():
                 continue
             try:
-                yield source, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 hint = "; expected one JSON object per line" if line.strip() in ("[", "{") else ""
                 raise MessageError(f"{source}: not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
+            except RecursionError:
+                raise MessageError(f"{source}: JSON nested too deeply to read") from None
+            yield source, record
+
+
+def _why(exc: Exception) -> str:
+    """What json.loads objected to: its message, or that the text nests deeper than Python's parser goes."""
+    return exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply to read"
 
 
 def _jsonl_dataset(path: Path) -> Records:
@@ -234,8 +242,8 @@ def _function_call(value: Any, where: str) -> dict:
     if isinstance(value, str):
         try:
             call = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise MessageError(f"{where}: function_call value is not valid JSON ({exc.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise MessageError(f"{where}: function_call value is not valid JSON ({_why(exc)})") from None
     if not isinstance(call, dict):
         raise MessageError(f"{where}: function_call value must be an object {{name, arguments}}, got {_kind(call)}")
     return call
@@ -375,8 +383,8 @@ def _arguments(args: Any, at: str, code: bool = False) -> str:
         return args
     try:
         json.loads(args)
-    except json.JSONDecodeError as exc:
-        raise MessageError(f"{at}: arguments are not valid JSON ({exc.msg})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise MessageError(f"{at}: arguments are not valid JSON ({_why(exc)})") from None
     return args
 
 
@@ -413,8 +421,8 @@ def _normalize_tools(tools: Any, where: str, allow_builtin: bool) -> tuple[list[
     if isinstance(tools, str):  # some HF datasets store the tool list as a JSON string
         try:
             tools = json.loads(tools)
-        except json.JSONDecodeError as exc:
-            raise MessageError(f"{where}: 'tools' is a string but not valid JSON ({exc.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise MessageError(f"{where}: 'tools' is a string but not valid JSON ({_why(exc)})") from None
     if tools is None:
         return None, ()
     if not isinstance(tools, list):

@@ -188,6 +188,19 @@ def data_error(cli, work: Path, name: str) -> str:
     return fails(cli, work, "run", "r.yaml", *args)
 
 
+def test_jsonl_line_nested_too_deep_for_the_parser(cli, work):
+    with open(work / "data" / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write("[" * 100_000 + "]" * 100_000 + "\n")
+    lines = (work / "data" / "train.jsonl").read_text(encoding="utf-8").count("\n")
+    msg = fails(cli, work, "run", "r.yaml")
+    assert f"data/train.jsonl:{lines}:" in msg and "nested too deeply" in msg
+
+
+def test_a_run_that_needs_far_more_memory_than_there_is_is_refused_before_loading(cli, work):
+    msg = fails(cli, work, "run", "r.yaml", "lora.r=1000000000")
+    assert "GiB of cpu memory" in msg and "lower lora.r" in msg
+
+
 def test_malformed_jsonl_line(cli, work):
     msg = data_error(cli, work, "malformed-jsonl")
     assert "data/train.jsonl:3:" in msg and "not valid JSON" in msg

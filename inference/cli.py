@@ -274,12 +274,16 @@ def evaluate(args) -> None:
 
 
 def serve(args) -> None:
-    from inference.server import check_host
+    from inference.server import check_host, check_port
     from inference.server import serve as run_server
     adapters = _adapters(args.adapter)
     if args.merge and len(adapters) != 1:
         raise UserError("--merge needs exactly one --adapter")
     check_host(args.host, args.api_key)   # before the model loads
+    check_port(args.host, args.port)
+    if args.api_key and "--api-key" in sys.argv:
+        print("note: --api-key on the command line is visible to every user of this machine (ps); set "
+              "GPT_OSS_WORKBENCH_API_KEY instead", file=sys.stderr)
     engine = _load(args, adapters, args.name, args.context_length)
     run_server(engine, args.host, args.port, args.api_key, max_body_bytes=args.max_body_bytes,
                max_tokens_cap=args.max_tokens_cap, verbose=args.verbose)

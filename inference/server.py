@@ -214,6 +214,7 @@ class ChatServer(ThreadingHTTPServer):
     """
 
     daemon_threads = False  # so that server_close joins the handler threads
+    request_queue_size = 256  # the listen backlog: the standard library's 5 reset connections at 32+ clients
 
     def __init__(self, address: tuple[str, int], engine: Engine, api_key: str | None, max_body_bytes: int,
                  max_tokens_cap: int, verbose: bool):
@@ -286,6 +287,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._handle()
 
     do_PUT = do_DELETE = do_PATCH = do_POST  # routed, so a known path answers 405 rather than 501
+    do_HEAD = do_GET                           # a GET route's headers without its body (_send_json)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -329,7 +331,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             allowed, handler = "POST", self._chat
         else:
             raise ApiError(404, f"no route {path}", "not_found_error")
-        if self.command != allowed:
+        method = "GET" if self.command == "HEAD" else self.command
+        if method != allowed:
             raise ApiError(405, f"{path} accepts {allowed}, not {self.command}")
         return handler
 
@@ -453,6 +456,11 @@ class ChatHandler(BaseHTTPRequestHandler):
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        try:   # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no text can hold: refused here, not a 500
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ApiError(400, f"the request body holds a lone UTF-16 surrogate ({exc.object[exc.start:exc.end]!a}), "
+                           "which is not text") from None
         return body
 
     def _discard_body(self):
@@ -504,6 +512,19 @@ def check_host(host: str, api_key: str | None) -> None:
     """Only this machine may be served without a key."""
     if host not in LOCAL_HOSTS and not api_key:
         raise UserError(f"refusing to listen on {host} without --api-key (anyone who can reach it could use it)")
+
+
+def check_port(host: str, port: int) -> None:
+    """A UserError now when ``host:port`` cannot be bound (in use, not an address here), before a model loads for
+    minutes only to fail at the end."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server binds (allow_reuse_address)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); is another server using it? "
+                            "choose another --port") from None
 
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,

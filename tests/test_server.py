@@ -506,3 +506,38 @@ def test_unexpected_error_is_a_500_and_the_server_goes_on(capfd):
         server.server_close()
     err = capfd.readouterr().err
     assert "RuntimeError: kaboom" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_lone_surrogate_is_a_400_and_head_answers_like_get(port):
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "\\ud800 hi"}]}' % BASE_ID.encode()
+    status, _, reply = raw(port, "POST", "/v1/chat/completions", body)
+    assert status == 400 and "lone UTF-16 surrogate" in json.loads(reply)["error"]["message"]
+    status, headers, reply = raw(port, "HEAD", "/health")
+    assert status == 200 and reply == b"" and int(headers["Content-Length"]) > 0
+    assert raw(port, "HEAD", "/v1/chat/completions")[0] == 405
+
+
+def test_the_listen_backlog_holds_many_simultaneous_connections(engine):
+    """64 clients connecting while no connection has been accepted yet (a busy accept loop): the kernel queues them
+    all. With the standard library's backlog of 5 the rest wait for SYN retries or are reset."""
+    import socket
+    server = make_server(engine)          # listening, not yet accepting
+    socks = []
+    try:
+        for _ in range(64):
+            socks.append(socket.create_connection(server.server_address[:2], timeout=2.0))
+    finally:
+        for s in socks:
+            s.close()
+        server.server_close()
+    assert len(socks) == 64
+
+
+def test_a_busy_port_is_refused_before_anything_loads(engine):
+    from inference.server import check_port
+    server = make_server(engine)
+    try:
+        with pytest.raises(UserError, match="cannot listen on 127.0.0.1:.*another --port"):
+            check_port("127.0.0.1", server.server_address[1])
+    finally:
+        server.server_close()

@@ -17,6 +17,7 @@ from inference.errors import UserError, run_command
 
 EFFORTS = ("low", "medium", "high")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+API_KEY_ENV = "GPT_OSS_WORKBENCH_API_KEY"   # serve's key, kept out of the command line (and so out of ps)
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -56,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model id of the base model (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("GPT_OSS_WORKBENCH_API_KEY"),
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help="require 'Authorization: Bearer KEY' on every route (default: $GPT_OSS_WORKBENCH_API_KEY); "
                         "required for any host but 127.0.0.1/localhost")
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="the most tokens one request may generate")
@@ -281,9 +282,9 @@ def serve(args) -> None:
         raise UserError("--merge needs exactly one --adapter")
     check_host(args.host, args.api_key)   # before the model loads
     check_port(args.host, args.port)
-    if args.api_key and "--api-key" in sys.argv:
+    if args.api_key and args.api_key != os.environ.get(API_KEY_ENV):   # given as --api-key, not from the environment
         print("note: --api-key on the command line is visible to every user of this machine (ps); set "
-              "GPT_OSS_WORKBENCH_API_KEY instead", file=sys.stderr)
+              f"{API_KEY_ENV} instead", file=sys.stderr)
     engine = _load(args, adapters, args.name, args.context_length)
     run_server(engine, args.host, args.port, args.api_key, max_body_bytes=args.max_body_bytes,
                max_tokens_cap=args.max_tokens_cap, verbose=args.verbose)

@@ -18,6 +18,8 @@ from inference.errors import UserError, run_command
 EFFORTS = ("low", "medium", "high")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 API_KEY_ENV = "GPT_OSS_WORKBENCH_API_KEY"   # serve's key, kept out of the command line (and so out of ps)
+DEFAULT_MAX_WAIT_S = 300.0   # inference.server's defaults (why: there), here so that --help needs no torch import
+DEFAULT_DRAIN_S = 30.0
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -60,12 +62,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help="require 'Authorization: Bearer KEY' on every route (default: $GPT_OSS_WORKBENCH_API_KEY); "
                         "required for any host but 127.0.0.1/localhost")
-    p.add_argument("--max-tokens-cap", type=int, default=4096, help="the most tokens one request may generate")
+    p.add_argument("--max-tokens-cap", type=int, default=4096,
+                   help="the most tokens one request may generate; a larger max_tokens is capped and the reply "
+                        "says so (X-Max-Tokens-Capped)")
     p.add_argument("--context-length", type=int, default=None, help="cap the context window (saves KV memory)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
-    _batch_args(p, "--max-batch", "requests generated together at most (default: 64 on CUDA, 8 on CPU)")
+    # --max-batch: the flag's earlier name, still documented and still working
+    _batch_args(p, "--max-concurrent", "requests generated at once (default: 64 on CUDA, 8 on CPU); the others wait "
+                "for a slot", aliases=("--max-batch",), metavar="N")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests that may wait for a free slot; beyond it a request gets 429 (default 256)")
+                   help="requests that may wait for a free slot; beyond it a request gets 429 with Retry-After "
+                        "(default 256)")
+    p.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT_S, metavar="SECONDS",
+                   help="a request still waiting for a slot after this long gets 503 with Retry-After (default "
+                        f"{DEFAULT_MAX_WAIT_S:g}: under the openai client's 600 s timeout, so it sees why)")
+    p.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_S, metavar="SECONDS",
+                   help="on Ctrl-C or SIGTERM, refuse new connections and let the requests in flight finish for "
+                        f"this long at most; a second signal stops at once (default {DEFAULT_DRAIN_S:g})")
     p.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
 
     p = sub.add_parser("eval", help="evaluate on a held-out JSONL conversation dataset; writes a JSON report")
@@ -125,8 +138,8 @@ def _adapters(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _batch_args(p, flag: str, help: str) -> None:
-    p.add_argument(flag, dest="max_batch", type=int, default=None, help=help)
+def _batch_args(p, flag: str, help: str, aliases: tuple[str, ...] = (), metavar: str | None = None) -> None:
+    p.add_argument(flag, *aliases, dest="max_batch", type=int, default=None, metavar=metavar, help=help)
     p.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
                    help="GiB of KV cache for all sequences together (default: half the GPU memory free after "
                         "loading, 1 GiB on CPU)")
@@ -275,19 +288,24 @@ def evaluate(args) -> None:
 
 
 def serve(args) -> None:
-    from inference.server import check_host, check_port
+    from inference.server import check_host, check_limits, check_port
     from inference.server import serve as run_server
     adapters = _adapters(args.adapter)
     if args.merge and len(adapters) != 1:
         raise UserError("--merge needs exactly one --adapter")
     check_host(args.host, args.api_key)   # before the model loads
     check_port(args.host, args.port)
+    check_limits(args.max_tokens_cap, args.max_body_bytes, args.max_wait, args.drain_seconds)
+    for flag, value in (("--max-concurrent", args.max_batch), ("--max-queue", args.max_queue)):
+        if value is not None and value < 1:   # the engine would take 0 slots for "the default"
+            raise UserError(f"{flag} must be an integer >= 1, got {value}")
     if args.api_key and args.api_key != os.environ.get(API_KEY_ENV):   # given as --api-key, not from the environment
         print("note: --api-key on the command line is visible to every user of this machine (ps); set "
               f"{API_KEY_ENV} instead", file=sys.stderr)
     engine = _load(args, adapters, args.name, args.context_length)
     run_server(engine, args.host, args.port, args.api_key, max_body_bytes=args.max_body_bytes,
-               max_tokens_cap=args.max_tokens_cap, verbose=args.verbose)
+               max_tokens_cap=args.max_tokens_cap, verbose=args.verbose, max_wait=args.max_wait,
+               drain_seconds=args.drain_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

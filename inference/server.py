@@ -3,29 +3,47 @@
 Routes (all of them behind ``Authorization: Bearer KEY`` when the server has an API key):
 
 - ``GET  /health``               ``{"status": "ok", "active_generations", "running", "waiting", "tokens_per_second",
-                                  "max_running", ...}``: requests in this server, sequences generating and waiting in
-                                  the engine's batch, generated tokens/s over the last 10 s
+                                  "max_running", ...}``: chat requests in this server, sequences generating and
+                                  waiting in the engine's batch, generated tokens/s over the last 10 s
 - ``GET  /v1/models``            the base model and each adapter, as OpenAI model objects
 - ``GET  /v1/models/{id}``       one of them (404 when unknown)
 - ``POST /v1/chat/completions``  a chat completion, whole or streamed as server-sent events
+- ``GET  /openapi.json``         an OpenAPI 3 description of all of these (:mod:`inference.openapi`)
 
-Every error is OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}``. A request is validated in
-full (fields, model id, messages, prompt length) before any compute, and a stream's headers go out only once the
-engine has accepted it, so a bad request is always a plain JSON error. A client that goes away stops its generation
-at the next delta (a failed write when streaming, end-of-file on its socket otherwise). The server binds 127.0.0.1
-unless told otherwise, and then only with an API key.
+Every error is OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}``; a 405 names the allowed
+method in ``Allow``. A request is validated in full (fields, model id, messages, prompt length) before any compute.
+
+Limits, each a clear answer rather than a hang:
+
+- ``max_concurrent`` requests generate at once (the engine's ``max_batch``); up to ``max_queue`` more wait for a
+  slot, oldest first. Beyond that a request gets **429** ``server_overloaded`` at once; one still waiting after
+  ``max_wait`` seconds leaves the queue with **503** ``server_overloaded`` ("waited N s for a free slot"). Both carry
+  ``Retry-After`` (whole seconds: the median time to first token over the last 10 s, rounded up, 1 to 60).
+- A stream's headers go out only once the engine has **admitted** the request (given it a slot): a request refused,
+  timed out in the queue or failing before then is a plain JSON error, never a broken stream. After the headers a
+  failure is reported in-band (an ``error`` event, then ``[DONE]``), as OpenAI does.
+- ``max_tokens`` above ``max_tokens_cap`` is capped (clients send large defaults) and the reply says so in the
+  ``X-Max-Tokens-Capped: CAP`` header (whole and streamed; a ``--verbose`` line too).
+- A client that goes away frees its slot at once, also while it waits in the queue: its socket reads as
+  end-of-file (asked after every token, and every 0.2 s while no token comes) or a write fails.
+- Bodies over ``max_body_bytes`` get 413 unread. The server binds 127.0.0.1 unless told otherwise, and then only
+  with an API key.
+
+Shutting down (``serve``): the first Ctrl-C or SIGTERM closes the listening socket at once (new connections are
+refused), answers any new request on an open keep-alive connection with 503 + ``Retry-After`` + ``Connection:
+close``, and lets the requests running or waiting finish for up to ``drain_seconds``; a second signal ends the
+drain at once. Then ``server_close`` cancels whatever is left and joins every handler thread, and the signal goes
+on to the command (exit 130 for Ctrl-C, 143 for SIGTERM).
 
 Each connection has a thread; all of them submit to the engine's scheduler, which generates every request in one
-continuously batched loop. When all of its slots are busy and its waiting queue is full, a request gets 429
-(``server_overloaded``) at once rather than an unbounded wait.
-
-``make_server`` builds it (``port=0``: a free port), ``serve`` runs it until Ctrl-C.
+continuously batched loop. ``make_server`` builds it (``port=0``: a free port), ``serve`` runs it until a signal.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import math
 import select
 import socket
 import socketserver
@@ -40,12 +58,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
+from inference import openapi
 from inference.engine import (
     Completion,
     Delta,
     Engine,
     Overloaded,
     PromptTooLong,
+    QueueTimeout,
     SamplingParams,
     TooLarge,
     UnknownModel,
@@ -53,6 +73,13 @@ from inference.engine import (
 from inference.errors import UserError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# How long a request may wait for a slot. Long enough for a queue of ordinary replies to drain on a busy server,
+# and under the official openai client's default read timeout (600 s), so a client that waits gets our clear 503,
+# not its own timeout and a retry of a request it no longer knows the fate of.
+DEFAULT_MAX_WAIT_S = 300.0
+# Kubernetes' default grace period between SIGTERM and SIGKILL: a drain longer than that would be killed anyway.
+DEFAULT_DRAIN_S = 30.0
+MAX_RETRY_AFTER_S = 60     # a longer hint would be a guess: the load a minute from now is not known
 REASONING_EFFORTS = ("low", "medium", "high")
 MAX_STOP_STRINGS = 4
 # What writing to (or reading from) a connection the client has dropped raises: it ends that request, never the server.
@@ -63,9 +90,10 @@ class ApiError(Exception):
     """A request that fails as OpenAI's API would fail it: an HTTP status and an OpenAI error object."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -82,6 +110,8 @@ def from_user_error(exc: UserError) -> ApiError:
         return ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, Overloaded):
         return ApiError(429, str(exc), "rate_limit_error", code="server_overloaded")
+    if isinstance(exc, QueueTimeout):
+        return ApiError(503, str(exc), "server_error", code="server_overloaded")
     return ApiError(400, str(exc))
 
 
@@ -98,13 +128,17 @@ class ChatRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    capped_from: int | None = None     # the max_tokens asked for, when it was above the cap
 
 
 def _typed(body: dict, name: str, types: tuple[type, ...], expected: str):
-    """``body[name]`` if it has one of ``types`` (null counts as absent); bool never passes for a number."""
+    """``body[name]`` if it has one of ``types`` (null counts as absent); bool never passes for a number, and a
+    float with no fractional part passes for an integer (JSON Schema's rule, and what ``json.dumps(100.0)`` sends)."""
     value = body.get(name)
     if value is None:
         return None
+    if int in types and float not in types and isinstance(value, float) and value.is_integer():
+        value = int(value)
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise ApiError(400, f"'{name}' must be {expected}, got {json.dumps(value)[:80]}", param=name)
     return value
@@ -138,11 +172,15 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _max_tokens(body: dict, cap: int) -> int:
-    """``max_completion_tokens`` (the current name) or ``max_tokens`` (the old one), capped; the cap by default."""
+def _max_tokens(body: dict, cap: int) -> tuple[int, int | None]:
+    """``max_completion_tokens`` (the current name) or ``max_tokens`` (the old one), capped; the cap by default.
+    Returns (tokens, what was asked when that was above the cap)."""
     values = [_in_range(body, name, lambda v: v >= 1, "an integer >= 1", (int,))
               for name in ("max_completion_tokens", "max_tokens")]
-    return min(next((v for v in values if v is not None), cap), cap)
+    asked = next((v for v in values if v is not None), None)
+    if asked is None:
+        return cap, None
+    return min(asked, cap), asked if asked > cap else None
 
 
 def parse_chat(body: dict, model_ids: list[str], max_tokens_cap: int) -> ChatRequest:
@@ -170,10 +208,10 @@ def parse_chat(body: dict, model_ids: list[str], max_tokens_cap: int) -> ChatReq
     stream = bool(_typed(body, "stream", (bool,), "a boolean"))
     options = _typed(body, "stream_options", (dict,), "an object") or {}
     include_usage = bool(_typed(options, "include_usage", (bool,), "a boolean"))
-    params = SamplingParams(max_tokens=_max_tokens(body, max_tokens_cap),
-                            temperature=1.0 if temperature is None else float(temperature),
+    max_tokens, capped_from = _max_tokens(body, max_tokens_cap)
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
                             top_p=1.0 if top_p is None else float(top_p), seed=seed, stop=_stop(body))
-    return ChatRequest(model, messages, _tools(body), effort, params, stream, include_usage)
+    return ChatRequest(model, messages, _tools(body), effort, params, stream, include_usage, capped_from)
 
 
 # ---------------------------------------------------------------------------------------------- response shapes
@@ -211,20 +249,23 @@ class ChatServer(ThreadingHTTPServer):
     ``server_close`` ends every open connection and waits for the handler threads: a thread still inside torch when
     the interpreter exits aborts the process ("terminate called without an active exception"), so none may outlive
     the server. A generation in progress stops at its next token, when it finds its client gone.
+    ``stop_accepting`` and ``wait_idle`` are the two halves of a graceful drain (see the module docstring).
     """
 
     daemon_threads = False  # so that server_close joins the handler threads
     request_queue_size = 256  # the listen backlog: the standard library's 5 reset connections at 32+ clients
 
     def __init__(self, address: tuple[str, int], engine: Engine, api_key: str | None, max_body_bytes: int,
-                 max_tokens_cap: int, verbose: bool):
+                 max_tokens_cap: int, verbose: bool, max_wait: float | None = DEFAULT_MAX_WAIT_S):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.engine, self.api_key, self.verbose = engine, api_key, verbose
-        self.max_body_bytes, self.max_tokens_cap = max_body_bytes, max_tokens_cap
+        self.max_body_bytes, self.max_tokens_cap, self.max_wait = max_body_bytes, max_tokens_cap, max_wait
         self.created = int(time.time())
         self.active_generations = 0
+        self.draining = False
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._schema: dict | None = None
         super().__init__(address, ChatHandler)
 
     def server_bind(self):
@@ -241,6 +282,21 @@ class ChatServer(ThreadingHTTPServer):
         with self._lock:
             self._connections.discard(request)
         super().shutdown_request(request)
+
+    def stop_accepting(self) -> int:
+        """The start of a drain: close the listening socket (a new connection is refused at once, not left in the
+        backlog) and answer every new request on an open connection 503. Returns the chat requests in flight.
+        ``serve_forever`` must have returned (``serve`` is past it; a test calls ``shutdown`` first)."""
+        self.draining = True
+        self.socket.close()
+        return self.active_generations
+
+    def wait_idle(self, seconds: float) -> int:
+        """Wait until no chat request is in flight, for ``seconds`` at most; returns how many still are."""
+        deadline = time.monotonic() + seconds
+        while self.active_generations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.active_generations
 
     def server_close(self):
         with self._lock:
@@ -269,6 +325,18 @@ class ChatServer(ThreadingHTTPServer):
             with self._lock:
                 self.active_generations -= 1
 
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait before retrying: how long requests lately waited for their first
+        token (the median over the last 10 s, rounded up), 1 when nothing was measured, at most 60."""
+        waited = self.engine.stats().get("ttft_p50_s") or 1
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(waited)))
+
+    def schema(self) -> dict:
+        if self._schema is None:   # the model ids and the key are fixed for the server's life
+            self._schema = openapi.schema(self.engine.model_ids, authenticated=self.api_key is not None,
+                                          max_tokens_cap=self.max_tokens_cap)
+        return self._schema
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
@@ -286,7 +354,8 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._handle()
 
-    do_PUT = do_DELETE = do_PATCH = do_POST  # routed, so a known path answers 405 rather than 501
+    # routed, so a known path answers 405 (with Allow) rather than the standard library's 501
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_POST
     do_HEAD = do_GET                           # a GET route's headers without its body (_send_json)
 
     # ------------------------------------------------------------------ dispatch
@@ -294,6 +363,10 @@ class ChatHandler(BaseHTTPRequestHandler):
     def _handle(self):
         self._body_read = self._streaming = False
         try:
+            if self.server.draining:   # an open keep-alive connection during a drain: no new work, go elsewhere
+                self.close_connection = True
+                raise ApiError(503, "the server is shutting down and takes no new requests; retry (another "
+                               "instance, or this one once restarted)", "server_error", code="server_shutting_down")
             self._authorize()
             self._route()()
         except ApiError as err:
@@ -329,11 +402,14 @@ class ChatHandler(BaseHTTPRequestHandler):
             allowed, handler = "GET", lambda: self._model(unquote(path.removeprefix("/v1/models/")))
         elif path == "/v1/chat/completions":
             allowed, handler = "POST", self._chat
+        elif path == "/openapi.json":
+            allowed, handler = "GET", lambda: self._send_json(200, self.server.schema())
         else:
             raise ApiError(404, f"no route {path}", "not_found_error")
         method = "GET" if self.command == "HEAD" else self.command
         if method != allowed:
-            raise ApiError(405, f"{path} accepts {allowed}, not {self.command}")
+            raise ApiError(405, f"{path} accepts {allowed}, not {self.command}",
+                           headers={"Allow": "GET, HEAD" if allowed == "GET" else allowed})
         return handler
 
     # ------------------------------------------------------------------ routes
@@ -355,18 +431,25 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._send_json(200, self._model_object(model_id))
 
     def _chat(self):
-        engine = self.server.engine
-        request = parse_chat(self._read_json(), engine.model_ids, self.server.max_tokens_cap)
+        # Counted from the body on, so that a drain waits for a request that is still being read or encoded.
+        with self.server.generation():
+            self._generate(parse_chat(self._read_json(), self.server.engine.model_ids, self.server.max_tokens_cap))
+
+    def _generate(self, request: ChatRequest):
+        engine, server = self.server.engine, self.server
+        headers = {}
+        if request.capped_from is not None:   # told, not refused: clients send large defaults
+            headers["X-Max-Tokens-Capped"] = str(server.max_tokens_cap)
+            if server.verbose:
+                self._log_line(f"max_tokens {request.capped_from} capped to {server.max_tokens_cap} "
+                               "(--max-tokens-cap)")
+        envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": request.model}
         try:
             prompt = engine.encode_chat(request.messages, request.tools, request.reasoning_effort)
-        except UserError as exc:
-            raise from_user_error(exc) from None
-        with self.server.generation():
-            try:  # the engine checks model, parameters and prompt length here, before any compute
-                events = engine.stream(prompt, request.params, model=request.model, cancelled=self._client_gone)
-            except UserError as exc:
-                raise from_user_error(exc) from None
-            envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": request.model}
+            # The engine checks model, parameters and prompt length here, before any compute, and queues it.
+            admitted = (lambda: self._start_stream(envelope, headers)) if request.stream else None
+            events = engine.stream(prompt, request.params, model=request.model, cancelled=self._client_gone,
+                                   max_wait=server.max_wait, admitted=admitted)
             try:
                 if request.stream:
                     self._stream(request, events, envelope)
@@ -375,13 +458,15 @@ class ChatHandler(BaseHTTPRequestHandler):
                     self._send_json(200, {**envelope, "object": "chat.completion",
                                           "choices": [{"index": 0, "message": message_of(completion),
                                                        "finish_reason": completion.finish_reason}],
-                                          "usage": usage_of(completion)})
+                                          "usage": usage_of(completion)}, headers)
             finally:
                 events.close()  # stops the generation when the client left or anything failed
+        except UserError as exc:   # before a stream's headers (after them _stream reports in-band)
+            raise from_user_error(exc) from None
 
     def _last(self, events: Iterator[Delta | Completion]) -> Completion:
         """Run a generation to its Completion; the engine gives up as soon as the client is gone."""
-        for event in events:   # the engine asks _client_gone after every token
+        for event in events:   # the engine asks _client_gone after every token, and while it waits for a slot
             if isinstance(event, Completion):
                 if event.finish_reason == "cancelled":
                     raise ConnectionAbortedError("client closed the connection while waiting for its reply")
@@ -396,20 +481,28 @@ class ChatHandler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _stream(self, request: ChatRequest, events: Iterator[Delta | Completion], envelope: dict):
-        """Server-sent events over chunked transfer: role, deltas, finish reason, usage (if asked), [DONE]."""
+    def _start_stream(self, envelope: dict, headers: dict):
+        """The stream's headers and its first chunk (the role), sent when the engine admits the request."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self._streaming = True
+        self._send_event({**envelope, "object": "chat.completion.chunk",
+                          "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                       "finish_reason": None}]})
+
+    def _stream(self, request: ChatRequest, events: Iterator[Delta | Completion], envelope: dict):
+        """Server-sent events over chunked transfer: role (once admitted), deltas, finish reason, usage (if
+        asked), [DONE]. Until the headers are out (``_start_stream``), every failure is a plain HTTP error."""
         envelope = {**envelope, "object": "chat.completion.chunk"}
 
         def chunk(delta: dict, finish_reason: str | None = None) -> dict:
             return {**envelope, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
-        self._send_event(chunk({"role": "assistant", "content": ""}))
         try:
             for event in events:
                 if isinstance(event, Completion):
@@ -424,10 +517,18 @@ class ChatHandler(BaseHTTPRequestHandler):
             raise
         # Headers are out, so a failure is reported in-band (as OpenAI does) and the stream still ends properly.
         except Exception as exc:  # noqa: BLE001 - as in _handle
-            self._log_failure(exc)
-            self._send_event(ApiError(500, "internal server error", "server_error").body())
+            if not self._streaming:   # not admitted yet: a plain HTTP error (_generate, _handle)
+                raise
+            if isinstance(exc, UserError):
+                error = from_user_error(exc)
+            else:
+                self._log_failure(exc)
+                error = ApiError(500, "internal server error", "server_error")
+            self._send_event(error.body())
         self._write_chunk(b"data: [DONE]\n\n")
-        self._write_chunk(b"")  # the zero-length chunk ends the body; the connection stays usable
+        self._write_chunk(b"")  # the zero-length chunk ends the body; the connection stays usable ...
+        if self.server.draining:   # ... except during a drain: its thread ends now rather than wait for a request
+            self.close_connection = True
 
     # ------------------------------------------------------------------ I/O
 
@@ -474,6 +575,8 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, payload: dict, headers: dict | None = None):
         data = json.dumps(payload).encode()
+        if self.server.draining:   # a reply finished during a drain: the client should not reuse the connection
+            self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -487,7 +590,11 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _send_error(self, err: ApiError):
         self._discard_body()
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        headers = dict(err.headers)
+        if err.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if err.status in (429, 503):   # overloaded, timed out in the queue, shutting down: when to come back
+            headers.setdefault("Retry-After", str(self.server.retry_after()))
         self._send_json(err.status, err.body(), headers)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None):
@@ -505,7 +612,10 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args):
         if self.server.verbose:
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+            self._log_line(format % args)
+
+    def _log_line(self, text: str):
+        sys.stderr.write(f"{self.address_string()} - {text}\n")
 
 
 def check_host(host: str, api_key: str | None) -> None:
@@ -527,20 +637,62 @@ def check_port(host: str, port: int) -> None:
                             "choose another --port") from None
 
 
+def check_limits(max_tokens_cap: int = 4096, max_body_bytes: int = 1_000_000, max_wait: float | None = None,
+                 drain_seconds: float = DEFAULT_DRAIN_S) -> None:
+    """The server's limits, checked before a model loads: each bad one is one UserError naming its flag."""
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not is_int(max_tokens_cap) or max_tokens_cap < 1:
+        raise UserError(f"--max-tokens-cap must be an integer >= 1, got {max_tokens_cap!r}")
+    if not is_int(max_body_bytes) or max_body_bytes < 1:
+        raise UserError(f"--max-body-bytes must be an integer >= 1, got {max_body_bytes!r}")
+    if max_wait is not None and not (isinstance(max_wait, (int, float)) and math.isfinite(max_wait) and max_wait > 0):
+        raise UserError(f"--max-wait must be a positive number of seconds, got {max_wait!r}")
+    if not (isinstance(drain_seconds, (int, float)) and math.isfinite(drain_seconds) and drain_seconds >= 0):
+        raise UserError(f"--drain-seconds must be a number of seconds >= 0, got {drain_seconds!r}")
+
+
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                max_body_bytes: int = 1_000_000, max_tokens_cap: int = 4096, verbose: bool = False) -> ChatServer:
-    """A bound, not yet serving server (``port=0`` picks a free port: read ``server.server_address``)."""
+                max_body_bytes: int = 1_000_000, max_tokens_cap: int = 4096, verbose: bool = False,
+                max_wait: float | None = DEFAULT_MAX_WAIT_S) -> ChatServer:
+    """A bound, not yet serving server (``port=0`` picks a free port: read ``server.server_address``).
+    ``max_wait``: seconds a request may wait for a slot (None: for ever)."""
     check_host(host, api_key)
-    return ChatServer((host, port), engine, api_key, max_body_bytes, max_tokens_cap, verbose)
+    check_limits(max_tokens_cap, max_body_bytes, max_wait)
+    return ChatServer((host, port), engine, api_key, max_body_bytes, max_tokens_cap, verbose, max_wait)
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **options) -> None:
-    """Serve until Ctrl-C, then shut down quietly."""
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          drain_seconds: float = DEFAULT_DRAIN_S, **options) -> None:
+    """Serve until Ctrl-C or SIGTERM, then drain (see the module docstring) and shut down; the signal's
+    KeyboardInterrupt (or ``inference.errors.Terminated``) goes on to the caller, which gives the exit status."""
+    check_limits(drain_seconds=drain_seconds)
     server = make_server(engine, host, port, api_key, **options)
     print(f"serving {', '.join(engine.model_ids)} at {server.url}/v1 (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("shutting down", flush=True)
+        _drain(server, drain_seconds)
+        raise
     finally:
         server.server_close()
+
+
+def _drain(server: ChatServer, seconds: float) -> None:
+    """Refuse new work, then let what is in flight finish for ``seconds`` at most; a second signal ends it now."""
+    in_flight = server.stop_accepting()
+    if not in_flight or not seconds:
+        print(f"shutting down ({in_flight} request{'s' * (in_flight != 1)} in flight cancelled)"
+              if in_flight else "shutting down", flush=True)
+        return
+    print(f"shutting down: draining {in_flight} request{'s' * (in_flight != 1)} for up to {seconds:g} s, new "
+          "connections refused (Ctrl-C or SIGTERM again: stop at once)", flush=True)
+    try:
+        left = server.wait_idle(seconds)
+    except KeyboardInterrupt:   # the second Ctrl-C or SIGTERM
+        left = server.active_generations
+        print(f"stopping now: {left} request{'s' * (left != 1)} cancelled", flush=True)
+        return
+    if left:
+        print(f"drain over after {seconds:g} s: {left} request{'s' * (left != 1)} cancelled", flush=True)

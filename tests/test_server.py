@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
 import torch
+from conftest import REPO, wait_for
 
 from inference.engine import Completion, Engine
 from inference.errors import UserError
@@ -132,12 +138,22 @@ def save_mode_adapters(model_dir, mode_dim: dict[str, int], out_dir) -> dict[str
     return paths
 
 
+def build_scripted(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The scripted model and its mode adapters: (model directory, {adapter name: directory}). Built once per
+    session: the server test modules all use it (read-only), and each build costs seconds."""
+    work = tmp_path_factory.getbasetemp() / "scripted-model"
+    done = work / "built"
+    if not done.is_file():
+        mode_dim = build_scripted_model(work / "model")
+        save_mode_adapters(work / "model", mode_dim, work)
+        done.touch()
+    return work / "model", {mode: str(work / mode) for mode in MODES}
+
+
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Engine:
-    work = tmp_path_factory.mktemp("scripted")
-    mode_dim = build_scripted_model(work / "model")
-    adapters = save_mode_adapters(work / "model", mode_dim, work)
-    return Engine.load(str(work / "model"), adapters=adapters, name=BASE_ID)
+    model_dir, adapters = build_scripted(tmp_path_factory)
+    return Engine.load(str(model_dir), adapters=adapters, name=BASE_ID)
 
 
 def start(server) -> int:
@@ -172,10 +188,39 @@ def chat_body(**fields) -> bytes:
     return json.dumps({"model": BASE_ID, "messages": HI, "max_tokens": 4} | fields).encode()
 
 
-def health(port: int) -> dict:
-    status, _, body = raw(port, "GET", "/health")
+def health(port: int, key: str | None = KEY) -> dict:
+    status, _, body = raw(port, "GET", "/health", key=key)
     assert status == 200
     return json.loads(body)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_subprocess(model_dir: Path, adapters: dict[str, str], *flags: str) -> tuple[subprocess.Popen, int]:
+    """``python -m inference serve`` on the scripted model, for real, once it answers: (process, port). No key.
+    Ctrl-C reaches it as it would from a terminal: a child started in the background would inherit SIGINT ignored."""
+    port = free_port()
+    argv = [sys.executable, "-m", "inference", "serve", "--model", str(model_dir), "--name", BASE_ID,
+            *[f"--adapter={name}={path}" for name, path in adapters.items()], "--port", str(port), *flags]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout.readline().startswith("serving ")   # printed once bound and loaded; blocks until then
+    wait_for(lambda: health(port, key=None), proc, "inference serve")
+    return proc, port
+
+
+def send_chat(port: int, body: bytes, key: str | None = KEY) -> socket.socket:
+    """A chat request written on a raw socket, its answer left to read (or the socket to close, to leave)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
+    auth = b"" if key is None else b"Authorization: Bearer %s\r\n" % key.encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%sContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (auth, len(body), body))
+    return sock
 
 
 # ---------------------------------------------------------------------------------------------- models and chat
@@ -316,7 +361,8 @@ def test_a_wrong_key_is_an_authentication_error(port):
 
 @pytest.mark.parametrize("key", [None, "wrong-key", ""])
 @pytest.mark.parametrize("method, path", [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/models/caller"),
-                                          ("POST", "/v1/chat/completions"), ("GET", "/nowhere")])
+                                          ("POST", "/v1/chat/completions"), ("GET", "/openapi.json"),
+                                          ("GET", "/nowhere")])
 def test_every_route_needs_the_key(port, key, method, path):
     status, headers, body = raw(port, method, path, chat_body() if method == "POST" else None, key=key)
     assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
@@ -379,6 +425,13 @@ def test_invalid_requests_are_400_naming_the_param(port, fields, param):
         assert "message 1" in error["message"] or "tool 1" in error["message"]
 
 
+def test_integral_floats_pass_for_integers(port):
+    """2.0 is an integer for JSON Schema (and what json.dumps(2.0) sends); 2.5 is not."""
+    status, _, body = raw(port, "POST", "/v1/chat/completions", chat_body(max_tokens=2.0, seed=7.0, n=1.0))
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2
+    assert raw(port, "POST", "/v1/chat/completions", chat_body(max_tokens=2.5))[0] == 400
+
+
 def test_unknown_model_is_404_model_not_found(client):
     with pytest.raises(openai.NotFoundError) as exc:
         client.chat.completions.create(model="gpt-5", messages=HI)
@@ -395,8 +448,11 @@ def test_prompt_beyond_the_context_window(client, port, engine):
 
 def test_unknown_route_and_wrong_method(port):
     assert raw(port, "GET", "/v1/completions")[0] == 404
-    assert raw(port, "GET", "/v1/chat/completions")[0] == 405
-    assert raw(port, "DELETE", "/v1/models")[0] == 405
+    status, headers, _ = raw(port, "GET", "/v1/chat/completions")
+    assert status == 405 and headers["Allow"] == "POST"
+    for method in ("DELETE", "OPTIONS", "TRACE"):   # the standard library would answer 501 (a server error)
+        status, headers, _ = raw(port, method, "/v1/models")
+        assert status == 405 and headers["Allow"] == "GET, HEAD", method
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
     status, _, body = raw(port, "POST", "/health", b'{"a": 1}', conn=conn)
     assert status == 405 and json.loads(body)["error"]["message"]
@@ -405,16 +461,29 @@ def test_unknown_route_and_wrong_method(port):
 
 
 def test_max_tokens_are_capped_and_default_to_the_cap_and_verbose_logs(engine, capfd):
+    """Capped, not refused (clients send large defaults), and the client is told: X-Max-Tokens-Capped on whole and
+    streamed replies when it asked for more than the cap; not when it asked for less or nothing."""
     server = make_server(engine, max_tokens_cap=3, verbose=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{start(server)}/v1", api_key="unused", max_retries=0)
+    create = client.chat.completions.with_raw_response.create
     try:
-        for asked in ({}, {"max_tokens": 100}, {"max_completion_tokens": 100}):
-            reply = client.chat.completions.create(model="thinker", messages=HI, temperature=0, **asked)
-            assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+        for asked, capped in (({}, None), ({"max_tokens": 100}, "3"), ({"max_completion_tokens": 100}, "3"),
+                              ({"max_tokens": 2}, None)):
+            raw_reply = create(model="thinker", messages=HI, temperature=0, **asked)
+            reply = raw_reply.parse()
+            assert reply.usage.completion_tokens == min(3, asked.get("max_tokens", 3))
+            assert reply.choices[0].finish_reason == "length"
+            assert raw_reply.headers.get("X-Max-Tokens-Capped") == capped, asked
+            streamed = create(model="thinker", messages=HI, temperature=0, stream=True, **asked)
+            assert streamed.headers.get("X-Max-Tokens-Capped") == capped, asked
+            chunks = list(streamed.parse())
+            assert chunks[-1].choices[0].finish_reason == "length"
     finally:
         server.shutdown()
         server.server_close()
-    assert capfd.readouterr().err.count('"POST /v1/chat/completions HTTP/1.1" 200') == 3
+    err = capfd.readouterr().err
+    assert err.count('"POST /v1/chat/completions HTTP/1.1" 200') == 8
+    assert err.count("max_tokens 100 capped to 3 (--max-tokens-cap)") == 4
 
 
 def test_refuses_a_public_address_without_a_key(engine):
@@ -455,10 +524,7 @@ def test_a_client_leaving_stops_its_generation(port, client, engine, monkeypatch
         return run()
 
     monkeypatch.setattr(engine, "stream", recorded_stream)
-    body = chat_body(model="thinker", max_tokens=3000, stream=stream, temperature=0)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body))
+    sock = send_chat(port, chat_body(model="thinker", max_tokens=3000, stream=stream, temperature=0))
     if stream:  # leave once reasoning is flowing
         received = b""
         while b'"reasoning"' not in received:
@@ -483,7 +549,7 @@ class BrokenEngine:
     def encode_chat(self, messages, tools=None, reasoning_effort=None):
         return [1, 2, 3]
 
-    def stream(self, prompt_ids, params, model=None, cancelled=None):
+    def stream(self, prompt_ids, params, model=None, cancelled=None, max_wait=None, admitted=None):
         raise RuntimeError("kaboom")
 
     def stats(self):

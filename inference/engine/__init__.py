@@ -7,7 +7,7 @@ harmony, conversations, errors) and torch; never the HTTP layer or ``finetune``.
 """
 
 from inference.engine.api import BadParameter, Completion, Delta, Engine, PromptTooLong, SamplingParams, UnknownModel
-from inference.engine.scheduler import Overloaded, TooLarge
+from inference.engine.scheduler import Overloaded, QueueTimeout, TooLarge
 
-__all__ = ["BadParameter", "Completion", "Delta", "Engine", "Overloaded", "PromptTooLong", "SamplingParams",
-           "TooLarge", "UnknownModel"]
+__all__ = ["BadParameter", "Completion", "Delta", "Engine", "Overloaded", "PromptTooLong", "QueueTimeout",
+           "SamplingParams", "TooLarge", "UnknownModel"]

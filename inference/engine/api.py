@@ -17,7 +17,10 @@ that may wait for a slot (beyond it, :class:`Overloaded`). :meth:`Engine.generat
 Errors a caller can cause are :class:`inference.errors.UserError` subclasses: bad messages
 (``inference.conversations.MessageError``), :class:`UnknownModel`, :class:`PromptTooLong`, :class:`BadParameter`,
 :class:`TooLarge` (more KV memory than the engine has), raised before any token is computed, and
-:class:`Overloaded` (the waiting queue is full).
+:class:`Overloaded` (the waiting queue is full). A stream given ``max_wait`` raises
+:class:`~inference.engine.scheduler.QueueTimeout` from its first ``next()`` when it waited that long for a slot
+without getting one; ``admitted()`` is called when it gets one (a server sends a stream's headers then), and
+``cancelled()`` is asked while it waits too, so a caller that went away leaves the queue at once.
 
     engine = Engine.load("tiny-gpt-oss")
     reply = engine.chat([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=64)
@@ -26,6 +29,7 @@ Errors a caller can cause are :class:`inference.errors.UserError` subclasses: ba
 
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -110,30 +114,35 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be an integer >= 1, got {value!r}")
         self._scheduler: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()
         self._stop_ids = frozenset(harmony.stop_token_ids())
         self._call_id = harmony.encoding().encode("<|call|>", allowed_special="all")[0]
 
     @property
     def scheduler(self) -> Scheduler:
-        """Built at first use: its KV memory is sized from what is free then."""
-        if self._scheduler is None:
-            from inference.engine.cache import PAGE, page_bytes, slot_bytes
-            budget = self.kv_memory
-            if budget is None:
-                if self.model.embed.device.type == "cuda":
-                    import torch
-                    budget = int(torch.cuda.mem_get_info(self.model.embed.device)[0] * CUDA_KV_SHARE)
-                else:
-                    budget = CPU_KV_MEMORY
-            per_seq = -(-self.context_length // PAGE)
-            pages = (budget - self.max_batch * slot_bytes(self.model)) // max(page_bytes(self.model), 1)
-            pages = min(pages, self.max_batch * per_seq)
-            if pages < 1:
-                raise UserError(f"kv_memory {budget} bytes cannot hold {self.max_batch} sequences' sliding-window "
-                                "caches; lower max_batch or raise kv_memory")
-            cuda = self.model.embed.device.type == "cuda"
-            self._scheduler = Scheduler(self.model, tuple(self.model.adapters), self.max_batch, int(pages),
-                                        self.context_length, self.max_queue, 2048 if cuda else 512)
+        """Built at first use: its KV memory is sized from what is free then. Under a lock: a fresh server's first
+        requests arrive together, and each building its own scheduler would each get the whole batch and queue."""
+        with self._scheduler_lock:
+            return self._scheduler or self._build_scheduler()
+
+    def _build_scheduler(self) -> Scheduler:
+        from inference.engine.cache import PAGE, page_bytes, slot_bytes
+        budget = self.kv_memory
+        if budget is None:
+            if self.model.embed.device.type == "cuda":
+                import torch
+                budget = int(torch.cuda.mem_get_info(self.model.embed.device)[0] * CUDA_KV_SHARE)
+            else:
+                budget = CPU_KV_MEMORY
+        per_seq = -(-self.context_length // PAGE)
+        pages = (budget - self.max_batch * slot_bytes(self.model)) // max(page_bytes(self.model), 1)
+        pages = min(pages, self.max_batch * per_seq)
+        if pages < 1:
+            raise UserError(f"kv_memory {budget} bytes cannot hold {self.max_batch} sequences' sliding-window "
+                            "caches; lower max_batch or raise kv_memory")
+        cuda = self.model.embed.device.type == "cuda"
+        self._scheduler = Scheduler(self.model, tuple(self.model.adapters), self.max_batch, int(pages),
+                                    self.context_length, self.max_queue, 2048 if cuda else 512)
         return self._scheduler
 
     def stats(self) -> dict:
@@ -237,31 +246,37 @@ class Engine:
         return adapter, min(params.max_tokens or room, room)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), model: str | None = None,
-               cancelled: Callable[[], bool] | None = None) -> Iterator[Delta | Completion]:
+               cancelled: Callable[[], bool] | None = None, max_wait: float | None = None,
+               admitted: Callable[[], None] | None = None) -> Iterator[Delta | Completion]:
         """Deltas as tokens arrive, then one Completion. Validates ``model``, ``params`` and the prompt length
-        now (this is not a generator function), so errors come before any compute. ``cancelled`` is asked after
-        every token, visible or not (a server passes "has the client gone?")."""
+        now (this is not a generator function), so errors come before any compute, and queues the request (or
+        raises :class:`Overloaded`). ``cancelled`` is asked after every token, visible or not, and every 0.2 s while
+        no token comes (a server passes "has the client gone?"): then the Completion's finish_reason is
+        ``cancelled``. ``max_wait``: seconds the request may wait for a slot (the first ``next()`` then raises
+        :class:`~inference.engine.scheduler.QueueTimeout`); ``admitted()`` is called, in the consuming thread,
+        when it gets one."""
         if isinstance(params.stop, str):   # one stop string, not its characters
             params = replace(params, stop=(params.stop,))
         adapter, max_new = self._check(list(prompt_ids), params, model)
-        return self._run(list(prompt_ids), params, adapter, max_new, cancelled)
+        return self._run(list(prompt_ids), params, adapter, max_new, cancelled, max_wait, admitted)
 
     def _run(self, prompt: list[int], params: SamplingParams, adapter: str | None, max_new: int,
-             cancelled: Callable[[], bool] | None) -> Iterator[Delta | Completion]:
+             cancelled: Callable[[], bool] | None, max_wait: float | None = None,
+             admitted: Callable[[], None] | None = None) -> Iterator[Delta | Completion]:
         index = 0 if adapter is None else self.model.adapters.index(adapter) + 1
         request = self.scheduler.submit(prompt, max_new, self._stop_ids, params.temperature, params.top_p,
-                                        params.seed, index)
-        return self._events(request, prompt, params, cancelled)
+                                        params.seed, index, max_wait=max_wait)
+        return self._events(request, prompt, params, cancelled, admitted)
 
-    def _events(self, request, prompt: list[int], params: SamplingParams,
-                cancelled: Callable[[], bool] | None) -> Iterator[Delta | Completion]:
+    def _events(self, request, prompt: list[int], params: SamplingParams, cancelled: Callable[[], bool] | None,
+                admitted: Callable[[], None] | None = None) -> Iterator[Delta | Completion]:
         parser = harmony.ReplyStream()
         content = _StopText(params.stop)
         reasoning: list[str] = []
         calls: list[dict] = []
         tokens: list[int] = []
         finish = "length"
-        gen = request.tokens()
+        gen = request.tokens(gone=cancelled, admitted=admitted)
         try:
             for token in gen:
                 tokens.append(token)
@@ -292,6 +307,8 @@ class Engine:
                     finish = "tool_calls" if token == self._call_id and calls else "stop"
         finally:
             gen.close()     # cancels the request: its slot and KV memory come back at the next step
+        if request.abandoned:   # cancelled() said so while no token came (waiting for a slot, say)
+            finish = "cancelled"
         rest = content.flush()
         if rest:
             yield Delta("content", rest)

@@ -11,9 +11,13 @@ while there is work. Each iteration it
 4. runs one decode step for every sequence that is generating, and hands each its next token.
 
 A request's tokens arrive on its own queue (:meth:`Request.tokens`); closing that iterator or :meth:`Request.cancel`
-ends it at the next iteration. Submitting beyond ``max_queue`` waiting requests raises :class:`Overloaded` (a
-server answers 429). A failure inside a step is handed to every request in flight (each consumer raises it), the
-memory is cleared, and the scheduler goes on with new requests.
+ends it at the next iteration, whether it is generating or still waiting (the consumer can ask "is my caller gone?"
+while no token comes, so a waiting request notices too). Submitting beyond ``max_queue`` waiting requests raises
+:class:`Overloaded` (a server answers 429). A request submitted with ``max_wait`` that is still waiting that many
+seconds later (checked each iteration, right after admission, so a slot freed in that iteration still goes to it)
+leaves the queue and its consumer raises :class:`QueueTimeout` (a server answers 503). A failure inside a step is
+handed to every request in flight (each consumer raises it), the memory is cleared, and the scheduler goes on with
+new requests.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -35,6 +39,7 @@ from inference.engine.sampling import choose, generator
 from inference.errors import UserError
 
 _END = object()
+_ADMITTED = object()   # put on a request's queue when it gets its slot (see Request.tokens' ``admitted``)
 _SCHEDULERS: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
 _WORKERS: list[threading.Thread] = []    # strong references: a worker may outlive its scheduler's last other owner
 
@@ -52,12 +57,20 @@ def _stop_all() -> None:
         worker.join(30.0)
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
 class Overloaded(UserError):
     """Every slot is busy and the waiting queue is full: try again later."""
 
 
 class TooLarge(UserError):
     """A request needs more KV memory than the scheduler has in total."""
+
+
+class QueueTimeout(UserError):
+    """A request waited its ``max_wait`` seconds for a slot without getting one, and was dropped from the queue."""
 
 
 @dataclass(eq=False)
@@ -78,17 +91,35 @@ class Request:
     out: list[int] = field(default_factory=list)
     finished: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None          # perf_counter time by which it must have a slot (None: wait for ever)
+    abandoned: bool = False                # its consumer's ``gone()`` said so while no token came
 
     def cancel(self) -> None:
         self.cancelled = True
 
-    def tokens(self) -> Iterator[int]:
-        """The generated ids as they come (blocking); closing it early cancels the request."""
+    def tokens(self, gone: Callable[[], bool] | None = None, admitted: Callable[[], None] | None = None,
+               every: float = 0.2) -> Iterator[int]:
+        """The generated ids as they come (blocking); closing it early cancels the request.
+
+        ``admitted()`` is called once, in the consuming thread, when the request gets its slot. ``gone()`` is asked
+        every ``every`` seconds while no token comes (waiting for a slot, a long prefill): when it says True the
+        request is cancelled, marked ``abandoned``, and the iterator ends at once (the scheduler frees its place at
+        its next iteration), so a caller that went away never holds a place in the queue."""
         try:
             while True:
-                event = self.events.get()
+                try:
+                    event = self.events.get(timeout=every if gone is not None else None)
+                except queue.Empty:
+                    if gone():
+                        self.abandoned = True
+                        return
+                    continue
                 if event is _END:
                     return
+                if event is _ADMITTED:
+                    if admitted is not None:
+                        admitted()
+                    continue
                 if isinstance(event, BaseException):
                     raise event
                 yield event
@@ -118,13 +149,20 @@ class Scheduler:
     # ------------------------------------------------------------------ what callers use
 
     def submit(self, prompt: list[int], max_new: int, stop_ids: frozenset[int], temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, adapter: int = 0, bounded: bool = True) -> Request:
-        """Queue a request (``bounded``: refuse with :class:`Overloaded` when ``max_queue`` are already waiting)."""
-        return self.submit_many([(prompt, max_new, stop_ids, temperature, top_p, seed, adapter)], bounded)[0]
+               top_p: float = 1.0, seed: int | None = None, adapter: int = 0, bounded: bool = True,
+               max_wait: float | None = None) -> Request:
+        """Queue a request (``bounded``: refuse with :class:`Overloaded` when ``max_queue`` are already waiting;
+        ``max_wait``: seconds it may wait for a slot before it fails with :class:`QueueTimeout`)."""
+        return self.submit_many([(prompt, max_new, stop_ids, temperature, top_p, seed, adapter)], bounded,
+                                max_wait)[0]
 
-    def submit_many(self, items: list[tuple], bounded: bool = False) -> list[Request]:
+    def submit_many(self, items: list[tuple], bounded: bool = False, max_wait: float | None = None) -> list[Request]:
         """Queue several requests (each ``submit``'s arguments as a tuple) at once: they join the same step."""
+        if max_wait is not None and not max_wait > 0:
+            raise UserError(f"max_wait must be a positive number of seconds, got {max_wait!r}")
         requests = [self._request(*item) for item in items]
+        for r in requests:
+            r.deadline = None if max_wait is None else r.submitted + max_wait
         with self._lock:
             if bounded and len(self._waiting) + len(requests) > self.max_queue:
                 raise Overloaded(f"the server is at capacity ({len(self._live)} generating, {len(self._waiting)} "
@@ -202,6 +240,7 @@ class Scheduler:
     def _step(self) -> None:
         self._retire()
         self._admit()
+        self._expire()
         self._prefill()
         self._decode()
         self._retire()
@@ -234,6 +273,21 @@ class Scheduler:
                 r.slot = len(self._live)
                 self.cache.allocate(r.slot, len(r.prompt) + r.max_new)
                 self._live.append(r)
+                r.events.put(_ADMITTED)
+
+    def _expire(self) -> None:
+        """Drop the waiting requests past their deadline. Run right after admission: a request is dropped only when
+        it could not get a slot in this iteration either."""
+        now = time.perf_counter()
+        with self._lock:
+            late = [r for r in self._waiting if r.deadline is not None and now > r.deadline and not r.cancelled]
+            for r in late:
+                self._waiting.remove(r)
+                r.finished = True
+                r.events.put(QueueTimeout(f"waited {_seconds(now - r.submitted)} s for a free slot (the limit is "
+                                          f"{_seconds(r.deadline - r.submitted)} s; {len(self._live)} generating, "
+                                          f"{len(self._waiting)} still waiting): the server is overloaded, retry "
+                                          "later"))
 
     def _prefill(self) -> None:
         budget, rows = self.prefill_tokens, []

@@ -7,7 +7,9 @@ sqlite store that does not exist rather than creating an empty one somewhere une
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -44,15 +46,27 @@ def serve(uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> None:
     # MLflow's server otherwise starts ~7 background job-runner processes (GenAI evaluation jobs and periodic
     # tasks) that browsing runs never uses; on a small machine they double the start-up time.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    server = subprocess.Popen(argv, env=env)
+    # Its own process group: MLflow's server runs its web workers as child processes, and stopping only the
+    # parent would leave a worker holding the port. Ctrl-C and SIGTERM reach us and are passed on to the group.
+    server = subprocess.Popen(argv, env=env, start_new_session=True)
     try:
         code = server.wait()
     except KeyboardInterrupt:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop_group(server)
         raise
     if code != 0:
         raise UserError(f"the MLflow server exited with status {code} (is port {port} in use? try --port)")
+
+
+def _stop_group(server: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM to the server's process group, SIGKILL to whatever is left after ``timeout`` seconds."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)   # workers that outlived their parent (or ignored SIGTERM)
+    server.wait()

@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -289,7 +291,18 @@ def test_ui_command_serves_the_projects_store_on_localhost(tmp_path):
         listening = run(["ss", "-ltnH", f"sport = :{port}"]).stdout
         addresses = set(re.findall(r"(\S+):%d\b" % port, listening))
         assert addresses and addresses <= {"127.0.0.1"}, listening
+        server.send_signal(signal.SIGTERM)       # to `finetune ui` alone: it must stop MLflow's server and workers
+        output = server.communicate(timeout=60)[0]
+        assert server.returncode == 143 and "terminated (SIGTERM)" in output, output[-2000:]
+        deadline = time.monotonic() + 30
+        while run(["ss", "-ltnH", f"sport = :{port}"]).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not run(["ss", "-ltnH", f"sport = :{port}"]).stdout.strip()   # nothing holds the port any more
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, 9)  # the server and its workers (shutting down gracefully is not under test)
+            os.killpg(server.pid, 9)
+        # MLflow's server runs in a process group of its own: whatever still listens on the port, if this failed
+        for pid in re.findall(r"pid=(\d+)", run(["ss", "-ltnpH", f"sport = :{port}"]).stdout):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(int(pid)), 9)
         server.communicate(timeout=120)

@@ -103,6 +103,44 @@ def check_paths(recipe) -> None:
         raise UserError("; ".join(problems))
 
 
+MAX_LISTED = 20   # validate lists this many problems, then how many more there are
+
+
+def validate(recipe) -> str:
+    """What ``run`` would refuse before training, all at once: every bad line of the datasets (up to
+    :data:`MAX_LISTED`), then the data preparation (Harmony rendering, lengths, eval split) and the memory estimate.
+    Returns a note on what could not be checked here (the model is elsewhere), or ""."""
+    import os
+
+    from finetune.datasets import find_problems
+    from finetune.recipe import resolve_path
+    problems = []
+    for key in ("train", "eval"):
+        value = getattr(recipe.data, key)
+        if value:
+            problems += [f"data.{key}: {p}" for p in find_problems(resolve_path(None, value), recipe.data.format)]
+    note = ""
+    if not problems:
+        from finetune.data import prepare
+        from finetune.estimate import ModelNotHere, estimate
+        from finetune.pipeline import check_fits
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # validating never downloads a model
+        for check in (lambda: prepare(recipe), lambda: check_fits(estimate(recipe))):
+            try:
+                check()
+            except ModelNotHere:   # a recipe written here for a machine that has the model: say what was not checked
+                note = (f" (model {recipe.model.name_or_path} is not on this machine: its memory estimate was not "
+                        "checked)")
+            except UserError as exc:
+                problems.append(str(exc))
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise UserError(f"{len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems[:MAX_LISTED]) + more)
+    return note
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, overrides accepted anywhere after the recipe (``run R.yaml --resume train.lr=1e-4``,
     ``preview R.yaml -n 3 data.max_length=512``): argparse stops collecting positionals at the first option, so the
@@ -162,7 +200,8 @@ def _run(args) -> None:
         return
     check_paths(recipe)
     if args.command == "validate":
-        print(dump_recipe(recipe) if args.print_recipe else f"{args.recipe}: OK")
+        note = validate(recipe)
+        print(dump_recipe(recipe) if args.print_recipe else f"{args.recipe}: OK{note}")
     elif args.command == "preview":
         from finetune.data import preview
         print(preview(recipe, args.n, color=sys.stdout.isatty()))
@@ -172,9 +211,10 @@ def _run(args) -> None:
         from finetune.pipeline import run
         try:
             run(recipe, resume=args.resume)
-        except KeyboardInterrupt:   # Ctrl-C or SIGTERM: run.json and MLflow already say so; say how to go on
+        except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM: run.json and MLflow already say so; say how to go on
             again = shlex.join(["python", "-m", "finetune", "run", args.recipe, *args.overrides, "--resume"])
-            print(f"the run stopped; to continue it from its last checkpoint: {again}", file=sys.stderr)
+            print(f"the run stopped{f' ({exc})' if str(exc) else ''}; to continue it from its last checkpoint: "
+                  f"{again}", file=sys.stderr)
             raise
 
 

@@ -24,9 +24,10 @@ from inference.conversations import (
     Records,
     read_examples,
     read_jsonl,
+    to_example,
 )
 
-__all__ = ["DataError", "Example", "dataset_fingerprint", "load_examples"]
+__all__ = ["DataError", "Example", "dataset_fingerprint", "find_problems", "load_examples"]
 
 
 class DataError(MessageError):
@@ -72,10 +73,33 @@ def _hash_into(h: Any, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------- finding records
 
-def _records(path: Path) -> Records:
-    """(source, record) pairs from a file or directory, in order."""
+def find_problems(path: str | Path, format: str = "auto") -> list[str]:
+    """Every malformed line or record of a dataset, one message each (``python -m finetune validate``), where
+    :func:`load_examples` stops at the first."""
+    problems: list[str] = []
+    path, count = Path(path), 0
+    if path.is_file() and path.suffix in (".yaml", ".yml"):   # a recipe given as data: one line, not one per line
+        return [f"{path}: is a YAML file; a dataset is JSON lines (.jsonl), parquet or a saved HF dataset"]
+    try:
+        for source, record in _records(path, problems):
+            count += 1
+            try:
+                to_example(record, source, format)
+            except MessageError as exc:
+                problems.append(str(exc))
+    except (DataError, MessageError) as exc:   # the dataset as a whole: missing, the wrong kind, unreadable
+        problems.append(str(exc))
+    if not count and not problems:
+        problems.append(f"{path}: no examples")
+    return problems
+
+
+def _records(path: Path, problems: list[str] | None = None) -> Records:
+    """(source, record) pairs from a file or directory, in order (``problems``: see ``read_jsonl``)."""
+    if not path.exists():
+        raise DataError(f"dataset not found: {path}")
     if path.is_file():
-        yield from _hf_records(path, [path]) if path.suffix == ".parquet" else read_jsonl(path)
+        yield from _hf_records(path, [path]) if path.suffix == ".parquet" else read_jsonl(path, problems)
         return
     if any((path / name).exists() for name in SAVED_DATASET_FILES):
         yield from _hf_records(path, None)
@@ -90,7 +114,7 @@ def _records(path: Path) -> Records:
         yield from _hf_records(path, parquet)
     else:  # our own reader, not datasets' json builder: exact line numbers, and no schema inferred from early rows
         for file in files:
-            yield from read_jsonl(file)
+            yield from read_jsonl(file, problems)
 
 
 def _hf_records(path: Path, parquet: list[Path] | None) -> Records:

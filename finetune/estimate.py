@@ -85,6 +85,10 @@ class Estimate:
 # ---------------------------------------------------------------- the model's numbers
 
 
+class ModelNotHere(UserError):
+    """The recipe's model (its config.json) is not on this machine, so nothing can be estimated."""
+
+
 def model_config(recipe: Recipe):
     """The ``GptOssConfig`` of the recipe's model, from its config.json alone."""
     from inference.checkpoint import read_config
@@ -92,7 +96,7 @@ def model_config(recipe: Recipe):
     try:
         return read_config(resolve_model(recipe.model.name_or_path))
     except UserError as exc:
-        raise UserError(f"model.name_or_path: {exc}. The estimate needs only the model's config.json: point "
+        raise ModelNotHere(f"model.name_or_path: {exc}. The estimate needs only the model's config.json: point "
                         "model.name_or_path at a directory holding it (e.g. model.name_or_path=/path/to/dir)") from None
 
 

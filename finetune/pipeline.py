@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import re
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import owned
+from finetune import killpoints, owned
 from finetune.recipe import Recipe, dump_recipe, flatten, recipe_to_dict, resolve_path
 from inference.errors import UserError
 
@@ -90,6 +91,21 @@ class RunResult:
                 f"{loss(self.eval_after)}" + (f", exact match {100 * em:.1f}%" if em is not None else "") + ")")
 
 
+# (logger, start of a message) that a normal offline run cannot act on: see set_quiet_environment
+_NOTICES = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+            ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-"
+                                          "bitsandbytes'"))
+
+
+class _HubKernelNotice(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def set_quiet_environment() -> None:
     """Offline and quiet by default; each can be overridden by setting the variable first."""
     import warnings
@@ -97,6 +113,13 @@ def set_quiet_environment() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)\.")
     # PEFT looks for the base model's config to decide whether to save embeddings; we never train them.
     warnings.filterwarnings("ignore", message="Could not find a config file in")
+    # bitsandbytes (imported by PEFT) tries to fetch a CPU kernel from the Hub at import and warns when it cannot
+    # (and the kernels library notes it is offline): offline, and without trust_remote_code, it never can, and it
+    # falls back to its own kernel. Nothing to act on, so these two messages, and only they, are dropped.
+    for name, prefix in _NOTICES:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _HubKernelNotice) for f in log.filters):
+            log.addFilter(_HubKernelNotice(prefix))
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
                        "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
                        "DO_NOT_TRACK": "1"}.items():
@@ -219,20 +242,6 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _latest_checkpoint(run_dir: Path, echo=print) -> str | None:
-    """The newest complete checkpoint. Its trained-token count is written last, after the Trainer's own files
-    (:class:`finetune.train.TrainedTokensCheckpoint`), so a checkpoint without it was cut short by a kill while it
-    was saved: it is skipped, with a note, for the complete one before it."""
-    from finetune.train import TRAINED_TOKENS_FILE
-    found = [(int(p.name.removeprefix("checkpoint-")), p) for p in (run_dir / "checkpoints").glob("checkpoint-*")
-             if p.name.removeprefix("checkpoint-").isdigit() and p.is_dir()]
-    for _, path in sorted(found, reverse=True):
-        if (path / TRAINED_TOKENS_FILE).is_file():
-            return str(path)
-        echo(f"skipping {path}: incomplete (the run stopped while saving it)")
-    return None
-
-
 def _trim_metrics(path: Path, last_step: int) -> None:
     """On resume, forget logged steps after the checkpoint: they are about to be replayed."""
     if path.is_file():
@@ -293,12 +302,16 @@ def run(recipe: Recipe, resume: bool = False, echo=print, log_lines: bool | None
         result = _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, tracker, resume, echo,
                                      log_lines)
     except BaseException as exc:
-        write_json(run_dir / "run.json", info | {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
-        tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        stopped = isinstance(exc, KeyboardInterrupt)    # Ctrl-C or SIGTERM (errors.Terminated)
+        write_json(run_dir / "run.json", info | {"status": "interrupted" if stopped else "failed",
+                                                 "error": f"{type(exc).__name__}: {exc}".rstrip(": ")})
+        if stopped:
+            tracker.set_tags({"finetune.status": "interrupted"})
+        tracker.close("KILLED" if stopped else "FAILED")
         raise
     if "training_peak_gpu_bytes" in setup:
         info["training_peak_gpu_bytes"] = setup["training_peak_gpu_bytes"]
-    _record(result, info, tracker, started, echo)
+    _record(result, info, tracker, started, echo, recipe.tracking.log)
     if not keep_model:
         result.model = model = None
         _free_memory(setup["device"])
@@ -358,6 +371,12 @@ def _estimate(recipe: Recipe, echo):
     from finetune.estimate import estimate, format_estimate
     plan = estimate(recipe)
     echo(format_estimate(plan))
+    check_fits(plan)
+    return plan
+
+
+def check_fits(plan) -> None:
+    """Refuse an estimate over twice the device's memory (``run`` and ``validate``)."""
     if plan.device == "cpu":
         capacity, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
     else:
@@ -365,10 +384,9 @@ def _estimate(recipe: Recipe, echo):
     # The estimate has been within -12% / +1% of measured peaks (README, "Estimate before you run"): twice the
     # memory there is can never fit, and trying would only end in an allocation error after loading the model.
     if capacity and plan.peak_bytes > 2 * capacity:
-        raise UserError(f"the run needs about {plan.peak_bytes / 2**30:,.0f} GiB of {plan.device} memory (estimate "
-                        f"above) and {where} has {capacity / 2**30:,.0f} GiB; lower lora.r, train.batch_size or "
-                        "data.max_length")
-    return plan
+        raise UserError(f"the run needs about {plan.peak_bytes / 2**30:,.0f} GiB of {plan.device} memory (`python -m "
+                        f"finetune estimate` shows why) and {where} has {capacity / 2**30:,.0f} GiB; lower lora.r, "
+                        "train.batch_size or data.max_length")
 
 
 def _load_model(recipe: Recipe, echo, plan):
@@ -421,10 +439,14 @@ def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, 
             "versions": versions,
             "git_commit": git_commit(), "data": stats, "coverage": setup["coverage"]}
     write_json(run_dir / "run.json", info)
-    tracker.log_params(flatten(recipe_to_dict(recipe)))
-    tracker.set_tags(lineage_tags(recipe, run_dir, info))
+    logged = recipe.tracking.log
+    if "params" in logged:
+        tracker.log_params(flatten(recipe_to_dict(recipe)))
+    if "tags" in logged:
+        tracker.set_tags(lineage_tags(recipe, run_dir, info))
     (run_dir / "coverage.json").write_text(json.dumps(setup["coverage"], indent=2) + "\n", encoding="utf-8")
-    tracker.log_artifact(run_dir / "coverage.json")
+    if "coverage.json" in logged:
+        tracker.log_artifact(run_dir / "coverage.json")
     tracker.log_metrics({f"data.{k}": v for k, v in stats.items() if isinstance(v, (int, float))} |
                         {f"data.trained_tokens.{k}": v for k, v in stats["trained_tokens_by_channel"].items()} |
                         {f"lora.params.{k}": v for k, v in setup["coverage"]["groups"].items()}, step=0)
@@ -454,19 +476,22 @@ def lineage_tags(recipe: Recipe, run_dir: Path, info: dict) -> dict:
     }
 
 
-def _record(result: RunResult, info: dict, tracker, started: float, echo) -> None:
+def _record(result: RunResult, info: dict, tracker, started: float, echo, logged: list[str]) -> None:
     """Mark the run completed in run.json and MLflow, with its artefacts."""
     run_dir = result.run_dir
     info |= {"status": "completed", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "wall_time_s": round(time.time() - started, 1), "adapter": str(result.adapter_dir),
              "trained_tokens": result.trained_tokens}
     info.pop("error", None)
+    killpoints.reached("record")
     write_json(run_dir / "run.json", info)
     last_step = result.metrics[-1]["step"] if result.metrics else 0
     tracker.log_metrics({"wall_time_s": info["wall_time_s"], "trained_tokens": result.trained_tokens}, last_step)
     for name in ("recipe.yaml", "run.json", "eval_report.json", "metrics.jsonl"):
-        tracker.log_artifact(run_dir / name)
-    tracker.log_artifact(result.adapter_dir, "adapter")
+        if name in logged:
+            tracker.log_artifact(run_dir / name)
+    if "adapter" in logged:
+        tracker.log_artifact(result.adapter_dir, "adapter")
     tracker.close()
     result.mlflow_run_id, result.stats, result.tracking_uri = tracker.run_id, info["data"], tracker.uri
     result.wall_time_s = info["wall_time_s"]
@@ -479,8 +504,8 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     import torch
     from tqdm.auto import tqdm
 
-    from finetune import fastpath
-    from finetune.train import build_trainer, checkpoint_is_final, load_final_checkpoint, restore_trained_tokens
+    from finetune import checkpoints, fastpath, stopping
+    from finetune.train import build_trainer, checkpoint_is_final, load_final_checkpoint
     from inference.engine import Engine
     from inference.evaluate import evaluate
 
@@ -507,16 +532,20 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     if has_eval and ev.before_training:
         report_path = run_dir / "eval_before.json"
         before = json.loads(report_path.read_text()) if resume and report_path.is_file() else run_eval("before")
+        killpoints.reached("eval-before")
         write_json(report_path, before)
         tracker.log_metrics({f"eval_before.{k}": v for k, v in before.items() if isinstance(v, (int, float))}, 0)
 
     trainer = build_trainer(recipe, model, tokenizer, prepared.train, prepared.eval, run_dir, device, tracker,
                             log_lines)
-    checkpoint = _latest_checkpoint(run_dir, echo) if resume else None
-    restore_trained_tokens(trainer, checkpoint)
+    stop = stopping.Stop()
+    trainer.add_callback(stopping.StopAtStepEnd(stop))
+    found = checkpoints.latest(run_dir / "checkpoints", echo) if resume else None
+    checkpoints.restore_trained_tokens(trainer, found)
+    checkpoint = str(found) if found else None
     if resume:
         echo(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training from the start")
-        _trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0)
+        _trim_metrics(run_dir / "metrics.jsonl", checkpoints.step_of(found) if found else 0)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -526,7 +555,11 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
         echo(f"{checkpoint} is the run's last step: not training again, finishing from it")
         load_final_checkpoint(trainer, checkpoint)
     else:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with stopping.graceful(stop):
+            trainer.train(resume_from_checkpoint=checkpoint)
+        stop.raise_if_requested(trainer.state.global_step)
+    checkpoints.rotate(run_dir / "checkpoints", recipe.train.save_total_limit)   # a kill may have cut it short
+    killpoints.reached("train-end")
     if cuda:   # measured against the estimate printed first (python -m finetune estimate)
         setup["training_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         echo(f"peak GPU memory while training: {setup['training_peak_gpu_bytes'] / 2**30:.2f} GiB "
@@ -539,6 +572,7 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     shutil.rmtree(tmp, ignore_errors=True)
     # Embeddings are never trained here; saying so also spares PEFT from looking up the base model's files.
     model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+    killpoints.reached("adapter:written")
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
 
@@ -546,6 +580,7 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     if after:
         tracker.log_metrics({f"eval.{k}": v for k, v in after.items() if isinstance(v, (int, float))},
                             trainer.state.global_step)
+    killpoints.reached("eval-after")
     write_json(run_dir / "eval_report.json", {"before": before, "after": after})
     if has_eval:
         echo(format_eval(before, after))

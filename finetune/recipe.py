@@ -247,6 +247,12 @@ class OutputConfig(_Section):
         return value
 
 
+# What tracking.log may name (see TrackingConfig.log): each is logged to MLflow only when listed.
+LOGGED_ITEMS = ("adapter", "params", "tags", "recipe.yaml", "run.json", "coverage.json", "metrics.jsonl",
+                "eval_report.json", "exports")
+LOGGED = Literal[LOGGED_ITEMS]
+
+
 class TrackingConfig(_Section):
     """Experiment tracking with MLflow."""
 
@@ -254,6 +260,28 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = Field(None, description="null: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     experiment: str = Field("gpt-oss-finetune", description="MLflow experiment name")
     run_name: str | None = Field(None, description="MLflow run name (null: derived from output.dir)")
+    log: list[LOGGED] = Field(
+        list(LOGGED_ITEMS), description="what goes to MLflow beyond the metrics: adapter, params (every recipe "
+        "value, data paths included), tags (lineage: run directory, base model, fingerprints, versions), recipe.yaml, "
+        "run.json (paths, estimate, versions), coverage.json, metrics.jsonl, eval_report.json (held-out reference "
+        "answers and the model's answers), exports (each export's parity.json: paths and numbers); [] logs metrics "
+        "only")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, value):
+        from finetune.tracking import credentials_problem
+        problem = credentials_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("log")
+    @classmethod
+    def _no_repeats(cls, value):
+        if len(set(value)) != len(value):
+            raise ValueError(f"names an item twice: {value}")
+        return value
 
 
 class Recipe(_Section):
@@ -469,6 +497,8 @@ def _validate(raw: Any, node: yaml.Node | None, label: str, overrides: list[str]
         for err in exc.errors():
             loc = tuple(err["loc"])
             source = next((o for p, o in overridden if loc[: len(p)] == p), None)
+            if source and loc[:2] == ("tracking", "tracking_uri"):
+                source = source.partition("=")[0] + "=..."     # it may hold a password: never echoed
             where = f" (override {source!r})" if source else (f" (line {lines[loc]})" if loc in lines else "")
             problems.append(f"{'.'.join(map(str, loc))}{where}: {_describe(err)}")
     if problems:

@@ -20,6 +20,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from inference.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -27,12 +30,27 @@ KIND_TAG = "finetune.kind"          # "run" or "sweep": how compare tells our ru
 
 
 def tracking_uri(configured: str | None) -> str:
-    """The store to use, with a relative sqlite path made absolute (run.json must find it from anywhere)."""
+    """The store to use, with a relative sqlite path made absolute (run.json must find it from anywhere).
+
+    A URI with a password in it (``https://user:secret@host``) is refused: the URI is printed and stored in run.json.
+    MLflow reads credentials from its own environment variables, which this project never prints or stores."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    problem = credentials_problem(uri)
+    if problem:
+        raise UserError(f"{'tracking.tracking_uri' if configured else 'MLFLOW_TRACKING_URI'}: {problem}")
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+def credentials_problem(uri: str) -> str | None:
+    """Why ``uri`` must not be used as given (it holds a password), or None."""
+    if "://" in uri and urlsplit(uri).password is not None:
+        return ("the tracking URI holds a password, which would be printed and stored in run.json; give it without "
+                "one and put the credentials in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                "MLFLOW_TRACKING_TOKEN), which MLflow reads itself")
+    return None
 
 
 def _client(uri: str):

@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from finetune import fastpath
+from finetune import fastpath, killpoints
+from finetune.checkpoints import CompleteCheckpoints
 from finetune.model import is_quantized
 from finetune.recipe import Recipe
 from inference.evaluate import pad_weighted
@@ -71,30 +71,24 @@ def _trainer_class():
                 logs["trained_tokens"] = self.trained_tokens
             return super().log(logs, *args, **kwargs)
 
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not _internal_call:
+                return super().save_model(output_dir, _internal_call)
+            # Inside a checkpoint save: the checkpoint holds the adapter, not another copy of the tokenizer (27 MB
+            # each for gpt-oss); the base model's directory has it.
+            killpoints.reached("save:begin")
+            tokenizer, self.processing_class = self.processing_class, None
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                self.processing_class = tokenizer
+            killpoints.reached("save:adapter")
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            super()._save_optimizer_and_scheduler(output_dir)
+            killpoints.reached("save:optimizer")
+
     return WeightedSFTTrainer
-
-
-TRAINED_TOKENS_FILE = "trained_tokens.json"
-
-
-class TrainedTokensCheckpoint(TrainerCallback):
-    """Saves the trained-token count beside each checkpoint, so ``--resume`` continues the count exactly."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_save(self, args, state, control, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():   # written last and atomically: its presence is what makes the checkpoint complete
-            tmp = ckpt / (TRAINED_TOKENS_FILE + ".tmp")
-            tmp.write_text(json.dumps({"trained_tokens": self.trainer.trained_tokens}))
-            os.replace(tmp, ckpt / TRAINED_TOKENS_FILE)
-
-
-def restore_trained_tokens(trainer, checkpoint: str | None) -> None:
-    path = Path(checkpoint) / TRAINED_TOKENS_FILE if checkpoint else None
-    if path is not None and path.is_file():
-        trainer.trained_tokens = int(json.loads(path.read_text())["trained_tokens"])
 
 
 def checkpoint_is_final(checkpoint: str) -> bool:
@@ -219,7 +213,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
         eval_strategy=("no" if not evals else "steps" if t.eval_steps else "epoch"),
         eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "epoch", save_steps=t.save_steps or steps_per_epoch,
-        save_total_limit=t.save_total_limit, save_only_model=False,
+        # rotation is finetune.checkpoints' (after a checkpoint is marked complete), never the Trainer's
+        save_total_limit=None, save_only_model=False,
         gradient_checkpointing=t.gradient_checkpointing,
         # our path keeps the expert matmuls' and attention's outputs instead of recomputing them
         gradient_checkpointing_kwargs=fastpath.checkpoint_kwargs(model) if fastpath.is_enabled(model) else None,
@@ -242,5 +237,5 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
     bar = ProgressBar()
     trainer.add_callback(bar)
     trainer.add_callback(MetricsCallback(run_dir, tracker, bar.write if log_lines else None, bar))
-    trainer.add_callback(TrainedTokensCheckpoint(trainer))
+    trainer.add_callback(CompleteCheckpoints(trainer, t.save_total_limit))
     return trainer

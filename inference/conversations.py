@@ -106,27 +106,32 @@ def load_jsonl_examples(path: str | Path, format: str = "auto", limit: int | Non
     return read_examples(path, _jsonl_dataset, format, limit)
 
 
-def read_jsonl(path: str | Path) -> Records:
-    """(``file:line``, record) for each non-blank line of a JSON-lines file."""
+def read_jsonl(path: str | Path, problems: list[str] | None = None) -> Records:
+    """(``file:line``, record) for each non-blank line of a JSON-lines file. A line that is not valid UTF-8 or JSON
+    raises :class:`MessageError`, or, given ``problems``, is added to it and skipped (``validate`` lists them all)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             source = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise MessageError(f"{source}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = "; expected one JSON object per line" if line.strip() in ("[", "{") else ""
-                raise MessageError(f"{source}: not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
-            except RecursionError:
-                raise MessageError(f"{source}: JSON nested too deeply to read") from None
-            yield source, record
+                problem = f"{source}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            else:
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")
+                if not line.strip():
+                    continue
+                try:
+                    yield source, json.loads(line)
+                    continue
+                except json.JSONDecodeError as exc:
+                    hint = "; expected one JSON object per line" if line.strip() in ("[", "{") else ""
+                    problem = f"{source}: not valid JSON ({exc.msg} at column {exc.colno}){hint}"
+                except RecursionError:
+                    problem = f"{source}: JSON nested too deeply to read"
+            if problems is None:
+                raise MessageError(problem)
+            problems.append(problem)
 
 
 def _why(exc: Exception) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune import cli as cli_module
 from finetune.recipe import dump_recipe, load_recipe, recipe_to_dict
 from inference.errors import UserError
 
@@ -397,18 +398,36 @@ def imported_modules(stderr: str) -> list[str]:
     return [n for n in names if n and n != "imported package"]
 
 
-@pytest.mark.parametrize("args", [("--help",), ("validate", "--help"), ("validate", "recipes/tiny-cpu.yaml")])
-def test_help_and_validate_stay_light(cli, repo_root, args):
+@pytest.mark.parametrize("args", [("--help",), ("validate", "--help")])
+def test_help_stays_light(cli, repo_root, args):
     proc = cli("finetune", *args, cwd=repo_root, env={"PYTHONPROFILEIMPORTTIME": "1"})  # = python -X importtime
     assert proc.returncode == 0, proc.stderr
     modules = imported_modules(proc.stderr)
     assert "finetune.cli" in modules  # the import log is really there
     heavy = sorted({m for m in modules if m.split(".")[0] in HEAVY})
     assert not heavy, f"{' '.join(args)} imported {heavy[:10]}"
-    if "--help" in args:
-        assert proc.stdout.startswith("usage: python -m finetune")
-    else:
-        assert proc.stdout.strip() == "recipes/tiny-cpu.yaml: OK"
+    assert proc.stdout.startswith("usage: python -m finetune")
+
+
+def test_validate_finds_what_run_would_refuse_all_at_once(cli, work):
+    """Every bad line of the data (not only the first), a recipe given as data, and a run that cannot fit anywhere:
+    ``validate`` refuses what ``run`` would, before any model loads."""
+    write_jsonl(work / "data" / "train.jsonl", [GOOD, "{broken", {"messages": 3}, GOOD, "{also broken"])
+    msg = fails(cli, work, "validate", "r.yaml")
+    assert msg.startswith("error: 3 problems:"), msg
+    for line in ("data/train.jsonl:2: not valid JSON", "data/train.jsonl:3: 'messages' must be a list",
+                 "data/train.jsonl:5: not valid JSON"):
+        assert line in msg, msg
+    write_jsonl(work / "data" / "train.jsonl", ["{broken"] * (cli_module.MAX_LISTED + 5))
+    msg = fails(cli, work, "validate", "r.yaml")
+    assert msg.startswith(f"error: {cli_module.MAX_LISTED + 5} problems:") and msg.endswith("... and 5 more"), msg
+    shutil.copy(REPO / "data" / "tiny" / "train.jsonl", work / "data" / "train.jsonl")
+    msg = fails(cli, work, "validate", "r.yaml", "data.train=r.yaml")
+    assert "r.yaml: is a YAML file; a dataset is JSON lines" in msg and "problems" not in msg, msg
+    msg = fails(cli, work, "validate", "r.yaml", "lora.r=100000000")
+    assert "the run needs about" in msg and "lower lora.r" in msg, msg
+    proc = cli("finetune", "validate", "r.yaml", cwd=work)
+    assert proc.returncode == 0 and proc.stdout.strip() == "r.yaml: OK", proc.stderr
 
 
 # -------------------------------------------------------------------------------------------------------------- preview
@@ -450,4 +469,6 @@ def test_preview_marks_trained_spans(cli, repo_root):
 def test_shipped_recipes_validate(cli, repo_root, recipe):
     proc = cli("finetune", "validate", f"recipes/{recipe}", cwd=repo_root)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"recipes/{recipe}: OK"
+    elsewhere = "" if recipe.startswith("tiny") else (  # the real models are not on a CPU test machine
+        f" (model openai/{recipe.rsplit('-', 1)[0]} is not on this machine: its memory estimate was not checked)")
+    assert proc.stdout.strip() == f"recipes/{recipe}: OK{elsewhere}"

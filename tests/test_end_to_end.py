@@ -270,54 +270,6 @@ def test_nf4_run_trains_and_its_adapter_loads_on_the_unquantized_base(tmp_path, 
     assert (adapted - plain).abs().max() > 1e-4
 
 
-def test_resume_continues_from_the_latest_checkpoint(tmp_path):
-    import finetune
-
-    full = finetune.run(short_recipe(tmp_path / "full"))
-    recipe = short_recipe(tmp_path / "cut")
-    cut = finetune.run(recipe)
-    # Make "cut" look interrupted between steps 5 and 6: drop the last checkpoint and the adapter; the metrics of
-    # steps 4 and 5 stay logged (the resumed run must replace them, not append duplicates).
-    shutil.rmtree(cut.run_dir / "checkpoints/checkpoint-6")
-    shutil.rmtree(cut.adapter_dir)
-    rows = [line for line in (cut.run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 5]
-    (cut.run_dir / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-    resumed = finetune.run(recipe, resume=True)
-    assert resumed.adapter_dir.is_dir()
-    steps = [json.loads(line)["step"] for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and steps.count(4) == 1, steps
-    assert losses(resumed.run_dir) == losses(full.run_dir)  # steps 4-6 replayed exactly
-    assert resumed.trained_tokens == full.trained_tokens > 0  # the count continued from checkpoint-3
-
-
-def test_resume_never_trains_past_the_end_and_skips_a_half_saved_checkpoint(tmp_path):
-    """Kills after training (while the adapter is saved) and during the last checkpoint's save both resume to the
-    very adapter and trained-token count of the uninterrupted run; a finished run is not resumed at all."""
-    import finetune
-    from inference.errors import UserError
-    recipe = short_recipe(tmp_path)    # constant learning rate: one step more would change the adapter
-    done = finetune.run(recipe)
-    weights = done.adapter_dir / "adapter_model.safetensors"
-    adapter, info = weights.read_bytes(), json.loads((done.run_dir / "run.json").read_text())
-    with pytest.raises(UserError, match="nothing to resume"):
-        finetune.run(recipe, resume=True)
-    assert weights.read_bytes() == adapter
-
-    def killed():
-        shutil.rmtree(done.adapter_dir)
-        (done.run_dir / "run.json").write_text(json.dumps(info | {"status": "running"}))
-
-    killed()                            # after checkpoint-6, the last step: nothing left to train
-    again = finetune.run(recipe, resume=True)
-    assert weights.read_bytes() == adapter and again.trained_tokens == done.trained_tokens > 0
-    assert max(losses(again.run_dir)) == 6
-    killed()                            # during checkpoint-6's save: its trained-token file, written last, is missing
-    (done.run_dir / "checkpoints/checkpoint-6/trained_tokens.json").unlink()
-    third = finetune.run(recipe, resume=True)       # from checkpoint-3, steps 4-6 replayed
-    assert weights.read_bytes() == adapter and third.trained_tokens == done.trained_tokens
-    assert losses(third.run_dir) == losses(done.run_dir)
-
-
 def test_resume_refuses_a_different_recipe(tmp_path):
     import finetune
     from inference.errors import UserError

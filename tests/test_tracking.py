@@ -44,3 +44,45 @@ def test_nested_under_an_active_run_and_logs_for_real(tmp_path, monkeypatch):
     assert run.info.experiment_id == outer.info.experiment_id  # shown under its parent in the UI
     assert run.data.params == {"train.lr": "0.001"} and run.data.metrics == {"loss": 2.0}
     assert run.data.tags["k"] == "v" and run.info.status == "FINISHED"
+
+
+def test_a_tracking_uri_with_a_password_is_refused_wherever_it_comes_from(monkeypatch):
+    import pytest
+
+    from finetune.recipe import load_recipe
+    from inference.errors import UserError
+    secret = "https://bob:hunter2@mlflow.example.com"
+    with pytest.raises(UserError, match="holds a password") as refused:
+        load_recipe("recipes/tiny-cpu.yaml", [f"tracking.tracking_uri={secret}"])
+    assert "hunter2" not in str(refused.value)                          # not even in the error
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", secret)
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_URI: the tracking URI holds a password") as refused:
+        tracking.tracking_uri(None)
+    assert "hunter2" not in str(refused.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob@mlflow.example.com")   # a user name alone is no secret
+    assert tracking.tracking_uri(None) == "https://bob@mlflow.example.com"
+
+
+def test_tracking_log_chooses_what_leaves_the_run_directory(tmp_path):
+    """``tracking.log=[]``: MLflow gets the metrics and nothing else (no params, lineage tags, files, adapter);
+    the default sends all of it, the evaluation report (held-out answers) included."""
+    from conftest import REPO
+    from mlflow.tracking import MlflowClient
+
+    import finetune
+    from finetune.recipe import load_recipe
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    runs = {}
+    for name, log in (("none", "[]"), ("all", None)):
+        overrides = [f"output.dir={tmp_path / name}", f"tracking.tracking_uri={uri}", "train.max_steps=1",
+                     "train.save_steps=1", "train.batch_size=2", "data.eval=null"]
+        overrides += [f"tracking.log={log}"] if log else []
+        runs[name] = finetune.run(load_recipe(REPO / "recipes/tiny-cpu.yaml", overrides))
+    client = MlflowClient(uri)
+    quiet, full = (client.get_run(runs[n].mlflow_run_id) for n in ("none", "all"))
+    assert quiet.data.metrics and not quiet.data.params
+    assert not [k for k in quiet.data.tags if not k.startswith(("mlflow.", "finetune."))]
+    assert client.list_artifacts(quiet.info.run_id) == []
+    assert full.data.params and "run_dir" in full.data.tags
+    assert {"adapter", "eval_report.json", "recipe.yaml", "run.json", "metrics.jsonl", "coverage.json"} <= \
+        {a.path for a in client.list_artifacts(full.info.run_id)}

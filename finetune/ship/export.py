@@ -504,11 +504,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _sha256(path: Path) -> str:
     import hashlib
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 _EXPORTERS = {"peft": _export_peft, "merged-bf16": _export_bf16, "merged-mxfp4": _export_mxfp4,
@@ -592,7 +589,8 @@ def _record(run: _Run, fmt: str, path: Path | None, result: ExportResult | None,
         tmp = info_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, info_path)
-    if run.info.get("mlflow_run_id"):
+    logged = run.recipe.tracking.log if run.recipe is not None else ["exports"]
+    if run.info.get("mlflow_run_id") and "exports" in logged:
         from finetune import tracking
         tracking.record_export(run.info.get("tracking_uri"), run.info["mlflow_run_id"], entry,
                                path / "parity.json" if path else None)

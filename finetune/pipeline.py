@@ -544,7 +544,11 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     checkpoints.restore_trained_tokens(trainer, found)
     checkpoint = str(found) if found else None
     if resume:
-        echo(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training from the start")
+        verified = found is not None and "sha256" in (checkpoints.read_mark(found) or {})
+        echo(f"resuming from {checkpoint}" + (" (its files are the ones this run wrote: their SHA-256 match; the "
+                                              "Trainer's optimizer, scheduler and RNG pickles load weights-only)"
+                                              if verified else "") if checkpoint else
+             "no checkpoint yet: training from the start")
         _trim_metrics(run_dir / "metrics.jsonl", checkpoints.step_of(found) if found else 0)
     cuda = device.type == "cuda"
     if cuda:

@@ -87,6 +87,7 @@ def test_a_run_killed_at_every_point_resumes_to_the_uninterrupted_result(tmp_pat
     assert "finished (run.json: completed, adapter saved); there is nothing to resume" in log
     assert log.count("killed at ") == len(KILLS) - 1
     assert "skipping" in log and "incomplete" in log                      # half-saved checkpoints were passed over
+    assert "their SHA-256 match" in log                                    # and resume says it checked the others
     # the SIGTERM: a complete checkpoint of the step it arrived in, the run marked interrupted, the way on printed
     termed = results[KILLS.index("step:TERM")]
     assert termed["status"] == "interrupted" and termed["checkpoints"] == ["checkpoint-1+"], termed

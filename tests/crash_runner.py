@@ -12,6 +12,7 @@ checkpoints in RUN_DIR (complete ones marked); all of it printed as one JSON lin
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from finetune.pipeline import set_quiet_environment
@@ -19,6 +20,8 @@ from finetune.pipeline import set_quiet_environment
 set_quiet_environment()     # as `finetune run` does first: before anything below imports bitsandbytes
 
 import datasets  # noqa: E402, F401  (imported here, once, for every child)
+import mlflow.store.db.utils  # noqa: E402, F401
+import mlflow.store.tracking.sqlalchemy_store  # noqa: E402, F401
 import mlflow.tracking  # noqa: E402, F401
 import peft  # noqa: E402, F401
 import transformers  # noqa: E402, F401
@@ -63,8 +66,10 @@ def run(plan: list[dict], run_dir: Path) -> list[dict]:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code or 0)
+        started = time.monotonic()
         _, status = os.waitpid(pid, 0)
-        results.append({"code": os.waitstatus_to_exitcode(status), **state(run_dir)})
+        results.append({"code": os.waitstatus_to_exitcode(status), "seconds": round(time.monotonic() - started, 2),
+                        **state(run_dir)})
     return results
 
 

@@ -19,7 +19,7 @@ MARKER = ".gpt-oss-workbench.json"
 
 # Every top-level name a run writes (temporary names included: a killed write can leave them behind).
 RUN_ENTRIES = ("recipe.yaml", "run.json", "run.json.tmp", "coverage.json", "coverage.json.tmp", "metrics.jsonl",
-               "checkpoints", "adapter", "adapter.tmp", "eval_before.json", "eval_before.json.tmp",
+               "metrics.jsonl.tmp", "checkpoints", "adapter", "adapter.tmp", "eval_before.json", "eval_before.json.tmp",
                "eval_report.json", "eval_report.json.tmp", "exports")
 SWEEP_ENTRIES = ("recipe.yaml", "sweep.json", "sweep.json.tmp", "comparison.txt", "loss-curves.png")
 

@@ -247,7 +247,9 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     if path.is_file():
         rows = [line for line in path.read_text(encoding="utf-8").splitlines()
                 if line and json.loads(line).get("step", 0) <= last_step]
-        path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        tmp = path.with_suffix(path.suffix + ".tmp")    # replaced whole: a kill mid-write keeps the old file
+        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def format_eval(before: dict | None, after: dict | None) -> str:

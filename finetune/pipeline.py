@@ -242,11 +242,18 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _step_of(line: str) -> float:
+    """The step a metrics line logs; a line a kill cut short while it was appended counts as after every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
+
+
 def _trim_metrics(path: Path, last_step: int) -> None:
     """On resume, forget logged steps after the checkpoint: they are about to be replayed."""
     if path.is_file():
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line and json.loads(line).get("step", 0) <= last_step]
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= last_step]
         tmp = path.with_suffix(path.suffix + ".tmp")    # replaced whole: a kill mid-write keeps the old file
         tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
         os.replace(tmp, path)

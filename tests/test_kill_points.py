@@ -110,3 +110,13 @@ def test_a_run_killed_at_every_point_resumes_to_the_uninterrupted_result(tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("kills-killed").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"          # one run, continued each time
     assert runs[0].info.run_id == info["mlflow_run_id"]
+
+
+def test_resume_forgets_steps_after_the_checkpoint_and_a_line_cut_short(tmp_path):
+    """A kill while a metrics line was appended leaves half a line: resume drops it with the replayed steps."""
+    from finetune.pipeline import _trim_metrics
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    _trim_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n'
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()

@@ -82,7 +82,7 @@ def why_unusable(ckpt: Path) -> str | None:
     if expected is None:       # marked by a version of this project that did not hash: complete, not verifiable
         return None
     found = _hashes(ckpt)
-    changed = sorted(set(expected) ^ set(found) | {k for k in expected if found.get(k, expected[k]) != expected[k]})
+    changed = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
     if changed:
         return f"its files differ from those this run wrote ({', '.join(changed[:3])})"
     return None
@@ -133,9 +133,3 @@ class CompleteCheckpoints(TrainerCallback):
             mark_complete(ckpt, self.trainer.trained_tokens)
             killpoints.reached("save:marked")
             rotate(Path(args.output_dir), self.keep)
-
-
-def restore_trained_tokens(trainer, ckpt: Path | None) -> None:
-    mark = read_mark(ckpt) if ckpt is not None else None
-    if mark is not None:
-        trainer.trained_tokens = int(mark["trained_tokens"])

@@ -237,12 +237,17 @@ def create_run_dir(run_dir: Path, resume: bool, echo=print) -> None:
 
 
 def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` whole (a temporary file, then a rename): a kill mid-write keeps the old file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
-def _step_of(line: str) -> float:
+def _logged_step(line: str) -> float:
     """The step a metrics line logs; a line a kill cut short while it was appended counts as after every step."""
     try:
         return json.loads(line).get("step", 0)
@@ -253,10 +258,8 @@ def _step_of(line: str) -> float:
 def _trim_metrics(path: Path, last_step: int) -> None:
     """On resume, forget logged steps after the checkpoint: they are about to be replayed."""
     if path.is_file():
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= last_step]
-        tmp = path.with_suffix(path.suffix + ".tmp")    # replaced whole: a kill mid-write keeps the old file
-        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, path)
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= last_step]
+        write_text(path, "".join(r + "\n" for r in rows))
 
 
 def format_eval(before: dict | None, after: dict | None) -> str:
@@ -550,14 +553,16 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     stop = stopping.Stop()
     trainer.add_callback(stopping.StopAtStepEnd(stop))
     found = checkpoints.latest(run_dir / "checkpoints", echo) if resume else None
-    checkpoints.restore_trained_tokens(trainer, found)
     checkpoint = str(found) if found else None
+    if found:
+        mark = checkpoints.read_mark(found)
+        trainer.trained_tokens = int(mark["trained_tokens"])
+        verified = (" (its files are the ones this run wrote: their SHA-256 match; the Trainer's optimizer, "
+                    "scheduler and RNG pickles load weights-only)") if "sha256" in mark else ""
+        echo(f"resuming from {checkpoint}{verified}")
+    elif resume:
+        echo("no checkpoint yet: training from the start")
     if resume:
-        verified = found is not None and "sha256" in (checkpoints.read_mark(found) or {})
-        echo(f"resuming from {checkpoint}" + (" (its files are the ones this run wrote: their SHA-256 match; the "
-                                              "Trainer's optimizer, scheduler and RNG pickles load weights-only)"
-                                              if verified else "") if checkpoint else
-             "no checkpoint yet: training from the start")
         _trim_metrics(run_dir / "metrics.jsonl", checkpoints.step_of(found) if found else 0)
     cuda = device.type == "cuda"
     if cuda:

@@ -295,10 +295,8 @@ def serve(args) -> None:
         raise UserError("--merge needs exactly one --adapter")
     check_host(args.host, args.api_key)   # before the model loads
     check_port(args.host, args.port)
-    check_limits(args.max_tokens_cap, args.max_body_bytes, args.max_wait, args.drain_seconds)
-    for flag, value in (("--max-concurrent", args.max_batch), ("--max-queue", args.max_queue)):
-        if value is not None and value < 1:   # the engine would take 0 slots for "the default"
-            raise UserError(f"{flag} must be an integer >= 1, got {value}")
+    check_limits(args.max_tokens_cap, args.max_body_bytes, args.max_wait, args.drain_seconds, args.max_batch,
+                 args.max_queue)
     if args.api_key and args.api_key != os.environ.get(API_KEY_ENV):   # given as --api-key, not from the environment
         print("note: --api-key on the command line is visible to every user of this machine (ps); set "
               f"{API_KEY_ENV} instead", file=sys.stderr)

@@ -638,11 +638,15 @@ def check_port(host: str, port: int) -> None:
 
 
 def check_limits(max_tokens_cap: int = 4096, max_body_bytes: int = 1_000_000, max_wait: float | None = None,
-                 drain_seconds: float = DEFAULT_DRAIN_S) -> None:
+                 drain_seconds: float = DEFAULT_DRAIN_S, max_concurrent: int | None = None,
+                 max_queue: int | None = None) -> None:
     """The server's limits, checked before a model loads: each bad one is one UserError naming its flag."""
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
+    for flag, value in (("--max-concurrent", max_concurrent), ("--max-queue", max_queue)):
+        if value is not None and value < 1:   # the engine would take 0 slots for "the default"
+            raise UserError(f"{flag} must be an integer >= 1, got {value}")
     if not is_int(max_tokens_cap) or max_tokens_cap < 1:
         raise UserError(f"--max-tokens-cap must be an integer >= 1, got {max_tokens_cap!r}")
     if not is_int(max_body_bytes) or max_body_bytes < 1:

@@ -374,3 +374,22 @@ def test_reply_stream_commentary_preamble_and_broken_input():
     parser, pieces = feed_all(encode("<|channel|>final<|message|>ok<|end|><|message|>more text"))
     assert parser.broken and "".join(t for _, t, _ in pieces) == "ok"
     assert parser.feed(encode("x")[0]) == []               # nothing more is parsed once broken
+
+
+def test_an_engine_sized_for_a_workload_holds_exactly_it(tiny_model_dir, expected):
+    """``size_for`` (an export's probes): room for the given sequences and no more KV memory, same greedy output."""
+    from inference.engine.cache import PAGE
+    batch = prompts()
+    longest = max(map(len, batch)) + SHORT_NEW
+    sized = Engine.load(tiny_model_dir, dtype=torch.float32, device="cpu").size_for(len(batch), longest)
+    try:
+        assert sized.generate(batch, SHORT_NEW, None) == [until_stop(e[:SHORT_NEW]) for e in expected[BASE]]
+        wait_idle(sized)
+        stats = sized.stats()
+        assert stats["max_running"] == len(batch)
+        assert stats["kv_pages"] == len(batch) * -(-longest // PAGE)
+        assert stats["kv_pages_free"] == stats["kv_pages"]          # all back once done
+        with pytest.raises(RuntimeError, match="after the first generation"):
+            sized.size_for(1, 10)
+    finally:
+        sized.close()

@@ -498,18 +498,38 @@ def _llama(gguf_file, lora_file=None, n_ctx: int = 512, vocab_only: bool = False
     with _llama_log(llama_cpp) as errors:
         try:
             batch = min(n_ctx, 512)   # tokens per llama_decode; every position's logits are kept regardless
-            llm = llama_cpp.Llama(model_path=str(gguf_file), lora_path=str(lora_file) if lora_file else None,
-                                  n_ctx=n_ctx, n_batch=batch, n_ubatch=batch, logits_all=True, n_threads=2,
-                                  n_threads_batch=2, seed=SEED, type_k=llama_cpp.GGML_TYPE_F32,
-                                  type_v=llama_cpp.GGML_TYPE_F32, vocab_only=vocab_only, verbose=False)
+            # The adapter is not passed as ``lora_path``: llama-cpp-python then turns mmap off and reads the whole
+            # base into anonymous memory (13.8 GB for a gpt-oss-20b), though llama.cpp applies a LoRA beside the
+            # weights and works on a mapped base. It is attached below instead.
+            llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=batch, n_ubatch=batch,
+                                  logits_all=True, n_threads=2, n_threads_batch=2, seed=SEED,
+                                  type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                                  vocab_only=vocab_only, verbose=False)
         except ValueError as exc:   # llama-cpp-python's way of saying "load failed"; llama.cpp logged why
             raise UserError(f"llama.cpp could not load {what}: {_why(errors) or exc}") from None
-        with contextlib.closing(llm):
+        with contextlib.closing(llm), contextlib.ExitStack() as stack:
+            if lora_file and not errors:
+                _attach_lora(llama_cpp, llm, Path(lora_file), stack, errors)
             # llama-cpp-python 0.3.x goes on after a LoRA that llama.cpp refused (and crashes at the first decode),
             # so an error logged during loading is a failed load.
             if errors:
                 raise UserError(f"llama.cpp could not load {what}: {_why(errors)}")
             yield llm
+
+
+def _attach_lora(llama_cpp, llm, lora_file: Path, stack: contextlib.ExitStack, errors: list[str]) -> None:
+    """Load ``lora_file`` against ``llm``'s model and set it on its context at scale 1, as llama-cpp-python's own
+    ``lora_path`` does (freed when ``stack`` closes). Refused: a one-line error with llama.cpp's logged reason."""
+    import ctypes
+    adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(lora_file).encode("utf-8"))
+    if not adapter:
+        raise UserError(f"llama.cpp could not load the LoRA adapter {lora_file}: "
+                        f"{_why(errors) or 'no reason given'}")
+    stack.callback(llama_cpp.llama_adapter_lora_free, adapter)
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+    scales = (ctypes.c_float * 1)(1.0)
+    if llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, 1, scales):
+        raise UserError(f"llama.cpp could not set the LoRA adapter {lora_file} on {llm.model_path}")
 
 
 def _why(errors: list[str]) -> str:

@@ -220,7 +220,7 @@ class Reference:
         else:
             from inference.engine import Engine
             self.engine = Engine.load(self.model_dir, adapters={"trained": self.adapter_dir}, dtype=self.where.dtype,
-                                      device=self.where.device)
+                                      device=self.where.device).size_for(*_workload(p.ids for p in prompts))
             with _bar(len(prompts), "reference: greedy continuations", progress, "probe") as bar:
                 done = self.engine.generate([p.ids for p in prompts], CONTINUATION, "trained",
                                             on_done=bar.update)   # all probes together, continuously batched
@@ -412,7 +412,7 @@ def greedy(model_dir: Path, prompts: list[list[int]], where: Where, adapter_dir:
     if where.fits(model_dir):
         from inference.engine import Engine
         engine = Engine.load(model_dir, adapters={"a": adapter_dir} if adapter_dir else None, dtype=where.dtype,
-                             device=where.device)
+                             device=where.device).size_for(*_workload(prompts))
         try:
             return engine.generate([list(p) for p in prompts], CONTINUATION, "a" if adapter_dir else None)
         finally:
@@ -421,6 +421,12 @@ def greedy(model_dir: Path, prompts: list[list[int]], where: Where, adapter_dir:
             _free(where)
     done = _greedy_streamed(model_dir, adapter_dir, probes, where, progress)
     return [p.ids[p.prompt_len:] for p in done]
+
+
+def _workload(prompts) -> tuple[int, int]:
+    """(sequences, longest length) of greedy continuations of ``prompts`` (token id lists)."""
+    lengths = [len(p) for p in prompts]
+    return len(lengths), max(lengths, default=1) + CONTINUATION
 
 
 def _greedy_streamed(model_dir: Path, adapter_dir: Path | None, prompts: list[Probe], where: Where,

@@ -145,6 +145,21 @@ class Engine:
                                     self.context_length, self.max_queue, 2048 if cuda else 512)
         return self._scheduler
 
+    def size_for(self, sequences: int, length: int) -> "Engine":
+        """Before the first generation: room for exactly ``sequences`` sequences of up to ``length`` tokens (batch,
+        context and KV memory), for a fixed workload such as an export's probes, where the default KV budget (half
+        of the free GPU memory) would only raise the peak."""
+        import math
+
+        from inference.engine.cache import PAGE, page_bytes, slot_bytes
+        if self._scheduler is not None:
+            raise RuntimeError("size_for() after the first generation")
+        self.max_batch = max(1, sequences)
+        self.context_length = min(max(2, length), self.model.context_length)
+        self.kv_memory = self.max_batch * (slot_bytes(self.model)
+                                           + math.ceil(self.context_length / PAGE) * page_bytes(self.model))
+        return self
+
     def stats(self) -> dict:
         """Running and waiting requests, tokens/s, KV pages (all zero before the first generation)."""
         if self._scheduler is None:

@@ -133,10 +133,17 @@ def models_cache_dir() -> Path:
 
 def tiny_path(seed: int = TINY_SEED) -> Path:
     """Where the tiny model lives once built (built on first call)."""
+    from inference.cache import locked
     target = models_cache_dir() / f"{TINY_NAME}-seed{seed}-v{BUILDER_VERSION}"
-    if not (target / "model.safetensors").is_file() or not (target / "tokenizer.json").is_file():
-        build_tiny(target, seed)
+    if not _built(target):
+        with locked(target.parent / f".{target.name}.lock"):   # another process may be building it right now
+            if not _built(target):
+                build_tiny(target, seed)
     return target
+
+
+def _built(target: Path) -> bool:
+    return (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file()
 
 
 def resolve_model(name_or_path: str) -> Path:

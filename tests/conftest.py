@@ -34,15 +34,24 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-# tests/gpu needs a CUDA GPU: on the device machine, `python -m pytest tests/gpu`; elsewhere it is not collected.
+# tests/gpu needs a CUDA GPU: on the device machine, `python -m pytest tests/gpu -n 0`; elsewhere it is not collected.
 collect_ignore = [] if _cuda() else ["gpu"]
 
 
 def pytest_configure(config):
-    # One private cache for the whole session (subprocesses inherit it); the tiny model is built on first use.
+    # One private cache for the whole session (subprocesses inherit it; so do pytest-xdist's workers, started after
+    # this runs in the controller); the tiny model is built on first use, under a lock (inference.cache.locked).
     if "GPT_OSS_WORKBENCH_CACHE" not in os.environ:
         import tempfile
         os.environ["GPT_OSS_WORKBENCH_CACHE"] = tempfile.mkdtemp(prefix="gptoss-test-cache-")
+    # Under pytest-xdist (the README's test command runs one worker per core): each worker, and each command it
+    # starts, gets its share of the cores. Two workers each spinning up a thread pool as wide as the machine would
+    # oversubscribe it and run slower than one.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -87,14 +96,29 @@ def readme_commands() -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, tiny_model_dir):
     """The README's main command, exactly, in a scratch copy of recipes/ and data/ (so mlflow.db and runs/ land
-    there and not in the checkout). Once per session: the end-to-end and export tests share it."""
-    work = tmp_path_factory.mktemp("demo")
-    shutil.copytree(REPO / "recipes", work / "recipes")
-    shutil.copytree(REPO / "data", work / "data")
-    setup, _ = readme_commands()
-    main_command = setup.split("&&")[-1].split()  # python -m finetune run recipes/tiny-cpu.yaml
-    assert main_command[:2] == ["python", "-m"]
-    proc = run_cli(*main_command[2:], cwd=work, timeout=TRAIN_TIMEOUT_S)
+    there and not in the checkout). Once per session: the end-to-end and export tests share it, also across
+    pytest-xdist workers (the first to need it runs it under a lock in the session's shared temporary directory, the
+    others read what it printed)."""
+    import json
+
+    from inference.cache import locked
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent               # one basetemp per worker, under the session's
+    work, printed = shared / "demo", shared / "demo-output.json"
+    with locked(shared / "demo.lock"):
+        if not printed.is_file():
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            shutil.copytree(REPO / "recipes", work / "recipes")
+            shutil.copytree(REPO / "data", work / "data")
+            setup, _ = readme_commands()
+            main_command = setup.split("&&")[-1].split()  # python -m finetune run recipes/tiny-cpu.yaml
+            assert main_command[:2] == ["python", "-m"]
+            proc = run_cli(*main_command[2:], cwd=work, timeout=TRAIN_TIMEOUT_S)
+            printed.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode,
+                                           "stdout": proc.stdout, "stderr": proc.stderr}), encoding="utf-8")
+    proc = subprocess.CompletedProcess(**json.loads(printed.read_text(encoding="utf-8")))
     return work, proc
 
 

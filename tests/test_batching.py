@@ -178,6 +178,7 @@ def test_stats_count_running_and_waiting(scheduler):
         r.cancel()
 
 
+@pytest.mark.slow
 def test_serve_load_benchmark_drives_the_real_server(tmp_path):
     """The README's CPU command of benchmarks/serve_load.py, shortened: the real server, the official client, base
     alone and base + two adapters, and a JSON with the ratios."""

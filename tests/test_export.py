@@ -23,6 +23,8 @@ from finetune.ship.ollama import modelfile
 from inference import mxfp4
 from inference.errors import UserError
 
+pytestmark = pytest.mark.slow   # trains or runs whole commands: left out of the quick loop (-m "not slow")
+
 RUN = Path("runs/tiny-cpu")
 
 

@@ -10,10 +10,13 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from finetune.checkpoints import MARK
 from finetune.killpoints import POINTS
+
+pytestmark = pytest.mark.slow   # trains or runs whole commands: left out of the quick loop (-m "not slow")
 
 # max_steps 6, a checkpoint every 2 steps, one kept: rotation is exercised on every save.
 OVERRIDES = ["train.max_steps=6", "train.batch_size=4", "train.save_steps=2", "train.save_total_limit=1",

@@ -17,6 +17,8 @@ import pytest
 from conftest import REPO, SERVER_START_S, TRAIN_TIMEOUT_S
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow   # trains or runs whole commands: left out of the quick loop (-m "not slow")
+
 NOTEBOOKS = REPO / "notebooks"
 PARAMETERS = {
     "01-quickstart.ipynb": "STEPS = 24\nEVAL_EXAMPLES = 2",

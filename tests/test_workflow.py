@@ -93,6 +93,7 @@ def readme_block(language: str, after: str) -> str:
     return re.search(rf"```{language}\n(.*?)```", text[text.index(after):], re.S).group(1).strip()
 
 
+@pytest.mark.slow
 def test_readme_snippet_in_a_notebook_with_an_active_run_and_reruns(tmp_path, monkeypatch):
     """The README's Python snippet, as a notebook cell: an MLflow run is active, the cell runs twice, then a run
     into a fixed directory that already holds one. Our runs are children of the notebook's run, in its store and
@@ -200,6 +201,7 @@ def test_sweep_refuses_invalid_combinations_before_training(tmp_path):
     assert not (work / "runs").exists() and not (work / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_readme_sweep_runs_children_of_one_parent_and_compare_reads_them_back(tmp_path):
     """The README's sweep command (shortened by overrides appended to it: later overrides win), then compare."""
     from mlflow.tracking import MlflowClient

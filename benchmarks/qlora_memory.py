@@ -53,8 +53,9 @@ def build_packed(cfg, device: torch.device, dtype: torch.dtype, host_embedding: 
     from transformers import GptOssForCausalLM
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
 
+    from finetune.kernels.packed import Mxfp4Weight
     from finetune.model import HostEmbedding
-    from inference.mxfp4 import GROUP, Mxfp4Weight
+    from inference.mxfp4 import GROUP
 
     with torch.device("meta"):
         model = GptOssForCausalLM(cfg)
@@ -120,18 +121,18 @@ def main() -> None:
     ap.add_argument("--budget-gib", default="14,14.9", help="comma-separated GiB budgets for --longest (14.9 GiB: a "
                     "16 GB card)")
     ap.add_argument("--decode-budget-mib", type=int, default=None,
-                    help="fix inference.moe.DECODE_BUDGET_BYTES (MiB; default: adaptive)")
+                    help="fix finetune.kernels.experts.DECODE_BUDGET_BYTES (MiB; default: adaptive)")
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of one step of the first run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     from finetune import fastpath
     from finetune.estimate import estimate
+    from finetune.kernels.loss import QUANTIZED_CHUNK_ROWS, weighted_loss_sum
     from finetune.model import add_lora, is_quantized
-    from inference.loss import QUANTIZED_CHUNK_ROWS, weighted_loss_sum
 
     if args.decode_budget_mib:
-        from inference import moe
+        from finetune.kernels import experts as moe
         moe.DECODE_BUDGET_BYTES = args.decode_budget_mib * 2**20
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -140,9 +141,9 @@ def main() -> None:
     first = [int(x) for x in args.runs.split(",")[0].split("x")]
     plan = estimate(recipe_for(args, *first), cfg, device=device.type)
     host_embedding = cuda and plan.embedding == "cpu"
-    from inference import moe
+    from finetune.kernels import experts as moe
     res = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-           "decode_budget": "adaptive (inference.moe.decode_budget)" if moe.DECODE_BUDGET_BYTES is None
+           "decode_budget": "adaptive (finetune.kernels.experts.decode_budget)" if moe.DECODE_BUDGET_BYTES is None
            else f"{moe.DECODE_BUDGET_BYTES // 2**20} MiB",
            "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "rank": args.rank,
            "quantization": args.quantization, "optimizer": args.optimizer,

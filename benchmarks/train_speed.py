@@ -139,7 +139,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from finetune import fastpath
-    from inference.loss import weighted_loss_sum
+    from finetune.kernels.loss import weighted_loss_sum
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

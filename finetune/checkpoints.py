@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from finetune import killpoints
+from inference.files import write_json
 
 MARK = "trained_tokens.json"
 PREFIX = "checkpoint-"
@@ -49,21 +49,7 @@ def _hashes(ckpt: Path) -> dict[str, str]:
 def mark_complete(ckpt: Path, trained_tokens: int) -> None:
     """Write the checkpoint's mark: its trained-token count and the hash of each of its files."""
     killpoints.reached("save:state")
-    tmp = ckpt / (MARK + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"trained_tokens": trained_tokens, "sha256": _hashes(ckpt)}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt / MARK)
-    _fsync_dir(ckpt)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_json(ckpt / MARK, {"trained_tokens": trained_tokens, "sha256": _hashes(ckpt)}, indent=1, durable=True)
 
 
 def read_mark(ckpt: Path) -> dict | None:

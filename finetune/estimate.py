@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from finetune.kernels import experts, loss
 from finetune.recipe import Recipe, apply_overrides
-from inference import loss, moe
 from inference.errors import UserError
 
 GIB = 2**30
@@ -39,8 +39,8 @@ MIB = 2**20
 ACTIVATION_FACTOR = 0.55
 # The CUDA context and the caching allocator's own use: outside torch's peak (max_memory_allocated), inside the GPU's.
 CONTEXT_RESERVE = GIB // 2
-# Rows of the chunked cross-entropy per pass (inference.loss): fewer when the experts are packed, whose decode scratch
-# shares the step's memory with the logits.
+# Rows of the chunked cross-entropy per pass (finetune.kernels.loss): fewer when the experts are packed, whose
+# decode scratch shares the step's memory with the logits.
 CHUNK_ROWS = loss.CHUNK_ROWS
 QUANTIZED_CHUNK_ROWS = loss.QUANTIZED_CHUNK_ROWS
 
@@ -207,10 +207,10 @@ def step_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int) -
         backward += tokens * layer_activation_bytes_per_token(recipe, config, d) / ACTIVATION_FACTOR
     backward *= ACTIVATION_FACTOR
     if packed:
-        # inference.moe decodes a slice of output features of all experts at a time (a multiple of 16 within the
-        # budget) and matmuls every routed row against it: the decoded slice plus that slice of the output.
+        # finetune.kernels.experts decodes a slice of output features of all experts at a time (a multiple of 16
+        # within the budget) and matmuls every routed row against it: the decoded slice plus that slice of the output.
         projection = E * H * 2 * I * d                                   # the largest expert projection, whole
-        budget = moe.decode_budget(projection)                           # read at call time: it can be tuned
+        budget = experts.decode_budget(projection)                           # read at call time: it can be tuned
         columns = min(2 * I, max(16, budget // (E * H * d) // 16 * 16))
         backward += min(projection, budget) + tokens * k * columns * d
     rows = min(tokens, QUANTIZED_CHUNK_ROWS if packed else CHUNK_ROWS)

@@ -1,15 +1,17 @@
 """Our training path for gpt-oss + LoRA, switched on and off through the libraries' own registries.
 
-- **Experts:** :func:`inference.moe.moe_experts` registered in transformers' experts-implementation registry as
-  ``finetune_lora``. PEFT keeps owning the adapter: its ``ParamWrapper`` layers on ``mlp.experts.gate_up_proj`` /
-  ``down_proj`` hold ``lora_A`` / ``lora_B`` (so ``save_pretrained`` writes the usual PEFT adapter), and we read their
-  factors with PEFT's own ``get_delta_factors``. What changes is that the outermost wrapper's forward hands the
-  factors to the grouped kernel instead of parametrizing ``W + B A`` for all experts.
-- **Attention:** :func:`inference.attention.sink_attention` registered in transformers' ``AttentionInterface`` as
-  ``finetune_sinks``: flash attention with gpt-oss's sinks and sliding window, exact forward and backward. It
-  takes no mask (causal and the window are built in), which is exact for right-padded batches: a real token never
-  sees a pad after it, and pads carry no loss. :func:`check_right_padded` enforces that for every training batch.
-- **Loss:** :func:`inference.loss.weighted_loss_sum`, which never holds full fp32 logits.
+- **Experts:** :func:`finetune.kernels.experts.moe_experts` registered in transformers' experts-implementation
+  registry as ``finetune_lora``. PEFT keeps owning the adapter: its ``ParamWrapper`` layers on
+  ``mlp.experts.gate_up_proj`` / ``down_proj`` hold ``lora_A`` / ``lora_B`` (so ``save_pretrained`` writes the
+  usual PEFT adapter), and we read their factors with PEFT's own ``get_delta_factors``. What changes is that the
+  outermost wrapper's forward hands the factors to the grouped kernel instead of parametrizing ``W + B A`` for all
+  experts.
+- **Attention:** :func:`finetune.kernels.attention.sink_attention` registered in transformers'
+  ``AttentionInterface`` as ``finetune_sinks``: flash attention with gpt-oss's sinks and sliding window, exact
+  forward and backward. It takes no mask (causal and the window are built in), which is exact for right-padded
+  batches: a real token never sees a pad after it, and pads carry no loss. :func:`check_right_padded` enforces
+  that for every training batch.
+- **Loss:** :func:`finetune.kernels.loss.weighted_loss_sum`, which never holds full fp32 logits.
 - **Precision:** the forward runs under bf16 autocast (:func:`autocast`) with PEFT's input up-casting switched off
   (its ``cast_input_dtype_enabled``): the LoRA weights stay fp32 master weights, their matmuls run in bf16.
 
@@ -23,10 +25,10 @@ import types
 
 import torch
 
-from inference.attention import sink_attention
+from finetune.kernels.attention import sink_attention
+from finetune.kernels.experts import moe_experts
+from inference.compiled import compile_works
 from inference.errors import UserError
-from inference.kernels import compile_works
-from inference.moe import moe_experts
 
 EXPERTS_IMPL = "finetune_lora"
 ATTENTION_IMPL = "finetune_sinks"  # no "flash" in the name: transformers would reroute it to a hub kernel
@@ -113,7 +115,7 @@ def _policy(save: frozenset):
     from torch.utils.checkpoint import CheckpointPolicy
     aten = torch.ops.aten
 
-    packed_mm = torch.ops.inference.mxfp4_grouped_mm.default
+    packed_mm = torch.ops.finetune.mxfp4_grouped_mm.default
 
     def policy(ctx, op, *args, **kwargs):
         if "attention" in save and op is aten._flash_attention_forward.default:

@@ -13,10 +13,10 @@ from collections import defaultdict
 
 import torch
 
+from finetune.kernels.packed import Mxfp4Weight
 from finetune.recipe import Recipe
 from inference.checkpoint import load_model
 from inference.errors import UserError
-from inference.mxfp4 import Mxfp4Weight
 
 
 def pick_device(recipe: Recipe) -> tuple[torch.device, str]:
@@ -159,7 +159,7 @@ def load_for_training(recipe: Recipe, model_dir, device: torch.device, dtype: to
     """
     host_embedding = embedding == "cpu" and device.type != "cpu"
     model = load_model(model_dir, dtype=dtype, device=device, attn_implementation="eager",
-                       packed_experts=quantization in ("mxfp4", "nf4"),
+                       packed_experts=Mxfp4Weight if quantization in ("mxfp4", "nf4") else None,
                        cpu_keys=("model.embed_tokens.weight",) if host_embedding else ())
     if host_embedding:
         model.model.embed_tokens = HostEmbedding(model.model.embed_tokens)

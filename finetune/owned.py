@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from inference.errors import UserError
+from inference.files import write_json
 
 MARKER = ".gpt-oss-workbench.json"
 
@@ -27,9 +28,7 @@ SWEEP_ENTRIES = ("recipe.yaml", "sweep.json", "sweep.json.tmp", "comparison.txt"
 def claim(directory: Path, kind: str, entries: tuple[str, ...] | list[str]) -> None:
     """Create ``directory`` (or take an empty one) as a ``kind`` directory of this project that writes ``entries``."""
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"kind": kind, "entries": sorted(set(entries))}, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(directory / MARKER)
+    write_json(directory / MARKER, {"kind": kind, "entries": sorted(set(entries))}, indent=1)
 
 
 def marker(directory: Path) -> dict | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from finetune import killpoints, owned
 from finetune.recipe import Recipe, dump_recipe, flatten, recipe_to_dict, resolve_path
 from inference.errors import UserError
+from inference.files import write_atomic, write_json
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow", "openai-harmony",
              "safetensors")
@@ -236,17 +237,6 @@ def create_run_dir(run_dir: Path, resume: bool, echo=print) -> None:
         raise UserError(f"output.dir: cannot create {run_dir} ({exc.strerror})") from None
 
 
-def write_json(path: Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    """Replace ``path`` whole (a temporary file, then a rename): a kill mid-write keeps the old file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _logged_step(line: str) -> float:
     """The step a metrics line logs; a line a kill cut short while it was appended counts as after every step."""
     try:
@@ -259,7 +249,7 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     """On resume, forget logged steps after the checkpoint: they are about to be replayed."""
     if path.is_file():
         rows = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= last_step]
-        write_text(path, "".join(r + "\n" for r in rows))
+        write_atomic(path, "".join(r + "\n" for r in rows))
 
 
 def format_eval(before: dict | None, after: dict | None) -> str:

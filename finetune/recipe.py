@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inference.errors import UserError
+from inference.harmony import CHANNELS, REASONING_EFFORTS
 
 
 class RecipeError(UserError):
@@ -98,14 +99,14 @@ class LossWeights(_Section):
 class HarmonyConfig(_Section):
     """How conversations are rendered in the harmony chat format, and which assistant tokens are trained."""
 
-    reasoning_effort: Literal["low", "medium", "high"] = Field(
+    reasoning_effort: Literal[REASONING_EFFORTS] = Field(
         "medium", description="reasoning effort in the system message (a record's own reasoning_effort wins)")
     conversation_start_date: str | None = Field(
         "2025-06-28", description="YYYY-MM-DD, pinned so data never changes with the calendar; null: no date line")
     knowledge_cutoff: str | None = Field("2024-06", description="YYYY-MM in the system message; null: no line")
     model_identity: str | None = Field(None, description="system message identity line (null: the harmony default)")
-    required_channels: list[Literal["analysis", "commentary", "final"]] | None = Field(
-        ["analysis", "commentary", "final"],
+    required_channels: list[Literal[CHANNELS]] | None = Field(
+        list(CHANNELS),
         description="the system message's '# Valid channels' line (null: no such line)")
     builtin_tools: list[Literal["browser", "python"]] = Field(
         [], description="gpt-oss's built-in tools declared in every system message (a record adds its own with "

@@ -148,7 +148,8 @@ def sweep(recipe: Recipe, axes: list[tuple[str, list[str]]], echo=print, sort: s
     """Run every combination of ``axes`` on ``recipe`` (see the module docstring)."""
     from finetune import tracking
     from finetune.comparison import sortable
-    from finetune.pipeline import in_notebook, run, set_quiet_environment, write_json
+    from finetune.pipeline import in_notebook, run, set_quiet_environment
+    from inference.files import write_json
     set_quiet_environment()
     if not sortable(sort, flatten(recipe_to_dict(recipe))):
         raise UserError(f"--sort {sort!r}: not a metric column or recipe key (e.g. eval_loss, exact_match, "

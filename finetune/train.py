@@ -2,8 +2,8 @@
 
 We hand TRL ``input_ids`` + per-token ``loss_weights`` and ``labels`` (the trained target of each weighted position,
 -100 where the weight is 0, so the Trainer counts trained tokens for gradient accumulation) and skip its own chat
-templating. The one override is ``compute_loss``: the weighted loss of :mod:`inference.loss`, which projects only the
-weighted positions through the 201,088-row output layer. Progress and metrics go through callbacks: a tqdm bar with
+templating. The one override is ``compute_loss``: the weighted loss of :mod:`finetune.kernels.loss`, which projects only
+the weighted positions through the 201,088-row output layer. Progress and metrics go through callbacks: a tqdm bar with
 loss lines, a JSONL metrics file in the run directory, and the tracker (MLflow).
 """
 
@@ -19,10 +19,10 @@ from transformers import TrainerCallback
 
 from finetune import fastpath, killpoints
 from finetune.checkpoints import CompleteCheckpoints
+from finetune.kernels.loss import CHUNK_ROWS, QUANTIZED_CHUNK_ROWS, weighted_loss_sum
 from finetune.model import is_quantized
 from finetune.recipe import Recipe
 from inference.evaluate import pad_weighted
-from inference.loss import CHUNK_ROWS, QUANTIZED_CHUNK_ROWS, weighted_loss_sum
 
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "sgd": "sgd"}
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -142,9 +143,10 @@ def fingerprint(model_dir: str | Path) -> str:
 
 
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    packed_experts: bool = False, cpu_keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                    packed_experts: Callable | None = None, cpu_keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Read a checkpoint as transformers' ``GptOssForCausalLM`` state dict, MXFP4 experts decoded to ``dtype``, or
-    with ``packed_experts`` kept packed as :class:`inference.mxfp4.Mxfp4Weight` (dense experts stay dense).
+    with ``packed_experts`` given, kept packed as ``packed_experts(blocks, scales, dtype)`` (training's
+    ``finetune.kernels.packed.Mxfp4Weight``, a tensor that looks dense to PEFT); dense experts stay dense.
 
     Tensors named in ``cpu_keys`` are read to the CPU whatever ``device`` is (an embedding kept off the GPU).
     """
@@ -166,7 +168,7 @@ def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32, d
             if scales is None:
                 raise UserError(f"{model_dir}: {key} has no matching {base}_scales")
             if packed_experts:
-                out[base] = mxfp4.Mxfp4Weight(tensor, scales, dtype)                 # (E, in, out), still packed
+                out[base] = packed_experts(tensor, scales, dtype)                    # (E, in, out), still packed
             else:   # decoded (E, out, in) -> transformers' (E, in, out)
                 out[base] = mxfp4.unpack(tensor, scales, dtype).transpose(1, 2).contiguous()
         else:
@@ -189,11 +191,12 @@ def _check_shapes(model, state: dict[str, torch.Tensor], model_dir: Path) -> Non
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str = "eager", packed_experts: bool = False, cpu_keys: tuple[str, ...] = ()):
+               attn_implementation: str = "eager", packed_experts: Callable | None = None,
+               cpu_keys: tuple[str, ...] = ()):
     """Build transformers' ``GptOssForCausalLM`` from an HF-layout directory with our own MXFP4 decoding.
 
     Parameters are created on the meta device and assigned from the checkpoint, so nothing is initialised twice.
-    ``packed_experts`` keeps MXFP4 experts packed (frozen :class:`inference.mxfp4.Mxfp4Weight` parameters);
+    ``packed_experts`` keeps MXFP4 experts packed, as that type (frozen parameters; see :func:`load_state_dict`);
     ``cpu_keys`` names tensors kept on the CPU.
     """
     from transformers import GptOssForCausalLM
@@ -208,7 +211,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device
     _check_shapes(model, state, model_dir)
     model.load_state_dict(state, strict=True, assign=True)
     for p in model.parameters():
-        if isinstance(p, mxfp4.Mxfp4Weight):
+        if packed_experts is not None and isinstance(p, packed_experts):
             p.requires_grad_(False)   # packed weights are frozen: the expert matmul gives them no gradient
     with torch.device(device):  # non-persistent buffers (rotary frequencies) are not in the checkpoint
         model.model.rotary_emb = GptOssRotaryEmbedding(config)

@@ -8,14 +8,14 @@ command with one ``error: ...`` line and exit status 2. Nothing is downloaded: t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from inference.errors import UserError, run_command
+from inference.files import write_json
+from inference.harmony import REASONING_EFFORTS as EFFORTS
 
-EFFORTS = ("low", "medium", "high")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 API_KEY_ENV = "GPT_OSS_WORKBENCH_API_KEY"   # serve's key, kept out of the command line (and so out of ps)
 DEFAULT_MAX_WAIT_S = 300.0   # inference.server's defaults (why: there), here so that --help needs no torch import
@@ -275,9 +275,7 @@ def evaluate(args) -> None:
                                    options=options, max_cases=max_cases)
     report = {"data": args.data, "adapter": args.adapter, **report}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_json(out, report)
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     print(f"{report['examples']} sequences scored for loss, {report['generated']} answers generated ({model})\n"
           f"  loss {report.get('loss', float('nan')):.4f}   perplexity {report.get('perplexity', float('nan')):.2f}\n"

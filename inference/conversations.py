@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from inference.errors import UserError
-from inference.harmony import BUILTIN_TOOLS
+from inference.harmony import BUILTIN_TOOLS, REASONING_EFFORTS
 
 FORMATS = ("auto", "openai", "sharegpt")
 ROLES = ("system", "developer", "user", "assistant", "tool")
-EFFORTS = ("low", "medium", "high")
 MESSAGE_KEYS = ("role", "content", "thinking", "reasoning", "reasoning_content", "tool_calls", "name",
                 "tool_call_id", "weight")
 THINKING_KEYS = ("thinking", "reasoning", "reasoning_content")
@@ -181,8 +180,8 @@ def to_example(record: Any, source: str, format: str = "auto", require_assistant
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise MessageError(f"{source}: no assistant message (nothing to train on or evaluate)")
     effort = record.get("reasoning_effort")
-    if effort is not None and effort not in EFFORTS:
-        raise MessageError(f"{source}: reasoning_effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise MessageError(f"{source}: reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")
     tools, builtins = normalize_record_tools(record.get("tools"), source)
     return Example(messages, tools, effort, source, builtins)
 

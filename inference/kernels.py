@@ -21,9 +21,10 @@ expert are found on the device (no host synchronisation), so the step can be cap
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
+
+from inference import mxfp4
 
 
 def mxfp4_matvec_reference(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
@@ -32,8 +33,6 @@ def mxfp4_matvec_reference(x: torch.Tensor, blocks: torch.Tensor, scales: torch.
 
     ``x (n, K)``, ``experts (n,)`` → ``(n, N)`` in ``x.dtype``.
     """
-    from inference import mxfp4  # here, not at the top: mxfp4 imports this module's ``fused``
-
     w = mxfp4.unpack(blocks[experts], scales[experts], x.dtype)          # (n, N, K)
     return torch.bmm(w, x[:, :, None])[:, :, 0]
 
@@ -342,42 +341,3 @@ def _decode_kernel():
         tl.store(dst, values.to(out_ptr.dtype.element_ty), mask=mask[:, None])
 
     return kernel
-
-
-@functools.lru_cache(maxsize=1)
-def compile_works() -> bool:
-    """Whether torch.compile can build CUDA kernels here (inductor needs Triton and a host C compiler).
-
-    ``torch.compile`` is lazy: a missing compiler shows up as an exception at the first call, in the middle of a
-    training step. One tiny probe at first use answers it up front; a failure is logged once and everything that
-    would have been compiled runs as written.
-    """
-    if not torch.cuda.is_available():
-        return False
-    try:
-        probe = torch.compile(lambda x: x * 2 + 1, dynamic=False)
-        return bool((probe(torch.ones(8, device="cuda")) == 3).all())
-    except Exception as exc:   # noqa: BLE001 - whatever broke, the eager twins are the same maths
-        logging.getLogger(__name__).warning("torch.compile does not work here (%s: %s); running the fused kernels "
-                                            "uncompiled", type(exc).__name__, str(exc)[:200])
-        return False
-
-
-def fused(fn):
-    """``fn`` (elementwise PyTorch, its own plain twin) compiled into fused kernels when its first tensor is on CUDA.
-
-    Shapes are dynamic (the number of routed rows changes every step), so one compilation serves a whole run. Where
-    inductor cannot compile (:func:`compile_works`), ``fn`` runs as written: same maths, more memory traffic.
-    """
-    compiled = None
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        nonlocal compiled
-        if not args[0].is_cuda:
-            return fn(*args, **kwargs)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True) if compile_works() else fn
-        return compiled(*args, **kwargs)
-
-    return call

@@ -1,11 +1,10 @@
 """The weighted next-token loss, computing output-layer logits only where a token carries weight, in chunks.
 
 gpt-oss's output layer has 201,088 rows; most tokens of a chat (system, user, tool) carry no loss, so projecting
-every position wastes most of the step (on a tiny model, ~10x). Past ``CHUNK_ROWS`` weighted tokens the logits are
-not held all at once either: :func:`linear_cross_entropy` walks them in chunks of rows, forward and backward (the
-backward recomputes each chunk's logits), so a step holds ``chunk x 201,088`` floats instead of ``N x 201,088``.
-Training (``finetune.train``) and evaluation (``inference.evaluate``) share this one function so their numbers mean
-the same thing.
+every position wastes most of the work (on a tiny model, ~10x). Past ``CHUNK_ROWS`` weighted tokens the logits are
+not held all at once either (:func:`chunked_cross_entropy`). Evaluation (``inference.evaluate``) and training
+(``finetune.kernels.loss``, which adds a chunked backward) share :func:`weighted_nll`, so their numbers mean the same
+thing.
 """
 
 from __future__ import annotations
@@ -13,114 +12,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inference.kernels import fused
-
 CHUNK_ROWS = 1024  # 1024 x 201,088 fp32 logits = 824 MB per chunk at most
-QUANTIZED_CHUNK_ROWS = 256   # for memory-bound (QLoRA) training: 206 MB per chunk, the output layer stays busy
 
 
-@fused
-def _loss_and_grad_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``logits (c, V)``: the loss (fp32) and ``softmax - onehot`` (``d loss / d logits``, logits' dtype).
-
-    One fused pass on CUDA (the fp32 logits are never written out), the same expression elsewhere.
-    """
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    loss = lse - x.gather(1, targets[:, None]).squeeze(1)
-    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
-    return loss, (torch.exp(x - lse[:, None]) - onehot.to(x.dtype)).to(logits.dtype)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Per-row ``-log softmax(hidden @ weight.T)[target]`` without materialising all logits.
-
-    When only ``hidden`` needs a gradient (the output layer is frozen, as in LoRA training), each chunk's
-    ``d loss_i / d hidden_i`` is computed right away while its logits are at hand, and the backward only scales those
-    rows by the incoming gradient: loss ``i`` depends on row ``i`` alone, so this is exact, and it saves recomputing
-    every chunk's logits. Otherwise the backward recomputes them.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
-        # hidden (N, H), weight (V, H), targets (N,) -> losses (N,) fp32
-        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
-        grad_rows = torch.empty_like(hidden) if early else None                      # (N, H)
-        for s in range(0, hidden.shape[0], chunk):
-            logits = hidden[s:s + chunk] @ weight.T                                   # (c, V)
-            t = targets[s:s + chunk]
-            if early:
-                losses[s:s + chunk], d_logits = _loss_and_grad_rows(logits, t)
-                grad_rows[s:s + chunk] = d_logits @ weight
-            else:
-                logits = logits.float()
-                losses[s:s + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
-        ctx.chunk, ctx.early = chunk, early
-        ctx.save_for_backward(grad_rows if early else hidden, weight, targets)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        if ctx.early:
-            grad_rows, _, _ = ctx.saved_tensors
-            return grad_rows * grad_losses[:, None].to(grad_rows.dtype), None, None, None
-        hidden, weight, targets = ctx.saved_tensors
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s:s + ctx.chunk]
-            probs = torch.softmax((h @ weight.T).float(), dim=-1)                     # (c, V)
-            rows = torch.arange(h.shape[0], device=h.device)
-            probs[rows, targets[s:s + ctx.chunk]] -= 1.0                               # d loss / d logits
-            probs *= grad_losses[s:s + ctx.chunk, None]
-            d_logits = probs.to(h.dtype)
-            if want_h:
-                grad_h[s:s + ctx.chunk] = d_logits @ weight
-            if want_w:
-                grad_w += (d_logits.T @ h).float()
-        return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = CHUNK_ROWS) -> torch.Tensor:
-    """``F.cross_entropy(hidden @ weight.T, targets, reduction="none")`` in row chunks (same values, less memory).
-
-    Up to ``chunk`` rows it is exactly that plain expression (cheaper: no recomputation in the backward).
-    """
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets, reduction="none")`` (fp32), ``hidden (N, H)``, ``weight (V, H)``,
+    holding at most ``chunk x V`` logits at once. For evaluation: under autograd every chunk's logits would be kept
+    for the backward (training's chunked version recomputes them instead)."""
     if hidden.shape[0] <= chunk:
         return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
-
-
-def causal_lm_parts(model):
-    """(backbone, lm_head) of a gpt-oss causal LM, unwrapping a PEFT model if needed."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model, base.lm_head
-
-
-def weighted_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor,
-                      chunk: int = CHUNK_ROWS, targets: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum over tokens of ``weight * -log p(target | prefix)`` for a transformers causal LM (PEFT-wrapped or not).
-
-    ``input_ids``, ``attention_mask``, ``weights``, ``targets``: ``(B, T)``; ``weights[b, t]`` weighs predicting
-    ``targets[b, t]`` from the tokens before position ``t`` (so position 0 is never predicted). ``targets`` defaults
-    to ``input_ids`` (plain next-token prediction); Harmony training data differs only where history stores an answer
-    with ``<|end|>`` and the model is trained to emit ``<|return|>``. Returns ``(weighted_sum, weight_total,
-    token_count)``, where ``token_count`` counts the tokens with non-zero weight. ``chunk``: logits rows at once.
-    """
-    backbone, head = causal_lm_parts(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B,T,H)
-    return weighted_nll(hidden, head.weight, head.bias, input_ids if targets is None else targets, weights, chunk)
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk):
+        logits = (hidden[s:s + chunk] @ weight.T).float()                            # (c, V)
+        losses[s:s + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+    return losses
 
 
 def weighted_nll(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
-                 targets: torch.Tensor, weights: torch.Tensor,
-                 chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`weighted_loss_sum` from final hidden states ``(B, T, H)`` and the output layer ``(V, H)``; ``targets``
-    ``(B, T)`` are read only where ``weights > 0``."""
+                 targets: torch.Tensor, weights: torch.Tensor, chunk: int = CHUNK_ROWS,
+                 cross_entropy=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum over tokens of ``weight * -log p(target | prefix)`` from final hidden states ``(B, T, H)`` and the output
+    layer ``(V, H)``: ``weights[b, t]`` weighs predicting ``targets[b, t]`` from the positions before ``t`` (so position
+    0 is never predicted); ``targets`` ``(B, T)`` are read only where ``weights > 0``. Returns ``(weighted_sum,
+    weight_total, token_count)``, ``token_count`` counting the tokens with non-zero weight.
+
+    ``cross_entropy(hidden (N, H), weight (V, H), targets (N,), chunk) -> (N,)``: :func:`chunked_cross_entropy`
+    unless given (training passes one with a chunked backward, ``finetune.kernels.loss``).
+    """
     target_w = weights[:, 1:].to(torch.float32)          # (B, T-1)
     keep = target_w > 0
     picked = hidden[:, :-1][keep]                        # (N, H): only positions that predict a weighted token
@@ -128,6 +47,6 @@ def weighted_nll(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: tor
     if head_bias is not None:  # gpt-oss has no output bias; keep the plain path for heads that do
         nll = F.cross_entropy(F.linear(picked, head_weight, head_bias).float(), wanted, reduction="none")
     else:
-        nll = linear_cross_entropy(picked, head_weight, wanted, chunk)
+        nll = (cross_entropy or chunked_cross_entropy)(picked, head_weight, wanted, chunk)
     w = target_w[keep]
     return (nll * w).sum(), w.sum(), keep.sum()

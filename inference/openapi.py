@@ -10,6 +10,8 @@ server answers. It imports nothing of the server, so the schema is a plain funct
 
 from __future__ import annotations
 
+from inference.harmony import REASONING_EFFORTS
+
 INT64 = {"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1}
 
 
@@ -116,7 +118,7 @@ def chat_request(model_ids: list[str], max_tokens_cap: int) -> dict:
             "messages": {"type": "array", "minItems": 1, "items": {"oneOf": list(MESSAGES.values())}},
             "tools": _nullable({"type": "array", "items": TOOL}),
             "tool_choice": _nullable({"enum": ["auto", "none"]}),
-            "reasoning_effort": _nullable({"enum": ["low", "medium", "high"]}),
+            "reasoning_effort": _nullable({"enum": list(REASONING_EFFORTS)}),
             "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
             "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
             "max_tokens": _nullable(tokens),

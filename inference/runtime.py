@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inference import kernels, mxfp4
+from inference import compiled, kernels, mxfp4
 from inference.errors import UserError
 from inference.moe import decode, down_epilogue, gate_up_epilogue, swiglu
 
@@ -435,7 +435,7 @@ class Attention(torch.nn.Module):
         return out.view(B, self.nh, Tq, D)
 
 
-@kernels.fused
+@compiled.fused
 def _sink_softmax(scores: torch.Tensor, blocked: torch.Tensor, sinks: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention probabilities ``(B, nh, Tq, S)`` from raw ``scores`` with ``blocked (B, 1, Tq, S)`` keys masked
     and each head's sink in the softmax (one fused pass on CUDA: a decode step runs this per layer)."""
@@ -449,7 +449,7 @@ def _sink_softmax(scores: torch.Tensor, blocked: torch.Tensor, sinks: torch.Tens
 
 
 
-@kernels.fused
+@compiled.fused
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on halves (not interleaved pairs), as gpt-oss does. ``x (B, h, T, D)``, ``cos (B, T, D/2)``."""
     cos, sin = cos[:, None], sin[:, None]
@@ -467,7 +467,7 @@ class RMSNorm(torch.nn.Module):
         return _rms_norm(x, self.weight, self.eps)
 
 
-@kernels.fused
+@compiled.fused
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """gpt-oss's RMSNorm in fp32, back in ``x``'s dtype (one fused pass on CUDA)."""
     h = x.float()

@@ -71,6 +71,7 @@ from inference.engine import (
     UnknownModel,
 )
 from inference.errors import UserError
+from inference.harmony import REASONING_EFFORTS
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # How long a request may wait for a slot. Long enough for a queue of ordinary replies to drain on a busy server,
@@ -80,7 +81,6 @@ DEFAULT_MAX_WAIT_S = 300.0
 # Kubernetes' default grace period between SIGTERM and SIGKILL: a drain longer than that would be killed anyway.
 DEFAULT_DRAIN_S = 30.0
 MAX_RETRY_AFTER_S = 60     # a longer hint would be a guess: the load a minute from now is not known
-REASONING_EFFORTS = ("low", "medium", "high")
 MAX_STOP_STRINGS = 4
 # What writing to (or reading from) a connection the client has dropped raises: it ends that request, never the server.
 DISCONNECTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)

@@ -219,7 +219,7 @@ def summation_bound(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None 
     """Elementwise bound on how far two fp32 evaluations of ``a @ b`` (per expert group ending at ``offs[e]`` when
     given) in any two summation orders can differ: each is within ``K * eps/2 * sum_k |a_k b_k|`` of the exact
     value (K terms; a and b themselves exact fp32 numbers), so the two within ``K * eps * (|a| @ |b|)``."""
-    from inference.moe import _gmm_loop
+    from finetune.kernels.experts import _gmm_loop
     a, b = a.detach().abs().double(), b.detach().abs().double()
     return a.shape[-1] * EPS32 * (_gmm_loop(a, b, offs) if offs is not None else a @ b)
 

@@ -17,11 +17,11 @@ import torch
 from conftest import EPS32, FP32_MARGIN, assert_float64_close, assert_fp32_close, float64, run, summation_bound
 
 from finetune import fastpath
+from finetune.kernels.attention import sink_attention
+from finetune.kernels.experts import grouped_mm, moe_experts
+from finetune.kernels.loss import weighted_loss_sum
 from finetune.model import add_lora
-from inference.attention import sink_attention
 from inference.errors import UserError
-from inference.loss import weighted_loss_sum
-from inference.moe import grouped_mm, moe_experts
 from tests.test_lora import fill_, make_recipe
 
 

@@ -244,7 +244,7 @@ def test_expert_lora_changes_expert_output_and_matches_merged_weights(tiny_model
 
 
 def test_optimizer_steps_change_only_lora_params(tiny_model, tmp_path):
-    from inference.loss import weighted_loss_sum
+    from finetune.kernels.loss import weighted_loss_sum
 
     torch.manual_seed(0)
     recipe = make_recipe(tmp_path)

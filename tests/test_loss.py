@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_fp32_close, float64, fp32_tolerance
 
-from inference.loss import linear_cross_entropy, weighted_loss_sum
+from finetune.kernels.loss import linear_cross_entropy, weighted_loss_sum
 
 
 def test_chunked_linear_cross_entropy_matches_plain_values_and_gradients():

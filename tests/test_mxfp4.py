@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from finetune.kernels.packed import Mxfp4Weight
 from inference import mxfp4
 from inference.mxfp4 import pack, pack_with_stats, unpack
 
@@ -74,7 +75,7 @@ def test_decoders_are_ldexp_for_every_scale_byte_and_code(decoder, dtype):
     elif decoder == "decode":
         out = mxfp4.decode(blocks, scales, dtype)
     else:   # the dense view a model sees: (E, in, out) of one expert with one output row
-        out = mxfp4.Mxfp4Weight(blocks[None, None], scales[None, None], dtype).dequantize()[0, :, 0]
+        out = Mxfp4Weight(blocks[None, None], scales[None, None], dtype).dequantize()[0, :, 0]
     out = out.reshape(256, 16, 2)
     want = ldexp_reference(dtype)
     assert_same_bits(out[..., 0].contiguous(), want)

@@ -10,11 +10,13 @@ import torch
 from conftest import assert_fp32_close, float64, run, summation_bound
 
 from finetune import fastpath
+from finetune.kernels import experts as moe
+from finetune.kernels.loss import weighted_loss_sum
+from finetune.kernels.packed import Mxfp4Weight
 from finetune.model import HostEmbedding, add_lora, is_quantized
 from finetune.recipe import load_recipe
-from inference import moe, mxfp4
+from inference import mxfp4
 from inference.checkpoint import load_model
-from inference.loss import weighted_loss_sum
 
 REPO_RECIPE = "recipes/tiny-cpu.yaml"
 
@@ -35,20 +37,20 @@ def test_decode_equals_unpack_for_every_byte_and_a_range_of_scales(dtype):
 
 def test_packed_weight_looks_dense_and_stays_packed():
     blocks, scales = random_packed()
-    w = mxfp4.Mxfp4Weight(blocks, scales, torch.float32)
+    w = Mxfp4Weight(blocks, scales, torch.float32)
     dense = mxfp4.unpack(blocks, scales).transpose(1, 2)              # (E, in, out)
     assert w.shape == dense.shape == (3, 96, 64) and w.dtype == torch.float32
     param = torch.nn.Parameter(w, requires_grad=False)
-    assert isinstance(param, torch.nn.Parameter) and isinstance(param, mxfp4.Mxfp4Weight)
+    assert isinstance(param, torch.nn.Parameter) and isinstance(param, Mxfp4Weight)
     # detaching, copying, moving and changing the reported dtype keep the bytes packed
     module = torch.nn.Module()
     module.w = param
     module.to("cpu")
     clone = copy.deepcopy(module)
     for t in (module.w, clone.w, param.detach(), module.state_dict()["w"]):
-        assert isinstance(t, mxfp4.Mxfp4Weight)
+        assert isinstance(t, Mxfp4Weight)
     assert clone.w.blocks.data_ptr() != blocks.data_ptr() and torch.equal(clone.w.blocks, blocks)
-    assert module.to(torch.bfloat16).w.dtype == torch.bfloat16 and isinstance(module.w, mxfp4.Mxfp4Weight)
+    assert module.to(torch.bfloat16).w.dtype == torch.bfloat16 and isinstance(module.w, Mxfp4Weight)
     # any other use sees the decoded values
     x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1))
     assert torch.equal(w[1], dense[1])
@@ -64,7 +66,7 @@ def test_packed_grouped_mm_forward_and_input_gradient_equal_dense(budget, monkey
     if budget:   # small budgets force the piecewise decode (16 output features / one 32-group at a time)
         monkeypatch.setattr(moe, "DECODE_BUDGET_BYTES", budget)
     blocks, scales = random_packed()
-    packed = mxfp4.Mxfp4Weight(blocks, scales, torch.float32)
+    packed = Mxfp4Weight(blocks, scales, torch.float32)
     dense = packed.dequantize().contiguous()                          # (E, in, out)
     offs = torch.tensor([9, 9, 31], dtype=torch.int32)                # expert 1 gets no rows
     g = torch.Generator().manual_seed(1)
@@ -83,13 +85,13 @@ def test_packed_grouped_mm_forward_and_input_gradient_equal_dense(budget, monkey
 
 def test_load_model_keeps_experts_packed_with_equal_logits(tiny_model_dir):
     dense = load_model(tiny_model_dir)
-    packed = load_model(tiny_model_dir, packed_experts=True)
+    packed = load_model(tiny_model_dir, packed_experts=Mxfp4Weight)
     experts = packed.model.layers[0].mlp.experts
-    assert isinstance(experts.gate_up_proj, mxfp4.Mxfp4Weight) and not experts.gate_up_proj.requires_grad
+    assert isinstance(experts.gate_up_proj, Mxfp4Weight) and not experts.gate_up_proj.requires_grad
     assert is_quantized(packed) and not is_quantized(dense)
     dense_bytes = sum(p.numel() * p.element_size() for n, p in dense.named_parameters() if ".experts." in n
                       and not n.endswith("bias"))
-    packed_bytes = sum(p.packed_bytes for p in packed.parameters() if isinstance(p, mxfp4.Mxfp4Weight))
+    packed_bytes = sum(p.packed_bytes for p in packed.parameters() if isinstance(p, Mxfp4Weight))
     assert packed_bytes * 128 == dense_bytes * 17        # 4.25 bits per weight against fp32's 32
     ids = torch.randint(0, 5000, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():   # the same weights; only the summation order of the matmuls may differ (layout)
@@ -103,7 +105,7 @@ def _lora_models(tiny_model_dir):
     models = {}
     for name, packed in (("dense", False), ("packed", True)):
         torch.manual_seed(0)
-        models[name], _ = add_lora(load_model(tiny_model_dir, packed_experts=packed), recipe)
+        models[name], _ = add_lora(load_model(tiny_model_dir, packed_experts=Mxfp4Weight if packed else None), recipe)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():   # a trained-looking adapter (PEFT starts B at zero), the same in both
         for (n1, p1), (n2, p2) in zip(models["dense"].named_parameters(), models["packed"].named_parameters()):
@@ -140,7 +142,7 @@ def test_packed_training_loss_and_lora_gradients_equal_dequantized_up_front(tiny
         for name, g in grads.items():
             assert g.abs().max() > 0, name
             assert_fp32_close(g, oracle[name], exact[name], name)
-    assert not any(p.grad is not None for p in models["packed"].parameters() if isinstance(p, mxfp4.Mxfp4Weight))
+    assert not any(p.grad is not None for p in models["packed"].parameters() if isinstance(p, Mxfp4Weight))
 
 
 def test_host_embedding_matches_and_is_not_a_parameter(tiny_model_dir):
@@ -157,7 +159,7 @@ def test_host_embedding_matches_and_is_not_a_parameter(tiny_model_dir):
 def test_fast_path_leaves_the_state_dict_and_the_saved_adapter_alone(tiny_model_dir, tmp_path):
     """Switching our path on must not add keys: the Trainer saves checkpoints while it is on."""
     from peft.utils import get_peft_model_state_dict
-    model, _ = add_lora(load_model(tiny_model_dir, packed_experts=True), load_recipe(REPO_RECIPE))
+    model, _ = add_lora(load_model(tiny_model_dir, packed_experts=Mxfp4Weight), load_recipe(REPO_RECIPE))
     keys = set(model.state_dict())
     adapter = set(get_peft_model_state_dict(model, state_dict=model.state_dict()))
     fastpath.enable(model)

@@ -40,6 +40,7 @@ from finetune.ship import parity
 from finetune.ship.ollama import modelfile
 from finetune.ship.parity import Check
 from inference.errors import UserError
+from inference.files import write_json
 
 FORMATS = ("peft", "merged-bf16", "merged-mxfp4", "gguf", "gguf-lora", "ollama")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -586,9 +587,7 @@ def _record(run: _Run, fmt: str, path: Path | None, result: ExportResult | None,
     if info_path.is_file():
         info = json.loads(info_path.read_text(encoding="utf-8"))
         info.setdefault("exports", []).append(entry)
-        tmp = info_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, info_path)
+        write_json(info_path, info)
     logged = run.recipe.tracking.log if run.recipe is not None else ["exports"]
     if run.info.get("mlflow_run_id") and "exports" in logged:
         from finetune import tracking

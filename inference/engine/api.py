@@ -217,8 +217,9 @@ class Engine:
                     reasoning_effort: str | None = None) -> list[int]:
         """OpenAI-style chat messages (+ tools) → Harmony prompt ids ending with ``<|start|>assistant``."""
         from inference.conversations import normalize_messages, normalize_tools
-        if reasoning_effort is not None and reasoning_effort not in ("low", "medium", "high"):
-            raise BadParameter(f"reasoning_effort must be low, medium or high, got {reasoning_effort!r}")
+        if reasoning_effort is not None and reasoning_effort not in harmony.REASONING_EFFORTS:
+            raise BadParameter(f"reasoning_effort must be one of {', '.join(harmony.REASONING_EFFORTS)}, "
+                               f"got {reasoning_effort!r}")
         msgs = normalize_messages(messages, where="messages", strict_keys=False)
         specs = normalize_tools(tools, "tools")
         options = harmony.HarmonyOptions(reasoning_effort=reasoning_effort or "medium")

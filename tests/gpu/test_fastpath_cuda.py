@@ -16,9 +16,9 @@ import torch
 from conftest import EPS32, assert_fp32_close
 
 from finetune import fastpath
-from inference import attention
-from inference.attention import sink_attention
-from inference.loss import weighted_loss_sum
+from finetune.kernels import attention
+from finetune.kernels.attention import sink_attention
+from finetune.kernels.loss import weighted_loss_sum
 from tests.test_fastpath import _batch, _eager_attention, _peft_tiny, experts_case, run_experts
 
 pytestmark = pytest.mark.gpu

@@ -14,10 +14,12 @@ import torch
 from conftest import EPS32, FP32_MARGIN, float64
 
 from finetune import fastpath
+from finetune.kernels import experts as moe
+from finetune.kernels.loss import weighted_loss_sum
+from finetune.kernels.packed import Mxfp4Weight
 from finetune.model import is_quantized
-from inference import kernels, moe, mxfp4
+from inference import kernels, mxfp4
 from inference.checkpoint import load_model
-from inference.loss import weighted_loss_sum
 from tests.test_mxfp4 import assert_same_bits, ldexp_reference
 from tests.test_qlora import _lora_models, random_packed
 
@@ -62,7 +64,7 @@ def test_packed_grouped_mm_equals_dense_in_bf16(budget, monkeypatch):
     if budget:   # 64 output features / 2 groups of inputs at a time
         monkeypatch.setattr(moe, "DECODE_BUDGET_BYTES", budget)
     blocks, scales = random_packed(experts=4, out=256, k=512)
-    packed = mxfp4.Mxfp4Weight(blocks.to(CUDA), scales.to(CUDA), torch.bfloat16)
+    packed = Mxfp4Weight(blocks.to(CUDA), scales.to(CUDA), torch.bfloat16)
     dense = packed.dequantize().contiguous()                                   # (E, in, out) bf16
     offs = torch.tensor([300, 300, 700, 1000], dtype=torch.int32, device=CUDA)
     g = torch.Generator().manual_seed(1)
@@ -110,10 +112,11 @@ def test_packed_load_on_cuda_saves_the_decoded_experts_bytes(tiny_model_dir):
         model = load()
         return model, torch.cuda.memory_allocated() - before
 
-    packed, packed_bytes = allocated_by(lambda: load_model(tiny_model_dir, torch.bfloat16, CUDA, packed_experts=True))
+    packed, packed_bytes = allocated_by(lambda: load_model(tiny_model_dir, torch.bfloat16, CUDA,
+                                                           packed_experts=Mxfp4Weight))
     _, dense_bytes = allocated_by(lambda: load_model(tiny_model_dir, torch.bfloat16, CUDA))
-    expert_bytes = sum(p.packed_bytes for p in packed.parameters() if isinstance(p, mxfp4.Mxfp4Weight))
-    dense_expert_bytes = sum(p.numel() * 2 for p in packed.parameters() if isinstance(p, mxfp4.Mxfp4Weight))
+    expert_bytes = sum(p.packed_bytes for p in packed.parameters() if isinstance(p, Mxfp4Weight))
+    dense_expert_bytes = sum(p.numel() * 2 for p in packed.parameters() if isinstance(p, Mxfp4Weight))
     assert expert_bytes * 64 == dense_expert_bytes * 17             # 4.25 bits against bf16's 16
     # nothing dense of the experts stays alive: the difference is the whole saving (allocator rounding apart)
     assert dense_bytes - packed_bytes >= 0.95 * (dense_expert_bytes - expert_bytes)
@@ -129,7 +132,7 @@ def test_packed_peft_model_round_trips_through_host_memory(tiny_model_dir):
         before = model(input_ids=ids).logits
     model.to("cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
-    assert all(isinstance(p, mxfp4.Mxfp4Weight) for n, p in model.named_parameters() if n.endswith("_proj")
+    assert all(isinstance(p, Mxfp4Weight) for n, p in model.named_parameters() if n.endswith("_proj")
                and ".experts." in n)
     model.to(CUDA)
     assert all(p is params[n] for n, p in model.named_parameters())

@@ -1,0 +1,115 @@
+"""The training loss: the weighted next-token loss of :func:`inference.loss.weighted_nll` with a chunked backward.
+
+Past ``chunk`` weighted tokens, :func:`linear_cross_entropy` walks the output layer's logits in chunks of rows,
+forward and backward (the backward recomputes each chunk's logits, or, with a frozen output layer, keeps each
+chunk's input gradient from the forward), so a step holds ``chunk x 201,088`` floats instead of ``N x 201,088``.
+The weighting and the choice of rows are evaluation's (:mod:`inference.loss`), so the two report the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from inference.compiled import fused
+from inference.loss import CHUNK_ROWS, weighted_nll
+
+QUANTIZED_CHUNK_ROWS = 256   # for memory-bound (QLoRA) training: 206 MB per chunk, the output layer stays busy
+
+
+@fused
+def _loss_and_grad_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``logits (c, V)``: the loss (fp32) and ``softmax - onehot`` (``d loss / d logits``, logits' dtype).
+
+    One fused pass on CUDA (the fp32 logits are never written out), the same expression elsewhere.
+    """
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = lse - x.gather(1, targets[:, None]).squeeze(1)
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    return loss, (torch.exp(x - lse[:, None]) - onehot.to(x.dtype)).to(logits.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-row ``-log softmax(hidden @ weight.T)[target]`` without materialising all logits.
+
+    When only ``hidden`` needs a gradient (the output layer is frozen, as in LoRA training), each chunk's
+    ``d loss_i / d hidden_i`` is computed right away while its logits are at hand, and the backward only scales those
+    rows by the incoming gradient: loss ``i`` depends on row ``i`` alone, so this is exact, and it saves recomputing
+    every chunk's logits. Otherwise the backward recomputes them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        # hidden (N, H), weight (V, H), targets (N,) -> losses (N,) fp32
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        grad_rows = torch.empty_like(hidden) if early else None                      # (N, H)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = hidden[s:s + chunk] @ weight.T                                   # (c, V)
+            t = targets[s:s + chunk]
+            if early:
+                losses[s:s + chunk], d_logits = _loss_and_grad_rows(logits, t)
+                grad_rows[s:s + chunk] = d_logits @ weight
+            else:
+                logits = logits.float()
+                losses[s:s + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
+        ctx.chunk, ctx.early = chunk, early
+        ctx.save_for_backward(grad_rows if early else hidden, weight, targets)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        if ctx.early:
+            grad_rows, _, _ = ctx.saved_tensors
+            return grad_rows * grad_losses[:, None].to(grad_rows.dtype), None, None, None
+        hidden, weight, targets = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s:s + ctx.chunk]
+            probs = torch.softmax((h @ weight.T).float(), dim=-1)                     # (c, V)
+            rows = torch.arange(h.shape[0], device=h.device)
+            probs[rows, targets[s:s + ctx.chunk]] -= 1.0                               # d loss / d logits
+            probs *= grad_losses[s:s + ctx.chunk, None]
+            d_logits = probs.to(h.dtype)
+            if want_h:
+                grad_h[s:s + ctx.chunk] = d_logits @ weight
+            if want_w:
+                grad_w += (d_logits.T @ h).float()
+        return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets, reduction="none")`` in row chunks (same values, less memory).
+
+    Up to ``chunk`` rows it is exactly that plain expression (cheaper: no recomputation in the backward).
+    """
+    if hidden.shape[0] <= chunk:
+        return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+def causal_lm_parts(model):
+    """(backbone, lm_head) of a gpt-oss causal LM, unwrapping a PEFT model if needed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.lm_head
+
+
+def weighted_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor,
+                      chunk: int = CHUNK_ROWS, targets: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum over tokens of ``weight * -log p(target | prefix)`` for a transformers causal LM (PEFT-wrapped or not).
+
+    ``input_ids``, ``attention_mask``, ``weights``, ``targets``: ``(B, T)``; ``weights[b, t]`` weighs predicting
+    ``targets[b, t]`` from the tokens before position ``t`` (so position 0 is never predicted). ``targets`` defaults
+    to ``input_ids`` (plain next-token prediction); Harmony training data differs only where history stores an answer
+    with ``<|end|>`` and the model is trained to emit ``<|return|>``. Returns ``(weighted_sum, weight_total,
+    token_count)``, where ``token_count`` counts the tokens with non-zero weight. ``chunk``: logits rows at once.
+    """
+    backbone, head = causal_lm_parts(model)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B,T,H)
+    return weighted_nll(hidden, head.weight, head.bias, input_ids if targets is None else targets, weights, chunk,
+                        cross_entropy=linear_cross_entropy)

@@ -690,9 +690,9 @@ def _drain(server: ChatServer, seconds: float) -> None:
         print(f"shutting down ({in_flight} request{'s' * (in_flight != 1)} in flight cancelled)"
               if in_flight else "shutting down", flush=True)
         return
-    print(f"shutting down: draining {in_flight} request{'s' * (in_flight != 1)} for up to {seconds:g} s, new "
-          "connections refused (Ctrl-C or SIGTERM again: stop at once)", flush=True)
-    try:
+    try:   # before the message: a second signal the moment it is out must land in this handler
+        print(f"shutting down: draining {in_flight} request{'s' * (in_flight != 1)} for up to {seconds:g} s, new "
+              "connections refused (Ctrl-C or SIGTERM again: stop at once)", flush=True)
         left = server.wait_idle(seconds)
     except KeyboardInterrupt:   # the second Ctrl-C or SIGTERM
         left = server.active_generations

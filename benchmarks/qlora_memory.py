@@ -158,7 +158,6 @@ def main() -> None:
     if args.quantization == "nf4":
         from finetune.quantize import quantize_attention_nf4
         quantize_attention_nf4(model, compute_dtype=dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     pm, coverage = add_lora(model, recipe_for(args, *first))
     assert is_quantized(pm)
@@ -170,6 +169,7 @@ def main() -> None:
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = make_optimizer(params, args.optimizer)
     fastpath.enable(pm)
+    fastpath.enable_checkpointing(pm)   # as the Trainer installs it for train.gradient_checkpointing=true
     pm.train()
     res["build_s"] = round(time.perf_counter() - t0, 1)
     res["lora_trainable_M"] = round(coverage["trainable"] / 1e6, 1)

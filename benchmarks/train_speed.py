@@ -164,7 +164,6 @@ def main() -> None:
     cfg = model.config
     res["layers"] = cfg.num_hidden_layers
     res["weights_GiB"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 1)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     pm = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -198,7 +197,6 @@ def main() -> None:
 
     def use(path):
         fastpath.disable(pm)
-        fastpath.keep_activations(pm, int(path.split("+keep")[1]) if "+keep" in path else 0)
         if path.startswith("baseline"):
             model.set_attn_implementation(baseline_attn)
             model.set_experts_implementation(baseline_experts)
@@ -209,7 +207,9 @@ def main() -> None:
                     save.add(part[5:])
                 elif part.startswith("nosave-"):
                     save.discard(part[7:])
-            fastpath.enable(pm, selective_checkpointing="+recompute" not in path, save=frozenset(save))
+            fastpath.enable(pm, save=frozenset() if "+recompute" in path else frozenset(save))
+        fastpath.enable_checkpointing(pm)   # as the Trainer installs it: the path's policy, or plain for the baseline
+        fastpath.keep_activations(pm, int(path.split("+keep")[1]) if "+keep" in path else 0)
 
     for seq in [int(s) for s in args.seqs.split(",")]:
         batch = max(1, args.tokens // seq)

@@ -17,11 +17,20 @@
 
 ``train.kernels`` in the recipe picks the path: ``auto`` (ours on CUDA, the reference elsewhere), ``fast`` or
 ``reference`` (transformers' eager attention + PEFT's parametrized experts, the oracle).
+
+This module is the project's one seam for changing library behaviour: :data:`PATCHES` lists every change made to
+transformers', PEFT's and torch's objects and why; :func:`patched` (or :func:`enable` / :func:`disable`) applies and
+undoes them. Activation checkpointing is installed one way, training and benchmarks alike: transformers' own
+``gradient_checkpointing_enable`` with :func:`checkpoint_kwargs` (:func:`enable_checkpointing`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import types
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -32,7 +41,7 @@ from inference.errors import UserError
 
 EXPERTS_IMPL = "finetune_lora"
 ATTENTION_IMPL = "finetune_sinks"  # no "flash" in the name: transformers would reroute it to a hub kernel
-_STATE = "_finetune_fastpath"   # on the transformers model: (attention impl, experts impl) to restore
+_STATE = "_finetune_fastpath"   # on the transformers model: [(patch, what to restore)] while the path is on
 
 
 def _base(model):
@@ -136,21 +145,23 @@ def _selective_context(save: frozenset = SAVE_DEFAULT):
     return create_selective_checkpoint_contexts(_policy(save))
 
 
-def _checkpoint_func(save: frozenset = SAVE_DEFAULT):
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-    return functools.partial(checkpoint, use_reentrant=False,
-                             context_fn=functools.partial(_selective_context, save))
-
-
 def checkpoint_kwargs(model) -> dict:
-    """``gradient_checkpointing_kwargs`` for the Trainer when our path is on (it re-enables checkpointing itself)."""
-    import functools
-    save = getattr(_base(model), "_finetune_save", SAVE_DEFAULT)
+    """``gradient_checkpointing_kwargs`` for transformers' ``gradient_checkpointing_enable``: with our path on,
+    selective checkpointing that keeps what :data:`SAVE_DEFAULT` (or the ``save`` given to :func:`enable`) names;
+    plain non-reentrant checkpointing otherwise. The Trainer gets these (``finetune.train``), and so does
+    :func:`enable_checkpointing`."""
+    save = getattr(_base(model), "_finetune_save", None) if is_enabled(model) else None
     if not save:   # plain recomputation: no dispatch mode asking a policy about every operation
         return {"use_reentrant": False}
     return {"use_reentrant": False, "context_fn": functools.partial(_selective_context, save)}
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing on every decoder layer, installed the one way training and the benchmarks share:
+    transformers' own ``gradient_checkpointing_enable`` with :func:`checkpoint_kwargs` (what the Trainer calls when a
+    recipe sets ``train.gradient_checkpointing``). Call it after :func:`enable` / :func:`disable`: the policy follows
+    the path."""
+    _base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(model))
 
 
 def autocast(model):
@@ -173,39 +184,43 @@ def _norms(base):
         [base.model.norm]
 
 
-def enable(model, selective_checkpointing: bool = True, save: frozenset | None = None) -> None:
-    """Switch a (PEFT-wrapped) gpt-oss model to our path. ``disable`` restores what it had.
+@dataclass(frozen=True)
+class Patch:
+    """One change our path makes to a model's library objects: ``apply(model, base)`` makes it and returns what
+    ``undo(model, base, state)`` needs to put everything back as it was."""
+    name: str
+    why: str
+    apply: Callable[[Any, Any], Any]
+    undo: Callable[[Any, Any, Any], None]
 
-    Its forward must then run under :func:`autocast` (``finetune.train`` does): PEFT no longer casts activations
-    to the fp32 LoRA weights. The path is for training batches (right-padded, no KV cache). ``save``: what
-    selective checkpointing keeps (None: :data:`SAVE_DEFAULT`, or :data:`SAVE_QUANTIZED` for a quantized model).
-    """
-    from finetune.model import is_quantized
-    register()
-    base = _base(model)
-    if getattr(base, _STATE, None) is not None:
-        return
-    if save is None:
-        save = SAVE_QUANTIZED if is_quantized(model) else SAVE_DEFAULT
-    base._finetune_save = save
-    setattr(base, _STATE, (base.config._attn_implementation, base.config._experts_implementation))
+
+def _set_attention(model, base):
+    before = base.config._attn_implementation
     base.set_attn_implementation(ATTENTION_IMPL)
+    return before
+
+
+def _set_experts(model, base):
+    before = base.config._experts_implementation
     base.set_experts_implementation(EXPERTS_IMPL)
-    if selective_checkpointing and save:
-        # transformers' GradientCheckpointingLayer calls whatever sits in ``_gradient_checkpointing_func``. With
-        # nothing to save, plain checkpointing is the same and cheaper: the selective policy is a Python dispatch
-        # mode consulted on every operation of the forward and its recomputation (a host-bound cost at small steps).
-        for layer in base.model.layers:
-            if getattr(layer, "gradient_checkpointing", False):
-                layer._finetune_previous_func = layer._gradient_checkpointing_func
-                layer._gradient_checkpointing_func = _checkpoint_func(save)
-    if next(base.parameters()).is_cuda and compile_works():
-        # gpt-oss's fp32 RMSNorm is six elementwise kernels in eager mode; nn.Module.compile fuses each into one
-        for norm in _norms(base):
-            norm.compile(dynamic=True)
-    # PEFT's own switch: no up-cast of each activation to the fp32 LoRA weights (autocast handles the dtypes)
-    for layer in _tuner_layers(model):
+    return before
+
+
+def _no_upcast(model, base):
+    layers = _tuner_layers(model)
+    before = [layer.cast_input_dtype_enabled for layer in layers]
+    for layer in layers:
         layer.cast_input_dtype_enabled = False
+    return list(zip(layers, before))
+
+
+def _restore_upcast(model, base, before):
+    for layer, value in before:
+        layer.cast_input_dtype_enabled = value
+
+
+def _bypass_wrappers(model, base):
+    changed = []
     for outer, wrappers, experts in _expert_chains(base):
         experts._finetune_lora = wrappers
         if wrappers:
@@ -213,30 +228,96 @@ def enable(model, selective_checkpointing: bool = True, save: frozenset | None =
             # the state dict, and PEFT would write the base experts into every Trainer checkpoint of the adapter
             object.__setattr__(outer, "_finetune_experts", experts)
             outer.forward = types.MethodType(_bypass_forward, outer)
+        changed.append((outer, experts))
+    return changed
 
 
-def disable(model) -> None:
-    base = _base(model)
-    state = getattr(base, _STATE, None)
-    if state is None:
-        return
-    attn, experts_impl = state
-    base.set_attn_implementation(attn)
-    base.set_experts_implementation(experts_impl)
-    for layer in base.model.layers:
-        if "_finetune_previous_func" in vars(layer):
-            layer._gradient_checkpointing_func = layer._finetune_previous_func
-            del layer._finetune_previous_func
-    for layer in _tuner_layers(model):
-        layer.cast_input_dtype_enabled = True
-    for norm in _norms(base):
-        norm._compiled_call_impl = None   # what nn.Module.compile set: back to the eager forward
-    for outer, wrappers, experts in _expert_chains(base):
-        experts._finetune_lora = ()
+def _restore_wrappers(model, base, changed):
+    for outer, experts in changed:
+        del experts._finetune_lora
         if "forward" in vars(outer):
             del outer.forward
             del outer._finetune_experts
-    setattr(base, _STATE, None)
+
+
+def _compile_norms(model, base):
+    if not (next(base.parameters()).is_cuda and compile_works()):
+        return []
+    for norm in _norms(base):
+        norm.compile(dynamic=True)
+    return _norms(base)
+
+
+def _uncompile_norms(model, base, norms):
+    for norm in norms:
+        norm._compiled_call_impl = None   # what nn.Module.compile set: back to the eager forward
+
+
+# Everything our path changes in transformers', PEFT's and torch's objects, and why. Each change is to one model's
+# objects (a config value through transformers' own setter, a PEFT layer's switch, an instance attribute), never to
+# a library's classes or modules, and :func:`disable` undoes each exactly (tests/test_fastpath.py checks both).
+PATCHES: tuple[Patch, ...] = (
+    Patch("attention implementation",
+          f"'{ATTENTION_IMPL}' through transformers' AttentionInterface registry: flash attention with gpt-oss's "
+          "sinks and sliding window, exact backward",
+          _set_attention, lambda model, base, before: base.set_attn_implementation(before)),
+    Patch("experts implementation",
+          f"'{EXPERTS_IMPL}' through transformers' experts registry: grouped matmuls with the LoRA side path, "
+          "packed MXFP4 decoded piecewise",
+          _set_experts, lambda model, base, before: base.set_experts_implementation(before)),
+    Patch("PEFT input up-cast off",
+          "each LoRA layer's own cast_input_dtype_enabled switch: bf16 autocast runs the fp32 LoRA weights' "
+          "matmuls in bf16 instead of every activation being cast up to fp32",
+          _no_upcast, _restore_upcast),
+    Patch("expert wrappers bypassed",
+          "the outermost PEFT ParamWrapper on mlp.experts calls the experts directly (an instance forward); the "
+          "registered experts forward reads the LoRA factors with PEFT's get_delta_factors instead of PEFT "
+          "forming W + B A for all experts",
+          _bypass_wrappers, _restore_wrappers),
+    Patch("RMSNorms compiled",
+          "nn.Module.compile on CUDA: gpt-oss's fp32 RMSNorm is six elementwise kernels in eager mode, one compiled",
+          _compile_norms, _uncompile_norms),
+)
+
+
+def enable(model, save: frozenset | None = None) -> None:
+    """Switch a (PEFT-wrapped) gpt-oss model to our path: every change in :data:`PATCHES`; :func:`disable`
+    undoes them. Prefer :func:`patched` where the path is needed for a block.
+
+    Its forward must then run under :func:`autocast` (``finetune.train`` does): PEFT no longer casts activations
+    to the fp32 LoRA weights. The path is for training batches (right-padded, no KV cache). ``save``: what
+    selective checkpointing keeps (None: :data:`SAVE_DEFAULT`, or :data:`SAVE_QUANTIZED` for a quantized model;
+    empty: plain recomputation), installed by :func:`enable_checkpointing` or the Trainer.
+    """
+    from finetune.model import is_quantized
+    register()
+    base = _base(model)
+    if is_enabled(model):
+        return
+    base._finetune_save = save if save is not None else SAVE_QUANTIZED if is_quantized(model) else SAVE_DEFAULT
+    setattr(base, _STATE, [(patch, patch.apply(model, base)) for patch in PATCHES])
+
+
+def disable(model) -> None:
+    """Undo :func:`enable`, in reverse order (nothing to do when the path is off)."""
+    base = _base(model)
+    applied = getattr(base, _STATE, None)
+    if applied is None:
+        return
+    for patch, before in reversed(applied):
+        patch.undo(model, base, before)
+    delattr(base, _STATE)
+    del base._finetune_save
+
+
+@contextlib.contextmanager
+def patched(model, save: frozenset | None = None):
+    """Our path on ``model`` for the block (:func:`enable`), undone on exit whatever happens (:func:`disable`)."""
+    enable(model, save)
+    try:
+        yield model
+    finally:
+        disable(model)
 
 
 def is_enabled(model) -> bool:

@@ -267,3 +267,77 @@ def test_readme_train_speed_smoke_command_measures_both_paths_on_the_same_batche
     shares = res["expert_load"]["share_all_layers"]
     assert sum(shares) == pytest.approx(1.0, abs=len(shares) * 0.5e-4 + 1e-12)   # each share rounded to 4 decimals
     assert "ours / baseline" in done.stdout and "expert load" in done.stdout
+
+
+def _library_classes(model):
+    import peft
+    from peft.tuners.lora import layer as lora_layer
+    from transformers.models.gpt_oss import modeling_gpt_oss as gpt_oss
+    return [gpt_oss.GptOssExperts, gpt_oss.GptOssAttention, gpt_oss.GptOssDecoderLayer, gpt_oss.GptOssRMSNorm,
+            gpt_oss.GptOssModel, gpt_oss.GptOssForCausalLM, lora_layer.LoraLayer, lora_layer.Linear,
+            lora_layer.ParamWrapper, peft.PeftModel, type(model), torch.nn.Module]
+
+
+def _class_state(classes):
+    """Each class's own attributes (by identity): what patching a library class in place would change. Leaves out
+    what transformers memoizes on its own classes (``*_cached_value``, set by its set_attn_implementation)."""
+    return {cls: {k: id(v) for k, v in vars(cls).items() if not k.endswith("_cached_value")} for cls in classes}
+
+
+def _instance_state(model):
+    """Every module's instance attributes: their names, and the values of the plain ones (flags, names)."""
+    plain = (bool, int, float, str, type(None), tuple, frozenset)
+    state = {name: (frozenset(vars(m)), {k: v for k, v in vars(m).items() if isinstance(v, plain)})
+             for name, m in model.named_modules()}
+    base = model.get_base_model()
+    state["config"] = (base.config._attn_implementation, base.config._experts_implementation)
+    return state
+
+
+def test_the_patch_table_is_undone_exactly_and_library_classes_are_never_touched(tiny_model, tmp_path):
+    """fastpath is the one seam that changes library behaviour: inside ``patched`` every change in its table is in
+    force on this model's objects only; on exit, also after an error, the model is as it was, attribute for
+    attribute, and no transformers/PEFT/torch class was modified at any point."""
+    model = _peft_tiny(tiny_model, tmp_path)
+    classes = _library_classes(model)
+    classes_before, model_before = _class_state(classes), _instance_state(model)
+    batch = _batch()
+    with fastpath.patched(model):
+        inside = _instance_state(model)
+        applied = dict((patch.name, state) for patch, state in getattr(model.get_base_model(), fastpath._STATE))
+        weighted_loss_sum(model, *batch)                    # the patched forward runs
+        assert _class_state(classes) == classes_before
+    assert [p.name for p in fastpath.PATCHES] == list(applied) and all(p.why for p in fastpath.PATCHES)
+    # each patch that applies on this device changed something (the table is not stale)
+    assert inside["config"] == (fastpath.ATTENTION_IMPL, fastpath.EXPERTS_IMPL) != model_before["config"]
+    modules = {n: state for n, state in inside.items() if n != "config"}
+    upcast = [n for n, (_, v) in modules.items() if v.get("cast_input_dtype_enabled") is False]
+    assert upcast and all(model_before[n][1]["cast_input_dtype_enabled"] is True for n in upcast)
+    bypassed = [n for n, (keys, _) in modules.items() if "forward" in keys]
+    assert bypassed and all(n.endswith("mlp.experts") for n in bypassed), bypassed
+    assert applied["RMSNorms compiled"] == []               # CUDA only
+    assert _instance_state(model) == model_before and _class_state(classes) == classes_before
+    assert not fastpath.is_enabled(model)
+
+    with pytest.raises(RuntimeError, match="in the block"), fastpath.patched(model):
+        raise RuntimeError("in the block")
+    assert _instance_state(model) == model_before
+
+
+def test_checkpointing_is_installed_one_way_with_the_paths_policy(tiny_model, tmp_path):
+    """enable_checkpointing is transformers' gradient_checkpointing_enable with checkpoint_kwargs, the arguments the
+    Trainer gets: selective (the path's saved ops) while the path is on, plain non-reentrant otherwise."""
+    model = _peft_tiny(tiny_model, tmp_path)
+    layers = model.get_base_model().model.layers
+    fastpath.enable_checkpointing(model)
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert layers[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+    with fastpath.patched(model):
+        fastpath.enable_checkpointing(model)
+        kwargs = layers[0]._gradient_checkpointing_func.keywords
+        assert kwargs.keys() == {"use_reentrant", "context_fn"} and kwargs["use_reentrant"] is False
+        assert kwargs["context_fn"].func is fastpath._selective_context
+        assert kwargs["context_fn"].args == (fastpath.SAVE_DEFAULT,)
+    with fastpath.patched(model, save=frozenset()):         # nothing to save: plain recomputation
+        assert fastpath.checkpoint_kwargs(model) == {"use_reentrant": False}
+    assert fastpath.checkpoint_kwargs(model) == {"use_reentrant": False}

@@ -148,3 +148,16 @@ def test_the_runtime_holds_no_training_code():
     # the scan sees training code where it is
     kernels = {path.name: training_code(path) for path in (REPO / "finetune" / "kernels").glob("*.py")}
     assert all(kernels[name] for name in ("experts.py", "attention.py", "loss.py", "packed.py")), kernels
+
+
+def test_library_behaviour_is_changed_in_one_module():
+    """finetune/fastpath.py is the one seam (its PATCHES table): no other module switches transformers' attention or
+    experts implementation, PEFT's input up-cast, an instance forward or the checkpointing function."""
+    needles = ("set_attn_implementation(", "set_experts_implementation(", "cast_input_dtype_enabled",
+               ".forward = ", "MethodType(", "_gradient_checkpointing_func", "gradient_checkpointing_enable(",
+               "_compiled_call_impl", ".compile(dynamic")
+    seam = REPO / "finetune" / "fastpath.py"
+    found = {str(p.relative_to(REPO)): [n for n in needles if n in p.read_text(encoding="utf-8")]
+             for folder in ("finetune", "inference") for p in (REPO / folder).rglob("*.py")}
+    assert {k: v for k, v in found.items() if v and k != str(seam.relative_to(REPO))} == {}
+    assert len(found[str(seam.relative_to(REPO))]) >= 6          # the scan sees the seam's own changes

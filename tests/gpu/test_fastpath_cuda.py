@@ -74,11 +74,11 @@ def _model_grads(tiny_model_dir, tmp_path, batch, dtype, fast, checkpointing=Fal
     from inference.checkpoint import load_model
     model = _peft_tiny(load_model(tiny_model_dir, dtype, CUDA), tmp_path)
     model.get_base_model().set_experts_implementation("eager")
-    if checkpointing:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.get_base_model().enable_input_require_grads()
     if fast:
         fastpath.enable(model)
+    if checkpointing:   # installed as training installs it: the path's selective policy
+        fastpath.enable_checkpointing(model)
+        model.get_base_model().enable_input_require_grads()
     model.train()
     with fastpath.autocast(model) if fast else contextlib.nullcontext():   # as finetune.train runs it
         total, weight, _ = weighted_loss_sum(model, *batch)

@@ -21,7 +21,7 @@
 This module is the project's one seam for changing library behaviour: :data:`PATCHES` lists every change made to
 transformers', PEFT's and torch's objects and why; :func:`patched` (or :func:`enable` / :func:`disable`) applies and
 undoes them. Activation checkpointing is installed one way, training and benchmarks alike: transformers' own
-``gradient_checkpointing_enable`` with :func:`checkpoint_kwargs` (:func:`enable_checkpointing`).
+``activation_checkpointing_enable`` with :func:`checkpoint_kwargs` (:func:`enable_checkpointing`).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def _selective_context(save: frozenset = SAVE_DEFAULT):
 
 
 def checkpoint_kwargs(model) -> dict:
-    """``gradient_checkpointing_kwargs`` for transformers' ``gradient_checkpointing_enable``: with our path on,
+    """``activation_checkpointing_kwargs`` for transformers' ``activation_checkpointing_enable``: with our path on,
     selective checkpointing that keeps what :data:`SAVE_DEFAULT` (or the ``save`` given to :func:`enable`) names;
     plain non-reentrant checkpointing otherwise. The Trainer gets these (``finetune.train``), and so does
     :func:`enable_checkpointing`."""
@@ -158,10 +158,10 @@ def checkpoint_kwargs(model) -> dict:
 
 def enable_checkpointing(model) -> None:
     """Activation checkpointing on every decoder layer, installed the one way training and the benchmarks share:
-    transformers' own ``gradient_checkpointing_enable`` with :func:`checkpoint_kwargs` (what the Trainer calls when a
-    recipe sets ``train.gradient_checkpointing``). Call it after :func:`enable` / :func:`disable`: the policy follows
-    the path."""
-    _base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(model))
+    transformers' own ``activation_checkpointing_enable`` with :func:`checkpoint_kwargs` (what the Trainer calls when
+    a recipe sets ``train.gradient_checkpointing``). Call it after :func:`enable` / :func:`disable`: the policy
+    follows the path."""
+    _base(model).activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(model))
 
 
 def autocast(model):

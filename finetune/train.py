@@ -215,9 +215,9 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
         save_strategy="steps" if t.save_steps else "epoch", save_steps=t.save_steps or steps_per_epoch,
         # rotation is finetune.checkpoints' (after a checkpoint is marked complete), never the Trainer's
         save_total_limit=None, save_only_model=False,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         # our path keeps the expert matmuls' and attention's outputs instead of recomputing them
-        gradient_checkpointing_kwargs=fastpath.checkpoint_kwargs(model) if fastpath.is_enabled(model) else None,
+        activation_checkpointing_kwargs=fastpath.checkpoint_kwargs(model) if fastpath.is_enabled(model) else None,
         use_cpu=device.type == "cpu", bf16=bf16,
         report_to="none", disable_tqdm=True, remove_unused_columns=False, prediction_loss_only=True,
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False,

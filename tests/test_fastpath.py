@@ -325,7 +325,7 @@ def test_the_patch_table_is_undone_exactly_and_library_classes_are_never_touched
 
 
 def test_checkpointing_is_installed_one_way_with_the_paths_policy(tiny_model, tmp_path):
-    """enable_checkpointing is transformers' gradient_checkpointing_enable with checkpoint_kwargs, the arguments the
+    """enable_checkpointing is transformers' activation_checkpointing_enable with checkpoint_kwargs, the arguments the
     Trainer gets: selective (the path's saved ops) while the path is on, plain non-reentrant otherwise."""
     model = _peft_tiny(tiny_model, tmp_path)
     layers = model.get_base_model().model.layers

@@ -154,7 +154,7 @@ def test_library_behaviour_is_changed_in_one_module():
     """finetune/fastpath.py is the one seam (its PATCHES table): no other module switches transformers' attention or
     experts implementation, PEFT's input up-cast, an instance forward or the checkpointing function."""
     needles = ("set_attn_implementation(", "set_experts_implementation(", "cast_input_dtype_enabled",
-               ".forward = ", "MethodType(", "_gradient_checkpointing_func", "gradient_checkpointing_enable(",
+               ".forward = ", "MethodType(", "_gradient_checkpointing_func", "checkpointing_enable(",
                "_compiled_call_impl", ".compile(dynamic")
     seam = REPO / "finetune" / "fastpath.py"
     found = {str(p.relative_to(REPO)): [n for n in needles if n in p.read_text(encoding="utf-8")]

@@ -3,7 +3,7 @@
 A model with gpt-oss-20b's or gpt-oss-120b's real shapes is built with random weights: the experts directly in the
 packed MXFP4 layout (random e2m1 codes, scales around 2^-7 so values have the usual ~0.02 spread; no bf16 copy ever
 exists), everything else in bf16 (std 0.02). Training runs as ``finetune`` runs a recipe with ``quantization: mxfp4``:
-PEFT LoRA on q/k/v/o and both expert projections, gradient checkpointing, ``finetune.fastpath`` (experts decoded
+PEFT LoRA on q/k/v/o and both expert projections, gradient checkpointing, ``finetune.model.fastpath`` (experts decoded
 piecewise inside the expert matmuls, forward and backward), the chunked loss, the recipe's optimizer, the input
 embedding in host memory when the recipe says so. Every token of every row carries loss (the most logits work).
 
@@ -54,7 +54,7 @@ def build_packed(cfg, device: torch.device, dtype: torch.dtype, host_embedding: 
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
 
     from finetune.kernels.packed import Mxfp4Weight
-    from finetune.model import HostEmbedding
+    from finetune.model.lora import HostEmbedding
     from inference.mxfp4 import GROUP
 
     with torch.device("meta"):
@@ -126,10 +126,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from finetune import fastpath
     from finetune.estimate import estimate
     from finetune.kernels.loss import QUANTIZED_CHUNK_ROWS, weighted_loss_sum
-    from finetune.model import add_lora, is_quantized
+    from finetune.model import fastpath
+    from finetune.model.lora import add_lora, is_quantized
 
     if args.decode_budget_mib:
         from finetune.kernels import experts as moe
@@ -156,7 +156,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = build_packed(cfg, device, dtype, host_embedding)
     if args.quantization == "nf4":
-        from finetune.quantize import quantize_attention_nf4
+        from finetune.model.quantize import quantize_attention_nf4
         quantize_attention_nf4(model, compute_dtype=dtype)
     model.enable_input_require_grads()
     pm, coverage = add_lora(model, recipe_for(args, *first))

@@ -1,4 +1,5 @@
-"""LoRA training speed: our path (finetune.fastpath) vs transformers + PEFT at its best settings, same run, same inputs.
+"""LoRA training speed: our path (finetune.model.fastpath) vs transformers + PEFT at its best settings, same run,
+same inputs.
 
 One model with random weights and gpt-oss-20b's real shapes (transformers' own initialisation, std 0.02, so routing
 spreads over the experts: the expert-load histogram is printed), LoRA r=16 on q/k/v/o and on the experts (PEFT
@@ -8,8 +9,8 @@ trains on the same token batches:
 - **baseline**: transformers' ``grouped_mm`` experts, ``flex_attention``, PEFT's parametrized expert LoRA, the model's
   own loss (``labels=input_ids``), under bf16 autocast as the Trainer runs it with ``bf16=True``;
 - **baseline+noamp**: the same without autocast, as ``shared/reference/hf_peft_baseline.py`` measured it;
-- **ours**: ``finetune.fastpath`` (grouped expert LoRA, flash attention with sinks, selective checkpointing) and our
-  chunked loss, as ``finetune.train`` runs it.
+- **ours**: ``finetune.model.fastpath`` (grouped expert LoRA, flash attention with sinks, selective checkpointing)
+  and our chunked loss, as ``finetune.train.trainer`` runs it.
 
 Printed and written to JSON: tokens/s (median step), model FLOP utilisation against a bf16 matmul rate measured at
 the start, peak GPU memory, each path's implementation, ours against the fastest baseline variant, and the loss of
@@ -138,8 +139,8 @@ def main() -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    from finetune import fastpath
     from finetune.kernels.loss import weighted_loss_sum
+    from finetune.model import fastpath
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -191,7 +192,7 @@ def main() -> None:
             amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and "+noamp" not in path else nullcontext()
             with amp:
                 return pm(input_ids=ids, labels=ids).loss
-        with fastpath.autocast(pm):   # as finetune.train runs it
+        with fastpath.autocast(pm):   # as finetune.train.trainer runs it
             total, weight, _ = weighted_loss_sum(pm, ids, torch.ones_like(ids), torch.ones_like(ids))
         return total / weight
 

@@ -10,6 +10,11 @@
 Overrides are keyword arguments, one per recipe section (``train={"lr": 1e-4}``), or dotted keys
 (``**{"train.lr": 1e-4}``), or ``key=value`` strings as on the command line (``overrides=["train.lr=1e-4"]``).
 Heavy libraries load only when a run starts.
+
+The package is the training side, a folder per stage of a run: ``recipe`` (the schema), ``data``, ``model``,
+``kernels`` (training's kernels with their backward passes), ``train``, ``track``, ``ship``; ``estimate`` and
+``cli`` beside them. May import ``inference`` (never the other way), trl, peft, transformers, accelerate, datasets,
+bitsandbytes, and mlflow in ``finetune.track.tracking`` only.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def load_recipe(path, overrides=()):
 
 def run(recipe, overrides=(), resume: bool = False, keep_model: bool = False, **sections):
     """Run a recipe (a path or a :class:`finetune.recipe.Recipe`, which is not modified); returns a
-    :class:`finetune.pipeline.RunResult` (run id, run dir, ``history`` DataFrame, ``eval_report``, adapter path,
+    :class:`finetune.train.pipeline.RunResult` (run id, run dir, ``history`` DataFrame, ``eval_report``, adapter path,
     ``mlflow_run``).
 
     In a notebook: a progress bar with the loss on it instead of a line per logged step; nested under the notebook's
@@ -61,25 +66,25 @@ def run(recipe, overrides=(), resume: bool = False, keep_model: bool = False, **
     (a fixed directory that already holds a run is refused, never overwritten, unless ``output.overwrite`` is set).
     ``keep_model=True`` keeps the trained PEFT model in memory as ``result.model`` (by default it is freed).
     """
-    from finetune.pipeline import run as _run
+    from finetune.train.pipeline import run as _run
     return _run(_recipe(recipe, overrides, sections), resume=resume, keep_model=keep_model)
 
 
 def sweep(recipe, grid: dict, overrides=(), sort: str = "eval_loss", **sections):
     """Train every combination of ``grid`` (``{"lora.r": [8, 16], "train.lr": [1e-4, 3e-4]}``) as child runs of one
-    MLflow parent run; returns a :class:`finetune.sweeps.SweepResult` with the comparison sorted by ``sort``.
+    MLflow parent run; returns a :class:`finetune.track.sweeps.SweepResult` with the comparison sorted by ``sort``.
     Sweep runs go into ``output.dir/NN-...`` (use ``{n}`` in output.dir for a new sweep directory each time)."""
-    from finetune.sweeps import grid_from_dict
-    from finetune.sweeps import sweep as _sweep
+    from finetune.track.sweeps import grid_from_dict
+    from finetune.track.sweeps import sweep as _sweep
     return _sweep(_recipe(recipe, overrides, sections), grid_from_dict(grid), sort=sort)
 
 
 def compare(targets=None, uri: str | None = None, sort: str = "eval_loss", descending: bool | None = None,
             plot=None, max_runs: int = 100):
     """Compare runs from the MLflow store: ``targets`` are run ids, sweep parent run ids or experiment names (none:
-    all training runs). Returns a :class:`finetune.comparison.Comparison` (``table`` DataFrame, ``figure``, ``best()``);
-    ``plot`` saves the loss curves as PNG there."""
-    from finetune.comparison import compare as _compare
+    all training runs). Returns a :class:`finetune.track.comparison.Comparison` (``table`` DataFrame, ``figure``,
+    ``best()``); ``plot`` saves the loss curves as PNG there."""
+    from finetune.track.comparison import compare as _compare
     return _compare(targets, uri=uri, sort=sort, descending=descending, plot=plot, max_runs=max_runs)
 
 

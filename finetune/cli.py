@@ -112,7 +112,7 @@ def validate(recipe) -> str:
     Returns a note on what could not be checked here (the model is elsewhere), or ""."""
     import os
 
-    from finetune.datasets import find_problems
+    from finetune.data.formats import find_problems
     from finetune.recipe import resolve_path
     problems = []
     for key in ("train", "eval"):
@@ -121,9 +121,9 @@ def validate(recipe) -> str:
             problems += [f"data.{key}: {p}" for p in find_problems(resolve_path(None, value), recipe.data.format)]
     note = ""
     if not problems:
-        from finetune.data import prepare
+        from finetune.data.prepare import prepare
         from finetune.estimate import ModelNotHere, estimate
-        from finetune.pipeline import check_fits
+        from finetune.train.pipeline import check_fits
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # validating never downloads a model
         for check in (lambda: prepare(recipe), lambda: check_fits(estimate(recipe))):
             try:
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> None:
     if args.command == "compare":
-        from finetune.comparison import compare
+        from finetune.track.comparison import compare
         result = compare(args.targets, uri=args.uri, sort=args.sort, descending=args.descending, plot=args.plot,
                          max_runs=args.max_runs)
         print(result)
@@ -174,7 +174,7 @@ def _run(args) -> None:
             print(f"table: {args.csv}")
         return
     if args.command == "ui":
-        from finetune.ui import serve
+        from finetune.track.ui import serve
         serve(args.uri, args.host, args.port)
         return
     if args.command == "export":
@@ -185,7 +185,7 @@ def _run(args) -> None:
         return
     from finetune.recipe import dump_recipe, load_recipe
     if args.command == "sweep":
-        from finetune.sweeps import parse_grid, sweep
+        from finetune.track.sweeps import parse_grid, sweep
         fixed, axes = parse_grid(args.overrides)
         recipe = load_recipe(args.recipe, fixed)
         check_paths(recipe)
@@ -203,12 +203,12 @@ def _run(args) -> None:
         note = validate(recipe)
         print(dump_recipe(recipe) if args.print_recipe else f"{args.recipe}: OK{note}")
     elif args.command == "preview":
-        from finetune.data import preview
+        from finetune.data.prepare import preview
         print(preview(recipe, args.n, color=sys.stdout.isatty()))
     elif args.command == "run":
         import shlex
 
-        from finetune.pipeline import run
+        from finetune.train.pipeline import run
         try:
             run(recipe, resume=args.resume)
         except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM: run.json and MLflow already say so; say how to go on

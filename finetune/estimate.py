@@ -242,7 +242,7 @@ def _device(recipe: Recipe) -> str:
 
 def _plan(recipe: Recipe, config, device: str, capacity_bytes: int | None) -> tuple[Estimate, str | None]:
     """The estimate without warnings, and a note when ``embedding: auto`` moved the embedding to the CPU."""
-    from finetune.model import pick_dtype, pick_quantization
+    from finetune.model.lora import pick_dtype, pick_quantization
     dtype = pick_dtype(recipe, torch.device(device))[0]
     d = dtype.itemsize
     quantization = pick_quantization(recipe, torch.device(device))[0]

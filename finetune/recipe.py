@@ -271,7 +271,7 @@ class TrackingConfig(_Section):
     @field_validator("tracking_uri")
     @classmethod
     def _no_password(cls, value):
-        from finetune.tracking import credentials_problem
+        from finetune.track.tracking import credentials_problem
         problem = credentials_problem(value) if value else None
         if problem:
             raise ValueError(problem)

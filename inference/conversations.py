@@ -6,7 +6,7 @@ with exact ``file:line`` locations, per-record format detection (OpenAI ``messag
 ShareGPT conversion, and normalization of messages and tools to validated OpenAI chat messages with flat
 ``tool_calls``, assistant ``thinking`` and resolved tool names. It does not render or tokenize (see
 ``inference.harmony``), and it never imports HF ``datasets``: parquet and ``save_to_disk`` data are read by
-``finetune.datasets`` only.
+``finetune.data.formats`` only.
 
 Public API:
 

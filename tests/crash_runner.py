@@ -3,7 +3,7 @@ crash-safety tests pay for importing torch, transformers, TRL and PEFT once inst
 
 Usage: ``python tests/crash_runner.py PLAN.json RUN_DIR``, where the plan is a list of ``{"args": [...], "kill_at":
 NAME or null}``. Each child runs the real command line (:func:`finetune.cli.main`) with ``GPT_OSS_WORKBENCH_KILL_AT``
-set as asked (:mod:`finetune.killpoints`: it SIGKILLs itself there, or sends itself SIGTERM). Nothing has run a
+set as asked (:mod:`finetune.train.killpoints`: it SIGKILLs itself there, or sends itself SIGTERM). Nothing has run a
 torch operation in this process before it forks (only imports), so the children start from a clean state. After
 each child, what it left is noted: its exit status (negative: killed by that signal), run.json's status and the
 checkpoints in RUN_DIR (complete ones marked); all of it printed as one JSON line at the end.
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.pipeline import set_quiet_environment
+from finetune.train.pipeline import set_quiet_environment
 
 set_quiet_environment()     # as `finetune run` does first: before anything below imports bitsandbytes
 
@@ -28,13 +28,13 @@ import transformers  # noqa: E402, F401
 import trl  # noqa: E402, F401
 
 import finetune.estimate  # noqa: E402, F401
-import finetune.tracking  # noqa: E402, F401
-import finetune.train  # noqa: E402, F401
+import finetune.track.tracking  # noqa: E402, F401
+import finetune.train.trainer  # noqa: E402, F401
 import inference.engine  # noqa: E402, F401
 import inference.evaluate  # noqa: E402, F401
-from finetune.checkpoints import MARK  # noqa: E402
 from finetune.cli import main  # noqa: E402
-from finetune.killpoints import ENV  # noqa: E402
+from finetune.train.checkpoints import MARK  # noqa: E402
+from finetune.train.killpoints import ENV  # noqa: E402
 
 
 def state(run_dir: Path) -> dict:

@@ -295,7 +295,7 @@ def test_output_dir_under_a_file(work, monkeypatch):
     # out/ is a file, so out/run1 can never be created: check_run_dir (which runs before data preparation and model
     # loading) must refuse it, like an output.dir that is itself a file. In-process: the CLI would only fail (with a
     # traceback) after loading the model.
-    from finetune.pipeline import check_run_dir
+    from finetune.train.pipeline import check_run_dir
 
     monkeypatch.chdir(work)
     (work / "out").write_text("a file, where output.dir needs a directory\n")

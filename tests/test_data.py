@@ -1,4 +1,4 @@
-"""finetune.data: the eval split, the over-long policy with its counts, per-example reasoning effort, stats."""
+"""finetune.data.prepare: the eval split, the over-long policy with its counts, per-example reasoning effort, stats."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import REPO
 
-from finetune.data import prepare, preview
-from finetune.datasets import DataError
+from finetune.data.formats import DataError
+from finetune.data.prepare import prepare, preview
 from finetune.recipe import load_recipe
 from inference import harmony
 

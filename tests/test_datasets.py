@@ -1,4 +1,4 @@
-"""Tests for finetune.datasets: formats, normalization, HF directories, errors with locations, fingerprints."""
+"""Tests for finetune.data.formats: formats, normalization, HF directories, errors with locations, fingerprints."""
 
 import json
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import run
 
-from finetune.datasets import DataError, Example, dataset_fingerprint, load_examples
+from finetune.data.formats import DataError, Example, dataset_fingerprint, load_examples
 from inference.errors import UserError
 
 USER = {"role": "user", "content": "hi"}
@@ -38,7 +38,7 @@ def error(tmp_path, records, name="bad.jsonl", **kw):
 
 def test_import_is_light():
     assert issubclass(DataError, UserError)
-    code = "import sys, finetune.datasets; sys.exit('datasets' in sys.modules or 'pyarrow' in sys.modules)"
+    code = "import sys, finetune.data.formats; sys.exit('datasets' in sys.modules or 'pyarrow' in sys.modules)"
     proc = run([sys.executable, "-c", code])
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -318,7 +318,7 @@ def test_multi_turn_fine_tune_ends_every_answer_at_return(tmp_path, monkeypatch,
     stops there; training an earlier answer through its history terminator taught the model <|end|>, after which it
     kept generating."""
     import finetune
-    from finetune.data import prepare
+    from finetune.data.prepare import prepare
     from finetune.recipe import load_recipe
     from inference import harmony
     from inference.engine import Engine

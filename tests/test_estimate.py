@@ -63,7 +63,7 @@ def _group(name: str) -> str:
 
 
 def test_tiny_weights_and_lora_match_the_loaded_model(tiny_dir, tiny_recipe):
-    from finetune.model import add_lora
+    from finetune.model.lora import add_lora
     from inference.checkpoint import load_model
     est = estimate(tiny_recipe)
     assert (est.device, est.dtype, est.quantization) == ("cpu", "float32", "none")

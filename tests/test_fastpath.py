@@ -1,4 +1,4 @@
-"""Our training path (finetune.fastpath: grouped expert LoRA + sink attention) against the reference, fp32 on CPU.
+"""Our training path (finetune.model.fastpath: grouped expert LoRA + sink attention) against the reference, fp32 on CPU.
 
 The oracle is transformers' eager gpt-oss with PEFT's LoRA (``ParamWrapper`` on the experts). On CPU the kernels run
 their plain twins (per-expert matmuls, dense attention maths), so what is checked here is everything around the
@@ -16,11 +16,11 @@ import pytest
 import torch
 from conftest import EPS32, FP32_MARGIN, assert_float64_close, assert_fp32_close, float64, run, summation_bound
 
-from finetune import fastpath
 from finetune.kernels.attention import sink_attention
 from finetune.kernels.experts import grouped_mm, moe_experts
 from finetune.kernels.loss import weighted_loss_sum
-from finetune.model import add_lora
+from finetune.model import fastpath
+from finetune.model.lora import add_lora
 from inference.errors import UserError
 from tests.test_lora import fill_, make_recipe
 

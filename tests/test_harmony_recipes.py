@@ -5,7 +5,7 @@ instructions, function tools, tool namespaces and the built-in browser and pytho
 or record gets.
 
 Each case writes a real recipe YAML and a real JSON-lines file, loads them through ``finetune.recipe.load_recipe``
-and ``finetune.datasets.load_examples`` and renders with ``finetune.data.render`` (what training does).
+and ``finetune.data.formats.load_examples`` and renders with ``finetune.data.prepare.render`` (what training does).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from openai_harmony import (
     ToolNamespaceConfig,
 )
 
-from finetune.data import render
-from finetune.datasets import DataError, load_examples
+from finetune.data.formats import DataError, load_examples
+from finetune.data.prepare import render
 from finetune.recipe import RecipeError, load_recipe
 from inference import harmony
 

@@ -1,7 +1,7 @@
 """A training run killed (SIGKILL) at 17 moments, six of them inside a checkpoint save, and stopped once by
 SIGTERM, then resumed each time, ends exactly where the uninterrupted run ends: the same adapter bytes, losses,
-trained tokens, evaluation, and one MLflow run. See finetune/killpoints.py for the moments and
-finetune/checkpoints.py for why it holds."""
+trained tokens, evaluation, and one MLflow run. See finetune/train/killpoints.py for the moments and
+finetune/train/checkpoints.py for why it holds."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from finetune.checkpoints import MARK
-from finetune.killpoints import POINTS
+from finetune.train.checkpoints import MARK
+from finetune.train.killpoints import POINTS
 
 pytestmark = pytest.mark.slow   # trains or runs whole commands: left out of the quick loop (-m "not slow")
 
@@ -117,7 +117,7 @@ def test_a_run_killed_at_every_point_resumes_to_the_uninterrupted_result(tmp_pat
 
 def test_resume_forgets_steps_after_the_checkpoint_and_a_line_cut_short(tmp_path):
     """A kill while a metrics line was appended leaves half a line: resume drops it with the replayed steps."""
-    from finetune.pipeline import _trim_metrics
+    from finetune.train.pipeline import _trim_metrics
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
     _trim_metrics(path, 2)

@@ -29,7 +29,7 @@ def test_only_the_tracking_module_imports_mlflow():
     users = sorted(str(p.relative_to(REPO)) for folder in ("finetune", "inference")
                    for p in (REPO / folder).rglob("*.py")
                    if any(m.split(".")[0] == "mlflow" for m in imported_modules(p)))
-    assert users == ["finetune/tracking.py"]
+    assert users == ["finetune/track/tracking.py"]
 
 
 def test_no_unsafe_loading_in_the_packages():
@@ -151,13 +151,21 @@ def test_the_runtime_holds_no_training_code():
 
 
 def test_library_behaviour_is_changed_in_one_module():
-    """finetune/fastpath.py is the one seam (its PATCHES table): no other module switches transformers' attention or
-    experts implementation, PEFT's input up-cast, an instance forward or the checkpointing function."""
+    """finetune/model/fastpath.py is the one seam (its PATCHES table): no other module switches transformers'
+    attention or experts implementation, PEFT's input up-cast, an instance forward or the checkpointing function."""
     needles = ("set_attn_implementation(", "set_experts_implementation(", "cast_input_dtype_enabled",
                ".forward = ", "MethodType(", "_gradient_checkpointing_func", "checkpointing_enable(",
                "_compiled_call_impl", ".compile(dynamic")
-    seam = REPO / "finetune" / "fastpath.py"
+    seam = REPO / "finetune" / "model" / "fastpath.py"
     found = {str(p.relative_to(REPO)): [n for n in needles if n in p.read_text(encoding="utf-8")]
              for folder in ("finetune", "inference") for p in (REPO / folder).rglob("*.py")}
     assert {k: v for k, v in found.items() if v and k != str(seam.relative_to(REPO))} == {}
     assert len(found[str(seam.relative_to(REPO))]) >= 6          # the scan sees the seam's own changes
+
+
+def test_every_package_says_what_it_owns_and_may_import():
+    packages = sorted(p for folder in ("finetune", "inference") for p in (REPO / folder).rglob("__init__.py"))
+    assert len(packages) >= 8
+    for init in packages:
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+        assert len(doc) > 80 and "may import" in doc.lower(), init.relative_to(REPO)

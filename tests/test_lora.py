@@ -1,5 +1,6 @@
-"""Tests for finetune.model: LoRA placement on gpt-oss (attention + MoE experts), the coverage report, what the expert
-adapters compute, that training touches only the adapters, and the guards that refuse a LoRA set-up that cannot work.
+"""Tests for finetune.model.lora: LoRA placement on gpt-oss (attention + MoE experts), the coverage report, what the
+expert adapters compute, that training touches only the adapters, and the guards that refuse a LoRA set-up that
+cannot work.
 
 All in-process on the tiny gpt-oss (fp32, CPU). The expert adapters are PEFT ``ParamWrapper``s around the 3-D
 ``mlp.experts.gate_up_proj`` (E, H, 2I) and ``down_proj`` (E, I, H) tensors, which transformers' ``GptOssExperts``
@@ -17,7 +18,7 @@ import pytest
 import torch
 from conftest import assert_fp32_close, float64
 
-from finetune.model import add_lora, coverage, format_coverage
+from finetune.model.lora import add_lora, coverage, format_coverage
 from finetune.recipe import load_recipe
 from inference.errors import UserError
 
@@ -78,7 +79,7 @@ def fill_(params, generator, std=0.05):
 
 
 def rendered_example(recipe, colour: str = "red", thing: str = "cherry"):
-    from finetune.data import harmony_options, loss_weights
+    from finetune.data.prepare import harmony_options, loss_weights
     from inference.harmony import render_for_training
     messages = [{"role": "user", "content": f"Color of {thing}?"},
                 {"role": "assistant", "thinking": f"{thing} is usually {colour}.", "content": colour}]

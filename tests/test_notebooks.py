@@ -98,7 +98,7 @@ def test_quickstart(tmp_path, monkeypatch):
 
 
 def test_data(tmp_path, monkeypatch):
-    from finetune.data import preview_examples
+    from finetune.data.prepare import preview_examples
     from finetune.recipe import load_recipe
     work, nb = execute("02-data.ipynb", tmp_path, monkeypatch)
     html = "\n".join(o["data"]["text/html"] for o in outputs(nb) if "text/html" in o.get("data", {}))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from finetune import owned
-from finetune.pipeline import create_run_dir
+from finetune.train.pipeline import create_run_dir
 from inference.errors import UserError
 
 
@@ -71,8 +71,8 @@ def test_a_sweep_clears_its_child_runs_but_not_files_inside_them_it_did_not_writ
 def test_resume_of_a_run_that_stopped_before_run_json_says_what_to_do(tmp_path, monkeypatch):
     from conftest import REPO
 
-    from finetune.pipeline import check_run_dir
     from finetune.recipe import load_recipe
+    from finetune.train.pipeline import check_run_dir
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(REPO / "recipes/tiny-cpu.yaml", [f"output.dir={tmp_path / 'run'}"])
     with pytest.raises(UserError, match="holds no run to resume"):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import assert_fp32_close, float64, run, summation_bound
 
-from finetune import fastpath
 from finetune.kernels import experts as moe
 from finetune.kernels.loss import weighted_loss_sum
 from finetune.kernels.packed import Mxfp4Weight
-from finetune.model import HostEmbedding, add_lora, is_quantized
+from finetune.model import fastpath
+from finetune.model.lora import HostEmbedding, add_lora, is_quantized
 from finetune.recipe import load_recipe
 from inference import mxfp4
 from inference.checkpoint import load_model

@@ -1,4 +1,4 @@
-"""Tests for finetune.quantize: NF4 attention projections (QLoRA-style) on the tiny gpt-oss, CPU.
+"""Tests for finetune.model.quantize: NF4 attention projections (QLoRA-style) on the tiny gpt-oss, CPU.
 
 Oracles: bitsandbytes for NF4 itself (its ``dequantize_4bit`` of the very weights we quantized), transformers'
 eager gpt-oss for everything else (a copy of the model whose attention linears hold those dequantized weights must
@@ -21,8 +21,8 @@ from conftest import FP32_MARGIN, float64
 from safetensors import safe_open
 from torch import nn
 
-from finetune.model import add_lora
-from finetune.quantize import attention_projections, nf4_bytes, quantize_attention_nf4
+from finetune.model.lora import add_lora
+from finetune.model.quantize import attention_projections, nf4_bytes, quantize_attention_nf4
 from finetune.recipe import load_recipe
 from inference.errors import UserError
 

@@ -14,7 +14,7 @@ import time
 
 from conftest import CLI_TIMEOUT_S, REPO
 
-from finetune import checkpoints
+from finetune.train import checkpoints
 
 
 def test_sigterm_during_training_records_the_stop_and_says_how_to_resume(tmp_path):
@@ -53,11 +53,11 @@ def _training(args: list[str], out, lines: int) -> subprocess.Popen:
 
 
 def test_a_second_signal_or_no_step_end_in_time_stops_at_once():
-    """finetune.stopping with real signals, in this process: the first SIGTERM only asks for a stop at the end of
+    """finetune.train.stopping with real signals, in this process: the first SIGTERM only asks for a stop at the end of
     the step; a second one raises at once; so does the first when no step ends within the wait."""
     import pytest
 
-    from finetune import stopping
+    from finetune.train import stopping
     from inference.errors import Terminated
     stop, before = stopping.Stop(), signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated), stopping.graceful(stop, wait_s=60, echo=lambda _: None):

@@ -1,6 +1,6 @@
 """Tracking: where runs go, and that our run nests inside one already active (a notebook's)."""
 
-from finetune import tracking
+from finetune.track import tracking
 
 
 def test_tracking_uri_precedence_and_absolute_sqlite_paths(monkeypatch, tmp_path):

@@ -77,7 +77,7 @@ def test_recipe_object_overrides_are_validated_and_do_not_touch_the_original(tmp
 
 
 def test_numbered_output_dirs_skip_used_ones(tmp_path, monkeypatch):
-    from finetune.pipeline import numbered_dir
+    from finetune.train.pipeline import numbered_dir
     monkeypatch.chdir(tmp_path)
     assert numbered_dir("runs/try-{n}") == "runs/try-1"
     (tmp_path / "runs/try-1").mkdir(parents=True)
@@ -157,7 +157,7 @@ def test_readme_snippet_in_a_notebook_with_an_active_run_and_reruns(tmp_path, mo
 
 
 def test_sweep_grammar():
-    from finetune.sweeps import parse_grid
+    from finetune.track.sweeps import parse_grid
     fixed, axes = parse_grid(["lora.r=8,16", "train.lr=1e-4,3e-4", "train.max_steps=5",
                               "lora.target_experts=[gate_up_proj,down_proj]", 'tracking.run_name="a,b"'])
     assert fixed == ["train.max_steps=5", "lora.target_experts=[gate_up_proj,down_proj]", 'tracking.run_name="a,b"']
@@ -170,7 +170,7 @@ def test_sweep_grammar():
 
 def test_sweep_plans_the_grid_in_order_with_one_directory_per_combination(tmp_path, monkeypatch):
     from finetune.recipe import load_recipe
-    from finetune.sweeps import plan
+    from finetune.track.sweeps import plan
     monkeypatch.chdir(workdir(tmp_path))
     (tmp_path / "runs/g-1").mkdir(parents=True)
     (tmp_path / "runs/g-1/sweep.json").write_text("{}")

@@ -1,4 +1,4 @@
-"""Training's kernels, with their backward passes: what the fast training path (``finetune.fastpath``) plugs into
+"""Training's kernels, with their backward passes: what the fast training path (``finetune.model.fastpath``) plugs into
 transformers and PEFT.
 
 - :mod:`~finetune.kernels.experts`: the expert layer as grouped matmuls over tokens sorted by expert, with the LoRA

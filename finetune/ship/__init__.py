@@ -13,8 +13,8 @@ Owns the export formats and everything between a run directory and a checked art
 - :mod:`.ollama`: the Ollama Modelfile (a Harmony template rendering what our renderer renders).
 
 May import: ``inference`` public names, transformers, peft (parity only), safetensors, gguf / llama-cpp-python (the
-``gguf`` extra, imported lazily), and ``finetune.recipe`` / ``finetune.data`` / ``finetune.tracking`` for the run it
-ships. The runtime pieces a check needs (loading, layer-streamed forward) live in ``inference``.
+``gguf`` extra, imported lazily), and ``finetune.recipe`` / ``finetune.data.prepare`` / ``finetune.track.tracking``
+for the run it ships. The runtime pieces a check needs (loading, layer-streamed forward) live in ``inference``.
 """
 
 from finetune.ship.export import FORMATS, MIN_EFFECT_KEPT, ExportFailed, ExportResult, export, vllm_rank_warning

@@ -126,7 +126,7 @@ def _held_out(run: _Run, echo) -> list:
     """Up to HELD_OUT conversations of the run's eval set (missing data only shrinks the probe set, with a note)."""
     if run.recipe is None:
         return []
-    from finetune.data import load_split
+    from finetune.data.prepare import load_split
     try:
         _, evals = load_split(run.recipe)
     except UserError as exc:
@@ -169,8 +169,8 @@ def export(run, to: str | list[str], out: str | Path | None = None, force: bool 
     when the disk is too small (before anything is written), :class:`ExportFailed` when a parity check fails: nothing
     of that format is left behind, and the formats after it are not attempted.
     """
-    from finetune.pipeline import set_quiet_environment
     from finetune.ship import plan as planning
+    from finetune.train.pipeline import set_quiet_environment
     formats = [f.strip() for f in to.split(",")] if isinstance(to, str) else list(to)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -302,7 +302,7 @@ def _options(run: _Run):
     from inference import harmony
     if run.recipe is None:
         return harmony.HarmonyOptions(reasoning_effort="low")
-    from finetune.data import harmony_options
+    from finetune.data.prepare import harmony_options
     return harmony_options(run.recipe)
 
 
@@ -590,6 +590,6 @@ def _record(run: _Run, fmt: str, path: Path | None, result: ExportResult | None,
         write_json(info_path, info)
     logged = run.recipe.tracking.log if run.recipe is not None else ["exports"]
     if run.info.get("mlflow_run_id") and "exports" in logged:
-        from finetune import tracking
+        from finetune.track import tracking
         tracking.record_export(run.info.get("tracking_uri"), run.info["mlflow_run_id"], entry,
                                path / "parity.json" if path else None)

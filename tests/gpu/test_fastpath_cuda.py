@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import EPS32, assert_fp32_close
 
-from finetune import fastpath
 from finetune.kernels import attention
 from finetune.kernels.attention import sink_attention
 from finetune.kernels.loss import weighted_loss_sum
+from finetune.model import fastpath
 from tests.test_fastpath import _batch, _eager_attention, _peft_tiny, experts_case, run_experts
 
 pytestmark = pytest.mark.gpu
@@ -80,7 +80,7 @@ def _model_grads(tiny_model_dir, tmp_path, batch, dtype, fast, checkpointing=Fal
         fastpath.enable_checkpointing(model)
         model.get_base_model().enable_input_require_grads()
     model.train()
-    with fastpath.autocast(model) if fast else contextlib.nullcontext():   # as finetune.train runs it
+    with fastpath.autocast(model) if fast else contextlib.nullcontext():   # as finetune.train.trainer runs it
         total, weight, _ = weighted_loss_sum(model, *batch)
     loss = total / weight
     loss.backward()

@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import EPS32, FP32_MARGIN, float64
 
-from finetune import fastpath
 from finetune.kernels import experts as moe
 from finetune.kernels.loss import weighted_loss_sum
 from finetune.kernels.packed import Mxfp4Weight
-from finetune.model import is_quantized
+from finetune.model import fastpath
+from finetune.model.lora import is_quantized
 from inference import kernels, mxfp4
 from inference.checkpoint import load_model
 from tests.test_mxfp4 import assert_same_bits, ldexp_reference
@@ -123,7 +123,7 @@ def test_packed_load_on_cuda_saves_the_decoded_experts_bytes(tiny_model_dir):
 
 
 def test_packed_peft_model_round_trips_through_host_memory(tiny_model_dir):
-    """What evaluation does on a small GPU (finetune.pipeline.parked_on_host): the training model to the host and
+    """What evaluation does on a small GPU (finetune.train.pipeline.parked_on_host): the training model to the host and
     back, packed experts and all, with the same outputs and the same parameter objects (the optimizer holds them)."""
     model = _lora_models(tiny_model_dir)["packed"].to(CUDA)
     ids = torch.randint(0, 5000, (1, 16), generator=torch.Generator().manual_seed(2)).to(CUDA)

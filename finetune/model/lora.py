@@ -164,7 +164,7 @@ def load_for_training(recipe: Recipe, model_dir, device: torch.device, dtype: to
     if host_embedding:
         model.model.embed_tokens = HostEmbedding(model.model.embed_tokens)
     if quantization == "nf4":
-        from finetune.quantize import quantize_attention_nf4
+        from finetune.model.quantize import quantize_attention_nf4
         quantize_attention_nf4(model, compute_dtype=dtype)
     model.config.use_cache = False
     # What PEFT writes as base_model_name_or_path in adapter_config.json (the recipe's name, not a cache path).

@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import killpoints, owned
+from finetune import owned
 from finetune.recipe import Recipe, dump_recipe, flatten, recipe_to_dict, resolve_path
+from finetune.train import killpoints
 from inference.errors import UserError
 from inference.files import write_atomic, write_json
 
@@ -75,12 +76,12 @@ class RunResult:
         """The ``mlflow.entities.Run`` as the store has it (None when tracking was off)."""
         if not self.mlflow_run_id:
             return None
-        from finetune.tracking import get_run
+        from finetune.track.tracking import get_run
         return get_run(self.tracking_uri, self.mlflow_run_id)
 
     def plot(self, path=None):
         """Training (and eval) loss over steps as a matplotlib figure; also saved as PNG when ``path`` is given."""
-        from finetune.comparison import plot_curves
+        from finetune.track.comparison import plot_curves
         return plot_curves({self.run_dir.name: self.metrics}, path)
 
     def __repr__(self) -> str:
@@ -329,7 +330,7 @@ def parked_on_host(model, device, echo=print):
     """
     import torch
 
-    from finetune.model import held_bytes
+    from finetune.model.lora import held_bytes
     on_gpu = sum(held_bytes(p) for p in model.parameters() if p.is_cuda) if device.type == "cuda" else 0
     free = torch.cuda.mem_get_info(device)[0] if on_gpu else 0
     if not on_gpu or free > 1.25 * on_gpu:    # the runtime's copy is no larger than ours; a margin for its buffers
@@ -356,7 +357,7 @@ def _free_memory(device) -> None:
 def _prepare_data(recipe: Recipe, echo):
     import torch
 
-    from finetune.data import prepare
+    from finetune.data.prepare import prepare
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     prepared = prepare(recipe)
@@ -395,8 +396,8 @@ def _load_model(recipe: Recipe, echo, plan):
     """Base model + LoRA on the chosen device, with the reasons for the automatic choices printed."""
     from transformers import AutoTokenizer, set_seed
 
-    from finetune import fastpath
-    from finetune.model import format_coverage, load_for_training, pick_device, pick_dtype, pick_quantization
+    from finetune.model import fastpath
+    from finetune.model.lora import format_coverage, load_for_training, pick_device, pick_dtype, pick_quantization
     from inference.tiny import resolve_model
 
     device, why_device = pick_device(recipe)
@@ -425,7 +426,7 @@ def _load_model(recipe: Recipe, echo, plan):
 def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, setup: dict,
                     parent_run_id: str | None = None):
     """Open the MLflow run (or continue it on resume), log params, lineage tags and data stats; write run.json."""
-    from finetune import tracking
+    from finetune.track import tracking
     from inference.checkpoint import fingerprint
     versions = library_versions()
     # On resume, the store the run started in (it may have been a notebook's, when the recipe names none).
@@ -506,8 +507,9 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
     import torch
     from tqdm.auto import tqdm
 
-    from finetune import checkpoints, fastpath, stopping
-    from finetune.train import build_trainer, checkpoint_is_final, load_final_checkpoint
+    from finetune.model import fastpath
+    from finetune.train import checkpoints, stopping
+    from finetune.train.trainer import build_trainer, checkpoint_is_final, load_final_checkpoint
     from inference.engine import Engine
     from inference.evaluate import evaluate
 

@@ -148,7 +148,7 @@ def _selective_context(save: frozenset = SAVE_DEFAULT):
 def checkpoint_kwargs(model) -> dict:
     """``activation_checkpointing_kwargs`` for transformers' ``activation_checkpointing_enable``: with our path on,
     selective checkpointing that keeps what :data:`SAVE_DEFAULT` (or the ``save`` given to :func:`enable`) names;
-    plain non-reentrant checkpointing otherwise. The Trainer gets these (``finetune.train``), and so does
+    plain non-reentrant checkpointing otherwise. The Trainer gets these (``finetune.train.trainer``), and so does
     :func:`enable_checkpointing`."""
     save = getattr(_base(model), "_finetune_save", None) if is_enabled(model) else None
     if not save:   # plain recomputation: no dispatch mode asking a policy about every operation
@@ -284,12 +284,12 @@ def enable(model, save: frozenset | None = None) -> None:
     """Switch a (PEFT-wrapped) gpt-oss model to our path: every change in :data:`PATCHES`; :func:`disable`
     undoes them. Prefer :func:`patched` where the path is needed for a block.
 
-    Its forward must then run under :func:`autocast` (``finetune.train`` does): PEFT no longer casts activations
+    Its forward must then run under :func:`autocast` (``finetune.train.trainer`` does): PEFT no longer casts activations
     to the fp32 LoRA weights. The path is for training batches (right-padded, no KV cache). ``save``: what
     selective checkpointing keeps (None: :data:`SAVE_DEFAULT`, or :data:`SAVE_QUANTIZED` for a quantized model;
     empty: plain recomputation), installed by :func:`enable_checkpointing` or the Trainer.
     """
-    from finetune.model import is_quantized
+    from finetune.model.lora import is_quantized
     register()
     base = _base(model)
     if is_enabled(model):

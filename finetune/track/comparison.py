@@ -1,6 +1,6 @@
 """Compare training runs from the MLflow store: one table sorted by a metric, and loss curves as a PNG.
 
-``compare(targets)`` reads runs through :mod:`finetune.tracking` (so it works on anyone's runs in a shared store):
+``compare(targets)`` reads runs through :mod:`finetune.track.tracking` (so it works on anyone's runs in a shared store):
 each target is a run id, a sweep's parent run id (its children), or an experiment name; none means every training
 run in the store. ``plot_curves`` also draws a single run's ``metrics.jsonl`` (``RunResult.plot()``).
 """
@@ -50,7 +50,7 @@ class Comparison:
 def compare(targets=None, uri: str | None = None, sort: str = DEFAULT_SORT, descending: bool | None = None,
             plot: str | Path | None = None, max_runs: int = 100) -> Comparison:
     """Compare runs; ``plot`` is where to save the loss curves as PNG (the figure is drawn either way)."""
-    from finetune import tracking
+    from finetune.track import tracking
     if isinstance(targets, str):
         targets = [targets]
     if max_runs < 1:

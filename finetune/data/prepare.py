@@ -1,6 +1,6 @@
 """Datasets -> Harmony tokens with per-token loss weights, as the recipe asks.
 
-Loading and validating the formats is :mod:`finetune.datasets`; rendering is :mod:`inference.harmony`. This module
+Loading and validating the formats is :mod:`finetune.data.formats`; rendering is :mod:`inference.harmony`. This module
 joins them: the eval split, the over-long policy (drop or truncate, with counts), examples without trainable tokens
 (an error naming the record), per-channel token counts, and the preview that shows what is trained.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
-from finetune.datasets import DataError, Example, dataset_fingerprint, load_examples
+from finetune.data.formats import DataError, Example, dataset_fingerprint, load_examples
 from finetune.recipe import Recipe, resolve_path
 from inference import harmony
 from inference.evaluate import Case, make_cases

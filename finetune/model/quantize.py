@@ -118,7 +118,7 @@ def quantize_attention_nf4(model: nn.Module, compute_dtype: torch.dtype) -> list
     Each ``nn.Linear`` at ``model.layers.N.self_attn.{q,k,v,o}_proj`` becomes a ``bnb.nn.Linear4bit`` (NF4, blocksize
     64, double-quantized absmax) on the device its weight is on; matmuls run in ``compute_dtype``, the bias is kept in
     ``compute_dtype``, the original weight is dropped. Returns the replaced modules' names, in model order. Call it
-    before ``finetune.model.add_lora``; a UserError when bitsandbytes is missing or cannot work on the device, when
+    before ``finetune.model.lora.add_lora``; a UserError when bitsandbytes is missing or cannot work on the device, when
     there is nothing to quantize, or when it was done already.
     """
     bnb = _bnb()

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from finetune import fastpath, killpoints
-from finetune.checkpoints import CompleteCheckpoints
 from finetune.kernels.loss import CHUNK_ROWS, QUANTIZED_CHUNK_ROWS, weighted_loss_sum
-from finetune.model import is_quantized
+from finetune.model import fastpath
+from finetune.model.lora import is_quantized
 from finetune.recipe import Recipe
+from finetune.train import killpoints
+from finetune.train.checkpoints import CompleteCheckpoints
 from inference.evaluate import pad_weighted
 
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "sgd": "sgd"}
@@ -213,7 +214,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
         eval_strategy=("no" if not evals else "steps" if t.eval_steps else "epoch"),
         eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "epoch", save_steps=t.save_steps or steps_per_epoch,
-        # rotation is finetune.checkpoints' (after a checkpoint is marked complete), never the Trainer's
+        # rotation is finetune.train.checkpoints' (after a checkpoint is marked complete), never the Trainer's
         save_total_limit=None, save_only_model=False,
         activation_checkpointing=t.gradient_checkpointing,
         # our path keeps the expert matmuls' and attention's outputs instead of recomputing them

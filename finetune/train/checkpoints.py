@@ -24,7 +24,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from finetune import killpoints
+from finetune.train import killpoints
 from inference.files import write_json
 
 MARK = "trained_tokens.json"

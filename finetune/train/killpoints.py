@@ -3,8 +3,8 @@
 ``GPT_OSS_WORKBENCH_KILL_AT=NAME`` kills the process the first time it reaches ``NAME``; ``NAME#N`` the N-th time.
 The process sends itself SIGKILL, which nothing can catch or clean up after, as the kernel's OOM killer or a lost
 machine would. ``NAME#N:TERM`` (or ``:INT``) sends SIGTERM (Ctrl-C's SIGINT) there instead and carries on, so the
-run's own signal handling (:mod:`finetune.stopping`) takes it from there. A name lands inside a checkpoint save, or
-between two writes of the run's own files, every time, which a signal from outside at a random moment would not.
+run's own signal handling (:mod:`finetune.train.stopping`) takes it from there. A name lands inside a checkpoint save,
+or between two writes of the run's own files, every time, which a signal from outside at a random moment would not.
 ``tests/test_kill_points.py`` kills a run at each of :data:`POINTS` and checks that ``--resume`` ends with the very
 adapter of an uninterrupted run.
 """

@@ -20,7 +20,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def command(uri: str | None, host: str = "127.0.0.1", port: int = 5000) -> tuple[list[str], str]:
     """The server command line and the store it will show."""
-    from finetune import tracking
+    from finetune.track import tracking
     store = tracking.tracking_uri(uri)
     try:
         tracking.check_store(store)

@@ -31,7 +31,7 @@ class SweepResult:
     sweep_dir: Path
     parent_run_id: str | None
     runs: list[dict] = field(default_factory=list)
-    comparison: object = None     # finetune.comparison.Comparison, or None when tracking is off
+    comparison: object = None     # finetune.track.comparison.Comparison, or None when tracking is off
 
     @property
     def failed(self) -> list[dict]:
@@ -103,7 +103,7 @@ class _Child:
 
 def plan(recipe: Recipe, axes: list[tuple[str, list[str]]]) -> tuple[Path, list[_Child]]:
     """The sweep directory and one validated recipe per combination (all problems reported at once)."""
-    from finetune.pipeline import NUMBER, numbered_dir
+    from finetune.train.pipeline import NUMBER, numbered_dir
     if not axes:
         raise UserError("a sweep needs at least one axis: an override with several comma-separated values, "
                         "e.g. lora.r=8,16 train.lr=1e-4,3e-4")
@@ -146,9 +146,9 @@ def _check_sweep_dir(sweep_dir: Path, overwrite: bool) -> None:
 
 def sweep(recipe: Recipe, axes: list[tuple[str, list[str]]], echo=print, sort: str = "eval_loss") -> SweepResult:
     """Run every combination of ``axes`` on ``recipe`` (see the module docstring)."""
-    from finetune import tracking
-    from finetune.comparison import sortable
-    from finetune.pipeline import in_notebook, run, set_quiet_environment
+    from finetune.track import tracking
+    from finetune.track.comparison import sortable
+    from finetune.train.pipeline import in_notebook, run, set_quiet_environment
     from inference.files import write_json
     set_quiet_environment()
     if not sortable(sort, flatten(recipe_to_dict(recipe))):
@@ -200,7 +200,7 @@ def sweep(recipe: Recipe, axes: list[tuple[str, list[str]]], echo=print, sort: s
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(sweep_dir / "sweep.json", info | {"runs": result.runs})
     if parent.run_id and any(r["status"] == "completed" for r in result.runs):
-        from finetune.comparison import compare
+        from finetune.track.comparison import compare
         result.comparison = compare(parent.run_id, uri=parent.uri, sort=sort, plot=sweep_dir / "loss-curves.png")
         (sweep_dir / "comparison.txt").write_text(str(result.comparison) + "\n", encoding="utf-8")
         best = result.comparison.best()

@@ -30,8 +30,8 @@ SHAPE_20B = dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=6
 
 def build(args, dtype, device):
     """(transformers model, our runtime) holding the same weights."""
-    from inference import checkpoint, mxfp4, runtime
-    from inference.tiny import resolve_model, tiny_config_dict
+    from inference.model import checkpoint, mxfp4, runtime
+    from inference.model.tiny import resolve_model, tiny_config_dict
     if args.shape == "tiny":
         model_dir = resolve_model("tiny-gpt-oss")
         return checkpoint.load_model(model_dir, dtype, device), runtime.load(model_dir, dtype, device)

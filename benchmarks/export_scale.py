@@ -94,7 +94,7 @@ def write_adapter(model_dir: Path, out: Path, seed: int = 0, b_std: float = B_ST
     from safetensors.torch import save_file
     from transformers import GptOssForCausalLM
 
-    from inference.checkpoint import read_config
+    from inference.model.checkpoint import read_config
     lora = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))["lora"]
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=list(lora["target_modules"]),
                         target_parameters=[f"mlp.experts.{p}" for p in lora["target_experts"]])

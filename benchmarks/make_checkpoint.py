@@ -46,7 +46,7 @@ COMMON = dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, 
 
 def config_dict(shape: str) -> dict:
     """config.json for ``shape`` (20b, 120b or tiny), without its quantization_config."""
-    from inference.tiny import tiny_config_dict
+    from inference.model.tiny import tiny_config_dict
     cfg = tiny_config_dict()
     if shape == "tiny":
         return cfg
@@ -57,7 +57,7 @@ def config_dict(shape: str) -> dict:
 
 def layer_tensors(cfg: dict, i: int, gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     """Layer ``i``'s tensors in the checkpoint layout (experts packed, rows = output features), on the CPU."""
-    from inference import mxfp4
+    from inference.model import mxfp4
     H, I, E = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"]
     D, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
 
@@ -89,9 +89,9 @@ def write(shape: str, out: Path, shard_bytes: int, device: torch.device, seed: i
     """Write the checkpoint to ``out``; returns what was measured (seconds, bytes, peak host and GPU memory)."""
     from tqdm.auto import tqdm
 
-    from inference.checkpoint import QUANTIZATION_CONFIG, ShardWriter, built_aside, make_readable
-    from inference.tiny import generation_config_dict
-    from inference.tokenizer import write_tokenizer
+    from inference.model.checkpoint import QUANTIZATION_CONFIG, ShardWriter, built_aside, make_readable
+    from inference.model.tiny import generation_config_dict
+    from inference.model.tokenizer import write_tokenizer
 
     out = out.expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -41,7 +41,7 @@ SHAPES = {
 def config_for(shape: str):
     from transformers import GptOssConfig
     if shape == "tiny":
-        from inference.tiny import tiny_config_dict
+        from inference.model.tiny import tiny_config_dict
         return GptOssConfig.from_dict(tiny_config_dict())
     layers = SHAPES[shape]["num_hidden_layers"]
     return GptOssConfig(num_experts_per_tok=4, layer_types=[("sliding_attention", "full_attention")[i % 2]
@@ -55,7 +55,7 @@ def build_packed(cfg, device: torch.device, dtype: torch.dtype, host_embedding: 
 
     from finetune.kernels.packed import Mxfp4Weight
     from finetune.model.lora import HostEmbedding
-    from inference.mxfp4 import GROUP
+    from inference.model.mxfp4 import GROUP
 
     with torch.device("meta"):
         model = GptOssForCausalLM(cfg)

@@ -105,7 +105,7 @@ def main() -> None:
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     model_dir = args.model
     if model_dir is None and args.shape == "tiny":
-        from inference.tiny import resolve_model
+        from inference.model.tiny import resolve_model
         model_dir = resolve_model("tiny-gpt-oss")
     if model_dir is None:
         model_dir = work / f"gpt-oss-{args.shape}"

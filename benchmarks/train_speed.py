@@ -62,7 +62,7 @@ def build(shape: str, layers: int | None, device, dtype):
     if shape == "20b":
         cfg = GptOssConfig(num_hidden_layers=layers or 24, num_local_experts=32, num_experts_per_tok=4)
     else:
-        from inference.tiny import tiny_config_dict
+        from inference.model.tiny import tiny_config_dict
         d = tiny_config_dict()
         if layers:
             d["num_hidden_layers"] = layers

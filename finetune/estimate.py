@@ -91,8 +91,8 @@ class ModelNotHere(UserError):
 
 def model_config(recipe: Recipe):
     """The ``GptOssConfig`` of the recipe's model, from its config.json alone."""
-    from inference.checkpoint import read_config
-    from inference.tiny import resolve_model
+    from inference.model.checkpoint import read_config
+    from inference.model.tiny import resolve_model
     try:
         return read_config(resolve_model(recipe.model.name_or_path))
     except UserError as exc:

@@ -18,7 +18,7 @@ from inference.harmony import REASONING_EFFORTS as EFFORTS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 API_KEY_ENV = "GPT_OSS_WORKBENCH_API_KEY"   # serve's key, kept out of the command line (and so out of ps)
-DEFAULT_MAX_WAIT_S = 300.0   # inference.server's defaults (why: there), here so that --help needs no torch import
+DEFAULT_MAX_WAIT_S = 300.0   # inference.serve.server's defaults (why: there), here so that --help needs no torch import
 DEFAULT_DRAIN_S = 30.0
 
 
@@ -286,8 +286,8 @@ def evaluate(args) -> None:
 
 
 def serve(args) -> None:
-    from inference.server import check_host, check_limits, check_port
-    from inference.server import serve as run_server
+    from inference.serve.server import check_host, check_limits, check_port
+    from inference.serve.server import serve as run_server
     adapters = _adapters(args.adapter)
     if args.merge and len(adapters) != 1:
         raise UserError("--merge needs exactly one --adapter")

@@ -76,14 +76,14 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The embedded tiny gpt-oss, built into the session cache."""
-    from inference.tiny import tiny_path
+    from inference.model.tiny import tiny_path
     return tiny_path()
 
 
 @pytest.fixture
 def tiny_model(tiny_model_dir):
     """A fresh fp32 copy of the tiny model (transformers' GptOssForCausalLM, eager attention)."""
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
     return load_model(tiny_model_dir)
 
 
@@ -165,7 +165,7 @@ def make_adapter(model_dir, out, seed: int, modules=ATTENTION, experts=EXPERTS, 
     every parity test on it vacuous."""
     from peft import LoraConfig, get_peft_model
 
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(modules), target_parameters=list(experts) or None)
     model = get_peft_model(load_model(model_dir), config)
     g = torch.Generator().manual_seed(seed)

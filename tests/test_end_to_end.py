@@ -210,7 +210,7 @@ def test_same_seed_same_losses_and_adapter_reloads_with_equal_logits(tmp_path, t
     from peft import PeftModel
 
     import finetune
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
 
     short = {"train.max_steps": "3"}
     a = finetune.run(short_recipe(tmp_path / "a", **short), keep_model=True)
@@ -259,7 +259,7 @@ def test_nf4_run_trains_and_its_adapter_loads_on_the_unquantized_base(tmp_path, 
     from peft import PeftModel
 
     import finetune
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
 
     run = finetune.run(short_recipe(tmp_path / "q", **{"train.max_steps": "3", "model.quantization": "nf4",
                                                         "train.kernels": "fast"}))

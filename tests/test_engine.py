@@ -19,11 +19,11 @@ import torch
 from conftest import make_adapter
 
 from inference import harmony
-from inference.checkpoint import load_model
 from inference.conversations import MessageError, load_jsonl_examples
 from inference.engine import BadParameter, Completion, Delta, Engine, PromptTooLong, SamplingParams, UnknownModel
 from inference.engine.batch import PAD_ID
 from inference.evaluate import make_cases
+from inference.model.checkpoint import load_model
 
 BASE, TUNED = "tiny", "tuned"
 SHORT_NEW, LONG_NEW = 24, 80      # greedy tokens generated for the eval prompts and for the long prompt
@@ -94,7 +94,7 @@ def expected(tiny_model_dir, adapter_dir) -> dict[str, list[list[int]]]:
 
 def scripted_engine(model_dir, text: str) -> Engine:
     """An Engine whose greedy reply to any prompt ending in ``assistant`` is exactly ``text`` (then whatever)."""
-    from inference import runtime
+    from inference.model import runtime
     rt = runtime.load(model_dir, torch.float32, "cpu")
     script = encode("assistant") + encode(text)
     H = rt.cfg.hidden_size

@@ -2,8 +2,8 @@
 transformers builds it, PEFT's trainable parameters, the packed MXFP4 bytes in its checkpoint, and the published sizes
 of gpt-oss-20b and gpt-oss-120b; then the fit logic (embedding placement, levers) and the command line.
 
-The tiny checkpoint is written here by the same writer as the embedded tiny model (``inference.checkpoint``), without
-the tokenizer, which the estimate does not read and which takes most of the embedded model's build time.
+The tiny checkpoint is written here by the same writer as the embedded tiny model (``inference.model.checkpoint``),
+without the tokenizer, which the estimate does not read and which takes most of the embedded model's build time.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ GPT_OSS_20B, GPT_OSS_120B = gpt_oss(24, 32), gpt_oss(36, 128)
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny gpt-oss's config.json and model.safetensors (experts packed in MXFP4, the rest bf16)."""
-    from inference.checkpoint import save_checkpoint
-    from inference.tiny import tiny_config_dict, tiny_state_dict
+    from inference.model.checkpoint import save_checkpoint
+    from inference.model.tiny import tiny_config_dict, tiny_state_dict
     out = tmp_path_factory.mktemp("tiny")
     config = tiny_config_dict()
     save_checkpoint(tiny_state_dict(config), config, out)
@@ -64,7 +64,7 @@ def _group(name: str) -> str:
 
 def test_tiny_weights_and_lora_match_the_loaded_model(tiny_dir, tiny_recipe):
     from finetune.model.lora import add_lora
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
     est = estimate(tiny_recipe)
     assert (est.device, est.dtype, est.quantization) == ("cpu", "float32", "none")
     model = load_model(tiny_dir)
@@ -80,7 +80,7 @@ def test_tiny_weights_and_lora_match_the_loaded_model(tiny_dir, tiny_recipe):
 
 
 def test_tiny_mxfp4_experts_match_the_checkpoint_bytes(tiny_dir, tiny_recipe):
-    from inference.checkpoint import TensorFiles
+    from inference.model.checkpoint import TensorFiles
     est = estimate(apply_overrides(tiny_recipe, ["model.quantization=mxfp4"]))
     assert (est.quantization, est.dtype) == ("mxfp4", "float32")
     with TensorFiles(tiny_dir) as files:
@@ -99,7 +99,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def test_a_config_only_directory_is_enough(tmp_path, tiny_recipe):
-    from inference.tiny import tiny_config_dict
+    from inference.model.tiny import tiny_config_dict
     (tmp_path / "config.json").write_text(json.dumps(tiny_config_dict()), encoding="utf-8")
     from_dir = estimate(apply_overrides(tiny_recipe, [f"model.name_or_path={tmp_path}"]))
     in_code = estimate(tiny_recipe, GptOssConfig.from_dict(tiny_config_dict()))

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 import finetune
 from finetune.ship import vllm_rank_warning
 from finetune.ship.ollama import modelfile
-from inference import mxfp4
 from inference.errors import UserError
+from inference.model import mxfp4
 
 pytestmark = pytest.mark.slow   # trains or runs whole commands: left out of the quick loop (-m "not slow")
 
@@ -159,7 +159,7 @@ def test_readme_export_command_peft(run_copy):
     # Independently of the export code: PEFT really loads the expert LoRA from the export.
     from peft import PeftModel
 
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
     info = json.loads((run_copy / RUN / "run.json").read_text())
     model = PeftModel.from_pretrained(load_model(info["model_dir"]), str(export))
     files = load_file(str(export / "adapter_model.safetensors"))

@@ -195,7 +195,7 @@ def test_adapter_trained_on_fast_path_saves_as_plain_peft(tiny_model, tiny_model
     """The adapters stay PEFT's: one fast step, save, reload into plain transformers + PEFT, same outputs."""
     from peft import PeftModel
 
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
     model = _peft_tiny(tiny_model, tmp_path)
     fastpath.enable(model)
     model.train()

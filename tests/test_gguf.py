@@ -1,5 +1,5 @@
 """GGUF export for llama.cpp (:mod:`finetune.ship.gguf`), read back by gguf-py and run by llama.cpp itself, against our
-runtime (:mod:`inference.runtime`) on CPU.
+runtime (:mod:`inference.model.runtime`) on CPU.
 
 Two models of the tiny gpt-oss architecture:
 
@@ -37,11 +37,12 @@ import torch
 from conftest import ATTENTION, EPS32, FP32_MARGIN, make_adapter
 
 from finetune.ship import gguf as export
-from inference import adapters, harmony, runtime
-from inference.checkpoint import read_config, save_checkpoint
+from inference import harmony
 from inference.errors import UserError
-from inference.mxfp4 import FP4_VALUES, unpack
-from inference.tiny import tiny_config_dict, tiny_state_dict
+from inference.model import adapters, runtime
+from inference.model.checkpoint import read_config, save_checkpoint
+from inference.model.mxfp4 import FP4_VALUES, unpack
+from inference.model.tiny import tiny_config_dict, tiny_state_dict
 
 # f32 GGUF vs ours emulating llama.cpp: the median over positions of the max abs logit difference is held to
 # FP32_MARGIN times the same median between our emulating runtime in fp32 and in float64 (measured 1.7e-6 and 1.9e-6

@@ -1,4 +1,5 @@
-"""Tests for inference.harmony (rendering, loss weights, prompts, parsing, offline vocabulary) and inference.tokenizer.
+"""Tests for inference.harmony (rendering, loss weights, prompts, parsing, offline vocabulary) and
+inference.model.tokenizer.
 
 Oracles: openai-harmony itself (conversations built here directly with its classes, rendered with its own
 ``render_conversation_for_training`` / ``render_conversation_for_completion``), plus literal golden strings written out

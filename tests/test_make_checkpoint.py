@@ -54,9 +54,9 @@ def test_sharded_layout_with_index_and_mxfp4_experts(written):
 
 
 def test_loads_in_transformers_and_our_runtime_with_the_stated_spread(written):
-    from inference import mxfp4
-    from inference.checkpoint import TensorFiles, load_model
     from inference.engine import Engine
+    from inference.model import mxfp4
+    from inference.model.checkpoint import TensorFiles, load_model
     out, _ = written
     model = load_model(out)          # transformers' GptOssForCausalLM, every tensor present with its shape
     assert model.config.num_hidden_layers == 2

@@ -1,6 +1,6 @@
-"""Tests for inference.mxfp4: decoding against transformers' own MXFP4 dequantizer, known bytes and ``math.ldexp`` for
-every scale byte and code; the encoder's two scale conventions byte for byte against an independent per-group
-reference written from the OCP MX spec, and ``"best"`` against both, on seeded data."""
+"""Tests for inference.model.mxfp4: decoding against transformers' own MXFP4 dequantizer, known bytes and
+``math.ldexp`` for every scale byte and code; the encoder's two scale conventions byte for byte against an
+independent per-group reference written from the OCP MX spec, and ``"best"`` against both, on seeded data."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from finetune.kernels.packed import Mxfp4Weight
-from inference import mxfp4
-from inference.mxfp4 import pack, pack_with_stats, unpack
+from inference.model import mxfp4
+from inference.model.mxfp4 import pack, pack_with_stats, unpack
 
 # OCP Microscaling spec, e2m1: codes 0..7 are these magnitudes; bit 3 is the sign.
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -144,7 +144,7 @@ def test_unpack_validation():
 #         representable clamp to it (6 for e2m1)
 # That is scale rounding "down". gpt-oss's and transformers' quantizers instead take X = the smallest power of two with
 # max |V_i| / X <= 6 ("up"). Both here are written per group in plain Python floats (float64, which holds every float32
-# and every quotient by a power of two below exactly), with no code from inference.mxfp4.
+# and every quotient by a power of two below exactly), with no code from inference.model.mxfp4.
 
 def ref_exponent(values: list[float], rounding: str) -> int:
     amax = max(abs(v) for v in values)

@@ -15,8 +15,8 @@ from finetune.kernels.packed import Mxfp4Weight
 from finetune.model import fastpath
 from finetune.model.lora import HostEmbedding, add_lora, is_quantized
 from finetune.recipe import load_recipe
-from inference import mxfp4
-from inference.checkpoint import load_model
+from inference.model import mxfp4
+from inference.model.checkpoint import load_model
 
 REPO_RECIPE = "recipes/tiny-cpu.yaml"
 

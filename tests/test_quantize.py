@@ -32,7 +32,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 @pytest.fixture(scope="module")
 def base(tiny_model_dir):
     """The tiny gpt-oss in fp32, loaded once for this module: tests work on deep copies."""
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
     return load_model(tiny_model_dir)
 
 

@@ -1,5 +1,5 @@
-"""Our gpt-oss forward (:mod:`inference.runtime`) and its adapters (:mod:`inference.adapters`) against the oracle,
-transformers' eager ``GptOssForCausalLM`` (with PEFT for adapters), on the tiny gpt-oss in fp32 on CPU.
+"""Our gpt-oss forward (:mod:`inference.model.runtime`) and its adapters (:mod:`inference.model.adapters`) against the
+oracle, transformers' eager ``GptOssForCausalLM`` (with PEFT for adapters), on the tiny gpt-oss in fp32 on CPU.
 
 One input for everything: two rows of 150 random token ids, the second left-padded by 20, so both rows cross layer 0's
 sliding window (64) and padding is exercised. Shown here: logits parity (whole sequence; KV-cached decoding, with the
@@ -20,10 +20,10 @@ import pytest
 import torch
 from conftest import EPS32, FP32_MARGIN, float64, make_adapter
 
-from inference import adapters, runtime
-from inference.checkpoint import load_model
 from inference.engine.batch import PAD_ID
 from inference.errors import UserError
+from inference.model import adapters, runtime
+from inference.model.checkpoint import load_model
 
 T, PAD = 150, 20  # sequence length (> sliding window 64) and left padding of row 1
 
@@ -237,7 +237,7 @@ def test_dense_expert_checkpoint_is_held_dense_and_matches(tiny_model_dir, tmp_p
     holding the tiny model's exact values (MXFP4 values are exact in bf16) gives the same logits, with adapters too."""
     from safetensors.torch import save_file
 
-    from inference.checkpoint import load_state_dict
+    from inference.model.checkpoint import load_state_dict
     dense_dir = tmp_path / "dense"
     dense_dir.mkdir()
     shutil.copy(tiny_model_dir / "config.json", dense_dir)

@@ -33,7 +33,7 @@ from conftest import REPO, wait_for
 
 from inference.engine import Completion, Engine
 from inference.errors import UserError
-from inference.server import make_server
+from inference.serve.server import make_server
 
 KEY = "test-key"
 BASE_ID = "scripted-tiny"
@@ -80,8 +80,8 @@ def _token(text: str) -> int:
 
 def build_scripted_model(target) -> dict[str, int]:
     """Write the scripted tiny gpt-oss to ``target``; returns each mode's residual dimension."""
-    from inference.checkpoint import save_checkpoint
-    from inference.tiny import tiny_config_dict, tiny_state_dict
+    from inference.model.checkpoint import save_checkpoint
+    from inference.model.tiny import tiny_config_dict, tiny_state_dict
     config = tiny_config_dict()
     H = config["hidden_size"]
     state = tiny_state_dict(config)
@@ -112,7 +112,7 @@ def save_mode_adapters(model_dir, mode_dim: dict[str, int], out_dir) -> dict[str
     """One PEFT adapter per mode: its experts' down_proj LoRA adds 0.5 * e_mode to the residual in each layer."""
     import peft
 
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
     model = load_model(model_dir)
     H, I, E = model.config.hidden_size, model.config.intermediate_size, model.config.num_local_experts
     r, alpha = 4, 8
@@ -600,7 +600,7 @@ def test_the_listen_backlog_holds_many_simultaneous_connections(engine):
 
 
 def test_a_busy_port_is_refused_before_anything_loads(engine):
-    from inference.server import check_port
+    from inference.serve.server import check_port
     server = make_server(engine)
     try:
         with pytest.raises(UserError, match="cannot listen on 127.0.0.1:.*another --port"):

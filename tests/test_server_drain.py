@@ -18,7 +18,8 @@ import pytest
 from conftest import stop
 from test_server import HTTP_TIMEOUT_S, build_scripted, chat_body, send_chat, serve_subprocess
 
-from inference import cli, server
+from inference import cli
+from inference.serve import server
 
 
 class Stream:

@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import (
 from test_server import BASE_ID, build_scripted, raw, start
 
 from inference.engine import Engine
-from inference.server import make_server
+from inference.serve.server import make_server
 
 EXAMPLES = 30   # per operation and generation mode: a few seconds in all on the tiny model
 # Valid requests: no 5xx, and each answer as the schema says (status, content type, body). Requests outside the

@@ -34,7 +34,7 @@ from test_server import (
 
 from inference import cli
 from inference.engine import Engine
-from inference.server import make_server
+from inference.serve.server import make_server
 
 LONG = {"model": "thinker", "max_tokens": 4000, "temperature": 0}   # holds its slot until its client leaves
 # How fast a refusal must come: it needs no compute, only parsing and the queue's lock (a loaded 2-core machine

@@ -20,8 +20,8 @@ import finetune
 from finetune.ship import ExportFailed, parity
 from finetune.ship import plan as planning
 from finetune.ship.merge import merge
-from inference import streamed
 from inference.errors import UserError
+from inference.model import streamed
 
 CPU32 = parity.Where(torch.device("cpu"), torch.float32, 1 << 62)      # loads anything whole
 CPU32_STREAMED = parity.Where(torch.device("cpu"), torch.float32, 0)    # loads nothing whole: layer by layer
@@ -63,7 +63,7 @@ def test_streamed_runtime_is_the_whole_model_forward(tiny_model_dir, adapter, pr
 def test_streamed_transformers_with_peft_is_from_pretrained(tiny_model_dir, adapter, probes):
     from peft import PeftModel
 
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
     whole = parity.transformers_logits(tiny_model_dir, probes, adapter, CPU32, progress=False)
     layered = parity.transformers_logits(tiny_model_dir, probes, adapter, CPU32_STREAMED, progress=False)
     exact_model = float64(PeftModel.from_pretrained(load_model(tiny_model_dir), str(adapter)))
@@ -125,7 +125,7 @@ def test_merge_a_chunk_of_experts_at_a_time_is_the_merge_at_once(tiny_model_dir,
     """At real size experts are merged a chunk at a time (gpt-oss-20b: 16 of 32 experts per 1 GiB chunk); the tiny
     model fits one chunk, so here each chunk is one expert: the merged files are the same, byte for byte."""
     from finetune.ship.merge import _expert_chunks
-    from inference.checkpoint import TensorFiles
+    from inference.model.checkpoint import TensorFiles
     with TensorFiles(tiny_model_dir) as files:
         key = next(k for k in files.names() if k.endswith("gate_up_proj_blocks"))
         experts = files.shapes[key][0]

@@ -1,4 +1,5 @@
-"""Tests for the tiny gpt-oss builder (inference.tiny) and the checkpoint reader/writer (inference.checkpoint).
+"""Tests for the tiny gpt-oss builder (inference.model.tiny) and the checkpoint reader/writer
+(inference.model.checkpoint).
 
 Oracles: transformers' own gpt-oss loader with its MXFP4 dequantizer (``Mxfp4Config(dequantize=True)``) for what a
 checkpoint means, and an independent vectorized MX quantizer (written here from the OCP MX rules) for what the writer
@@ -18,9 +19,9 @@ import torch
 from conftest import assert_fp32_close, float64
 from safetensors import safe_open
 
-from inference.checkpoint import load_model, load_state_dict, read_config, save_checkpoint
 from inference.errors import UserError
-from inference.tiny import build_tiny, file_digest, tiny_config_dict, tiny_state_dict
+from inference.model.checkpoint import load_model, load_state_dict, read_config, save_checkpoint
+from inference.model.tiny import build_tiny, file_digest, tiny_config_dict, tiny_state_dict
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 LAYER_KEYS = (

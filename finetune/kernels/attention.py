@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from inference.compiled import fused
+from inference.model.compiled import fused
 
 
 def _mask(n_q: int, n_k: int, window: int | None, device) -> torch.Tensor:

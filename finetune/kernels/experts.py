@@ -12,7 +12,7 @@ transformers + PEFT step on gpt-oss-20b shapes.
 
 :func:`grouped_mm` uses ``torch.nn.functional.grouped_mm`` on CUDA (bf16) and a per-expert loop elsewhere (its
 plain twin, the reference in the CPU tests). What follows each matmul (bias, LoRA output, gpt-oss's clamped
-interleaved SwiGLU, the routing weight) is one fused kernel on CUDA (:mod:`inference.moe`'s epilogues, shared with
+interleaved SwiGLU, the routing weight) is one fused kernel on CUDA (:mod:`inference.model.moe`'s epilogues, shared with
 the runtime) and the same PyTorch expression elsewhere.
 
 Expert weights may also be packed MXFP4 (:class:`finetune.kernels.packed.Mxfp4Weight`, as gpt-oss ships them).
@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from finetune.kernels.packed import Mxfp4Weight
-from inference import mxfp4
-from inference.moe import decode, down_epilogue, gate_up_epilogue
+from inference.model import mxfp4
+from inference.model.moe import decode, down_epilogue, gate_up_epilogue
 
 # Decoded MXFP4 expert weights held at once. None: an eighth of the projection being multiplied, kept within
 # [64 MiB, 512 MiB] (gpt-oss-20b's gate_up decodes to 1.06 GB: 132 MiB slices; gpt-oss-120b's to 4.2 GB: 512 MiB);

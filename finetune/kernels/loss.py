@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inference.compiled import fused
 from inference.loss import CHUNK_ROWS, weighted_nll
+from inference.model.compiled import fused
 
 QUANTIZED_CHUNK_ROWS = 256   # for memory-bound (QLoRA) training: 206 MB per chunk, the output layer stays busy
 

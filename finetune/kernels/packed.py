@@ -3,7 +3,7 @@
 It stands where a model expects a dense ``(E, in, out)`` weight (transformers' ``GptOssExperts`` parameters), so PEFT
 can wrap it and the training path can hand the packed bytes to the expert matmul (:mod:`finetune.kernels.experts`),
 which decodes them piecewise. Any other use of it decodes the whole tensor first: slow, but every library that
-touches the weight sees the right values. The codec itself is :mod:`inference.mxfp4`.
+touches the weight sees the right values. The codec itself is :mod:`inference.model.mxfp4`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
-from inference.mxfp4 import GROUP, decode
+from inference.model.mxfp4 import GROUP, decode
 
 
 class Mxfp4Weight(torch.Tensor):

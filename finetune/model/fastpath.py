@@ -36,8 +36,8 @@ import torch
 
 from finetune.kernels.attention import sink_attention
 from finetune.kernels.experts import moe_experts
-from inference.compiled import compile_works
 from inference.errors import UserError
+from inference.model.compiled import compile_works
 
 EXPERTS_IMPL = "finetune_lora"
 ATTENTION_IMPL = "finetune_sinks"  # no "flash" in the name: transformers would reroute it to a hub kernel

@@ -15,8 +15,8 @@ import torch
 
 from finetune.kernels.packed import Mxfp4Weight
 from finetune.recipe import Recipe
-from inference.checkpoint import load_model
 from inference.errors import UserError
+from inference.model.checkpoint import load_model
 
 
 def pick_device(recipe: Recipe) -> tuple[torch.device, str]:

@@ -46,8 +46,8 @@ FORMATS = ("peft", "merged-bf16", "merged-mxfp4", "gguf", "gguf-lora", "ollama")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 HELD_OUT = 3           # held-out conversations of the run's eval set added to the fixed probes
 MIN_EFFECT_KEPT = 0.8  # an MXFP4 merge must keep this share of the adapter's effect on the logits (see parity)
-# How the MXFP4 merge picks each 32-value group's scale (inference.mxfp4): the lower-error of the OCP rule ("down") and
-# gpt-oss's quantizer ("up"), never worse than either; the export line and quality_report.json name it.
+# How the MXFP4 merge picks each 32-value group's scale (inference.model.mxfp4): the lower-error of the OCP rule
+# ("down") and gpt-oss's quantizer ("up"), never worse than either; the export line and quality_report.json name it.
 SCALE_ROUNDING = "best"
 SCALE_ROUNDING_MEANS = "per 32-value group the lower-error scale of 'down' (OCP MX rule) and 'up' (gpt-oss quantizer)"
 
@@ -85,8 +85,8 @@ class _Run:
 
 def _open_run(run, model: str | Path | None) -> _Run:
     """The run directory (or a ``RunResult``), its final adapter and the base model, or one clear error."""
-    from inference.checkpoint import read_config
-    from inference.tiny import resolve_model
+    from inference.model.checkpoint import read_config
+    from inference.model.tiny import resolve_model
     run_dir = Path(getattr(run, "run_dir", run))
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
@@ -112,8 +112,8 @@ def _open_run(run, model: str | Path | None) -> _Run:
         model_dir = resolve_model(recipe.model.name_or_path)
     else:
         raise UserError(f"{run_dir}: the base model is not recorded (no run.json or recipe.yaml); pass --model")
-    from inference.adapters import read_adapter
-    from inference.checkpoint import fingerprint
+    from inference.model.adapters import read_adapter
+    from inference.model.checkpoint import fingerprint
     read_adapter(adapter_dir, read_config(model_dir))  # the adapter must fit this base, else one clear error
     trained_on = info.get("model_fingerprint")
     if trained_on and fingerprint(model_dir) != trained_on:
@@ -248,7 +248,7 @@ def _export_one(run: _Run, fmt: str, dest: Path, ref, done: dict, echo, **option
             raise ExportFailed(f"export {fmt} failed its parity check "
                                f"({'; '.join(f for c in checks for f in c.failures)}){hint}; nothing was written",
                                result)
-        from inference.checkpoint import make_readable
+        from inference.model.checkpoint import make_readable
         make_readable(artifact)
         if dest.exists():
             shutil.rmtree(dest)

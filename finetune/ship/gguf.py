@@ -1,7 +1,7 @@
 """GGUF export for llama.cpp: a gpt-oss model directory becomes one GGUF file, a PEFT adapter a GGUF LoRA.
 
-This module owns the mapping from our HF-layout gpt-oss (``inference.checkpoint``) and PEFT adapters
-(``inference.adapters``) to llama.cpp's ``gpt-oss`` architecture, and the llama.cpp calls that check an export:
+This module owns the mapping from our HF-layout gpt-oss (``inference.model.checkpoint``) and PEFT adapters
+(``inference.model.adapters``) to llama.cpp's ``gpt-oss`` architecture, and the llama.cpp calls that check an export:
 
 - :func:`write_model`: hyper-parameters, the o200k_harmony tokenizer and every tensor under llama.cpp's name. Experts
   stay MXFP4: the checkpoint's codes and scales are moved into GGML's ``block_mxfp4`` byte layout, never re-quantized,
@@ -10,7 +10,7 @@ This module owns the mapping from our HF-layout gpt-oss (``inference.checkpoint`
   expert LoRA as 3-D per-expert tensors for llama.cpp's ``mul_mat_id`` LoRA path), with ``adapter.lora.alpha`` chosen
   so that llama.cpp's ``alpha / rank`` is PEFT's scale.
 - :func:`llama_logits`, :func:`llama_greedy`, :func:`llama_tokenize`: llama.cpp (through llama-cpp-python) on a GGUF,
-  for parity checks against :mod:`inference.runtime`.
+  for parity checks against :mod:`inference.model.runtime`.
 
 Shapes are written in numpy order (outermost first); GGUF stores them reversed, so a numpy ``(E, I, H)`` tensor is
 GGML's ``ne = {H, I, E}``. ``H`` hidden, ``I`` expert intermediate size, ``E`` experts, ``V`` vocabulary, ``r`` rank.
@@ -30,9 +30,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from inference.checkpoint import TensorFiles, read_config
 from inference.errors import UserError
-from inference.runtime import expected_shapes
+from inference.model.checkpoint import TensorFiles, read_config
+from inference.model.runtime import expected_shapes
 
 ARCH = "gpt-oss"
 WEIGHT_TYPES = ("bf16", "f32")
@@ -406,7 +406,7 @@ def write_lora(adapter_dir: str | Path, model_dir: str | Path, out_file: str | P
     columns ``::2`` go to ``ffn_gate_exps`` and ``1::2`` to ``ffn_up_exps``. Anything trained that llama.cpp has no
     tensor for refuses the whole export.
     """
-    from inference.adapters import read_adapter
+    from inference.model.adapters import read_adapter
     gguf = _gguf()
     adapter_dir, model_dir = Path(adapter_dir), Path(model_dir)
     cfg = read_config(model_dir)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from inference import streamed
-from inference.checkpoint import TensorFiles, read_config
+from inference.model import streamed
+from inference.model.checkpoint import TensorFiles, read_config
 
 _WRAPPED = re.compile(r"\.base_layer(?=\.|$)")
 

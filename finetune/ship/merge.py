@@ -5,9 +5,9 @@ gpt-oss directory:
 
 - ``bf16``: every weight in bf16, experts dense as transformers holds them (``gate_up_proj (E, H, 2I)``,
   ``down_proj (E, I, H)``), no ``quantization_config``.
-- ``mxfp4``: experts requantized to MXFP4 in the original ``*_blocks``/``*_scales`` layout (``inference.mxfp4``: a
+- ``mxfp4``: experts requantized to MXFP4 in the original ``*_blocks``/``*_scales`` layout (``inference.model.mxfp4``: a
   power-of-two scale per 32 values, e2m1 elements rounded to nearest even), so the result loads wherever the original
-  checkpoint loads. The scale of each group follows ``scale_rounding`` (``inference.mxfp4.SCALE_ROUNDINGS``): by
+  checkpoint loads. The scale of each group follows ``scale_rounding`` (``inference.model.mxfp4.SCALE_ROUNDINGS``): by
   default ``"best"``, the lower-error of the OCP rule (``"down"``, saturating above 6) and gpt-oss's own quantizer
   (``"up"``, never saturating), group by group, so never worse than either. Expert tensors the adapter did not touch
   are copied byte for byte.
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from inference import mxfp4
-from inference.adapters import Adapter, read_adapter
-from inference.checkpoint import (
+from inference.errors import UserError
+from inference.model import mxfp4
+from inference.model.adapters import Adapter, read_adapter
+from inference.model.checkpoint import (
     QUANTIZATION_CONFIG,
     SHARD_BYTES,
     ShardWriter,
@@ -38,7 +39,6 @@ from inference.checkpoint import (
     read_config,
     read_dir_json,
 )
-from inference.errors import UserError
 
 EXPERT_FORMATS = ("bf16", "mxfp4")
 # Files of a model directory that travel with its weights (tokenizer, chat template, generation defaults).

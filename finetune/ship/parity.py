@@ -7,7 +7,7 @@ own greedy continuation, so positions inside the answer, where the adapter matte
 **Reference.** The trained model as the run saved it: the base with the adapter applied beside it (unmerged), in our
 runtime (which matches transformers + PEFT to ~1e-5, see tests/test_runtime.py), in float32 unless asked, where
 :class:`Where` says (the GPU when there is one; loaded whole when it fits, else layer-streamed). All probes run as
-padded batches (:mod:`inference.streamed`), greedy continuations decoded together. The base alone is measured as
+padded batches (:mod:`inference.model.streamed`), greedy continuations decoded together. The base alone is measured as
 well, to know how far the adapter moved the model.
 
 **Comparison** of an artifact's teacher-forced logits ``(T, V)`` per probe with the reference's:
@@ -133,7 +133,7 @@ def probe_prompts(held_out: list | None = None, options: harmony.HarmonyOptions 
 class Where:
     """Where models run for the checks: ``device`` and ``dtype`` (float32 unless bf16 is asked for), and how many
     bytes one model may hold there when loaded whole (``budget``); a model that needs more runs layer-streamed
-    (:mod:`inference.streamed`: one decoder layer at a time), which bounds memory at any size."""
+    (:mod:`inference.model.streamed`: one decoder layer at a time), which bounds memory at any size."""
 
     device: "torch.device"
     dtype: "torch.dtype"
@@ -182,7 +182,7 @@ def resident_bytes(model_dir: Path, dtype: "torch.dtype", dense: bool = False) -
     decoded (transformers dequantizes them); read from the safetensors headers only."""
     import math
 
-    from inference.checkpoint import TensorFiles
+    from inference.model.checkpoint import TensorFiles
     size = {"torch.float32": 4}.get(str(dtype), 2)
     total = 0
     with TensorFiles(model_dir) as files:
@@ -242,7 +242,7 @@ class Reference:
         """Our runtime with the adapter at ``adapter_dir`` read from its files, beside the reference's own."""
         if self.engine is None:
             return runtime_logits(self.model_dir, self.probes, self.where, adapter_dir)
-        from inference.adapters import attach, read_adapter
+        from inference.model.adapters import attach, read_adapter
         attach(self.engine.model, name, read_adapter(adapter_dir, self.engine.model))
         return self.logits_with(name)
 
@@ -271,7 +271,7 @@ def _free(where: Where) -> None:
 
 
 def _model_logits(model, probes: list[Probe], adapter: str | None) -> list["torch.Tensor"]:
-    from inference import streamed
+    from inference.model import streamed
     return streamed.model_logits(model, [p.ids for p in probes], adapter)   # batched as the layer-streamed pass
 
 
@@ -279,10 +279,10 @@ def _model_logits(model, probes: list[Probe], adapter: str | None) -> list["torc
 
 def streamed_logits(model_dir: Path, probes: list[Probe], adapters: dict, where: Where, desc: str,
                     progress: bool = True, last_only: bool = False) -> dict:
-    """:func:`inference.streamed.logits` with a progress bar over its layers."""
+    """:func:`inference.model.streamed.logits` with a progress bar over its layers."""
     from tqdm.auto import tqdm
 
-    from inference import streamed
+    from inference.model import streamed
     with tqdm(desc=desc + " (layer-streamed)", unit="layer", leave=False, disable=not progress) as bar:
         def tick(done, total):
             bar.total = total
@@ -329,7 +329,7 @@ def transformers_logits(model_dir: Path, probes: list[Probe], adapter_dir: Path 
     hf_logging.set_verbosity_error()   # "MXFP4 on CPU will be dequantized" and load bars: expected, not news
     hf_logging.disable_progress_bar()
     try:
-        from inference.checkpoint import read_dir_json
+        from inference.model.checkpoint import read_dir_json
         quant = read_dir_json(model_dir, "config.json", "model", "gpt-oss model").get("quantization_config") or {}
         extra = {"quantization_config": Mxfp4Config(dequantize=True)} if quant.get("quant_method") == "mxfp4" else {}
         model = GptOssForCausalLM.from_pretrained(str(model_dir), dtype=where.dtype, attn_implementation="eager",

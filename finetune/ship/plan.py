@@ -20,8 +20,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inference.checkpoint import TensorFiles
 from inference.errors import UserError
+from inference.model.checkpoint import TensorFiles
 
 GiB = 1 << 30
 HEADROOM = 1 * GiB          # left free on a filesystem after the export (logs, other writers, filesystem metadata)

@@ -398,7 +398,7 @@ def _load_model(recipe: Recipe, echo, plan):
 
     from finetune.model import fastpath
     from finetune.model.lora import format_coverage, load_for_training, pick_device, pick_dtype, pick_quantization
-    from inference.tiny import resolve_model
+    from inference.model.tiny import resolve_model
 
     device, why_device = pick_device(recipe)
     dtype, why_dtype = pick_dtype(recipe, device)
@@ -427,7 +427,7 @@ def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, 
                     parent_run_id: str | None = None):
     """Open the MLflow run (or continue it on resume), log params, lineage tags and data stats; write run.json."""
     from finetune.track import tracking
-    from inference.checkpoint import fingerprint
+    from inference.model.checkpoint import fingerprint
     versions = library_versions()
     # On resume, the store the run started in (it may have been a notebook's, when the recipe names none).
     uri = recipe.tracking.tracking_uri or (previous.get("tracking_uri") if previous.get("mlflow_run_id") else None)

@@ -104,7 +104,7 @@ class Engine:
 
     def __init__(self, model, base_id: str, context_length: int | None = None, max_batch: int | None = None,
                  kv_memory: int | None = None, max_queue: int = 256):
-        self.model = model                          # inference.runtime.GptOss
+        self.model = model                          # inference.model.runtime.GptOss
         self.base_id = base_id
         self.context_length = min(context_length or model.context_length, model.context_length)
         cuda = model.embed.device.type == "cuda"
@@ -189,9 +189,9 @@ class Engine:
         the name given, or the directory's name). ``context_length`` caps the window below the model's own.
         ``limits``: ``max_batch``, ``kv_memory`` (bytes), ``max_queue`` (see the module docstring).
         """
-        from inference import adapters as lora
-        from inference import runtime
-        from inference.tiny import resolve_model
+        from inference.model import adapters as lora
+        from inference.model import runtime
+        from inference.model.tiny import resolve_model
         adapters = dict(adapters or {})
         if merge and len(adapters) != 1:
             raise UserError(f"merge needs exactly one adapter, got {len(adapters)}")

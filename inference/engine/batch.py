@@ -3,7 +3,7 @@
 A *prefill* runs the next chunk of the prompts of some slots as one right-padded batch and returns each row's
 next-token logits. A *decode step* feeds one token to every slot ``[0, n)`` (rows without a token are padding: they
 write nothing that is ever attended) and returns their logits. Every row carries its own adapter
-(:class:`inference.runtime.RowAdapters`), so one step serves the base and any number of adapters.
+(:class:`inference.model.runtime.RowAdapters`), so one step serves the base and any number of adapters.
 
 On CUDA a decode step is replayed as a CUDA graph (one launch instead of thousands of Python-issued kernels),
 captured once per (batch bucket, page bucket): batch sizes and attended pages round up to powers of two, padding rows
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from inference.runtime import GptOss, RowAdapters
+from inference.model.runtime import GptOss, RowAdapters
 
 PAD_ID = 199999  # <|endoftext|>: never attended (masked), only fills ragged batches
 

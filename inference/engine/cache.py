@@ -7,8 +7,8 @@ Sliding-window layers keep a ring of ``window`` columns per slot (plus one scrat
 token of the same chunk supersedes), since older keys can never be attended again.
 
 Every stored column records its token's position (-1: empty) and attention masks are built from positions, so
-column order never matters (see :class:`inference.runtime.Attention`). A forward over some slots uses
-:meth:`SlotCache.rows`, which speaks the cache protocol of :meth:`inference.runtime.GptOss.forward`
+column order never matters (see :class:`inference.model.runtime.Attention`). A forward over some slots uses
+:meth:`SlotCache.rows`, which speaks the cache protocol of :meth:`inference.model.runtime.GptOss.forward`
 (``prepare/start/update/advance``). Decode steps cover slots ``[0, n)`` (the scheduler keeps live sequences
 contiguous), so their sliding rings are read as views, without a copy.
 
@@ -112,7 +112,7 @@ class SlotCache:
 
 
 class Rows:
-    """The cache protocol of :meth:`inference.runtime.GptOss.forward` over some slots of a :class:`SlotCache`."""
+    """The cache protocol of :meth:`inference.model.runtime.GptOss.forward` over some slots of a :class:`SlotCache`."""
 
     def __init__(self, cache: SlotCache, slots, pages: int):
         self.cache, self.pages = cache, pages

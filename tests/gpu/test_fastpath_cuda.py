@@ -71,7 +71,7 @@ def test_grouped_expert_lora_matches_reference_in_bf16():
 
 
 def _model_grads(tiny_model_dir, tmp_path, batch, dtype, fast, checkpointing=False):
-    from inference.checkpoint import load_model
+    from inference.model.checkpoint import load_model
     model = _peft_tiny(load_model(tiny_model_dir, dtype, CUDA), tmp_path)
     model.get_base_model().set_experts_implementation("eager")
     if fast:

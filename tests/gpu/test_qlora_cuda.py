@@ -18,8 +18,8 @@ from finetune.kernels.loss import weighted_loss_sum
 from finetune.kernels.packed import Mxfp4Weight
 from finetune.model import fastpath
 from finetune.model.lora import is_quantized
-from inference import kernels, mxfp4
-from inference.checkpoint import load_model
+from inference.model import kernels, mxfp4
+from inference.model.checkpoint import load_model
 from tests.test_mxfp4 import assert_same_bits, ldexp_reference
 from tests.test_qlora import _lora_models, random_packed
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import EPS32, float64, fp32_tolerance
 
-from inference import adapters, harmony, runtime
-from inference.checkpoint import load_model
+from inference import harmony
 from inference.engine import Engine
 from inference.engine.batch import PAD_ID
 from inference.engine.scheduler import Scheduler
+from inference.model import adapters, runtime
+from inference.model.checkpoint import load_model
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -101,7 +102,7 @@ def test_greedy_generation_equals_transformers_generate_on_cuda(tiny_model_dir):
 
 
 def test_fused_mxfp4_matvec_equals_its_plain_twin():
-    from inference import kernels, mxfp4
+    from inference.model import kernels, mxfp4
     assert kernels.available()
     g = torch.Generator().manual_seed(2)
     for E, N, K in ((4, 256, 128), (32, 5760, 2880), (32, 2880, 2880)):   # tiny, and gpt-oss-20b's two projections
@@ -126,7 +127,7 @@ def test_fused_mxfp4_matvec_equals_its_plain_twin():
 
 def test_grouped_mxfp4_equals_its_plain_twin():
     """The batched decode step's expert kernel: up to 64 tokens, each routed to 4 distinct experts."""
-    from inference import kernels, mxfp4
+    from inference.model import kernels, mxfp4
     g = torch.Generator().manual_seed(3)
     for E, N, K in ((4, 256, 128), (32, 5760, 2880), (32, 2880, 2880)):
         w = torch.randn(E, N, K, generator=g) * 0.02

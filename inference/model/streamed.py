@@ -1,13 +1,13 @@
 """Teacher-forced logits of a gpt-oss checkpoint that need not fit in memory: one decoder layer at a time.
 
-:func:`logits` runs sequences through the checkpoint on disk the way :class:`inference.runtime.GptOss` does, but
+:func:`logits` runs sequences through the checkpoint on disk the way :class:`inference.model.runtime.GptOss` does, but
 holds one layer's weights at a time: the embedding is read, used and dropped; then for each layer its tensors are
 read from the safetensors files, every sequence's hidden states ``(1, T, H)`` pass through it, and it is dropped;
 then the final norm and the head. Device memory holds one layer (gpt-oss-20b: 1.6 GB in bf16 with dense experts,
 0.4 GB packed) plus the hidden states, so a merged bf16 gpt-oss-20b (39 GB) is checked on a 24 GB card, or a 20b on
 a CPU-only machine in bounded host memory. Several adapters (and the base, ``None``) are computed in the same pass.
 
-Each layer is :class:`inference.runtime.Layer` itself, and sequences run in the padded batches of :func:`batches`,
+Each layer is :class:`inference.model.runtime.Layer` itself, and sequences run in the padded batches of :func:`batches`,
 as :func:`model_logits` runs them through a model loaded whole: the two give the same logits, operation for operation
 (tests/test_ship_scale.py checks they are equal). Batching matters on a GPU: a prefill decodes each routed expert
 once per batch and layer, not once per sequence.
@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from inference.checkpoint import TensorFiles, read_config
+from inference.model.checkpoint import TensorFiles, read_config
 
 # Padded tokens per batch: attention scores are (B, heads, 1024, S) at most, so B * S stays bounded.
 TOKENS_PER_BATCH = 2048
@@ -54,7 +54,7 @@ def _rows(hidden: torch.Tensor, group: list[int], sequences: list[list[int]], la
 
 def model_logits(model, sequences: list[list[int]], adapter: str | None = None) -> list[torch.Tensor]:
     """Logits ``(T, V)`` (float32, on the CPU) of each sequence from a model loaded whole
-    (:class:`inference.runtime.GptOss`), in the batches of :func:`batches`: what :func:`logits` gives layer by
+    (:class:`inference.model.runtime.GptOss`), in the batches of :func:`batches`: what :func:`logits` gives layer by
     layer."""
     out: list = [None] * len(sequences)
     with torch.no_grad():
@@ -78,8 +78,8 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
     """
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
 
-    from inference.adapters import attach_layer, read_adapter
-    from inference.runtime import Layer, Linear, RMSNorm, check_shapes, positions
+    from inference.model.adapters import attach_layer, read_adapter
+    from inference.model.runtime import Layer, Linear, RMSNorm, check_shapes, positions
     model_dir, device = Path(model_dir), torch.device(device)
     cfg = read_config(model_dir)
     adapters = {None: None} if adapters is None else dict(adapters)

@@ -7,7 +7,7 @@ alternate layers, top-k softmax routing, clamped SwiGLU experts with biases), wh
 
 Memory: expert weights stay as the checkpoint's MXFP4 ``*_blocks`` (uint8, 4 bits per weight) and ``*_scales``;
 each forward decodes only the experts its tokens were routed to, one expert at a time, through
-:func:`inference.mxfp4.unpack`. A checkpoint with dense experts (or an adapter merged into them) is held dense.
+:func:`inference.model.mxfp4.unpack`. A checkpoint with dense experts (or an adapter merged into them) is held dense.
 
 Shapes: ``B`` batch, ``T`` new tokens, ``S`` keys attended, ``H`` hidden, ``nh``/``kvh`` query/key-value heads,
 ``D`` head dim, ``E`` experts, ``I`` expert intermediate size.
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inference import compiled, kernels, mxfp4
 from inference.errors import UserError
-from inference.moe import decode, down_epilogue, gate_up_epilogue, swiglu
+from inference.model import compiled, kernels, mxfp4
+from inference.model.moe import decode, down_epilogue, gate_up_epilogue, swiglu
 
 QUERY_CHUNK = 1024   # attention scores are (B, nh, QUERY_CHUNK, S) at most, so long prompts don't need T*T memory
 
@@ -603,7 +603,7 @@ def read_tensors(model_dir: Path, cfg, dtype: torch.dtype, device) -> dict[str, 
     """The checkpoint's tensors, checked against the config; MXFP4 stays uint8, everything else becomes ``dtype``."""
     from safetensors import safe_open
 
-    from inference.checkpoint import safetensors_files
+    from inference.model.checkpoint import safetensors_files
     shapes: dict[str, tuple[int, ...]] = {}
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -644,7 +644,7 @@ def check_shapes(model_dir: Path, cfg, shapes: dict[str, tuple[int, ...]]) -> No
 
 def load(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> GptOss:
     """Load an HF-layout gpt-oss directory. Defaults: CUDA + bf16 when available, else CPU + fp32."""
-    from inference.checkpoint import read_config
+    from inference.model.checkpoint import read_config
     model_dir = Path(model_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

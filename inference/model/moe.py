@@ -1,8 +1,8 @@
 """The pieces of gpt-oss's expert layer that serving and training share: gpt-oss's clamped SwiGLU, the fused
 epilogues that follow each expert matmul (bias, LoRA output, SwiGLU, routing weight) and the MXFP4 expert decoder.
 
-Each epilogue is one fused kernel on CUDA (:func:`inference.compiled.fused`) and the same PyTorch expression
-elsewhere. The runtime's expert path is in :mod:`inference.runtime`; training's grouped matmuls over tokens sorted
+Each epilogue is one fused kernel on CUDA (:func:`inference.model.compiled.fused`) and the same PyTorch expression
+elsewhere. The runtime's expert path is in :mod:`inference.model.runtime`; training's grouped matmuls over tokens sorted
 by expert, with their backward passes, are in ``finetune.kernels.experts``.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from inference import kernels, mxfp4
-from inference.compiled import fused
+from inference.model import kernels, mxfp4
+from inference.model.compiled import fused
 
 
 def swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from inference import mxfp4
 from inference.errors import UserError
+from inference.model import mxfp4
 
 EXPERT_PACKED = ("gate_up_proj", "down_proj")
 # Bytes per element of safetensors' dtype names.

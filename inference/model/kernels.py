@@ -8,7 +8,7 @@ times the bytes. Prefill (many tokens per expert) stays on the plain path, whose
 
 :func:`mxfp4_decode` decodes packed expert weights to bf16/fp32 in one pass (each packed byte read once, its two
 values written once): the training path's expert matmuls decode a slice of all experts before each grouped matmul,
-forward and backward, so this runs at memory speed on every step. Its twin is :func:`inference.mxfp4.unpack`.
+forward and backward, so this runs at memory speed on every step. Its twin is :func:`inference.model.mxfp4.unpack`.
 
 :func:`mxfp4_grouped` is the batched decode step's expert work: up to :data:`GROUPED_MAX_TOKENS` tokens, each routed
 to k experts. One program per (expert, block of outputs) decodes that block of the expert's weights in registers
@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from inference import mxfp4
+from inference.model import mxfp4
 
 
 def mxfp4_matvec_reference(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
@@ -249,8 +249,8 @@ def _pow2_pair():
     @triton.jit
     def pow2_pair(scale):
         """E8M0 byte ``s`` → ``2^(s - 127)`` as two normal fp32 powers of two whose product it is, built from their
-        bits (``inference.mxfp4._pow2_pair``): ``v * lo * hi`` is ``ldexp(v, s - 127)``, so byte 255 (``2^128``, no
-        fp32) overflows only where the product does and byte 0 (``2^-127``, subnormal) is exact."""
+        bits (``inference.model.mxfp4._pow2_pair``): ``v * lo * hi`` is ``ldexp(v, s - 127)``, so byte 255 (``2^128``,
+        no fp32) overflows only where the product does and byte 0 (``2^-127``, subnormal) is exact."""
         k = scale.to(tl.int32) - 127                     # [-127, 128]
         half = k >> 1                                     # floor(k / 2): arithmetic shift
         lo = ((half + 127) << 23).to(tl.float32, bitcast=True)
@@ -298,8 +298,8 @@ def _kernel():
 
 
 def mxfp4_decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`inference.mxfp4.unpack` of ``blocks (E, R, G, 16)`` / ``scales (E, R, G)`` (views with any strides on
-    the first two dimensions, e.g. a slice of rows or of groups) -> contiguous ``(E, R, G * 32)`` of ``dtype``."""
+    """:func:`inference.model.mxfp4.unpack` of ``blocks (E, R, G, 16)`` / ``scales (E, R, G)`` (views with any strides
+    on the first two dimensions, e.g. a slice of rows or of groups) -> contiguous ``(E, R, G * 32)`` of ``dtype``."""
     E, R, G, half_group = blocks.shape
     if half_group != 16 or blocks.stride(3) != 1 or blocks.stride(2) != 16 or scales.stride(2) != 1:
         raise ValueError("mxfp4_decode needs whole groups of 16 contiguous bytes")

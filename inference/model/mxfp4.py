@@ -10,7 +10,7 @@ Decoding gives ``(..., G * 32)``: code value times ``2 ** (scale - 127)`` with `
 reference decoder (``torch.ldexp``) computes it, for every byte: exact wherever the product is a float (byte 0 is
 ``2 ** -127``, subnormal results included), ``inf`` only where it overflows, and a zero code stays zero (byte 255 is
 ``2 ** 128``, which no float32 holds on its own). No I/O and no modules here: checkpoint naming lives in
-``inference.checkpoint``.
+``inference.model.checkpoint``.
 
 Encoding (:func:`pack`) rounds each element to the nearest e2m1 value (ties to even, saturating at 6) and picks the
 group's shared scale by one of :data:`SCALE_ROUNDINGS`:
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.compiled import fused
+from inference.model.compiled import fused
 
 # The 16 e2m1 values, indexed by their 4-bit code (bit 3 is the sign).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

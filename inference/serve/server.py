@@ -8,7 +8,7 @@ Routes (all of them behind ``Authorization: Bearer KEY`` when the server has an 
 - ``GET  /v1/models``            the base model and each adapter, as OpenAI model objects
 - ``GET  /v1/models/{id}``       one of them (404 when unknown)
 - ``POST /v1/chat/completions``  a chat completion, whole or streamed as server-sent events
-- ``GET  /openapi.json``         an OpenAPI 3 description of all of these (:mod:`inference.openapi`)
+- ``GET  /openapi.json``         an OpenAPI 3 description of all of these (:mod:`inference.serve.openapi`)
 
 Every error is OpenAI-shaped JSON, ``{"error": {"message", "type", "param", "code"}}``; a 405 names the allowed
 method in ``Allow``. A request is validated in full (fields, model id, messages, prompt length) before any compute.
@@ -58,7 +58,6 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from inference import openapi
 from inference.engine import (
     Completion,
     Delta,
@@ -72,6 +71,7 @@ from inference.engine import (
 )
 from inference.errors import UserError
 from inference.harmony import REASONING_EFFORTS
+from inference.serve import openapi
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # How long a request may wait for a slot. Long enough for a queue of ordinary replies to drain on a busy server,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from inference.checkpoint import read_dir_json
 from inference.errors import UserError
-from inference.runtime import GptOss, Lora, expected_shapes
+from inference.model.checkpoint import read_dir_json
+from inference.model.runtime import GptOss, Lora, expected_shapes
 
 LINEAR_TARGETS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_(?P<ab>[AB])\.weight$")

@@ -26,7 +26,7 @@ BUILDER_VERSION = "2"  # bump when the builder's output changes, so caches rebui
 
 def tiny_config_dict() -> dict:
     """config.json of the tiny model: gpt-oss-20b's architecture with toy widths."""
-    from inference.tokenizer import VOCAB_SIZE
+    from inference.model.tokenizer import VOCAB_SIZE
     return {
         "architectures": ["GptOssForCausalLM"],
         "model_type": "gpt_oss",
@@ -111,8 +111,8 @@ def generation_config_dict() -> dict:
 
 def build_tiny(target: str | Path, seed: int = TINY_SEED) -> Path:
     """Write the complete tiny gpt-oss directory to ``target`` (atomically: built aside, then renamed)."""
-    from inference.checkpoint import built_aside, save_checkpoint
-    from inference.tokenizer import write_tokenizer
+    from inference.model.checkpoint import built_aside, save_checkpoint
+    from inference.model.tokenizer import write_tokenizer
     target = Path(target)
     config = tiny_config_dict()
     with built_aside(target, ".tiny-") as work:
@@ -122,7 +122,7 @@ def build_tiny(target: str | Path, seed: int = TINY_SEED) -> Path:
             json.dumps(generation_config_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (work / "README.md").write_text(
             f"# {TINY_NAME} (seed {seed})\n\nA tiny random gpt-oss for tests and demos, built locally by "
-            "`inference.tiny.build_tiny`. Not a trained model.\n", encoding="utf-8")
+            "`inference.model.tiny.build_tiny`. Not a trained model.\n", encoding="utf-8")
     return target
 
 

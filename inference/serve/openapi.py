@@ -1,7 +1,7 @@
 """The server's OpenAPI 3.1 description, served at ``GET /openapi.json``.
 
-This module owns the schema and nothing else: every route of :mod:`inference.server` with its parameters, the chat
-request body exactly as :func:`inference.server.parse_chat` and the engine's message checks accept it (what is
+This module owns the schema and nothing else: every route of :mod:`inference.serve.server` with its parameters, the chat
+request body exactly as :func:`inference.serve.server.parse_chat` and the engine's message checks accept it (what is
 rejected there is outside the schema here), the reply shapes, and the OpenAI error object with each status the
 server answers. It imports nothing of the server, so the schema is a plain function of the served model ids;
 ``tests/test_server_openapi.py`` fuzzes a live server against it (schemathesis) and checks that no request gets a
@@ -107,7 +107,7 @@ TOOL = {
 
 
 def chat_request(model_ids: list[str], max_tokens_cap: int) -> dict:
-    """The ``POST /v1/chat/completions`` body: what :func:`inference.server.parse_chat` reads."""
+    """The ``POST /v1/chat/completions`` body: what :func:`inference.serve.server.parse_chat` reads."""
     tokens = {"type": "integer", "minimum": 1,
               "description": f"generated tokens at most; above {max_tokens_cap} (--max-tokens-cap) it is capped and "
                              "the reply carries X-Max-Tokens-Capped"}

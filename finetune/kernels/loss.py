@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inference.loss import CHUNK_ROWS, weighted_nll
+from inference.loss import CHUNK_ROWS, chunked_cross_entropy, weighted_nll
 from inference.model.compiled import fused
 
 QUANTIZED_CHUNK_ROWS = 256   # for memory-bound (QLoRA) training: 206 MB per chunk, the output layer stays busy
@@ -42,18 +42,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
         # hidden (N, H), weight (V, H), targets (N,) -> losses (N,) fp32
-        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
-        grad_rows = torch.empty_like(hidden) if early else None                      # (N, H)
-        for s in range(0, hidden.shape[0], chunk):
-            logits = hidden[s:s + chunk] @ weight.T                                   # (c, V)
-            t = targets[s:s + chunk]
-            if early:
-                losses[s:s + chunk], d_logits = _loss_and_grad_rows(logits, t)
+        grad_rows = None
+        if early:
+            losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            grad_rows = torch.empty_like(hidden)                                      # (N, H)
+            for s in range(0, hidden.shape[0], chunk):
+                losses[s:s + chunk], d_logits = _loss_and_grad_rows(hidden[s:s + chunk] @ weight.T,  # (c, V)
+                                                                    targets[s:s + chunk])
                 grad_rows[s:s + chunk] = d_logits @ weight
-            else:
-                logits = logits.float()
-                losses[s:s + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
+        else:   # evaluation's chunked forward; the backward recomputes each chunk's logits
+            losses = chunked_cross_entropy(hidden, weight, targets, chunk)
         ctx.chunk, ctx.early = chunk, early
         ctx.save_for_backward(grad_rows if early else hidden, weight, targets)
         return losses

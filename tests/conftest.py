@@ -93,9 +93,9 @@ def readme_commands() -> tuple[str, str]:
     return blocks[0].strip(), blocks[1].strip()
 
 
-def _demo(shared: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def _demo(shared: Path) -> subprocess.CompletedProcess:
     """The README's main command, run once in ``shared/demo`` under a lock; later callers (other pytest-xdist
-    workers, the controller's early start) read back what it printed."""
+    workers) read back what it printed."""
     import json
 
     from inference.cache import locked
@@ -109,46 +109,17 @@ def _demo(shared: Path, env: dict | None = None) -> subprocess.CompletedProcess:
             setup, _ = readme_commands()
             main_command = setup.split("&&")[-1].split()  # python -m finetune run recipes/tiny-cpu.yaml
             assert main_command[:2] == ["python", "-m"]
-            proc = run_cli(*main_command[2:], cwd=work, timeout=TRAIN_TIMEOUT_S, env=env)
+            proc = run_cli(*main_command[2:], cwd=work, timeout=TRAIN_TIMEOUT_S)
             printed.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode,
                                            "stdout": proc.stdout, "stderr": proc.stderr}), encoding="utf-8")
     return subprocess.CompletedProcess(**json.loads(printed.read_text(encoding="utf-8")))
-
-
-_EARLY_DEMO: list = []
-
-
-def pytest_sessionstart(session):
-    """Under pytest-xdist, the controller (idle while workers test) starts the demo run at once in a thread, when
-    the selection can use it: a worker that needs it then finds it done or waits less, instead of one worker
-    training for two minutes while the other waits on the lock."""
-    config = session.config
-    workers = getattr(config.option, "numprocesses", None) or 0
-    if os.environ.get("PYTEST_XDIST_WORKER") or not workers or "not slow" in (config.option.markexpr or ""):
-        return
-    users = ("test_end_to_end.py", "test_export.py")
-    targets = [Path(str(a).split("::")[0]).resolve() for a in config.args] or [REPO / "tests"]
-    if not any(t == REPO / "tests" or t.name in users for t in targets):
-        return
-    import threading
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, min(int(workers), os.cpu_count() or 1))))
-    shared = config._tmp_path_factory.getbasetemp()
-    thread = threading.Thread(target=_demo, args=(shared, {"OMP_NUM_THREADS": threads}), daemon=True)
-    thread.start()
-    _EARLY_DEMO.append(thread)
-
-
-def pytest_sessionfinish(session):
-    for thread in _EARLY_DEMO:
-        thread.join()
 
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, tiny_model_dir):
     """The README's main command, exactly, in a scratch copy of recipes/ and data/ (so mlflow.db and runs/ land
     there and not in the checkout). Once per session: the end-to-end and export tests share it, also across
-    pytest-xdist workers (it runs under a lock in the session's shared temporary directory; see
-    :func:`pytest_sessionstart`)."""
+    pytest-xdist workers (it runs under a lock in the session's shared temporary directory)."""
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent               # one basetemp per worker, under the session's

@@ -24,21 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SHAPE_20B = dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
-                 head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128)
-
-
 def build(args, dtype, device):
     """(transformers model, our runtime) holding the same weights."""
     from inference.model import checkpoint, mxfp4, runtime
-    from inference.model.tiny import resolve_model, tiny_config_dict
+    from inference.model.configs import published
+    from inference.model.tiny import resolve_model
     if args.shape == "tiny":
         model_dir = resolve_model("tiny-gpt-oss")
         return checkpoint.load_model(model_dir, dtype, device), runtime.load(model_dir, dtype, device)
     from transformers import GptOssConfig, GptOssForCausalLM
-    kinds = ["sliding_attention", "full_attention"]   # gpt-oss alternates, starting with a sliding layer
-    cfg = dict(tiny_config_dict(), **SHAPE_20B, num_hidden_layers=args.layers,
-               layer_types=[kinds[i % 2] for i in range(args.layers)])
+    cfg = published("20b")       # openai/gpt-oss-20b's config, cut to --layers layers
+    cfg["num_hidden_layers"], cfg["layer_types"] = args.layers, cfg["layer_types"][:args.layers]
+    del cfg["quantization_config"]   # the weights below are built dense, then packed by hand
     config = GptOssConfig.from_dict(cfg)
     config._attn_implementation = "eager"
     torch.manual_seed(0)

@@ -32,27 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 STD = 0.02                 # weight spread, as gpt-oss's initializer_range
 MARKER = "RANDOM_WEIGHTS.md"   # what says a directory is one of ours (so --force may replace it)
 
-# The architecture of openai/gpt-oss-20b and -120b (their config.json); "tiny" is the embedded tiny model's.
-SHAPES = {
-    "20b": dict(num_hidden_layers=24, num_local_experts=32),
-    "120b": dict(num_hidden_layers=36, num_local_experts=128),
-}
-COMMON = dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
-              num_experts_per_tok=4, experts_per_token=4, sliding_window=128, max_position_embeddings=131072,
-              initial_context_length=4096,
-              rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                               "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0})
-
-
 def config_dict(shape: str) -> dict:
-    """config.json for ``shape`` (20b, 120b or tiny), without its quantization_config."""
+    """config.json for ``shape`` (20b, 120b or tiny), without its quantization_config: for 20b and 120b the
+    published file of openai/gpt-oss-20b or -120b (:mod:`inference.model.configs`), for tiny the embedded model's."""
+    from inference.model.configs import published
     from inference.model.tiny import tiny_config_dict
-    cfg = tiny_config_dict()
     if shape == "tiny":
-        return cfg
-    layers = SHAPES[shape]["num_hidden_layers"]
-    kinds = ("sliding_attention", "full_attention")     # gpt-oss alternates, starting with a sliding layer
-    return cfg | COMMON | SHAPES[shape] | {"layer_types": [kinds[i % 2] for i in range(layers)]}
+        return tiny_config_dict()
+    cfg = published(shape)
+    del cfg["quantization_config"]
+    return cfg
 
 
 def layer_tensors(cfg: dict, i: int, gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:

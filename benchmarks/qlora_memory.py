@@ -32,20 +32,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SHAPES = {
-    "20b": dict(num_hidden_layers=24, num_local_experts=32),
-    "120b": dict(num_hidden_layers=36, num_local_experts=128),
-}
-
-
 def config_for(shape: str):
+    """tiny: the embedded model's config; 20b, 120b: the published ones (:mod:`inference.model.configs`)."""
     from transformers import GptOssConfig
     if shape == "tiny":
         from inference.model.tiny import tiny_config_dict
         return GptOssConfig.from_dict(tiny_config_dict())
-    layers = SHAPES[shape]["num_hidden_layers"]
-    return GptOssConfig(num_experts_per_tok=4, layer_types=[("sliding_attention", "full_attention")[i % 2]
-                                                            for i in range(layers)], **SHAPES[shape])
+    from inference.model.configs import published_config
+    return published_config(shape)
 
 
 def build_packed(cfg, device: torch.device, dtype: torch.dtype, host_embedding: bool, seed: int = 0):

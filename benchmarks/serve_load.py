@@ -67,6 +67,7 @@ def level(client, models: list[str], clients: int, seconds: float, tokens: int, 
                 latencies.append(time.perf_counter() - start)
                 generated.append(reply.usage.completion_tokens)
 
+    before = get(health)
     start = time.perf_counter()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -75,13 +76,22 @@ def level(client, models: list[str], clients: int, seconds: float, tokens: int, 
         t.join()
     wall = time.perf_counter() - start
     stats = get(health)
+    # the engine's own account of the level: its time in prefill forwards and in decode steps (the rest is the
+    # worker waiting, the HTTP layer and host work between steps), and the rows per decode step
+    work = {k: round(stats[k] - before[k], 3) for k in ("prefill_seconds", "prefills", "prefill_tokens",
+                                                        "decode_seconds", "decode_steps")}
+    if work.get("decode_steps"):
+        work["decode_ms_per_step"] = round(1000 * work["decode_seconds"] / work["decode_steps"], 2)
+        # generated tokens include each request's first, which its prefill chose: an upper bound on rows a step
+        work["tokens_per_decode_step"] = round((stats["generated_tokens"] - before["generated_tokens"])
+                                               / work["decode_steps"], 1)
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else [float("nan")] * 19
     return {"clients": clients, "models": models, "requests": len(latencies), "errors": len(errors),
             "first_errors": errors[:3], "generated_tokens": sum(generated), "wall_s": round(wall, 2),
             "tokens_per_s": round(sum(generated) / wall, 1),
             "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
             "latency_p95_s": round(q[18], 3), "ttft_p50_s": stats.get("ttft_p50_s"),
-            "ttft_p95_s": stats.get("ttft_p95_s")}
+            "ttft_p95_s": stats.get("ttft_p95_s"), "engine": work}
 
 
 def main() -> None:
@@ -148,6 +158,12 @@ def main() -> None:
                       f"latency p50 {row['latency_p50_s']} s p95 {row['latency_p95_s']} s  "
                       f"TTFT p50 {row['ttft_p50_s']} s p95 {row['ttft_p95_s']} s  "
                       f"({row['requests']} requests, {row['errors']} errors)", flush=True)
+                work = row["engine"]
+                if work.get("decode_steps"):
+                    print(f"      engine: {work['decode_steps']} decode steps, {work['decode_ms_per_step']} ms each, "
+                          f"{work['tokens_per_decode_step']} tokens a step; {work['prefills']} prefills "
+                          f"({work['prefill_tokens']} tokens) took {work['prefill_seconds']} s; decode "
+                          f"{work['decode_seconds']} s of {row['wall_s']} s", flush=True)
         base = {r["clients"]: r for r in report["levels"] if r["models"] == ["base"]}
         one = base.get(1, {}).get("tokens_per_s")
         for r in report["levels"]:

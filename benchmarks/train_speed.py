@@ -60,7 +60,11 @@ def matmul_rate(device, n=8192) -> float:
 def build(shape: str, layers: int | None, device, dtype):
     from transformers import GptOssConfig, GptOssForCausalLM
     if shape == "20b":
-        cfg = GptOssConfig(num_hidden_layers=layers or 24, num_local_experts=32, num_experts_per_tok=4)
+        from inference.model.configs import published
+        d = published("20b")
+        if layers:
+            d["num_hidden_layers"], d["layer_types"] = layers, d["layer_types"][:layers]
+        cfg = GptOssConfig.from_dict(d)
     else:
         from inference.model.tiny import tiny_config_dict
         d = tiny_config_dict()

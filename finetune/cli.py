@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--print", dest="print_recipe", action="store_true", help="print the resolved recipe")
     p = sub.add_parser("estimate", help="predict a run's peak GPU memory and disk from the model's config.json "
-                       "(no model load) and check the fit", epilog=EPILOG)
+                       "(no model load) and check the fit; exit status 1 when it does not fit", epilog=EPILOG)
     _recipe_args(p)
     p.add_argument("--gpu-memory", type=float, metavar="GIB", help="GPU memory to check the fit against, in GiB "
                    "(default: the detected GPU's)")
@@ -125,7 +125,15 @@ def validate(recipe) -> str:
         from finetune.estimate import ModelNotHere, estimate
         from finetune.train.pipeline import check_fits
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # validating never downloads a model
-        for check in (lambda: prepare(recipe), lambda: check_fits(estimate(recipe))):
+        def memory() -> None:
+            nonlocal note
+            plan = estimate(recipe)
+            check_fits(plan)
+            if plan.config_source and "published" in plan.config_source:   # the model is elsewhere: say so
+                note = (f" (model {recipe.model.name_or_path} is not on this machine: its memory was estimated from "
+                        "the published config.json)")
+
+        for check in (lambda: prepare(recipe), memory):
             try:
                 check()
             except ModelNotHere:   # a recipe written here for a machine that has the model: say what was not checked
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: _run(args))
 
 
-def _run(args) -> None:
+def _run(args) -> int | None:
     if args.command == "compare":
         from finetune.track.comparison import compare
         result = compare(args.targets, uri=args.uri, sort=args.sort, descending=args.descending, plot=args.plot,
@@ -196,8 +204,7 @@ def _run(args) -> None:
         return
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "estimate":
-        _estimate(recipe, args.gpu_memory, args.json)
-        return
+        return _estimate(recipe, args.gpu_memory, args.json)
     check_paths(recipe)
     if args.command == "validate":
         note = validate(recipe)
@@ -218,8 +225,9 @@ def _run(args) -> None:
             raise
 
 
-def _estimate(recipe, gpu_memory: float | None, as_json: bool) -> None:
-    """Print the memory estimate of ``recipe``; not fitting is reported, not an error."""
+def _estimate(recipe, gpu_memory: float | None, as_json: bool) -> int:
+    """Print the memory estimate of ``recipe``; the exit status says whether it fits: 0 it does (or no capacity is
+    known), 1 it does not (bad input exits 2, as every command)."""
     import json
     import os
 
@@ -232,3 +240,4 @@ def _estimate(recipe, gpu_memory: float | None, as_json: bool) -> None:
     else:
         est = estimate(recipe, capacity_bytes=round(gpu_memory * GIB), capacity_name=f"--gpu-memory {gpu_memory:g} GiB")
     print(json.dumps(est.to_dict(), indent=2) if as_json else format_estimate(est))
+    return 1 if est.fits() is False else 0

@@ -2,8 +2,9 @@
 
 This module owns the memory model of our training path (:func:`estimate`) and its report (:func:`format_estimate`).
 Only the model's ``config.json`` is read, so a run can be planned on a laptop for a GPU it does not have
-(``--gpu-memory 80``); a model directory holding nothing but ``config.json`` is enough, and Python callers may pass a
-``GptOssConfig`` built in code instead.
+(``--gpu-memory 80``); a model directory holding nothing but ``config.json`` is enough, the shipped recipes' models
+(openai/gpt-oss-20b and -120b) need nothing at all (their published configs are carried), and Python callers may pass
+a ``GptOssConfig`` built in code instead.
 
 What is counted (``d`` = bytes of the compute dtype): frozen weights as they sit on the device (experts packed in
 MXFP4 at 4.25 bits unless quantization is ``none``, attention in NF4 under ``nf4``), LoRA weights and gradients in
@@ -70,16 +71,22 @@ class Estimate:
     capacity_bytes: int | None   # the GPU's total memory (detected or --gpu-memory), None if unknown
     capacity_name: str | None    # e.g. "NVIDIA H200" or "--gpu-memory 80 GiB"
     warnings: list[str]
+    config_source: str | None = None   # where the model's config.json came from (None: passed in code)
+
+    @property
+    def reserve_bytes(self) -> int:
+        """What the device needs beyond torch's peak: the CUDA context on a GPU, nothing on the CPU."""
+        return CONTEXT_RESERVE if self.device == "cuda" else 0
 
     def fits(self) -> bool | None:
-        """Peak plus the CUDA context within the capacity; None when the capacity is unknown."""
+        """Peak plus the CUDA context (on a GPU) within the capacity; None when the capacity is unknown."""
         if self.capacity_bytes is None:
             return None
-        return self.peak_bytes + CONTEXT_RESERVE <= self.capacity_bytes
+        return self.peak_bytes + self.reserve_bytes <= self.capacity_bytes
 
     def to_dict(self) -> dict:
         """JSON-able: the fields plus ``context_reserve_bytes`` and ``fits``."""
-        return {**asdict(self), "context_reserve_bytes": CONTEXT_RESERVE, "fits": self.fits()}
+        return {**asdict(self), "context_reserve_bytes": self.reserve_bytes, "fits": self.fits()}
 
 
 # ---------------------------------------------------------------- the model's numbers
@@ -90,14 +97,28 @@ class ModelNotHere(UserError):
 
 
 def model_config(recipe: Recipe):
-    """The ``GptOssConfig`` of the recipe's model, from its config.json alone."""
+    """The ``GptOssConfig`` of the recipe's model, from its config.json alone: the model's directory (or hub cache)
+    when it is on this machine, else the published config of openai/gpt-oss-20b or -120b, which this project
+    carries (:mod:`inference.model.configs`)."""
+    return _model_config(recipe)[0]
+
+
+def _model_config(recipe: Recipe):
+    """(``GptOssConfig``, where it came from) of the recipe's model; see :func:`model_config`."""
     from inference.model.checkpoint import read_config
+    from inference.model.configs import published_config
     from inference.model.tiny import resolve_model
+    name = recipe.model.name_or_path
     try:
-        return read_config(resolve_model(recipe.model.name_or_path))
+        path = resolve_model(name)
     except UserError as exc:
+        carried = published_config(name)
+        if carried is not None:
+            return carried, f"{name}'s published config.json, carried by this project (nothing was downloaded)"
         raise ModelNotHere(f"model.name_or_path: {exc}. The estimate needs only the model's config.json: point "
-                        "model.name_or_path at a directory holding it (e.g. model.name_or_path=/path/to/dir)") from None
+                           "model.name_or_path at a directory holding it (e.g. model.name_or_path=/path/to/dir)"
+                           ) from None
+    return read_config(path), f"{path}/config.json"
 
 
 def _attention_shapes(config) -> dict[str, tuple[int, int]]:
@@ -298,8 +319,9 @@ def _levers(recipe: Recipe, est: Estimate) -> list[tuple[str, list[str]]]:
 
 def _does_not_fit(recipe: Recipe, config, est: Estimate) -> str:
     """How far over the capacity the run is, and what each untried lever would save."""
-    over = est.peak_bytes + CONTEXT_RESERVE - est.capacity_bytes
-    lines = [f"does not fit: needs {_gib(est.peak_bytes + CONTEXT_RESERVE)} GiB (peak + CUDA context), "
+    over = est.peak_bytes + est.reserve_bytes - est.capacity_bytes
+    needs = "(peak + CUDA context)" if est.reserve_bytes else "(peak)"
+    lines = [f"does not fit: needs {_gib(est.peak_bytes + est.reserve_bytes)} GiB {needs}, "
              f"{_gib(over)} GiB more than the {_gib(est.capacity_bytes)} GiB of {est.capacity_name}; levers:"]
     for label, overrides in _levers(recipe, est):
         alt, _ = _plan(apply_overrides(recipe, overrides), config, est.device, est.capacity_bytes)
@@ -324,12 +346,14 @@ def estimate(recipe: Recipe, config=None, *, device: str | None = None, capacity
     ``config`` is the model's ``GptOssConfig`` (default: read from the recipe's model directory), ``device``
     overrides the recipe's, ``capacity_bytes`` the detected GPU memory (``capacity_name`` says where it came from).
     """
-    config = config if config is not None else model_config(recipe)
+    source = None
+    if config is None:
+        config, source = _model_config(recipe)
     device = device or _device(recipe)
     if capacity_bytes is None:
         capacity_bytes, capacity_name = _capacity(device)
     est, note = _plan(recipe, config, device, capacity_bytes)
-    est.capacity_name = capacity_name
+    est.capacity_name, est.config_source = capacity_name, source
     est.warnings += [note] if note else []
     if device == "cuda" and recipe.train.kernels == "reference":
         est.warnings.append("train.kernels=reference: eager attention (a tokens x tokens score matrix per head) and "
@@ -359,15 +383,20 @@ def format_estimate(est: Estimate) -> str:
 
     lines = [f"Estimated memory for training on {est.device}: {est.dtype}, quantization {est.quantization}, "
              f"embedding on {est.embedding}, {est.tokens_per_step:,} tokens per step, "
-             f"{est.trainable_params:,} LoRA parameters",
-             heading("GPU memory" if est.device == "cuda" else "host memory (device cpu)")]
+             f"{est.trainable_params:,} LoRA parameters"]
+    if est.config_source:
+        lines.append(f"model config: {est.config_source}")
+    lines.append(heading("GPU memory" if est.device == "cuda" else "host memory (device cpu)"))
     moved = est.device == "cuda" and est.embedding == "cpu"
     lines += [row(name, n, "  (on the CPU)" if moved and name == "embedding" else "") for name, n in est.gpu.items()]
-    lines += [row("peak", est.peak_bytes), row(reserve, CONTEXT_RESERVE)]
+    lines.append(row("peak", est.peak_bytes))
+    if est.reserve_bytes:
+        lines.append(row(reserve, est.reserve_bytes))
     if est.capacity_bytes is None:
-        lines.append("  capacity: no GPU detected; pass --gpu-memory GIB to check the fit")
+        lines.append("  capacity: no GPU detected; pass --gpu-memory GIB to check the fit" if est.device == "cuda"
+                     else "  capacity: not checked on the CPU; pass --gpu-memory GIB to check against that much memory")
     else:
-        spare = est.capacity_bytes - est.peak_bytes - CONTEXT_RESERVE
+        spare = est.capacity_bytes - est.peak_bytes - est.reserve_bytes
         lines += [row(f"capacity ({est.capacity_name})", est.capacity_bytes),
                   f"  fits: yes, {_gib(spare)} GiB to spare" if est.fits() else f"  fits: NO, {_gib(-spare)} GiB over"]
     run = {name: n for name, n in est.disk.items() if not name.startswith("export ")}

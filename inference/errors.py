@@ -25,13 +25,14 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
-def run_command(action: Callable[[], None]) -> int:
-    """Run a command-line action: a UserError becomes one ``error: ...`` line and exit 2, Ctrl-C exit 130, SIGTERM
-    (:class:`Terminated`) exit 143, each with a line saying so."""
+def run_command(action: Callable[[], int | None]) -> int:
+    """Run a command-line action: its own exit status if it returns one (else 0); a UserError becomes one
+    ``error: ...`` line and exit 2, Ctrl-C exit 130, SIGTERM (:class:`Terminated`) exit 143, each with a line saying
+    so."""
     main = threading.current_thread() is threading.main_thread()   # only the main thread may set handlers
     previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:
-        action()
+        return action() or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -44,4 +45,3 @@ def run_command(action: Callable[[], None]) -> int:
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-    return 0

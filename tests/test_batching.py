@@ -169,11 +169,16 @@ def test_a_failing_step_reaches_every_request_and_the_scheduler_recovers(schedul
 
 
 def test_stats_count_running_and_waiting(scheduler):
+    before = scheduler.stats()
     running = [scheduler.submit(prompts()[0], 400, frozenset()) for _ in range(5)]
     next(running[0].tokens())
     stats = scheduler.stats()
     assert stats["running"] == 3 and stats["waiting"] == 2 and stats["max_running"] == 3
     assert stats["tokens_per_second"] > 0 and stats["kv_pages_free"] < stats["kv_pages"]
+    # the work counters are cumulative: the first token came from a prefill, whose time and tokens were added
+    # (a chunk of a prompt at least, the 3 admitted prompts at most)
+    assert stats["prefills"] > before["prefills"] and stats["prefill_seconds"] > before["prefill_seconds"]
+    assert 1 <= stats["prefill_tokens"] - before["prefill_tokens"] <= 3 * len(prompts()[0])
     for r in running:
         r.cancel()
 

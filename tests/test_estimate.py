@@ -9,6 +9,7 @@ without the tokenizer, which the estimate does not read and which takes most of 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ WEIGHTS = ("experts", "attention", "router + norms", "embedding", "lm_head")
 
 
 def gpt_oss(layers: int, experts: int) -> GptOssConfig:
-    """gpt-oss-20b (24 layers, 32 experts) or gpt-oss-120b (36, 128) shapes."""
+    """gpt-oss-20b (24 layers, 32 experts) or gpt-oss-120b (36, 128) shapes, written out here rather than taken from
+    the carried configs (inference.model.configs), so the sizes below check those too."""
     return GptOssConfig(num_hidden_layers=layers, hidden_size=2880, intermediate_size=2880, num_local_experts=experts,
                         num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
                         vocab_size=201088)
@@ -103,7 +105,9 @@ def test_a_config_only_directory_is_enough(tmp_path, tiny_recipe):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config_dict()), encoding="utf-8")
     from_dir = estimate(apply_overrides(tiny_recipe, [f"model.name_or_path={tmp_path}"]))
     in_code = estimate(tiny_recipe, GptOssConfig.from_dict(tiny_config_dict()))
-    assert from_dir.to_dict() == in_code.to_dict() == estimate(tiny_recipe).to_dict()
+    assert from_dir.config_source == f"{tmp_path}/config.json" and in_code.config_source is None
+    same = [{**e.to_dict(), "config_source": None} for e in (from_dir, in_code, estimate(tiny_recipe))]
+    assert same[0] == same[1] == same[2]
 
 
 def test_a_missing_model_is_a_clear_error(tiny_recipe):
@@ -160,17 +164,51 @@ def test_adamw_8bit_quarters_the_optimizer_state():
 def test_cli_prints_the_table(cli, tiny_dir):
     done = cli("finetune", "estimate", "recipes/tiny-cpu.yaml", f"model.name_or_path={tiny_dir}")
     assert done.returncode == 0, done.stderr
-    assert "  peak " in done.stdout and "no GPU detected; pass --gpu-memory GIB" in done.stdout
+    assert "  peak " in done.stdout and f"model config: {tiny_dir}/config.json" in done.stdout
+    # a CPU run: host memory, no CUDA context and no GPU to detect
+    assert "host memory (device cpu)" in done.stdout and "CUDA" not in done.stdout and "GPU" not in done.stdout
+    assert "capacity: not checked on the CPU; pass --gpu-memory GIB" in done.stdout
 
 
-def test_cli_json_and_gpu_memory(capsys, tiny_dir):
-    assert main(["estimate", "recipes/tiny-cpu.yaml", f"model.name_or_path={tiny_dir}", "--gpu-memory", "1",
-                 "--json"]) == 0           # not fitting is a report, not a failure
+def test_cli_exit_status_is_the_fit(capsys, tiny_dir):
+    """Scripts gate on it: 0 when the run fits, 1 when it does not (the report printed either way), 2 bad input."""
+    tiny = ["estimate", "recipes/tiny-cpu.yaml", f"model.name_or_path={tiny_dir}"]
+    assert main([*tiny, "--gpu-memory", "1", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["capacity_bytes"] == GIB and out["capacity_name"] == "--gpu-memory 1 GiB" and out["fits"] is False
     assert out["peak_bytes"] == sum(out["gpu"].values()) and "levers" in out["warnings"][-1]
+    assert out["context_reserve_bytes"] == 0          # the CPU has no CUDA context to keep room for
+    peak = out["peak_bytes"]
+    short = math.floor(peak / GIB * 1e6) / 1e6 - 1e-6                     # about a KiB short of the peak
+    assert main([*tiny, "--gpu-memory", f"{short:.6f}"]) == 1
+    assert "fits: NO" in capsys.readouterr().out
+    assert main([*tiny, "--gpu-memory", f"{(peak + 2**20) / GIB:.6f}"]) == 0   # a MiB to spare
+    assert "fits: yes" in capsys.readouterr().out
     assert main(["estimate", "recipes/tiny-cpu.yaml", "--gpu-memory", "0"]) == 2
     assert "error: --gpu-memory must be a positive number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, model, card, fits", [
+    ("gpt-oss-20b-qlora.yaml", "openai/gpt-oss-20b", "14.9", True),
+    ("gpt-oss-20b-qlora.yaml", "openai/gpt-oss-20b", "12", False),
+    ("gpt-oss-120b-lora.yaml", "openai/gpt-oss-120b", "79", True),
+])
+def test_shipped_recipes_are_estimated_offline_by_model_name(capsys, monkeypatch, tmp_path, recipe, model, card, fits):
+    """The shipped recipes name the hub models; with no copy here (an empty hub cache, offline) the estimate uses the
+    published config.json this project carries, says so, and equals the estimate from a directory holding that very
+    file."""
+    from inference.model.configs import published
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))          # nothing cached: the hub copy is not here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["estimate", f"recipes/{recipe}", "--gpu-memory", card, "--json"]) == (0 if fits else 1)
+    carried = json.loads(capsys.readouterr().out)
+    assert carried["fits"] is fits and carried["config_source"].startswith(f"{model}'s published config.json")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(published(model)), encoding="utf-8")
+    main(["estimate", f"recipes/{recipe}", f"model.name_or_path={tmp_path / 'm'}", "--gpu-memory", card, "--json"])
+    local = json.loads(capsys.readouterr().out)
+    assert {**carried, "config_source": None} == {**local, "config_source": None}
+    assert carried["device"] == "cuda" and carried["context_reserve_bytes"] == GIB // 2
 
 
 def test_cli_errors(cli, capsys):
@@ -179,10 +217,11 @@ def test_cli_errors(cli, capsys):
     done = cli("finetune", "estimate", "recipes/tiny-cpu.yaml", "model.quantization=int3")
     assert done.returncode == 2 and "model.quantization (override 'model.quantization=int3')" in done.stderr
     assert "Traceback" not in done.stderr
-    # gpt-oss-20b is not on this machine: the error names the model and how to plan without its weights
-    assert main(["estimate", "recipes/gpt-oss-20b-lora.yaml", "--gpu-memory", "80"]) == 2
+    # a model neither here nor carried: the error names it and how to plan without its weights
+    assert main(["estimate", "recipes/gpt-oss-20b-lora.yaml", "model.name_or_path=acme/gpt-oss-7b",
+                 "--gpu-memory", "80"]) == 2
     err = capsys.readouterr().err
-    assert "error: model.name_or_path: model not found: openai/gpt-oss-20b" in err and "config.json" in err
+    assert "error: model.name_or_path: model not found: acme/gpt-oss-7b" in err and "config.json" in err
 
 
 @pytest.mark.parametrize("recipe, shape, card_gb, at_most_gib", [

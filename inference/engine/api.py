@@ -161,9 +161,11 @@ class Engine:
         return self
 
     def stats(self) -> dict:
-        """Running and waiting requests, tokens/s, KV pages (all zero before the first generation)."""
+        """:meth:`Scheduler.stats`: running and waiting requests, tokens/s, KV pages, the worker's time in prefill and
+        decode (the counters all zero before the first generation)."""
         if self._scheduler is None:
-            return {"running": 0, "waiting": 0, "tokens_per_second": 0.0, "max_running": self.max_batch}
+            return {"running": 0, "waiting": 0, "tokens_per_second": 0.0, "max_running": self.max_batch,
+                    "generated_tokens": 0, **dict.fromkeys(Scheduler.WORK, 0)}
         return self._scheduler.stats()
 
     def close(self) -> None:

@@ -131,6 +131,8 @@ class Scheduler:
     """See the module docstring. ``names``: the adapters a request's index picks; ``max_len``: the longest
     sequence (prompt + generated) one slot may hold."""
 
+    WORK = ("prefill_seconds", "prefills", "prefill_tokens", "decode_seconds", "decode_steps")   # see stats()
+
     def __init__(self, model, names: tuple[str, ...], max_seqs: int, pages: int, max_len: int,
                  max_queue: int = 256, prefill_tokens: int = 2048, graphs: bool | None = None):
         self.model, self.names = model, names
@@ -144,6 +146,9 @@ class Scheduler:
         self._recent: deque[tuple[float, int]] = deque()   # (time, tokens) of the last steps, for tokens/s
         self._firsts: deque[tuple[float, float]] = deque()  # (time, seconds from submission to first token)
         self.generated = 0
+        # where the worker's time goes, cumulative (a monitor takes differences): prefill forwards, decode steps
+        # (each including the choice of its tokens), and how many of each
+        self.work = {k: 0.0 if k.endswith("seconds") else 0 for k in self.WORK}
         _SCHEDULERS.add(self)
 
     # ------------------------------------------------------------------ what callers use
@@ -187,12 +192,15 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Running and waiting requests, generated tokens per second and time to first token (p50, p95: from
-        submission to the first token chosen) over the last 10 s, free KV pages."""
+        submission to the first token chosen) over the last 10 s, free KV pages, and the worker's time so far in
+        prefill forwards and decode steps with their counts (``prefill_seconds``, ``prefills``,
+        ``prefill_tokens``, ``decode_seconds``, ``decode_steps``)."""
         now = time.perf_counter()
         with self._lock:
             recent = [(t, n) for t, n in self._recent if now - t <= 10.0]
             firsts = sorted(s for t, s in self._firsts if now - t <= 10.0)
             running, waiting = len(self._live), len(self._waiting)
+            work = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.work.items()}
         rate = sum(n for _, n in recent) / 10.0 if recent else 0.0
         ttft = {}
         if firsts:
@@ -200,7 +208,7 @@ class Scheduler:
                     "ttft_p95_s": round(firsts[min(len(firsts) - 1, int(0.95 * len(firsts)))], 4)}
         return {**ttft, "running": running, "waiting": waiting, "tokens_per_second": round(rate, 1),
                 "max_running": self.cache.slots, "kv_pages_free": self.cache.free_pages,
-                "kv_pages": self.cache.pages, "generated_tokens": self.generated}
+                "kv_pages": self.cache.pages, "generated_tokens": self.generated, **work}
 
     def idle(self) -> bool:
         with self._lock:
@@ -298,6 +306,7 @@ class Scheduler:
                 budget -= take
         if not rows:
             return
+        started = time.perf_counter()
         logits = self.stepper.prefill([r.slot for r, _ in rows], [c for _, c in rows], [r.adapter for r, _ in rows],
                                       [r.read + len(c) for r, c in rows])
         for r, chunk in rows:
@@ -305,6 +314,12 @@ class Scheduler:
         done = [i for i, (r, _) in enumerate(rows) if r.read == len(r.prompt)]
         if done:
             self._emit([rows[i][0] for i in done], logits[done])
+        elif logits.is_cuda:
+            torch.cuda.synchronize(logits.device)   # the forward's time, not only its launch
+        with self._lock:
+            self.work["prefill_seconds"] += time.perf_counter() - started
+            self.work["prefills"] += 1
+            self.work["prefill_tokens"] += sum(len(c) for _, c in rows)
 
     def _decode(self) -> None:
         live = list(self._live)
@@ -313,9 +328,13 @@ class Scheduler:
             return
         tokens = [r.out[-1] if a else None for r, a in zip(live, active)]
         pages = max(self.cache.pages_for(len(r.prompt) + len(r.out)) for r, a in zip(live, active) if a)
+        started = time.perf_counter()
         logits = self.stepper.decode(tokens, [r.adapter for r in live], pages)
         chosen = [i for i, a in enumerate(active) if a]
         self._emit([live[i] for i in chosen], logits[chosen])
+        with self._lock:
+            self.work["decode_seconds"] += time.perf_counter() - started
+            self.work["decode_steps"] += 1
 
     def _emit(self, requests: list[Request], logits: torch.Tensor) -> None:
         """Choose each request's next token from its row of ``logits``, hand it over, and mark finished ones."""

@@ -236,19 +236,23 @@ class Experts(torch.nn.Module):
         xs = x.repeat_interleave(k, dim=0)                                            # (n*k, H)
         if isinstance(lora, tuple):
             lora = (lora[0], lora[1].repeat_interleave(k))                            # each pair's adapter
+        # the rows of each expert, found once for both projections of the grouped kernel
+        rows = kernels.expert_rows(flat, self.num_experts, n) if self._grouped(x, n) else None
         # bias, LoRA, SwiGLU and the routing weight in one fused pass each on CUDA (moe's epilogues)
-        h = gate_up_epilogue(*self._project_gathered(xs, "gate_up", flat, lora, n), self.gate_up_bias, flat,
+        h = gate_up_epilogue(*self._project_gathered(xs, "gate_up", flat, lora, n, rows), self.gate_up_bias, flat,
                              self.alpha, self.limit)                                  # (n*k, I)
-        y = down_epilogue(*self._project_gathered(h, "down", flat, lora, n), self.down_bias, flat,
+        y = down_epilogue(*self._project_gathered(h, "down", flat, lora, n, rows), self.down_bias, flat,
                           weights.reshape(-1))                                        # (n*k, H)
         return y.view(n, k, -1).sum(dim=1)
 
-    def _project_gathered(self, x, proj: str, flat, lora, tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x W_e^T, LoRA or None)`` for each routed pair, bias not added (the caller's epilogue adds it)."""
+    def _project_gathered(self, x, proj: str, flat, lora, tokens: int,
+                          rows=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x W_e^T, LoRA or None)`` for each routed pair, bias not added (the caller's epilogue adds it);
+        ``rows``: the grouped kernel's :func:`kernels.expert_rows` of ``flat``."""
         if self.packed:
             blocks, scales = getattr(self, proj + "_blocks"), getattr(self, proj + "_scales")
-            if self._grouped(x, tokens):   # several tokens: each expert read once for all its pairs
-                y = kernels.mxfp4_grouped(x, blocks, scales, flat, tokens)                            # (n*k, out)
+            if rows is not None:   # several tokens: each expert read once for all its pairs
+                y = kernels.mxfp4_grouped(x, blocks, scales, flat, tokens, rows)                      # (n*k, out)
             elif x.is_cuda and kernels.available():   # decoded in registers (kernels.py)
                 y = kernels.mxfp4_matvec(x, blocks, scales, flat)
             else:                                      # decoded to memory, then bmm

@@ -15,6 +15,7 @@ Shapes: ``B`` batch, ``T`` new tokens, ``S`` keys attended, ``H`` hidden, ``nh``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,18 @@ class RowAdapters:
     def flat(self) -> torch.Tensor:
         return self.index.reshape(-1)
 
+    @functools.cached_property
+    def keep(self) -> torch.Tensor:
+        """``(rows, len(names) + 1)`` bool one-hot of :meth:`flat`: built once per forward and shared by every
+        projection that gives each row its own adapter (the experts' blocks depend on the routing: built per layer)."""
+        return _one_hot(self.flat(), len(self.names) + 1)
+
+
+def _one_hot(block: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(rows, groups)`` bool, True at ``block[i]``: by comparison, since F.one_hot checks its indices on the host,
+    which a CUDA graph cannot capture."""
+    return block[:, None] == torch.arange(groups, device=block.device)[None, :]
+
 
 def _stack_rows(blocks: list[torch.Tensor | None], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """``[base zeros, adapter 1, ...]`` stacked on a new first dimension; an adapter without this module is zeros and
@@ -68,15 +81,16 @@ def _stack_rows(blocks: list[torch.Tensor | None], shape: tuple[int, ...], like:
     return out
 
 
-def _lora_blocks(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+def _lora_blocks(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: torch.Tensor,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
     """Row ``i``'s LoRA output ``(x_i A_g^T) B_g`` with ``g = block[i]``, for ``a (G, r, in)``, ``b (G, r, out)``:
     ``x`` times every block's A in one matmul, the other blocks zeroed by a one-hot mask, then times all the B's.
     No per-row weight copies (a gather of ``A_g`` per row would be ``rows * r * in`` values: 0.75 GB for a
-    2,048-token gpt-oss-20b prefill) and no host synchronisation."""
+    2,048-token gpt-oss-20b prefill) and no host synchronisation. ``keep``: :func:`_one_hot` of ``block`` when the
+    caller has it already."""
     G, r, fin = a.shape
     low = (x @ a.reshape(-1, fin).T).view(x.shape[0], G, r)                          # (rows, G, r)
-    # a one-hot by comparison: F.one_hot checks its indices on the host, which a CUDA graph cannot capture
-    keep = (block[:, None] == torch.arange(G, device=x.device)[None, :]).to(low.dtype)   # (rows, G)
+    keep = _one_hot(block, G) if keep is None else keep                               # (rows, G)
     return (low * keep[:, :, None]).reshape(x.shape[0], -1) @ b.reshape(-1, b.shape[-1])
 
 
@@ -122,7 +136,7 @@ class Linear(torch.nn.Module):
         if stack is None:
             return y
         flat = x.reshape(-1, x.shape[-1])                                           # (N, in)
-        return y + _lora_blocks(flat, *stack, rows.flat()).view_as(y)
+        return y + _lora_blocks(flat, *stack, rows.flat(), rows.keep).view_as(y)
 
     def effective_weight(self, adapter: str | None) -> torch.Tensor:
         """The weight this layer applies for ``adapter``, merged (for losses that take the weight itself)."""

@@ -1,5 +1,7 @@
 """Tracking: where runs go, and that our run nests inside one already active (a notebook's)."""
 
+import json
+
 from finetune.track import tracking
 
 
@@ -15,12 +17,19 @@ def test_tracking_uri_precedence_and_absolute_sqlite_paths(monkeypatch, tmp_path
     assert tracking.tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
-def test_disabled_tracking_is_a_no_op():
+def test_disabled_tracking_is_a_no_op(tmp_path, monkeypatch):
+    """Disabled, nothing reaches MLflow: no run, no store created (neither the default ./mlflow.db nor the one the
+    environment names), and a notebook's active run is left alone."""
+    import mlflow
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
     t = tracking.start(False, None, "x", "y")
     t.log_params({"a": 1})
     t.log_metrics({"loss": 1.0}, step=1)
+    t.set_tags({"k": "v"})
     t.close()
-    assert t.run_id is None
+    assert t.run_id is None and mlflow.active_run() is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_nested_under_an_active_run_and_logs_for_real(tmp_path, monkeypatch):
@@ -74,13 +83,19 @@ def test_tracking_log_chooses_what_leaves_the_run_directory(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     runs = {}
     for name, log in (("none", "[]"), ("all", None)):
-        overrides = [f"output.dir={tmp_path / name}", f"tracking.tracking_uri={uri}", "train.max_steps=1",
-                     "train.save_steps=1", "train.batch_size=2", "data.eval=null"]
+        overrides = [f"output.dir={tmp_path / name}", f"tracking.tracking_uri={uri}", "train.max_steps=2",
+                     "train.save_steps=2", "train.logging_steps=1", "train.batch_size=2", "data.eval=null"]
         overrides += [f"tracking.log={log}"] if log else []
         runs[name] = finetune.run(load_recipe(REPO / "recipes/tiny-cpu.yaml", overrides))
     client = MlflowClient(uri)
     quiet, full = (client.get_run(runs[n].mlflow_run_id) for n in ("none", "all"))
     assert quiet.data.metrics and not quiet.data.params
+    # the losses MLflow holds (train_loss) are the ones the run recorded (metrics.jsonl's loss), step for step, with
+    # tracking.log=[] too
+    for name, run in (("none", quiet), ("all", full)):
+        recorded = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        sent = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+        assert len(sent) == 2 and sent == {r["step"]: r["loss"] for r in recorded if "loss" in r}
     assert not [k for k in quiet.data.tags if not k.startswith(("mlflow.", "finetune."))]
     assert client.list_artifacts(quiet.info.run_id) == []
     assert full.data.params and "run_dir" in full.data.tags

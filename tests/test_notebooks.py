@@ -1,9 +1,8 @@
-"""The notebooks in notebooks/, executed top to bottom in a real Jupyter kernel (nbclient) on the tiny model.
+"""The notebooks in notebooks/, executed top to bottom in a real Jupyter kernel (nbclient) on the tiny model, with
+the settings they ship (their ``parameters`` cells are the quick ones: each notebook takes under a minute on 2 cores).
 
 Each runs in a scratch copy of the layout it expects (notebooks/, recipes/, data/), so runs/ and mlflow.db land
-there. The cell tagged ``parameters`` is replaced with smaller values (fewer steps, fewer generations), as papermill
-would; every other cell runs as shipped. What the notebooks produced is then checked from outside: files, the MLflow
-store, and the cells' outputs.
+there. What the notebooks produced is then checked from outside: files, the MLflow store, and the cells' outputs.
 """
 
 from __future__ import annotations
@@ -20,16 +19,12 @@ from nbclient import NotebookClient
 pytestmark = pytest.mark.slow   # trains or runs whole commands: left out of the quick loop (-m "not slow")
 
 NOTEBOOKS = REPO / "notebooks"
-PARAMETERS = {
-    "01-quickstart.ipynb": "STEPS = 24\nEVAL_EXAMPLES = 2",
-    "02-data.ipynb": 'DATASET = "data/sample/chat.jsonl"\nN = 2',
-    "03-compare-runs.ipynb": 'GRID = {"lora.r": [8, 16]}\nSTEPS = 6\nEVAL_EXAMPLES = 2',
-}
+SHIPPED = ("01-quickstart.ipynb", "02-data.ipynb", "03-compare-runs.ipynb")
 
 
 def test_notebooks_are_stored_without_outputs():
     found = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
-    assert found == sorted(PARAMETERS)
+    assert found == sorted(SHIPPED)
     for name in found:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         nbformat.validate(nb)
@@ -46,9 +41,6 @@ def execute(name: str, tmp_path: Path, monkeypatch) -> tuple[Path, nbformat.Note
     for sub in ("recipes", "data"):
         (work / sub).symlink_to(REPO / sub)
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    for cell in nb.cells:
-        if "parameters" in cell.metadata.get("tags", []):
-            cell.source = PARAMETERS[name]
     # The kernel inherits this environment: the project importable, the default MLflow store (./mlflow.db).
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -86,12 +78,12 @@ def test_quickstart(tmp_path, monkeypatch):
     run = MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_run(info["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     report = json.loads((run_dir / "eval_report.json").read_text())
-    assert report["after"]["loss"] < report["before"]["loss"] - 3  # 24 steps: the loss has clearly fallen
+    assert report["after"]["loss"] < 3 < report["before"]["loss"]   # 60 steps: the model has clearly learned
     text = text_of(nb)
     assert "RunResult(run_dir=" in text and info["mlflow_run_id"] in text
     # the training bar is a notebook widget, and no line per logged step was printed
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs(nb))
-    assert "step   20/24  loss" not in text
+    assert "step   20/60  loss" not in text
     assert len(images(nb)) == 1 and images(nb)[0][:8] == b"\x89PNG\r\n\x1a\n"
     assert "base model:" in text and "quickstart:" in text and "thinking:" in text
     assert "dataset_fingerprint" in text and "lora.coverage.experts" in text
@@ -109,7 +101,7 @@ def test_data(tmp_path, monkeypatch):
     recipe = load_recipe(REPO / "recipes/tiny-cpu.yaml", [f"data.train={REPO / 'data/sample/chat.jsonl'}",
                                                           "data.eval=null"])
     text = text_of(nb)
-    assert repr(preview_examples(recipe, n=2)) in text  # the same examples and per-channel counts as the library
+    assert repr(preview_examples(recipe, n=3)) in text  # the same examples and per-channel counts as the library
 
 
 def test_compare_runs(tmp_path, monkeypatch):

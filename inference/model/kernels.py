@@ -71,23 +71,9 @@ GROUPED_MAX_TOKENS = 4096   # a prefill chunk's tokens at most (the table of row
 
 
 def expert_rows(experts: torch.Tensor, num_experts: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(table (E, max_rows) int32, counts (E,) int32)``: the row numbers routed to each expert, in row order, from
-    ``experts (P,)`` on the device, without reading anything back to the host. Entries past an expert's count are
-    undefined (the grouped kernel never reads them).
-
-    One Triton program per expert scans the routing once (a decode step's layer builds this once for both of its
-    projections); the PyTorch twin (:func:`expert_rows_reference`) takes a dozen kernels."""
-    if not (experts.is_cuda and available()):
-        return expert_rows_reference(experts, num_experts, max_rows)
-    P = experts.numel()
-    table = torch.empty(num_experts, max_rows, dtype=torch.int32, device=experts.device)
-    counts = torch.empty(num_experts, dtype=torch.int32, device=experts.device)
-    _rows_kernel()[(num_experts,)](experts.contiguous(), table, counts, P, max_rows, BLOCK_P=1024, num_warps=4)
-    return table, counts
-
-
-def expert_rows_reference(experts: torch.Tensor, num_experts: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`expert_rows` in PyTorch (entries past a count are -1)."""
+    """``(table (E, max_rows) int32, counts (E,) int32)``: the row numbers routed to each expert (-1 past its count),
+    from ``experts (P,)`` on the device, without reading anything back to the host. A decode step's layer builds it
+    once for both of its projections."""
     P = experts.numel()
     order = torch.argsort(experts, stable=True)                                        # rows in expert order
     counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device)
@@ -98,26 +84,6 @@ def expert_rows_reference(experts: torch.Tensor, num_experts: int, max_rows: int
     table = torch.full((num_experts, max_rows), -1, dtype=torch.int32, device=experts.device)
     table[sorted_experts, rank.long()] = order.to(torch.int32)
     return table, counts
-
-
-@functools.lru_cache(maxsize=1)
-def _rows_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(experts_ptr, table_ptr, counts_ptr, P, max_rows, BLOCK_P: tl.constexpr):
-        e = tl.program_id(0)
-        count = tl.zeros((), dtype=tl.int32)
-        for p0 in range(0, P, BLOCK_P):
-            offs = p0 + tl.arange(0, BLOCK_P)
-            hit = (tl.load(experts_ptr + offs, mask=offs < P, other=-1) == e).to(tl.int32)     # (BLOCK_P,)
-            rank = count + tl.cumsum(hit, axis=0) - 1                                            # place among e's
-            tl.store(table_ptr + e.to(tl.int64) * max_rows + rank, offs.to(tl.int32), mask=hit == 1)
-            count += tl.sum(hit, axis=0)
-        tl.store(counts_ptr + e, count)
-
-    return kernel
 
 
 def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor,

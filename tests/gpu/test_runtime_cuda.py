@@ -149,21 +149,6 @@ def test_grouped_mxfp4_equals_its_plain_twin():
             assert ((fused - exact).abs() <= bound).all(), (E, N, K, tokens)
 
 
-def test_expert_rows_kernel_equals_its_plain_twin():
-    """The grouped kernel's table of rows per expert: the Triton scan gives each expert the rows routed to it, in row
-    order, and their count, as the PyTorch twin does (entries past a count are never read)."""
-    from inference.model import kernels
-    g = torch.Generator().manual_seed(4)
-    for E, tokens, k in ((4, 3, 2), (32, 64, 4), (32, 4096, 4), (128, 37, 4)):
-        experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)]).flatten().to(CUDA)
-        table, counts = kernels.expert_rows(experts, E, tokens)
-        ref_table, ref_counts = kernels.expert_rows_reference(experts, E, tokens)
-        assert torch.equal(counts, ref_counts) and int(counts.sum()) == tokens * k
-        for e in range(E):
-            c = int(counts[e])
-            assert torch.equal(table[e, :c], ref_table[e, :c]), (E, tokens, e)
-
-
 def test_cuda_graph_decoding_equals_eager_decoding(tiny_model_dir, adapter_dir):
     """Batched decode steps replayed as CUDA graphs (bf16, the serving dtype: the grouped MXFP4 kernel) give exactly
     the eager steps' tokens, for the base, an adapter and seeded sampling in one batch."""

@@ -154,12 +154,21 @@ COMPONENTS = {
     "ModelList": {"type": "object", "required": ["object", "data"],
                   "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}},
     "Health": {"type": "object", "required": ["status", "active_generations", "running", "waiting",
-                                              "tokens_per_second", "max_running"],
+                                              "tokens_per_second", "max_running", "generated_tokens",
+                                              "prefill_seconds", "prefills", "prefill_tokens", "decode_seconds",
+                                              "decode_steps"],
                "properties": {"status": {"const": "ok"}, "active_generations": {"type": "integer", "minimum": 0},
                               "running": {"type": "integer", "minimum": 0},
                               "waiting": {"type": "integer", "minimum": 0},
                               "tokens_per_second": {"type": "number", "minimum": 0},
-                              "max_running": {"type": "integer", "minimum": 1}}},
+                              "max_running": {"type": "integer", "minimum": 1},
+                              # cumulative since the server started: a monitor takes differences
+                              "generated_tokens": {"type": "integer", "minimum": 0},
+                              "prefill_seconds": {"type": "number", "minimum": 0},
+                              "prefills": {"type": "integer", "minimum": 0},
+                              "prefill_tokens": {"type": "integer", "minimum": 0},
+                              "decode_seconds": {"type": "number", "minimum": 0},
+                              "decode_steps": {"type": "integer", "minimum": 0}}},
     "ChatCompletion": {
         "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
         "properties": {

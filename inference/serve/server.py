@@ -4,7 +4,9 @@ Routes (all of them behind ``Authorization: Bearer KEY`` when the server has an 
 
 - ``GET  /health``               ``{"status": "ok", "active_generations", "running", "waiting", "tokens_per_second",
                                   "max_running", ...}``: chat requests in this server, sequences generating and
-                                  waiting in the engine's batch, generated tokens/s over the last 10 s
+                                  waiting in the engine's batch, generated tokens/s over the last 10 s, and the
+                                  engine's cumulative counters (tokens generated, time and count of prefill
+                                  forwards and decode steps)
 - ``GET  /v1/models``            the base model and each adapter, as OpenAI model objects
 - ``GET  /v1/models/{id}``       one of them (404 when unknown)
 - ``POST /v1/chat/completions``  a chat completion, whole or streamed as server-sent events

@@ -78,7 +78,8 @@ def write(shape: str, out: Path, shard_bytes: int, device: torch.device, seed: i
     """Write the checkpoint to ``out``; returns what was measured (seconds, bytes, peak host and GPU memory)."""
     from tqdm.auto import tqdm
 
-    from inference.model.checkpoint import QUANTIZATION_CONFIG, ShardWriter, built_aside, make_readable
+    from inference.model.checkpoint import ShardWriter, built_aside, make_readable
+    from inference.model.configs import QUANTIZATION_CONFIG
     from inference.model.tiny import generation_config_dict
     from inference.model.tokenizer import write_tokenizer
 

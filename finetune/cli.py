@@ -122,14 +122,14 @@ def validate(recipe) -> str:
     note = ""
     if not problems:
         from finetune.data.prepare import prepare
-        from finetune.estimate import ModelNotHere, estimate
+        from finetune.estimate import CARRIED, ModelNotHere, estimate
         from finetune.train.pipeline import check_fits
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # validating never downloads a model
         def memory() -> None:
             nonlocal note
             plan = estimate(recipe)
             check_fits(plan)
-            if plan.config_source and "published" in plan.config_source:   # the model is elsewhere: say so
+            if plan.config_source and plan.config_source.endswith(CARRIED):   # the model is elsewhere: say so
                 note = (f" (model {recipe.model.name_or_path} is not on this machine: its memory was estimated from "
                         "the published config.json)")
 

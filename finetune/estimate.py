@@ -96,15 +96,13 @@ class ModelNotHere(UserError):
     """The recipe's model (its config.json) is not on this machine, so nothing can be estimated."""
 
 
+CARRIED = "published config.json, carried by this project (nothing was downloaded)"   # a source's ending
+
+
 def model_config(recipe: Recipe):
-    """The ``GptOssConfig`` of the recipe's model, from its config.json alone: the model's directory (or hub cache)
-    when it is on this machine, else the published config of openai/gpt-oss-20b or -120b, which this project
-    carries (:mod:`inference.model.configs`)."""
-    return _model_config(recipe)[0]
-
-
-def _model_config(recipe: Recipe):
-    """(``GptOssConfig``, where it came from) of the recipe's model; see :func:`model_config`."""
+    """``(GptOssConfig, where it came from)`` of the recipe's model, from its config.json alone: the model's directory
+    (or hub cache) when it is on this machine, else the published config of openai/gpt-oss-20b or -120b, which this
+    project carries (:mod:`inference.model.configs`; the source then ends with :data:`CARRIED`)."""
     from inference.model.checkpoint import read_config
     from inference.model.configs import published_config
     from inference.model.tiny import resolve_model
@@ -114,7 +112,7 @@ def _model_config(recipe: Recipe):
     except UserError as exc:
         carried = published_config(name)
         if carried is not None:
-            return carried, f"{name}'s published config.json, carried by this project (nothing was downloaded)"
+            return carried, f"{name}'s {CARRIED}"
         raise ModelNotHere(f"model.name_or_path: {exc}. The estimate needs only the model's config.json: point "
                            "model.name_or_path at a directory holding it (e.g. model.name_or_path=/path/to/dir)"
                            ) from None
@@ -348,7 +346,7 @@ def estimate(recipe: Recipe, config=None, *, device: str | None = None, capacity
     """
     source = None
     if config is None:
-        config, source = _model_config(recipe)
+        config, source = model_config(recipe)
     device = device or _device(recipe)
     if capacity_bytes is None:
         capacity_bytes, capacity_name = _capacity(device)

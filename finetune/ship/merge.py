@@ -32,13 +32,13 @@ from inference.errors import UserError
 from inference.model import mxfp4
 from inference.model.adapters import Adapter, read_adapter
 from inference.model.checkpoint import (
-    QUANTIZATION_CONFIG,
     SHARD_BYTES,
     ShardWriter,
     TensorFiles,
     read_config,
     read_dir_json,
 )
+from inference.model.configs import QUANTIZATION_CONFIG
 
 EXPERT_FORMATS = ("bf16", "mxfp4")
 # Files of a model directory that travel with its weights (tokenizer, chat template, generation defaults).

@@ -147,7 +147,9 @@ class Scheduler:
         self._firsts: deque[tuple[float, float]] = deque()  # (time, seconds from submission to first token)
         self.generated = 0
         # where the worker's time goes, cumulative (a monitor takes differences): prefill forwards, decode steps
-        # (each including the choice of its tokens), and how many of each
+        # (each including the choice of its tokens), and how many of each. Only for the counters, nothing waits for
+        # the device: on CUDA a prefill chunk that ends no prompt (chooses no token) counts its launch, and its GPU
+        # time lands in the step that next reads a result.
         self.work = {k: 0.0 if k.endswith("seconds") else 0 for k in self.WORK}
         _SCHEDULERS.add(self)
 
@@ -314,8 +316,6 @@ class Scheduler:
         done = [i for i, (r, _) in enumerate(rows) if r.read == len(r.prompt)]
         if done:
             self._emit([rows[i][0] for i in done], logits[done])
-        elif logits.is_cuda:
-            torch.cuda.synchronize(logits.device)   # the forward's time, not only its launch
         with self._lock:
             self.work["prefill_seconds"] += time.perf_counter() - started
             self.work["prefills"] += 1

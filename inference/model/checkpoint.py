@@ -26,16 +26,12 @@ import torch
 
 from inference.errors import UserError
 from inference.model import mxfp4
+from inference.model.configs import QUANTIZATION_CONFIG
 
 EXPERT_PACKED = ("gate_up_proj", "down_proj")
 # Bytes per element of safetensors' dtype names.
 DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
 SHARD_BYTES = 4 << 30     # the most one written safetensors shard holds (HF's own limit is 5 GB)
-QUANTIZATION_CONFIG = {
-    "quant_method": "mxfp4",
-    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
-                               "lm_head"],
-}
 
 
 def read_dir_json(directory: str | Path, name: str, what: str, kind: str) -> dict:

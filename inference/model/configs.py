@@ -11,6 +11,12 @@ from __future__ import annotations
 import copy
 
 _LAYER_KINDS = ("sliding_attention", "full_attention")   # gpt-oss alternates, starting with a sliding layer
+# The experts in MXFP4, everything else in bf16: what every gpt-oss checkpoint says (the ones we write too)
+QUANTIZATION_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                               "lm_head"],
+}
 
 
 def _config(layers: int, experts: int) -> dict:
@@ -36,11 +42,7 @@ def _config(layers: int, experts: int) -> dict:
         "num_local_experts": experts,
         "output_router_logits": False,
         "pad_token_id": 199999,
-        "quantization_config": {
-            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
-                                       "lm_head"],
-            "quant_method": "mxfp4",
-        },
+        "quantization_config": QUANTIZATION_CONFIG,
         "rms_norm_eps": 1e-05,
         "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
                          "rope_type": "yarn", "truncate": False},

@@ -20,6 +20,7 @@ from test_engine import prompts
 
 from inference import harmony
 from inference.engine import Engine, Overloaded, SamplingParams, TooLarge
+from inference.engine import scheduler as scheduler_module
 from inference.engine.scheduler import Scheduler
 
 STOPS = frozenset(harmony.stop_token_ids())
@@ -166,6 +167,39 @@ def test_a_failing_step_reaches_every_request_and_the_scheduler_recovers(schedul
             list(r.tokens())
     wait_idle(scheduler)
     assert list(scheduler.submit(prompts()[0], 20, STOPS).tokens()) == singles[0]
+
+
+def test_a_new_prompt_waits_for_company_while_others_decode(engine, singles):
+    """Under load, one new prompt is not read by a forward of its own at once: it waits (at most
+    PREFILL_WAIT_STEPS decode steps) until enough new prompts share the prefill, here 2 for 8 decoding
+    sequences; the tokens are still those it gets alone."""
+    s = Scheduler(engine.model, tuple(engine.model.adapters), max_seqs=10, pages=256, max_len=1024)
+    try:
+        busy = [s.submit(prompts()[0], 400, frozenset()) for _ in range(8)]
+        streams = [r.tokens() for r in busy]                   # kept: a closed stream cancels its request
+        for stream in streams:
+            next(stream)                                       # all 8 decoding
+
+        def steps() -> int:
+            return s.stats()["decode_steps"]
+
+        p, a, n, t, seed = CASES[1]
+        first = s.submit(prompts()[p], n, STOPS, t, 0.9, seed, a)
+        start = steps()
+        while steps() < start + 2:
+            time.sleep(0.001)
+        assert first.slot is not None                          # admitted, not waiting for a slot
+        assert first.read == 0 or steps() - first.admitted_step >= scheduler_module.PREFILL_WAIT_STEPS
+        prefills = s.stats()["prefills"]
+        p, a, n, t, seed = CASES[0]
+        second = s.submit(prompts()[p], n, STOPS, t, 0.9, seed, a)
+        assert list(first.tokens()) == singles[1] and list(second.tokens()) == singles[0]
+        assert s.stats()["prefills"] == prefills + 1           # both prompts in one forward
+        for r in busy:
+            r.cancel()
+    finally:
+        s.close()
+        wait_idle(s)
 
 
 def test_stats_count_running_and_waiting(scheduler):

@@ -7,7 +7,12 @@ while there is work. Each iteration it
    moves into the hole, so live sequences always fill slots ``[0, n)``),
 2. admits waiting requests, oldest first, while a slot and the pages for prompt + ``max_new`` tokens are free,
 3. runs one prefill chunk: up to ``prefill_tokens`` prompt tokens over the admitted sequences still reading their
-   prompt, as one batch (a long prompt takes several iterations, so decoding sequences never wait long),
+   prompt, as one batch (a long prompt takes several iterations, so decoding sequences never wait long). While
+   others are decoding, new prompts are gathered first: their prefill runs once there are enough of them to share
+   one forward (a quarter of the decoding sequences) or the oldest has waited :data:`PREFILL_WAIT_STEPS` decode
+   steps. A prefill forward has a fixed cost (every layer's kernels are launched one by one, not replayed as a
+   graph) that one prompt per step would pay at every step under steady load; with nothing decoding a prompt is
+   read at once.
 4. runs one decode step for every sequence that is generating, and hands each its next token.
 
 A request's tokens arrive on its own queue (:meth:`Request.tokens`); closing that iterator or :meth:`Request.cancel`
@@ -37,6 +42,9 @@ from inference.engine.batch import Stepper
 from inference.engine.cache import SlotCache
 from inference.engine.sampling import choose, generator
 from inference.errors import UserError
+
+PREFILL_WAIT_STEPS = 16   # decode steps a new prompt may wait for others to share its prefill (see the docstring)
+PREFILL_SHARE = 4         # ... or until the new prompts number a quarter of the decoding sequences
 
 _END = object()
 _ADMITTED = object()   # put on a request's queue when it gets its slot (see Request.tokens' ``admitted``)
@@ -88,6 +96,7 @@ class Request:
     cancelled: bool = False
     slot: int | None = None
     read: int = 0                          # prompt tokens already in the cache
+    admitted_step: int = 0                 # the scheduler's decode-step count when it got its slot
     out: list[int] = field(default_factory=list)
     finished: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -281,6 +290,7 @@ class Scheduler:
                     break                        # oldest first: it waits for pages rather than being overtaken
                 self._waiting.popleft()
                 r.slot = len(self._live)
+                r.admitted_step = self.work["decode_steps"]
                 self.cache.allocate(r.slot, len(r.prompt) + r.max_new)
                 self._live.append(r)
                 r.events.put(_ADMITTED)
@@ -299,7 +309,19 @@ class Scheduler:
                                           f"{len(self._waiting)} still waiting): the server is overloaded, retry "
                                           "later"))
 
+    def _prefill_due(self) -> bool:
+        """Whether the prompts waiting to be read go now (see the module docstring): nothing else is decoding, a
+        long prompt is part-way read, enough of them share the forward, or the oldest has waited long enough."""
+        pending = [r for r in self._live if r.read < len(r.prompt) and not r.cancelled]
+        if not pending:
+            return False
+        decoding = len(self._live) - len(pending)
+        return (decoding == 0 or any(r.read for r in pending) or len(pending) * PREFILL_SHARE >= decoding
+                or self.work["decode_steps"] - min(r.admitted_step for r in pending) >= PREFILL_WAIT_STEPS)
+
     def _prefill(self) -> None:
+        if not self._prefill_due():
+            return
         budget, rows = self.prefill_tokens, []
         for r in self._live:
             if r.read < len(r.prompt) and budget > 0 and not r.cancelled:

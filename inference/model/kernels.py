@@ -71,9 +71,24 @@ GROUPED_MAX_TOKENS = 4096   # a prefill chunk's tokens at most (the table of row
 
 
 def expert_rows(experts: torch.Tensor, num_experts: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(table (E, max_rows) int32, counts (E,) int32)``: the row numbers routed to each expert (-1 past its count),
-    from ``experts (P,)`` on the device, without reading anything back to the host. A decode step's layer builds it
-    once for both of its projections."""
+    """``(table (E, max_rows) int32, counts (E,) int32)``: the row numbers routed to each expert, in increasing
+    order (entries past an expert's count are unspecified), from ``experts (P,)`` on the device, without reading
+    anything back to the host. A decode step's layer builds it once for both of its projections: one Triton
+    program per expert on CUDA (one launch, where the PyTorch twin :func:`expert_rows_reference` takes about ten,
+    each a few microseconds of a step that runs them in every layer)."""
+    P = experts.numel()
+    if not (experts.is_cuda and available()):
+        return expert_rows_reference(experts, num_experts, max_rows)
+    table = torch.empty(num_experts, max_rows, dtype=torch.int32, device=experts.device)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=experts.device)
+    block = min(1024, max(16, 1 << (P - 1).bit_length()))
+    _rows_kernel()[(num_experts,)](experts.contiguous(), table, counts, P, max_rows, BLOCK=block, num_warps=4)
+    return table, counts
+
+
+def expert_rows_reference(experts: torch.Tensor, num_experts: int,
+                          max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`expert_rows` in PyTorch (entries past an expert's count are -1)."""
     P = experts.numel()
     order = torch.argsort(experts, stable=True)                                        # rows in expert order
     counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device)
@@ -84,6 +99,27 @@ def expert_rows(experts: torch.Tensor, num_experts: int, max_rows: int) -> tuple
     table = torch.full((num_experts, max_rows), -1, dtype=torch.int32, device=experts.device)
     table[sorted_experts, rank.long()] = order.to(torch.int32)
     return table, counts
+
+
+@functools.lru_cache(maxsize=1)
+def _rows_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(experts_ptr, table_ptr, counts_ptr, P, max_rows, BLOCK: tl.constexpr):
+        # program e: scan the routed experts BLOCK at a time; a row routed to e goes to place (rows of e before it)
+        e = tl.program_id(0)
+        found = tl.zeros((), dtype=tl.int32)
+        for p0 in range(0, P, BLOCK):
+            offs = p0 + tl.arange(0, BLOCK)
+            hit = (tl.load(experts_ptr + offs, mask=offs < P, other=-1) == e).to(tl.int32)          # (BLOCK,)
+            place = found + tl.cumsum(hit, 0) - hit
+            tl.store(table_ptr + e.to(tl.int64) * max_rows + place, offs.to(tl.int32), mask=hit == 1)
+            found += tl.sum(hit, 0)
+        tl.store(counts_ptr + e, found)
+
+    return kernel
 
 
 def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor,
@@ -116,6 +152,117 @@ def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, e
                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PER_GROUP=per_group,
                             num_warps=warps)
     return out
+
+
+def mxfp4_scaled(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor, tokens: int,
+                 rows: tuple[torch.Tensor, torch.Tensor] | None = None, config: tuple | None = None,
+                 emulate: bool = False) -> torch.Tensor:
+    """:func:`mxfp4_grouped` on Triton's ``tl.dot_scaled`` (MXFP4 weights times bf16/fp16 rows; on Hopper the
+    compiler decodes the fp4 values and applies the scales in registers, on newer chips the tensor cores take them
+    as they are). ``config``: ``(block_t, block_n, block_k, warps, stages, swap)``, where ``swap`` computes
+    ``W x^T`` (the weights as the left operand: the small number of rows per expert becomes the narrow side of the
+    matrix instruction) instead of ``x W^T``. ``emulate``: decode with integer operations and ``tl.dot`` instead
+    (same tiles; Triton's CPU interpreter has no ``dot_scaled``)."""
+    P, K = x.shape
+    E, N, G, half_group = blocks.shape
+    if K != G * 32 or half_group != 16:
+        raise ValueError(f"x has {K} features, blocks hold {G * 32}")
+    if tokens > GROUPED_MAX_TOKENS:
+        raise ValueError(f"mxfp4_scaled takes at most {GROUPED_MAX_TOKENS} tokens, got {tokens}")
+    block_t, block_n, block_k, warps, stages, swap = config or _scaled_config(tokens)
+    table, counts = rows if rows is not None else expert_rows(experts, E, tokens)
+    out = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    grid = (E, -(-N // block_n))
+    _scaled_kernel()[grid](x.contiguous(), blocks, scales, table, counts, out, N, K, tokens,
+                           blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+                           BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, SWAP=swap,
+                           X_FORMAT="bf16" if x.dtype == torch.bfloat16 else "fp16", EMULATE=emulate,
+                           num_warps=warps, num_stages=stages)
+    return out
+
+
+def _scaled_config(tokens: int) -> tuple:
+    block_t = min(64, max(16, 1 << (tokens - 1).bit_length()))
+    return (block_t, 64, 128, 4, 3, True)
+
+
+@functools.lru_cache(maxsize=1)
+def _scaled_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, blocks_ptr, scales_ptr, table_ptr, counts_ptr, y_ptr, N, K, max_rows, stride_be, stride_bn,
+               stride_se, stride_sn, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               SWAP: tl.constexpr, X_FORMAT: tl.constexpr, EMULATE: tl.constexpr):
+        # program (e, n): outputs [n * BLOCK_N, +BLOCK_N) of every row routed to expert e, BLOCK_T rows at a time
+        e = tl.program_id(0)
+        count = tl.load(counts_ptr + e)
+        if count > 0:           # no row chose this expert: its weights are not read
+            offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            e64 = e.to(tl.int64)
+            w_rows = blocks_ptr + e64 * stride_be + offs_n[:, None].to(tl.int64) * stride_bn         # (N, 1)
+            s_rows = scales_ptr + e64 * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
+            offs_j = tl.arange(0, BLOCK_K // 2)        # byte j holds values 2j (low nibble) and 2j + 1
+            offs_g = tl.arange(0, BLOCK_K // 32)       # the 32-value groups of a K tile
+            offs_k = tl.arange(0, BLOCK_K)
+            for t0 in range(0, count, BLOCK_T):
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                mask_t = offs_t < count
+                rows = tl.load(table_ptr + e64 * max_rows + offs_t, mask=mask_t, other=0).to(tl.int64)   # (T,)
+                if SWAP:
+                    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+                else:
+                    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    mask_k = k0 + offs_k < K
+                    packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :],
+                                     mask=mask_n[:, None] & (k0 + 2 * offs_j < K)[None, :], other=0)    # (N, K/2)
+                    exponent = tl.load(s_rows + (k0 // 32 + offs_g)[None, :],
+                                       mask=mask_n[:, None] & (k0 + 32 * offs_g < K)[None, :], other=127)  # (N, K/32)
+                    if SWAP:
+                        xt = tl.load(x_ptr + rows[None, :] * K + (k0 + offs_k)[:, None],
+                                     mask=mask_k[:, None] & mask_t[None, :], other=0.0)                # (K, T)
+                    else:
+                        xt = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
+                                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)                # (T, K)
+                    if EMULATE:
+                        # e2m1 codes to fp32 from their bits, then 2^(s - 127) as two normal powers of two
+                        # (see pow2_pair), interleaved back to K order: (N, K)
+                        lo_c, hi_c = (packed & 15).to(tl.int32), (packed >> 4).to(tl.int32)
+                        ex_lo, ex_hi = (lo_c >> 1) & 3, (hi_c >> 1) & 3
+                        v_lo = tl.where(ex_lo == 0, (lo_c & 1) * 0x3F000000,
+                                        ((ex_lo + 126) << 23) | ((lo_c & 1) << 22)) | ((lo_c & 8) << 28)
+                        v_hi = tl.where(ex_hi == 0, (hi_c & 1) * 0x3F000000,
+                                        ((ex_hi + 126) << 23) | ((hi_c & 1) << 22)) | ((hi_c & 8) << 28)
+                        k2 = exponent.to(tl.int32) - 127
+                        half = k2 >> 1
+                        s_lo = ((half + 127) << 23).to(tl.float32, bitcast=True)
+                        s_hi = ((k2 - half + 127) << 23).to(tl.float32, bitcast=True)
+                        s_lo, s_hi = s_lo[:, :, None], s_hi[:, :, None]
+                        low = tl.reshape(v_lo.to(tl.float32, bitcast=True), (BLOCK_N, BLOCK_K // 32, 16))
+                        high = tl.reshape(v_hi.to(tl.float32, bitcast=True), (BLOCK_N, BLOCK_K // 32, 16))
+                        w = tl.interleave(tl.reshape(low * s_lo * s_hi, (BLOCK_N, BLOCK_K // 2)),
+                                          tl.reshape(high * s_lo * s_hi, (BLOCK_N, BLOCK_K // 2)))     # (N, K)
+                        if SWAP:
+                            acc = tl.dot(w.to(xt.dtype), xt, acc)
+                        else:
+                            acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
+                    else:
+                        if SWAP:
+                            acc = tl.dot_scaled(packed, exponent, "e2m1", xt, None, X_FORMAT, acc, fast_math=True)
+                        else:
+                            acc = tl.dot_scaled(xt, None, X_FORMAT, tl.trans(packed), exponent, "e2m1", acc,
+                                                fast_math=True)
+                if SWAP:
+                    tl.store(y_ptr + rows[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                             mask=mask_n[:, None] & mask_t[None, :])
+                else:
+                    tl.store(y_ptr + rows[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                             mask=mask_t[:, None] & mask_n[None, :])
+
+    return kernel
 
 
 @functools.lru_cache(maxsize=1)

@@ -125,18 +125,38 @@ def test_fused_mxfp4_matvec_equals_its_plain_twin():
             assert (fused - exact).abs().max().item() <= 1.5 * (plain - exact).abs().max().item() + EPS32 * scale
 
 
-def test_grouped_mxfp4_equals_its_plain_twin():
+def test_expert_rows_kernel_equals_its_twin():
+    """The table of rows per expert (one Triton program per expert) holds what the PyTorch version holds."""
+    from inference.model import kernels
+    g = torch.Generator().manual_seed(4)
+    for E, tokens, k in ((32, 1, 4), (32, 64, 4), (4, 3, 2), (128, 300, 4), (32, 4096, 4)):
+        experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)]).flatten().to(CUDA)
+        table, counts = kernels.expert_rows(experts, E, tokens)
+        want_table, want_counts = kernels.expert_rows_reference(experts, E, tokens)
+        assert torch.equal(counts, want_counts)
+        for e in range(E):
+            assert torch.equal(table[e, :counts[e]], want_table[e, :counts[e]]), (E, tokens, e)
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "scaled", "scaled-x-w"])
+def test_grouped_mxfp4_equals_its_plain_twin(kernel):
     """The batched decode step's expert kernel: up to 64 tokens, each routed to 4 distinct experts."""
     from inference.model import kernels, mxfp4
     g = torch.Generator().manual_seed(3)
     for E, N, K in ((4, 256, 128), (32, 5760, 2880), (32, 2880, 2880)):
         w = torch.randn(E, N, K, generator=g) * 0.02
         blocks, scales = (t.to(CUDA) for t in mxfp4.pack(w))
-        for tokens in (2, 5, 16, 64, 300):   # 300: a prefill chunk, an expert's rows in several blocks
+        for tokens in (1, 2, 5, 16, 64, 300):   # 300: a prefill chunk, an expert's rows in several blocks
             k = min(4, E)
             experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)]).flatten().to(CUDA)
             x = torch.randn(tokens * k, K, generator=g).to(CUDA, torch.bfloat16)
-            fused = kernels.mxfp4_grouped(x, blocks, scales, experts, tokens).double()
+            if kernel == "grouped":
+                fused = kernels.mxfp4_grouped(x, blocks, scales, experts, tokens).double()
+            else:
+                config = kernels._scaled_config(tokens)
+                if kernel == "scaled-x-w":
+                    config = (*config[:-1], not config[-1])
+                fused = kernels.mxfp4_scaled(x, blocks, scales, experts, tokens, config=config).double()
 
             def reference(rows, codes):   # float64, a few rows at a time (a 20b expert decodes to 130 MB in fp64)
                 return torch.cat([kernels.mxfp4_matvec_reference(rows[i:i + 4], codes, scales, experts[i:i + 4])

@@ -41,16 +41,36 @@ def variants(tokens: int) -> list[tuple[str, dict]]:
     out = [("grouped", {})]
     if tokens * 4 <= 32:
         out.append(("matvec", {}))
-    block_t = min(64, max(16, 1 << (tokens - 1).bit_length()))
     for block_n, block_k, warps, stages in ((32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4),
                                             (64, 256, 4, 3), (64, 256, 8, 3), (128, 128, 4, 3), (128, 128, 8, 3),
                                             (128, 256, 4, 3), (128, 256, 8, 3)):
         out.append((f"scaled swap n{block_n} k{block_k} w{warps} s{stages}",
-                    dict(config=(block_t, block_n, block_k, warps, stages, True))))
+                    dict(tile=(block_n, block_k, warps, stages, True))))
     for block_n, warps in ((64, 4), (128, 8)):
-        out.append((f"scaled x-w n{block_n} k128 w{warps} s3", dict(config=(block_t, block_n, 128, warps, 3, False))))
-    out.append(("scaled swap n64 k128 w4 s3 emulated", dict(config=(block_t, 64, 128, 4, 3, True), emulate=True)))
+        out.append((f"scaled x-w n{block_n} k128 w{warps} s3", dict(tile=(block_n, 128, warps, 3, False))))
+    out.append(("scaled swap n64 k128 w4 s3 emulated", dict(tile=(64, 128, 4, 3, True), emulate=True)))
     return out
+
+
+def fastest(results: list[dict], variants) -> list:
+    """A ``kernels.TILES`` table: per measured number of tokens (the last row standing for up to the kernel's
+    maximum), the correct variant with the least time summed over both projections."""
+    from inference.model import kernels
+    table = []
+    counts = sorted({r["tokens"] for r in results})
+    for i, tokens in enumerate(counts):
+        rows = [r for r in results if r["tokens"] == tokens]
+        total: dict[str, float] = {}
+        for name, opts in variants(tokens):
+            runs = [r["variants"].get(name, {}) for r in rows]
+            if not opts.get("emulate") and all(v.get("ok") for v in runs):
+                total[name] = sum(v["us"] for v in runs)
+        best = min(total, key=total.get)
+        opts = dict(variants(tokens))[best]
+        entry = [best] if best in ("grouped", "matvec") else ["scaled", *opts["tile"]]
+        bound = kernels.GROUPED_MAX_TOKENS if i == len(counts) - 1 else tokens
+        table.append([bound, *entry])
+    return table
 
 
 def run(name: str, opts: dict, x, blocks, scales, experts, tokens, rows):
@@ -67,6 +87,8 @@ def main() -> None:
     ap.add_argument("--shape", default="20b", choices=("20b", "120b"))
     ap.add_argument("--tokens", default="1,4,16,64,256,1024")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--tiles", type=Path, help="write the fastest correct kernel per number of tokens here, as a "
+                    "table inference.model.kernels reads from $GPT_OSS_MXFP4_TILES")
     args = ap.parse_args()
     import triton.testing
 
@@ -116,8 +138,12 @@ def main() -> None:
             bad = [n for n, v in row["variants"].items() if not v.get("ok")]
             if bad:
                 print("   not ok: " + "; ".join(f"{n}: {row['variants'][n]}" for n in bad)[:1500], flush=True)
+    table = fastest(results, variants)
+    print("fastest per step size: " + "; ".join(f"<= {row[0]} tokens: {' '.join(map(str, row[1:]))}" for row in table))
+    if args.tiles:
+        args.tiles.write_text(json.dumps(table) + "\n")
     if args.json:
-        args.json.write_text(json.dumps(dict(benchmark="mxfp4_kernels", shape=args.shape,
+        args.json.write_text(json.dumps(dict(benchmark="mxfp4_kernels", shape=args.shape, tiles=table,
                                              device=torch.cuda.get_device_name(), results=results), indent=1) + "\n")
 
 

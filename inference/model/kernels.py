@@ -21,6 +21,9 @@ expert are found on the device (no host synchronisation), so the step can be cap
 from __future__ import annotations
 
 import functools
+import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -155,21 +158,22 @@ def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, e
 
 
 def mxfp4_scaled(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor, tokens: int,
-                 rows: tuple[torch.Tensor, torch.Tensor] | None = None, config: tuple | None = None,
+                 rows: tuple[torch.Tensor, torch.Tensor] | None = None, tile: tuple = (64, 128, 4, 3, True),
                  emulate: bool = False) -> torch.Tensor:
     """:func:`mxfp4_grouped` on Triton's ``tl.dot_scaled`` (MXFP4 weights times bf16/fp16 rows; on Hopper the
     compiler decodes the fp4 values and applies the scales in registers, on newer chips the tensor cores take them
-    as they are). ``config``: ``(block_t, block_n, block_k, warps, stages, swap)``, where ``swap`` computes
-    ``W x^T`` (the weights as the left operand: the small number of rows per expert becomes the narrow side of the
-    matrix instruction) instead of ``x W^T``. ``emulate``: decode with integer operations and ``tl.dot`` instead
-    (same tiles; Triton's CPU interpreter has no ``dot_scaled``)."""
+    as they are). ``tile``: ``(block_n, block_k, warps, stages, swap)``, where ``swap`` computes ``W x^T`` (the
+    weights as the left operand, so the few rows per expert are the narrow side of the matrix instruction) instead
+    of ``x W^T``; an expert's rows are taken 16 to 64 at a time (as many as ``tokens`` needs). ``emulate``: decode
+    with integer operations and ``tl.dot`` instead (same tiles; Triton's CPU interpreter has no ``dot_scaled``)."""
     P, K = x.shape
     E, N, G, half_group = blocks.shape
     if K != G * 32 or half_group != 16:
         raise ValueError(f"x has {K} features, blocks hold {G * 32}")
     if tokens > GROUPED_MAX_TOKENS:
         raise ValueError(f"mxfp4_scaled takes at most {GROUPED_MAX_TOKENS} tokens, got {tokens}")
-    block_t, block_n, block_k, warps, stages, swap = config or _scaled_config(tokens)
+    block_n, block_k, warps, stages, swap = tile
+    block_t = min(64, max(16, 1 << (tokens - 1).bit_length()))
     table, counts = rows if rows is not None else expert_rows(experts, E, tokens)
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
     grid = (E, -(-N // block_n))
@@ -181,9 +185,44 @@ def mxfp4_scaled(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, ex
     return out
 
 
-def _scaled_config(tokens: int) -> tuple:
-    block_t = min(64, max(16, 1 << (tokens - 1).bit_length()))
-    return (block_t, 64, 128, 4, 3, True)
+# Which kernel multiplies a step's routed rows by their experts, by the number of tokens in the step: the first row
+# whose bound is at least the step's tokens. ("scaled", block_n, block_k, warps, stages, swap) is mxfp4_scaled with
+# that tile; ("grouped",) is mxfp4_grouped; ("matvec",) is mxfp4_matvec. Measured with benchmarks/mxfp4_kernels.py;
+# TILES_ENV may name a JSON file holding another such table (what that benchmark writes with --tiles).
+TILES: tuple[tuple, ...] = ((1, "matvec"), (GROUPED_MAX_TOKENS, "grouped"))
+TILES_ENV = "GPT_OSS_MXFP4_TILES"
+
+
+@functools.lru_cache(maxsize=1)
+def tiles() -> tuple[tuple, ...]:
+    path = os.environ.get(TILES_ENV)
+    if not path:
+        return TILES
+    table = tuple(tuple(row) for row in json.loads(Path(path).read_text()))
+    if not table or table[-1][0] < GROUPED_MAX_TOKENS or any(row[1] not in ("scaled", "grouped", "matvec")
+                                                             for row in table):
+        raise ValueError(f"{path}: not a table of MXFP4 kernel tiles (see inference.model.kernels.TILES)")
+    return table
+
+
+def tile_for(tokens: int) -> tuple:
+    return next(row[1:] for row in tiles() if row[0] >= tokens)
+
+
+def routed(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor, tokens: int,
+           rows: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``W[experts[i]] @ x[i]`` for the routed pairs of a step of ``tokens`` tokens, by the kernel :data:`TILES`
+    picks (``rows``: :func:`expert_rows`, when that kernel takes them; see :func:`needs_rows`)."""
+    kind, *tile = tile_for(tokens)
+    if kind == "matvec":
+        return mxfp4_matvec(x, blocks, scales, experts)
+    if kind == "grouped":
+        return mxfp4_grouped(x, blocks, scales, experts, tokens, rows)
+    return mxfp4_scaled(x, blocks, scales, experts, tokens, rows, tuple(tile))
+
+
+def needs_rows(tokens: int) -> bool:
+    return tile_for(tokens)[0] != "matvec"
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,13 +1,18 @@
-"""The decode step's expert matmul, kernel by kernel: each MXFP4 kernel variant at gpt-oss shapes, checked and timed.
+"""The decode step's expert matmul, kernel by kernel: each MXFP4 kernel of the runtime at gpt-oss shapes, checked and
+timed.
 
 For each projection of a gpt-oss-20b (or 120b) expert layer and each number of tokens in a step (each token routed to
-``k`` distinct experts at random), every variant is first checked against the exact product (float64 on the GPU,
+``k`` distinct experts at random), every kernel is first checked against the exact product (float64 on the GPU,
 expert by expert) within the bound the GPU tests use (fp32 accumulation of exact bf16 products, one rounding to
-bf16), then timed with ``triton.testing.do_bench`` (median). Printed: microseconds, the bandwidth the routed experts'
-bytes imply, and which variant is fastest per row. Variants: the kernels in ``inference.model.kernels`` (``matvec``
-for a few pairs, ``grouped``, and ``scaled`` on ``tl.dot_scaled`` over a grid of tiles).
+bf16), then timed with ``triton.testing.do_bench`` (median). Printed: microseconds and the bandwidth the routed
+experts' bytes imply (the floor is those bytes at the card's memory speed: about 3 TB/s on an H100). Kernels:
+``grouped`` (``inference.model.kernels.mxfp4_grouped``, what a step of several tokens runs) and ``matvec``
+(``mxfp4_matvec``, one token).
 
     python benchmarks/mxfp4_kernels.py --shape 20b --json out.json
+
+``benchmarks/results/mxfp4_kernels-20b-h100-2026-12-07.json`` also holds ``tl.dot_scaled`` variants, measured with
+this script at commit 0de6428 and since removed (see the comment in ``mxfp4_grouped``).
 """
 
 from __future__ import annotations
@@ -37,49 +42,15 @@ def exact_products(x: torch.Tensor, blocks, scales, experts: torch.Tensor, absol
     return out
 
 
-def variants(tokens: int) -> list[tuple[str, dict]]:
-    out = [("grouped", {})]
-    if tokens * 4 <= 32:
-        out.append(("matvec", {}))
-    for block_n, block_k, warps, stages in ((32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4),
-                                            (64, 256, 4, 3), (64, 256, 8, 3), (128, 128, 4, 3), (128, 128, 8, 3),
-                                            (128, 256, 4, 3), (128, 256, 8, 3)):
-        out.append((f"scaled swap n{block_n} k{block_k} w{warps} s{stages}",
-                    dict(tile=(block_n, block_k, warps, stages, True))))
-    for block_n, warps in ((64, 4), (128, 8)):
-        out.append((f"scaled x-w n{block_n} k128 w{warps} s3", dict(tile=(block_n, 128, warps, 3, False))))
-    out.append(("scaled swap n64 k128 w4 s3 emulated", dict(tile=(64, 128, 4, 3, True), emulate=True)))
-    return out
+def variants(tokens: int) -> list[str]:
+    return ["grouped", "matvec"] if tokens * 4 <= 32 else ["grouped"]
 
 
-def fastest(results: list[dict], variants) -> list:
-    """A ``kernels.TILES`` table: per measured number of tokens (the last row standing for up to the kernel's
-    maximum), the correct variant with the least time summed over both projections."""
-    from inference.model import kernels
-    table = []
-    counts = sorted({r["tokens"] for r in results})
-    for i, tokens in enumerate(counts):
-        rows = [r for r in results if r["tokens"] == tokens]
-        total: dict[str, float] = {}
-        for name, opts in variants(tokens):
-            runs = [r["variants"].get(name, {}) for r in rows]
-            if not opts.get("emulate") and all(v.get("ok") for v in runs):
-                total[name] = sum(v["us"] for v in runs)
-        best = min(total, key=total.get)
-        opts = dict(variants(tokens))[best]
-        entry = [best] if best in ("grouped", "matvec") else ["scaled", *opts["tile"]]
-        bound = kernels.GROUPED_MAX_TOKENS if i == len(counts) - 1 else tokens
-        table.append([bound, *entry])
-    return table
-
-
-def run(name: str, opts: dict, x, blocks, scales, experts, tokens, rows):
+def run(name: str, x, blocks, scales, experts, tokens, rows):
     from inference.model import kernels
     if name == "grouped":
         return kernels.mxfp4_grouped(x, blocks, scales, experts, tokens, rows)
-    if name == "matvec":
-        return kernels.mxfp4_matvec(x, blocks, scales, experts)
-    return kernels.mxfp4_scaled(x, blocks, scales, experts, tokens, rows, **opts)
+    return kernels.mxfp4_matvec(x, blocks, scales, experts)
 
 
 def main() -> None:
@@ -87,8 +58,6 @@ def main() -> None:
     ap.add_argument("--shape", default="20b", choices=("20b", "120b"))
     ap.add_argument("--tokens", default="1,4,16,64,256,1024")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--tiles", type=Path, help="write the fastest correct kernel per number of tokens here, as a "
-                    "table inference.model.kernels reads from $GPT_OSS_MXFP4_TILES")
     args = ap.parse_args()
     import triton.testing
 
@@ -115,14 +84,14 @@ def main() -> None:
             exact = exact_products(x, blocks, scales, experts)
             bound = K * EPS32 * exact_products(x, blocks, scales, experts, absolute=True) \
                 + torch.finfo(torch.bfloat16).eps * exact.abs()
-            rows = kernels.expert_rows_reference(experts, E, tokens)
+            rows = kernels.expert_rows(experts, E, tokens)
             moved = active * N * K // 2 * (1 + 1 / 16) + x.numel() * 2 + tokens * k * N * 2   # bytes at least
             row = dict(tokens=tokens, proj=proj, active_experts=active, bytes=int(moved), variants={})
-            for name, opts in variants(tokens):
+            for name in variants(tokens):
                 try:
-                    out = run(name, opts, x, blocks, scales, experts, tokens, rows).double()
+                    out = run(name, x, blocks, scales, experts, tokens, rows).double()
                     ratio = ((out - exact).abs() / bound).max().item()
-                    us = triton.testing.do_bench(lambda: run(name, opts, x, blocks, scales, experts, tokens, rows),
+                    us = triton.testing.do_bench(lambda: run(name, x, blocks, scales, experts, tokens, rows),
                                                  warmup=20, rep=80, return_mode="median") * 1000
                     row["variants"][name] = dict(us=round(us, 1), GBps=round(moved / us / 1000, 1),
                                                  error_over_bound=round(ratio, 3), ok=ratio <= 1)
@@ -138,12 +107,8 @@ def main() -> None:
             bad = [n for n, v in row["variants"].items() if not v.get("ok")]
             if bad:
                 print("   not ok: " + "; ".join(f"{n}: {row['variants'][n]}" for n in bad)[:1500], flush=True)
-    table = fastest(results, variants)
-    print("fastest per step size: " + "; ".join(f"<= {row[0]} tokens: {' '.join(map(str, row[1:]))}" for row in table))
-    if args.tiles:
-        args.tiles.write_text(json.dumps(table) + "\n")
     if args.json:
-        args.json.write_text(json.dumps(dict(benchmark="mxfp4_kernels", shape=args.shape, tiles=table,
+        args.json.write_text(json.dumps(dict(benchmark="mxfp4_kernels", shape=args.shape,
                                              device=torch.cuda.get_device_name(), results=results), indent=1) + "\n")
 
 

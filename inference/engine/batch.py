@@ -91,7 +91,7 @@ class Stepper:
 
     def _graph_ok(self, n: int) -> bool:
         """A step can be a graph when no layer reads anything back to the host: few enough tokens for the gathered
-        expert path, or the routed MXFP4 kernels (``kernels.routed``)."""
+        expert path, or the grouped MXFP4 kernel."""
         if not self.graphs_on:
             return False
         experts = self.model.layers[0].experts
@@ -99,7 +99,7 @@ class Stepper:
         if b * self.model.layers[0].top_k <= experts.num_experts:
             return True
         probe = torch.empty(1, 1, dtype=self.model.dtype, device=self.device)
-        return experts._routed(probe, b)
+        return experts._grouped(probe, b)
 
     def _run(self, inputs: torch.Tensor, pages: int, names: tuple[str, ...]) -> torch.Tensor:
         """The decode step itself: ``inputs (3, b)`` = token ids, real-token mask, adapter index, on the device."""

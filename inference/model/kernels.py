@@ -21,9 +21,6 @@ expert are found on the device (no host synchronisation), so the step can be cap
 from __future__ import annotations
 
 import functools
-import json
-import os
-from pathlib import Path
 
 import torch
 
@@ -146,6 +143,10 @@ def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, e
     # end (64 sequences: 1,625 vs 3,170 tokens/s in benchmarks/decode_speed.py), most likely because real routing
     # gives some experts many rows and per_group decodes the weights again for every 16 of them (not profiled).
     per_group = block_m == 16
+    # Triton's tl.dot_scaled (the compiler decodes MXFP4 in registers on Hopper) was measured against this kernel and
+    # mxfp4_matvec at gpt-oss-20b shapes on an H100 (benchmarks/results/mxfp4_kernels-20b-h100-2026-12-07.json, from
+    # commit 0de6428): right only with the weights as its left operand, and then 1.3-1.7x slower from 16 tokens up
+    # and no faster than mxfp4_matvec at one token (74.8 vs 74.8 us for gate_up, 41.3 vs 45.4 for down). Not used.
     block_n, block_k, warps = (128, 32, 4) if per_group else (64, 64, 8)
     table, counts = rows if rows is not None else expert_rows(experts, E, tokens)
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
@@ -155,153 +156,6 @@ def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, e
                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PER_GROUP=per_group,
                             num_warps=warps)
     return out
-
-
-def mxfp4_scaled(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor, tokens: int,
-                 rows: tuple[torch.Tensor, torch.Tensor] | None = None, tile: tuple = (64, 128, 4, 3, True),
-                 emulate: bool = False) -> torch.Tensor:
-    """:func:`mxfp4_grouped` on Triton's ``tl.dot_scaled`` (MXFP4 weights times bf16/fp16 rows; on Hopper the
-    compiler decodes the fp4 values and applies the scales in registers, on newer chips the tensor cores take them
-    as they are). ``tile``: ``(block_n, block_k, warps, stages, swap)``, where ``swap`` computes ``W x^T`` (the
-    weights as the left operand, so the few rows per expert are the narrow side of the matrix instruction) instead
-    of ``x W^T``; an expert's rows are taken 16 to 64 at a time (as many as ``tokens`` needs). ``emulate``: decode
-    with integer operations and ``tl.dot`` instead (same tiles; Triton's CPU interpreter has no ``dot_scaled``)."""
-    P, K = x.shape
-    E, N, G, half_group = blocks.shape
-    if K != G * 32 or half_group != 16:
-        raise ValueError(f"x has {K} features, blocks hold {G * 32}")
-    if tokens > GROUPED_MAX_TOKENS:
-        raise ValueError(f"mxfp4_scaled takes at most {GROUPED_MAX_TOKENS} tokens, got {tokens}")
-    block_n, block_k, warps, stages, swap = tile
-    block_t = min(64, max(16, 1 << (tokens - 1).bit_length()))
-    table, counts = rows if rows is not None else expert_rows(experts, E, tokens)
-    out = torch.empty(P, N, dtype=x.dtype, device=x.device)
-    grid = (E, -(-N // block_n))
-    _scaled_kernel()[grid](x.contiguous(), blocks, scales, table, counts, out, N, K, tokens,
-                           blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-                           BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, SWAP=swap,
-                           X_FORMAT="bf16" if x.dtype == torch.bfloat16 else "fp16", EMULATE=emulate,
-                           num_warps=warps, num_stages=stages)
-    return out
-
-
-# Which kernel multiplies a step's routed rows by their experts, by the number of tokens in the step: the first row
-# whose bound is at least the step's tokens. ("scaled", block_n, block_k, warps, stages, swap) is mxfp4_scaled with
-# that tile; ("grouped",) is mxfp4_grouped; ("matvec",) is mxfp4_matvec. Measured with benchmarks/mxfp4_kernels.py;
-# TILES_ENV may name a JSON file holding another such table (what that benchmark writes with --tiles).
-TILES: tuple[tuple, ...] = ((1, "matvec"), (GROUPED_MAX_TOKENS, "grouped"))
-TILES_ENV = "GPT_OSS_MXFP4_TILES"
-
-
-@functools.lru_cache(maxsize=1)
-def tiles() -> tuple[tuple, ...]:
-    path = os.environ.get(TILES_ENV)
-    if not path:
-        return TILES
-    table = tuple(tuple(row) for row in json.loads(Path(path).read_text()))
-    if not table or table[-1][0] < GROUPED_MAX_TOKENS or any(row[1] not in ("scaled", "grouped", "matvec")
-                                                             for row in table):
-        raise ValueError(f"{path}: not a table of MXFP4 kernel tiles (see inference.model.kernels.TILES)")
-    return table
-
-
-def tile_for(tokens: int) -> tuple:
-    return next(row[1:] for row in tiles() if row[0] >= tokens)
-
-
-def routed(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor, tokens: int,
-           rows: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """``W[experts[i]] @ x[i]`` for the routed pairs of a step of ``tokens`` tokens, by the kernel :data:`TILES`
-    picks (``rows``: :func:`expert_rows`, when that kernel takes them; see :func:`needs_rows`)."""
-    kind, *tile = tile_for(tokens)
-    if kind == "matvec":
-        return mxfp4_matvec(x, blocks, scales, experts)
-    if kind == "grouped":
-        return mxfp4_grouped(x, blocks, scales, experts, tokens, rows)
-    return mxfp4_scaled(x, blocks, scales, experts, tokens, rows, tuple(tile))
-
-
-def needs_rows(tokens: int) -> bool:
-    return tile_for(tokens)[0] != "matvec"
-
-
-@functools.lru_cache(maxsize=1)
-def _scaled_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(x_ptr, blocks_ptr, scales_ptr, table_ptr, counts_ptr, y_ptr, N, K, max_rows, stride_be, stride_bn,
-               stride_se, stride_sn, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               SWAP: tl.constexpr, X_FORMAT: tl.constexpr, EMULATE: tl.constexpr):
-        # program (e, n): outputs [n * BLOCK_N, +BLOCK_N) of every row routed to expert e, BLOCK_T rows at a time
-        e = tl.program_id(0)
-        count = tl.load(counts_ptr + e)
-        if count > 0:           # no row chose this expert: its weights are not read
-            offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            e64 = e.to(tl.int64)
-            w_rows = blocks_ptr + e64 * stride_be + offs_n[:, None].to(tl.int64) * stride_bn         # (N, 1)
-            s_rows = scales_ptr + e64 * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
-            offs_j = tl.arange(0, BLOCK_K // 2)        # byte j holds values 2j (low nibble) and 2j + 1
-            offs_g = tl.arange(0, BLOCK_K // 32)       # the 32-value groups of a K tile
-            offs_k = tl.arange(0, BLOCK_K)
-            for t0 in range(0, count, BLOCK_T):
-                offs_t = t0 + tl.arange(0, BLOCK_T)
-                mask_t = offs_t < count
-                rows = tl.load(table_ptr + e64 * max_rows + offs_t, mask=mask_t, other=0).to(tl.int64)   # (T,)
-                if SWAP:
-                    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-                else:
-                    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    mask_k = k0 + offs_k < K
-                    packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :],
-                                     mask=mask_n[:, None] & (k0 + 2 * offs_j < K)[None, :], other=0)    # (N, K/2)
-                    exponent = tl.load(s_rows + (k0 // 32 + offs_g)[None, :],
-                                       mask=mask_n[:, None] & (k0 + 32 * offs_g < K)[None, :], other=127)  # (N, K/32)
-                    if SWAP:
-                        xt = tl.load(x_ptr + rows[None, :] * K + (k0 + offs_k)[:, None],
-                                     mask=mask_k[:, None] & mask_t[None, :], other=0.0)                # (K, T)
-                    else:
-                        xt = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
-                                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)                # (T, K)
-                    if EMULATE:
-                        # e2m1 codes to fp32 from their bits, then 2^(s - 127) as two normal powers of two
-                        # (see pow2_pair), interleaved back to K order: (N, K)
-                        lo_c, hi_c = (packed & 15).to(tl.int32), (packed >> 4).to(tl.int32)
-                        ex_lo, ex_hi = (lo_c >> 1) & 3, (hi_c >> 1) & 3
-                        v_lo = tl.where(ex_lo == 0, (lo_c & 1) * 0x3F000000,
-                                        ((ex_lo + 126) << 23) | ((lo_c & 1) << 22)) | ((lo_c & 8) << 28)
-                        v_hi = tl.where(ex_hi == 0, (hi_c & 1) * 0x3F000000,
-                                        ((ex_hi + 126) << 23) | ((hi_c & 1) << 22)) | ((hi_c & 8) << 28)
-                        k2 = exponent.to(tl.int32) - 127
-                        half = k2 >> 1
-                        s_lo = ((half + 127) << 23).to(tl.float32, bitcast=True)
-                        s_hi = ((k2 - half + 127) << 23).to(tl.float32, bitcast=True)
-                        s_lo, s_hi = s_lo[:, :, None], s_hi[:, :, None]
-                        low = tl.reshape(v_lo.to(tl.float32, bitcast=True), (BLOCK_N, BLOCK_K // 32, 16))
-                        high = tl.reshape(v_hi.to(tl.float32, bitcast=True), (BLOCK_N, BLOCK_K // 32, 16))
-                        w = tl.interleave(tl.reshape(low * s_lo * s_hi, (BLOCK_N, BLOCK_K // 2)),
-                                          tl.reshape(high * s_lo * s_hi, (BLOCK_N, BLOCK_K // 2)))     # (N, K)
-                        if SWAP:
-                            acc = tl.dot(w.to(xt.dtype), xt, acc)
-                        else:
-                            acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
-                    else:
-                        if SWAP:
-                            acc = tl.dot_scaled(packed, exponent, "e2m1", xt, None, X_FORMAT, acc, fast_math=True)
-                        else:
-                            acc = tl.dot_scaled(xt, None, X_FORMAT, tl.trans(packed), exponent, "e2m1", acc,
-                                                fast_math=True)
-                if SWAP:
-                    tl.store(y_ptr + rows[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
-                             mask=mask_n[:, None] & mask_t[None, :])
-                else:
-                    tl.store(y_ptr + rows[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                             mask=mask_t[:, None] & mask_n[None, :])
-
-    return kernel
 
 
 @functools.lru_cache(maxsize=1)

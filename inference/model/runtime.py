@@ -217,7 +217,7 @@ class Experts(torch.nn.Module):
             lora = (self.stacks(adapter.names), adapter.flat())
         else:
             lora = self.loras.get(adapter) if adapter else None
-        if indices.numel() <= self.num_experts or self._routed(x, x.shape[0]):
+        if indices.numel() <= self.num_experts or self._grouped(x, x.shape[0]):
             return self._forward_gathered(x, indices, weights, lora)
         out = torch.zeros_like(x)
         for e in torch.unique(indices).tolist():   # each routed expert decoded once, for all its tokens
@@ -228,12 +228,12 @@ class Experts(torch.nn.Module):
             out.index_add_(0, token, y * weights[token, slot, None])
         return out
 
-    def _routed(self, x: torch.Tensor, tokens: int) -> bool:
-        """Whether a batch of tokens goes through :func:`kernels.routed` (CUDA, packed, bf16/fp16): every routed
-        expert's weights read once for all its tokens, with no host synchronisation, so a batched decode step can be
-        captured as a CUDA graph and a prefill chunk needs no per-expert loop."""
+    def _grouped(self, x: torch.Tensor, tokens: int) -> bool:
+        """Whether a batch of tokens goes through :func:`kernels.mxfp4_grouped` (CUDA, packed, bf16/fp16): every
+        routed expert's weights read once for all its tokens, with no host synchronisation, so a batched decode
+        step can be captured as a CUDA graph and a prefill chunk needs no per-expert loop."""
         return (self.packed and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-                and 1 <= tokens <= kernels.GROUPED_MAX_TOKENS and kernels.available())
+                and 1 < tokens <= kernels.GROUPED_MAX_TOKENS and kernels.available())
 
     @property
     def num_experts(self) -> int:
@@ -250,25 +250,23 @@ class Experts(torch.nn.Module):
         xs = x.repeat_interleave(k, dim=0)                                            # (n*k, H)
         if isinstance(lora, tuple):
             lora = (lora[0], lora[1].repeat_interleave(k))                            # each pair's adapter
-        # the rows of each expert, found once for both projections (when the step's kernel takes them)
-        routed = self._routed(x, n)
-        rows = kernels.expert_rows(flat, self.num_experts, n) if routed and kernels.needs_rows(n) else None
+        # the rows of each expert, found once for both projections of the grouped kernel
+        rows = kernels.expert_rows(flat, self.num_experts, n) if self._grouped(x, n) else None
         # bias, LoRA, SwiGLU and the routing weight in one fused pass each on CUDA (moe's epilogues)
-        h = gate_up_epilogue(*self._project_gathered(xs, "gate_up", flat, lora, n, routed, rows), self.gate_up_bias,
-                             flat, self.alpha, self.limit)                            # (n*k, I)
-        y = down_epilogue(*self._project_gathered(h, "down", flat, lora, n, routed, rows), self.down_bias, flat,
+        h = gate_up_epilogue(*self._project_gathered(xs, "gate_up", flat, lora, n, rows), self.gate_up_bias, flat,
+                             self.alpha, self.limit)                                  # (n*k, I)
+        y = down_epilogue(*self._project_gathered(h, "down", flat, lora, n, rows), self.down_bias, flat,
                           weights.reshape(-1))                                        # (n*k, H)
         return y.view(n, k, -1).sum(dim=1)
 
-    def _project_gathered(self, x, proj: str, flat, lora, tokens: int, routed: bool = False,
+    def _project_gathered(self, x, proj: str, flat, lora, tokens: int,
                           rows=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x W_e^T, LoRA or None)`` for each routed pair, bias not added (the caller's epilogue adds it);
-        ``routed``: :meth:`_routed` said so; ``rows``: :func:`kernels.expert_rows` of ``flat`` when its kernel
-        takes them."""
+        ``rows``: the grouped kernel's :func:`kernels.expert_rows` of ``flat``."""
         if self.packed:
             blocks, scales = getattr(self, proj + "_blocks"), getattr(self, proj + "_scales")
-            if routed:   # each expert read once for all its pairs, by the kernel kernels.TILES picks
-                y = kernels.routed(x, blocks, scales, flat, tokens, rows)                             # (n*k, out)
+            if rows is not None:   # several tokens: each expert read once for all its pairs
+                y = kernels.mxfp4_grouped(x, blocks, scales, flat, tokens, rows)                      # (n*k, out)
             elif x.is_cuda and kernels.available():   # decoded in registers (kernels.py)
                 y = kernels.mxfp4_matvec(x, blocks, scales, flat)
             else:                                      # decoded to memory, then bmm

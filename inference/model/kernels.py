@@ -71,24 +71,23 @@ GROUPED_MAX_TOKENS = 4096   # a prefill chunk's tokens at most (the table of row
 
 
 def expert_rows(experts: torch.Tensor, num_experts: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(table (E, max_rows) int32, counts (E,) int32)``: the row numbers routed to each expert, in increasing
-    order (entries past an expert's count are unspecified), from ``experts (P,)`` on the device, without reading
-    anything back to the host. A decode step's layer builds it once for both of its projections: one Triton
-    program per expert on CUDA (one launch, where the PyTorch twin :func:`expert_rows_reference` takes about ten,
-    each a few microseconds of a step that runs them in every layer)."""
-    P = experts.numel()
+    """``(table (E, max_rows) int32, counts (E,) int32)``: the row numbers routed to each expert, in row order, from
+    ``experts (P,)`` on the device, without reading anything back to the host. Entries past an expert's count are
+    undefined (the grouped kernel never reads them).
+
+    One Triton program per expert scans the routing once (a decode step's layer builds this once for both of its
+    projections); the PyTorch twin (:func:`expert_rows_reference`) takes a dozen kernels."""
     if not (experts.is_cuda and available()):
         return expert_rows_reference(experts, num_experts, max_rows)
+    P = experts.numel()
     table = torch.empty(num_experts, max_rows, dtype=torch.int32, device=experts.device)
     counts = torch.empty(num_experts, dtype=torch.int32, device=experts.device)
-    block = min(1024, max(16, 1 << (P - 1).bit_length()))
-    _rows_kernel()[(num_experts,)](experts.contiguous(), table, counts, P, max_rows, BLOCK=block, num_warps=4)
+    _rows_kernel()[(num_experts,)](experts.contiguous(), table, counts, P, max_rows, BLOCK_P=1024, num_warps=4)
     return table, counts
 
 
-def expert_rows_reference(experts: torch.Tensor, num_experts: int,
-                          max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`expert_rows` in PyTorch (entries past an expert's count are -1)."""
+def expert_rows_reference(experts: torch.Tensor, num_experts: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`expert_rows` in PyTorch (entries past a count are -1)."""
     P = experts.numel()
     order = torch.argsort(experts, stable=True)                                        # rows in expert order
     counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device)
@@ -107,17 +106,16 @@ def _rows_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(experts_ptr, table_ptr, counts_ptr, P, max_rows, BLOCK: tl.constexpr):
-        # program e: scan the routed experts BLOCK at a time; a row routed to e goes to place (rows of e before it)
+    def kernel(experts_ptr, table_ptr, counts_ptr, P, max_rows, BLOCK_P: tl.constexpr):
         e = tl.program_id(0)
-        found = tl.zeros((), dtype=tl.int32)
-        for p0 in range(0, P, BLOCK):
-            offs = p0 + tl.arange(0, BLOCK)
-            hit = (tl.load(experts_ptr + offs, mask=offs < P, other=-1) == e).to(tl.int32)          # (BLOCK,)
-            place = found + tl.cumsum(hit, 0) - hit
-            tl.store(table_ptr + e.to(tl.int64) * max_rows + place, offs.to(tl.int32), mask=hit == 1)
-            found += tl.sum(hit, 0)
-        tl.store(counts_ptr + e, found)
+        count = tl.zeros((), dtype=tl.int32)
+        for p0 in range(0, P, BLOCK_P):
+            offs = p0 + tl.arange(0, BLOCK_P)
+            hit = (tl.load(experts_ptr + offs, mask=offs < P, other=-1) == e).to(tl.int32)     # (BLOCK_P,)
+            rank = count + tl.cumsum(hit, axis=0) - 1                                            # place among e's
+            tl.store(table_ptr + e.to(tl.int64) * max_rows + rank, offs.to(tl.int32), mask=hit == 1)
+            count += tl.sum(hit, axis=0)
+        tl.store(counts_ptr + e, count)
 
     return kernel
 

@@ -125,19 +125,6 @@ def test_fused_mxfp4_matvec_equals_its_plain_twin():
             assert (fused - exact).abs().max().item() <= 1.5 * (plain - exact).abs().max().item() + EPS32 * scale
 
 
-def test_expert_rows_kernel_equals_its_twin():
-    """The table of rows per expert (one Triton program per expert) holds what the PyTorch version holds."""
-    from inference.model import kernels
-    g = torch.Generator().manual_seed(4)
-    for E, tokens, k in ((32, 1, 4), (32, 64, 4), (4, 3, 2), (128, 300, 4), (32, 4096, 4)):
-        experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)]).flatten().to(CUDA)
-        table, counts = kernels.expert_rows(experts, E, tokens)
-        want_table, want_counts = kernels.expert_rows_reference(experts, E, tokens)
-        assert torch.equal(counts, want_counts)
-        for e in range(E):
-            assert torch.equal(table[e, :counts[e]], want_table[e, :counts[e]]), (E, tokens, e)
-
-
 def test_grouped_mxfp4_equals_its_plain_twin():
     """The batched decode step's expert kernel: up to 64 tokens, each routed to 4 distinct experts."""
     from inference.model import kernels, mxfp4
@@ -160,6 +147,21 @@ def test_grouped_mxfp4_equals_its_plain_twin():
             magnitudes = reference(x.double().abs(), blocks & 0x77)
             bound = K * EPS32 * magnitudes + torch.finfo(torch.bfloat16).eps * exact.abs()
             assert ((fused - exact).abs() <= bound).all(), (E, N, K, tokens)
+
+
+def test_expert_rows_kernel_equals_its_plain_twin():
+    """The grouped kernel's table of rows per expert: the Triton scan gives each expert the rows routed to it, in row
+    order, and their count, as the PyTorch twin does (entries past a count are never read)."""
+    from inference.model import kernels
+    g = torch.Generator().manual_seed(4)
+    for E, tokens, k in ((32, 1, 4), (4, 3, 2), (32, 64, 4), (32, 4096, 4), (128, 37, 4), (128, 300, 4)):
+        experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)]).flatten().to(CUDA)
+        table, counts = kernels.expert_rows(experts, E, tokens)
+        ref_table, ref_counts = kernels.expert_rows_reference(experts, E, tokens)
+        assert torch.equal(counts, ref_counts) and int(counts.sum()) == tokens * k
+        for e in range(E):
+            c = int(counts[e])
+            assert torch.equal(table[e, :c], ref_table[e, :c]), (E, tokens, e)
 
 
 def test_cuda_graph_decoding_equals_eager_decoding(tiny_model_dir, adapter_dir):

@@ -6,7 +6,7 @@ of ``--prompt-tokens`` tokens, then for each batch size prints
 - the wall time of a decode step replayed as a CUDA graph (what serving runs), and the tokens/s it implies;
 - the same step run eagerly under ``torch.profiler``: GPU time summed over its kernels, their count, and the kernels
   that take most of it, grouped by name (what to fuse or speed up next);
-- a prefill of ``b`` prompts (eager, as the scheduler runs it).
+- a prefill of ``b`` prompts (eager, as the scheduler runs it), and the kernels of a prefill of one prompt.
 
     python benchmarks/make_checkpoint.py --shape 20b /dev/shm/m20
     python benchmarks/decode_profile.py --model /dev/shm/m20 --batch-sizes 1,16,64 --json out.json
@@ -69,7 +69,7 @@ def measure(model, b: int, args, cuda: bool) -> dict:
     prefill(b)                        # compiles
     prefill_ms = timed(lambda: prefill(b))
     prefill_one_ms = timed(lambda: prefill(1))    # one new prompt alone, as a server admits it
-    pre_gpu_ms, pre_count, _ = kernels(lambda: prefill(1)) if cuda else (0.0, 0, [])
+    pre_gpu_ms, pre_count, pre_top = kernels(lambda: prefill(1)) if cuda else (0.0, 0, [])
     tokens = prefill(b).argmax(-1).tolist()
     pages = cache.pages_for(length)
 
@@ -85,7 +85,8 @@ def measure(model, b: int, args, cuda: bool) -> dict:
     return dict(batch=b, replay_ms=round(replay_ms, 3), tokens_per_s=round(b * 1000 / replay_ms, 1),
                 eager_kernel_ms=round(gpu_ms, 3), kernels=count, prefill_tokens=b * args.prompt_tokens,
                 prefill_ms=round(prefill_ms, 1), prefill_one_ms=round(prefill_one_ms, 1),
-                prefill_one_kernel_ms=round(pre_gpu_ms, 3), prefill_one_kernels=pre_count, top=top[:args.top])
+                prefill_one_kernel_ms=round(pre_gpu_ms, 3), prefill_one_kernels=pre_count, top=top[:args.top],
+                prefill_one_top=pre_top[:args.top])
 
 
 def timed(fn) -> float:
@@ -120,6 +121,9 @@ def main() -> None:
               f"{args.prompt_tokens} tokens {row['prefill_ms']:.1f} ms, of one {row['prefill_one_ms']:.1f} ms "
               f"({row['prefill_one_kernels']} kernels, {row['prefill_one_kernel_ms']:.2f} ms of GPU time)", flush=True)
         for name, ms, c in row["top"]:
+            print(f"   {ms:8.3f} ms  {c:5d}x  {name}")
+        print("  prefill of one prompt, by kernel:")
+        for name, ms, c in row["prefill_one_top"]:
             print(f"   {ms:8.3f} ms  {c:5d}x  {name}")
         if cuda:
             torch.cuda.empty_cache()

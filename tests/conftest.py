@@ -64,13 +64,28 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Files with the most slow tests (whole training runs, notebooks, exports) first, the rest after, each file's
-    tests in their order. The suite hands whole files to its workers (``--dist loadfile``, so a file's module
-    fixtures are built once) in collection order, a few to each worker at first, round robin: a long file that comes
-    last runs alone at the end while the other worker idles, and the heavy files dealt in turn share out evenly."""
+    """The order whole files are handed to the workers (``--dist loadfile``, so a file's module fixtures are built
+    once; ``--no-loadscope-reorder`` in pyproject.toml keeps this order, where pytest-xdist would sort the files by
+    their number of tests and deal the two longest, which have two tests each, out last to run alone while the other
+    worker idled). A worker takes the next file when it has two tests or fewer left, so the heavy files go first:
+
+    1. the first file that uses the shared demo run (``demo_run``): it starts training it at once;
+    2. the other files with slow tests (whole training runs, notebooks, servers), most slow tests first;
+    3. the other files that use the demo run: by the time a worker takes one, the demo is trained and it does not
+       sit waiting on the demo's lock;
+    4. the rest, in collection order. Each file's tests keep their order."""
     import collections
     slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])     # stable: files and tests otherwise keep their order
+    demo = [item.path for item in items if "demo_run" in item.fixturenames]
+
+    def group(path) -> tuple[int, int]:
+        if demo and path == demo[0]:
+            return 0, 0
+        if path in demo:
+            return 2, 0
+        return (1, -slow[path]) if slow[path] else (3, 0)
+
+    items.sort(key=lambda item: group(item.path))   # stable: files and tests otherwise keep collection order
 
 
 @pytest.fixture(autouse=True)

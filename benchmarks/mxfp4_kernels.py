@@ -7,7 +7,8 @@ expert by expert) within the bound the GPU tests use (fp32 accumulation of exact
 bf16), then timed with ``triton.testing.do_bench`` (median). Printed: microseconds and the bandwidth the routed
 experts' bytes imply (the floor is those bytes at the card's memory speed: about 3 TB/s on an H100). Kernels:
 ``grouped`` (``inference.model.kernels.mxfp4_grouped``, what a step of several tokens runs) and ``matvec``
-(``mxfp4_matvec``, one token).
+(``mxfp4_matvec``, one token), each with the general decode and with ``fast`` (``_fast`` in the name: the bf16
+decode the runtime uses when a weight's scales fit, ``kernels.scales_fit_bf16``; the random weights here do).
 
     python benchmarks/mxfp4_kernels.py --shape 20b --json out.json
 
@@ -43,14 +44,16 @@ def exact_products(x: torch.Tensor, blocks, scales, experts: torch.Tensor, absol
 
 
 def variants(tokens: int) -> list[str]:
-    return ["grouped", "matvec"] if tokens * 4 <= 32 else ["grouped"]
+    names = ["grouped", "grouped_fast"]
+    return names + ["matvec", "matvec_fast"] if tokens * 4 <= 32 else names
 
 
 def run(name: str, x, blocks, scales, experts, tokens, rows):
     from inference.model import kernels
-    if name == "grouped":
-        return kernels.mxfp4_grouped(x, blocks, scales, experts, tokens, rows)
-    return kernels.mxfp4_matvec(x, blocks, scales, experts)
+    fast = name.endswith("_fast")
+    if name.startswith("grouped"):
+        return kernels.mxfp4_grouped(x, blocks, scales, experts, tokens, rows, fast=fast)
+    return kernels.mxfp4_matvec(x, blocks, scales, experts, fast=fast)
 
 
 def main() -> None:

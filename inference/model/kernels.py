@@ -16,6 +16,10 @@ once and multiplies it with every row routed to the expert (a tensor-core ``dot`
 once per step however many sequences chose it, and an expert no row chose is not read at all. The rows of each
 expert are found on the device (no host synchronisation), so the step can be captured as a CUDA graph. Its twin is
 :func:`mxfp4_matvec_reference`.
+
+Both take ``fast``: when every scale byte of the weight is at most :data:`FAST_MAX_SCALE` (:func:`scales_fit_bf16`,
+checked once per weight; every real checkpoint's are), four packed bytes become eight bf16 weights in a few 32-bit
+integer operations and two packed bf16 multiplies (``_fp4_pairs``), exactly, instead of a decode through fp32.
 """
 
 from __future__ import annotations
@@ -49,23 +53,37 @@ def available() -> bool:
     return True
 
 
-def mxfp4_matvec(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """:func:`mxfp4_matvec_reference`, fused: the result is in ``x.dtype``, accumulated in fp32."""
+def mxfp4_matvec(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor,
+                 fast: bool = False) -> torch.Tensor:
+    """:func:`mxfp4_matvec_reference`, fused: the result is in ``x.dtype``, accumulated in fp32. ``fast``: the
+    weight's scales fit :data:`FAST_MAX_SCALE` (:func:`scales_fit_bf16`)."""
     n, K = x.shape
     E, N, G, half_group = blocks.shape
     if K != G * 32 or half_group != 16:
         raise ValueError(f"x has {K} features, blocks hold {G * 32}")
     out = torch.empty(n, N, dtype=torch.float32, device=x.device)
-    grid = (n, -(-N // _BLOCK_N))
+    block_n, block_k, warps = _MATVEC_FAST if fast else _MATVEC
+    grid = (n, -(-N // block_n))
     _kernel()[grid](x.contiguous(), blocks, scales, experts.contiguous(), out, N, K,
                     blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-                    BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=4)
+                    BLOCK_N=block_n, BLOCK_K=block_k, FAST=fast, num_warps=warps)
     return out.to(x.dtype)
 
 
-_BLOCK_N, _BLOCK_K = 16, 256   # output rows and input features per step (K need not be a multiple: masked);
-# 16 x 256 with 4 warps was the fastest of the tiles tried at gpt-oss-20b shapes on an H100 (74/45 us for the two
-# projections of one token, 89/51 with 32 x 256)
+# (output rows, input features, warps) per program and step (K need not be a multiple: masked). _MATVEC: 16 x 256
+# with 4 warps was the fastest of the tiles tried at gpt-oss-20b shapes on an H100 (74/45 us for the two projections
+# of one token, 89/51 with 32 x 256). _MATVEC_FAST: see benchmarks/results/mxfp4_kernels-20b-h100-2026-12-07b.json.
+_MATVEC = (16, 256, 4)
+_MATVEC_FAST = (16, 256, 4)
+
+FAST_MAX_SCALE = 128   # E8M0 bytes up to this: 2^(s - 1), the factor _fp4_pairs multiplies by, is a normal bf16
+
+
+def scales_fit_bf16(scales: torch.Tensor) -> bool:
+    """Whether every E8M0 byte of ``scales`` is at most :data:`FAST_MAX_SCALE`, so the kernels' ``fast`` decode is
+    exact (a decoded weight of at most 6 * 2^(128 - 127) = 12; real checkpoints' are far smaller). One read back to
+    the host: call it once per weight, never inside a captured step."""
+    return int(scales.max()) <= FAST_MAX_SCALE
 
 GROUPED_MAX_TOKENS = 4096   # a prefill chunk's tokens at most (the table of rows per expert is E x tokens)
 
@@ -121,11 +139,13 @@ def _rows_kernel():
 
 
 def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor,
-                  tokens: int, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  tokens: int, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  fast: bool = False) -> torch.Tensor:
     """:func:`mxfp4_matvec_reference` for ``x (P, K)`` rows of at most ``tokens`` tokens (P = tokens * k, a token
     routed to each expert at most once, so an expert has at most ``tokens`` rows): bf16/fp16 ``x``, fp32
     accumulation, result in ``x.dtype``. An expert's rows are taken ``BLOCK_M`` at a time. ``rows``:
-    :func:`expert_rows` of ``experts`` when the caller already has it (both projections of a layer share it)."""
+    :func:`expert_rows` of ``experts`` when the caller already has it (both projections of a layer share it).
+    ``fast``: the weight's scales fit :data:`FAST_MAX_SCALE` (:func:`scales_fit_bf16`); used for bf16 ``x``."""
     P, K = x.shape
     E, N, G, half_group = blocks.shape
     if K != G * 32 or half_group != 16:
@@ -140,20 +160,27 @@ def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, e
     # won the kernel benchmark with routing spread evenly (416 vs 620 us for gate_up at 64 tokens) but lost end to
     # end (64 sequences: 1,625 vs 3,170 tokens/s in benchmarks/decode_speed.py), most likely because real routing
     # gives some experts many rows and per_group decodes the weights again for every 16 of them (not profiled).
-    per_group = block_m == 16
+    fast = fast and x.dtype == torch.bfloat16 and block_m >= _GROUPED_FAST_MIN_M
+    per_group = block_m == 16 and not fast
     # Triton's tl.dot_scaled (the compiler decodes MXFP4 in registers on Hopper) was measured against this kernel and
     # mxfp4_matvec at gpt-oss-20b shapes on an H100 (benchmarks/results/mxfp4_kernels-20b-h100-2026-12-07.json, from
     # commit 0de6428): right only with the weights as its left operand, and then 1.3-1.7x slower from 16 tokens up
     # and no faster than mxfp4_matvec at one token (74.8 vs 74.8 us for gate_up, 41.3 vs 45.4 for down). Not used.
-    block_n, block_k, warps = (128, 32, 4) if per_group else (64, 64, 8)
+    block_n, block_k, warps = (128, 32, 4) if per_group else _GROUPED_FAST if fast else (64, 64, 8)
     table, counts = rows if rows is not None else expert_rows(experts, E, tokens)
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
     grid = (E, -(-N // block_n))
     _grouped_kernel()[grid](x.contiguous(), blocks, scales, table, counts, out, N, K, tokens,
                             blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PER_GROUP=per_group,
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PER_GROUP=per_group, FAST=fast,
                             num_warps=warps)
     return out
+
+
+# The fast decode's tile (outputs, input features, warps), and the fewest rows per block it is used from (below it,
+# the per-group path): see benchmarks/results/mxfp4_kernels-20b-h100-2026-12-07b.json.
+_GROUPED_FAST = (64, 64, 8)
+_GROUPED_FAST_MIN_M = 16
 
 
 @functools.lru_cache(maxsize=1)
@@ -166,7 +193,7 @@ def _grouped_kernel():
     @triton.jit
     def kernel(x_ptr, blocks_ptr, scales_ptr, table_ptr, counts_ptr, y_ptr, N, K, max_rows, stride_be, stride_bn,
                stride_se, stride_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               PER_GROUP: tl.constexpr):
+               PER_GROUP: tl.constexpr, FAST: tl.constexpr):
         e = tl.program_id(0)
         count = tl.load(counts_ptr + e)
         if count == 0:          # no row chose this expert: its weights are not read
@@ -181,7 +208,7 @@ def _grouped_kernel():
             mask_m = offs_m < count
             rows = tl.load(table_ptr + e64 * max_rows + offs_m, mask=mask_m, other=0).to(tl.int64)   # (M,)
             _grouped_rows(x_ptr, y_ptr, rows, mask_m, w_rows, s_rows, offs_n, mask_n, N, K,
-                          BLOCK_M, BLOCK_N, BLOCK_K, PER_GROUP)
+                          BLOCK_M, BLOCK_N, BLOCK_K, PER_GROUP, FAST)
 
     return kernel
 
@@ -192,10 +219,11 @@ def _grouped_rows_fn():
     import triton.language as tl
 
     pow2_pair, (e4m3_low, e4m3_high) = _pow2_pair(), _e4m3()
+    fp4_pairs, factor_bf16 = _fp4_pairs()
 
     @triton.jit
     def rows_block(x_ptr, y_ptr, rows, mask_m, w_rows, s_rows, offs_n, mask_n, N, K, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_GROUP: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_GROUP: tl.constexpr, FAST: tl.constexpr):
         """``y[rows, offs_n] = x[rows] @ W[offs_n]^T`` for one block of an expert's rows.
 
         Scales multiply as ``(v * (lo * 64)) * hi`` (``pow2_pair``), so byte 255 overflows only where the product
@@ -216,6 +244,21 @@ def _grouped_rows_fn():
                 part = tl.dot(x_even, tl.trans(e4m3_low(packed).to(x_even.dtype)))
                 part = tl.dot(x_odd, tl.trans(e4m3_high(packed).to(x_odd.dtype)), part)                # (M, N)
                 acc += part * tl.reshape(lo * 64.0, (1, BLOCK_N)) * tl.reshape(hi, (1, BLOCK_N))
+        elif FAST:
+            # exact bf16 weights straight from the packed bytes (_fp4_pairs), each byte's scale gathered with it; the
+            # even and odd values of a K tile are two dots against the even and odd columns of x, so no interleave
+            offs_j = tl.arange(0, BLOCK_K // 2)              # byte j holds values 2j (low nibble) and 2j + 1
+            offs_k = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                mask_w = mask_n[:, None] & (k0 + 2 * offs_j < K)[None, :]
+                packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=mask_w, other=0)              # (N, K/2)
+                exponent = tl.load(s_rows + (k0 // 32 + offs_j // 16)[None, :], mask=mask_w, other=127)   # (N, K/2)
+                w_even, w_odd = fp4_pairs(packed, factor_bf16(exponent))                                 # (N, K/2)
+                xs = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
+                             mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)               # (M, K)
+                x_even, x_odd = tl.split(tl.reshape(xs, (BLOCK_M, BLOCK_K // 2, 2)))                    # (M, K/2)
+                acc = tl.dot(x_even, tl.trans(w_even), acc)
+                acc = tl.dot(x_odd, tl.trans(w_odd), acc)
         else:
             offs_j = tl.arange(0, BLOCK_K // 2)              # byte j holds values 2j (low nibble) and 2j + 1
             offs_g = tl.arange(0, BLOCK_K // 32)
@@ -258,6 +301,45 @@ def _e4m3():
         return ((packed & 0x80) | ((packed & 0x70) >> 2)).to(tl.float8e4nv, bitcast=True)
 
     return e4m3_low, e4m3_high
+
+
+@functools.lru_cache(maxsize=1)
+def _fp4_pairs():
+    import triton
+    import triton.language as tl
+
+    # $4: four packed bytes; $5, $6: their factors as two bf16x2 words; out: $0, $1 the low nibbles of bytes (0, 1)
+    # and (2, 3), $2, $3 their high nibbles, each word two bf16 lanes. Per pair of bytes: prmt puts them in the low
+    # bytes of the two 16-bit lanes, then for each nibble the sign (bit 3 or 7) is shifted to bit 15 and the e2m1
+    # bits (0..2 or 4..6) to bits 6..8 of its lane, masked, joined and multiplied by the factors.
+    pair = """
+        prmt.b32 t, $4, 0, {select};
+        shl.b32 u, t, 12; and.b32 u, u, 0x80008000; shl.b32 v, t, 6; and.b32 v, v, 0x01C001C0; or.b32 u, u, v;
+        mul.rn.bf16x2 ${low}, u, ${factor};
+        shl.b32 u, t, 8; and.b32 u, u, 0x80008000; shl.b32 v, t, 2; and.b32 v, v, 0x01C001C0; or.b32 u, u, v;
+        mul.rn.bf16x2 ${high}, u, ${factor};"""
+    asm = tl.constexpr("{ .reg .b32 t, u, v;" + pair.format(select="0x4140", low=0, high=2, factor=5)
+                       + pair.format(select="0x4342", low=1, high=3, factor=6) + "\n}")
+
+    @triton.jit
+    def fp4_pairs(packed, factor):
+        """``(N, J)`` packed bytes and a bf16 factor per byte -> ``(even, odd)``: each byte's low and high nibble
+        decoded to bf16 and multiplied by the factor (``factor_bf16``: 2^(s - 1), which makes the value
+        ``fp4 * 2^(s - 127)``), exactly, four bytes per step in 32-bit registers.
+
+        A nibble's sign goes to bit 15 of a bf16 and its e2m1 bits to bits 6..8: that bf16 is fp4 * 2^-126 exactly
+        (bf16's exponent bias is 127, e2m1's 1; e2m1's subnormal 0.5 lands on bf16's subnormals, which the packed
+        bf16 multiply keeps). ``prmt`` spreads two bytes into the low bytes of two 16-bit lanes, then a shift and a
+        mask per field places both lanes' nibbles at once."""
+        return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r,r,r", [packed, factor], dtype=(tl.bfloat16, tl.bfloat16),
+                                         is_pure=True, pack=4)
+
+    @triton.jit
+    def factor_bf16(exponent):
+        """E8M0 byte ``s`` (at most FAST_MAX_SCALE) -> 2^(s - 1) in bf16, from its bits."""
+        return ((exponent.to(tl.int16) + 126) << 7).to(tl.bfloat16, bitcast=True)
+
+    return fp4_pairs, factor_bf16
 
 
 @functools.lru_cache(maxsize=1)
@@ -306,10 +388,11 @@ def _kernel():
     import triton.language as tl
 
     fp4, pow2_pair = _fp4(), _pow2_pair()
+    fp4_pairs, factor_bf16 = _fp4_pairs()
 
     @triton.jit
     def kernel(x_ptr, blocks_ptr, scales_ptr, experts_ptr, y_ptr, N, K, stride_be, stride_bn, stride_se, stride_sn,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr):
         row = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -318,6 +401,20 @@ def _kernel():
         offs_g = tl.arange(0, BLOCK_K // 32)                 # the groups of 32 values (16 bytes) in a step
         w_rows = blocks_ptr + e * stride_be + offs_n[:, None].to(tl.int64) * stride_bn
         s_rows = scales_ptr + e * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
+        if FAST:
+            # exact bf16 weights (fp4_pairs), products summed in a (N, K/2) fp32 tile, reduced once at the end
+            offs_k = tl.arange(0, BLOCK_K)
+            tile = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mask = mask_n[:, None] & (k0 + 2 * offs_j < K)[None, :]
+                packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=mask, other=0)              # (N, K/2)
+                exponent = tl.load(s_rows + (k0 // 32 + offs_j // 16)[None, :], mask=mask, other=127)   # (N, K/2)
+                w_even, w_odd = fp4_pairs(packed, factor_bf16(exponent))
+                xs = tl.load(x_ptr + row * K + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
+                x_even, x_odd = tl.split(tl.reshape(xs, (BLOCK_K // 2, 2)))                            # (K/2,)
+                tile += w_even.to(tl.float32) * x_even[None, :] + w_odd.to(tl.float32) * x_odd[None, :]
+            tl.store(y_ptr + row * N + offs_n, tl.sum(tile, axis=1), mask=mask_n)
+            return
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             mask_k = k0 + 2 * offs_j < K

@@ -166,6 +166,7 @@ class Experts(torch.nn.Module):
         self.alpha, self.limit, self.dtype = alpha, limit, dtype
         self.loras: dict[str, dict[str, Lora]] = {}   # adapter -> {"gate_up": Lora, "down": Lora}
         self._stacks: dict[tuple[str, ...], dict] = {}
+        self._fits: dict[str, bool] = {}              # proj -> kernels.scales_fit_bf16 of its scales
 
     def _weight(self, proj: str, e: int) -> tuple[torch.Tensor, bool]:
         """Expert ``e``'s weight for ``proj`` and whether it is ``(out, in)`` (packed) rather than ``(in, out)``."""
@@ -235,6 +236,17 @@ class Experts(torch.nn.Module):
         return (self.packed and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
                 and 1 < tokens <= kernels.GROUPED_MAX_TOKENS and kernels.available())
 
+    def _fast(self, proj: str) -> bool:
+        """Whether ``proj``'s scales allow the kernels' fast decode (:func:`kernels.scales_fit_bf16`): read once, on
+        the first eager forward (serving warms up eagerly before it captures CUDA graphs; a step captured before
+        would keep the general decode, which decodes the same weights)."""
+        fits = self._fits.get(proj)
+        if fits is None:
+            if torch.cuda.is_current_stream_capturing():
+                return False
+            fits = self._fits[proj] = kernels.scales_fit_bf16(getattr(self, proj + "_scales"))
+        return fits
+
     @property
     def num_experts(self) -> int:
         return (self.gate_up_blocks if self.packed else self.gate_up).shape[0]
@@ -266,9 +278,9 @@ class Experts(torch.nn.Module):
         if self.packed:
             blocks, scales = getattr(self, proj + "_blocks"), getattr(self, proj + "_scales")
             if rows is not None:   # several tokens: each expert read once for all its pairs
-                y = kernels.mxfp4_grouped(x, blocks, scales, flat, tokens, rows)                      # (n*k, out)
+                y = kernels.mxfp4_grouped(x, blocks, scales, flat, tokens, rows, fast=self._fast(proj))  # (n*k, out)
             elif x.is_cuda and kernels.available():   # decoded in registers (kernels.py)
-                y = kernels.mxfp4_matvec(x, blocks, scales, flat)
+                y = kernels.mxfp4_matvec(x, blocks, scales, flat, fast=self._fast(proj))
             else:                                      # decoded to memory, then bmm
                 y = kernels.mxfp4_matvec_reference(x, blocks, scales, flat)
         else:
@@ -304,6 +316,7 @@ class Experts(torch.nn.Module):
         self.register_buffer("gate_up", gate_up.to(self.dtype))
         self.register_buffer("down", down.to(self.dtype))
         self.packed = False
+        self._fits.clear()
 
 
 class KVCache:

@@ -6,6 +6,8 @@ against the fp32 reference, not to a tolerance picked to pass.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import EPS32, float64, fp32_tolerance
@@ -109,9 +111,10 @@ def test_fused_mxfp4_matvec_equals_its_plain_twin():
         w = torch.randn(E, N, K, generator=g) * 0.02
         blocks, scales = (t.to(CUDA) for t in mxfp4.pack(w))
         experts = torch.tensor([3, 0, 3, 1, 2], device=CUDA)
-        for dtype in (torch.float32, torch.bfloat16):
+        assert kernels.scales_fit_bf16(scales)
+        for dtype, fast in itertools.product((torch.float32, torch.bfloat16), (False, True)):
             x = torch.randn(len(experts), K, generator=g).to(CUDA, dtype)
-            fused = kernels.mxfp4_matvec(x, blocks, scales, experts).double()
+            fused = kernels.mxfp4_matvec(x, blocks, scales, experts, fast=fast).double()
             exact = kernels.mxfp4_matvec_reference(x.double(), blocks, scales, experts)
             plain = kernels.mxfp4_matvec_reference(x, blocks, scales, experts).double()
             # fp32 accumulation of K products (inputs exact): within K * eps32 * sum |x_k w_k| of the exact value
@@ -136,7 +139,8 @@ def test_grouped_mxfp4_equals_its_plain_twin():
             k = min(4, E)
             experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)]).flatten().to(CUDA)
             x = torch.randn(tokens * k, K, generator=g).to(CUDA, torch.bfloat16)
-            fused = kernels.mxfp4_grouped(x, blocks, scales, experts, tokens).double()
+            fused = [kernels.mxfp4_grouped(x, blocks, scales, experts, tokens, fast=fast).double()
+                     for fast in (False, True)]
 
             def reference(rows, codes):   # float64, a few rows at a time (a 20b expert decodes to 130 MB in fp64)
                 return torch.cat([kernels.mxfp4_matvec_reference(rows[i:i + 4], codes, scales, experts[i:i + 4])
@@ -146,7 +150,32 @@ def test_grouped_mxfp4_equals_its_plain_twin():
             # bf16 inputs and decoded weights are exact; fp32 accumulation, then one rounding to bf16
             magnitudes = reference(x.double().abs(), blocks & 0x77)
             bound = K * EPS32 * magnitudes + torch.finfo(torch.bfloat16).eps * exact.abs()
-            assert ((fused - exact).abs() <= bound).all(), (E, N, K, tokens)
+            for fast, y in zip((False, True), fused):
+                assert ((y - exact).abs() <= bound).all(), (E, N, K, tokens, fast)
+
+
+def test_fast_decode_is_exact_for_every_code_and_scale_it_takes():
+    """The kernels' fast decode (bf16 built from the packed bits, one packed multiply by 2^(s - 1)) on every fp4
+    code and every scale byte up to FAST_MAX_SCALE, subnormal products included (byte 0 gives 0.5 * 2^-127); a
+    weight with a larger byte is not fast, and the general decode still handles larger bytes (up to 200 here:
+    6 * 2^73, no fp32 overflow)."""
+    from inference.model import kernels
+    g = torch.Generator().manual_seed(5)
+    E, N, K, tokens, k = 8, 256, 512, 16, 4
+    blocks = torch.randint(0, 256, (E, N, K // 32, 16), generator=g, dtype=torch.uint8).to(CUDA)
+    for top, fast in ((kernels.FAST_MAX_SCALE, True), (200, False)):
+        scales = torch.randint(0, top + 1, (E, N, K // 32), generator=g, dtype=torch.uint8).to(CUDA)
+        scales[0, 0, 0] = top
+        assert kernels.scales_fit_bf16(scales) == fast
+        experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)]).flatten().to(CUDA)
+        x = (torch.randn(tokens * k, K, generator=g) * 2.0 ** -60 if not fast else
+             torch.randn(tokens * k, K, generator=g)).to(CUDA, torch.bfloat16)   # no overflow at byte 200
+        exact = kernels.mxfp4_matvec_reference(x.double(), blocks, scales, experts)
+        magnitudes = kernels.mxfp4_matvec_reference(x.double().abs(), blocks & 0x77, scales, experts)
+        bound = K * EPS32 * magnitudes + torch.finfo(torch.bfloat16).eps * exact.abs()
+        for got in (kernels.mxfp4_grouped(x, blocks, scales, experts, tokens, fast=fast),
+                    kernels.mxfp4_matvec(x, blocks, scales, experts, fast=fast)):
+            assert ((got.double() - exact).abs() <= bound).all(), (top, fast)
 
 
 def test_expert_rows_kernel_equals_its_plain_twin():

@@ -7,13 +7,14 @@ expert by expert) within the bound the GPU tests use (fp32 accumulation of exact
 bf16), then timed with ``triton.testing.do_bench`` (median). Printed: microseconds and the bandwidth the routed
 experts' bytes imply (the floor is those bytes at the card's memory speed: about 3 TB/s on an H100). Kernels:
 ``grouped`` (``inference.model.kernels.mxfp4_grouped``, what a step of several tokens runs) and ``matvec``
-(``mxfp4_matvec``, one token), each with the general decode and with ``fast`` (``_fast`` in the name: the bf16
-decode the runtime uses when a weight's scales fit, ``kernels.scales_fit_bf16``; the random weights here do).
+(``mxfp4_matvec``, one token), the latter also with ``fast`` (``matvec_fast``: the bf16 decode the runtime uses when
+a weight's scales fit, ``kernels.scales_fit_bf16``; the random weights here do).
 
     python benchmarks/mxfp4_kernels.py --shape 20b --json out.json
 
 ``benchmarks/results/mxfp4_kernels-20b-h100-2026-12-07.json`` also holds ``tl.dot_scaled`` variants, measured with
-this script at commit 0de6428 and since removed (see the comment in ``mxfp4_grouped``).
+this script at commit 0de6428 and since removed, and ``...-h200-2026-12-07-fast-decode.json`` a ``grouped_fast``
+variant, measured at commit 8181e93 and since removed (see the comments in ``mxfp4_grouped``).
 """
 
 from __future__ import annotations
@@ -44,16 +45,14 @@ def exact_products(x: torch.Tensor, blocks, scales, experts: torch.Tensor, absol
 
 
 def variants(tokens: int) -> list[str]:
-    names = ["grouped", "grouped_fast"]
-    return names + ["matvec", "matvec_fast"] if tokens * 4 <= 32 else names
+    return ["grouped", "matvec", "matvec_fast"] if tokens * 4 <= 32 else ["grouped"]
 
 
 def run(name: str, x, blocks, scales, experts, tokens, rows):
     from inference.model import kernels
-    fast = name.endswith("_fast")
-    if name.startswith("grouped"):
-        return kernels.mxfp4_grouped(x, blocks, scales, experts, tokens, rows, fast=fast)
-    return kernels.mxfp4_matvec(x, blocks, scales, experts, fast=fast)
+    if name == "grouped":
+        return kernels.mxfp4_grouped(x, blocks, scales, experts, tokens, rows)
+    return kernels.mxfp4_matvec(x, blocks, scales, experts, fast=name == "matvec_fast")
 
 
 def main() -> None:

@@ -17,9 +17,10 @@ once per step however many sequences chose it, and an expert no row chose is not
 expert are found on the device (no host synchronisation), so the step can be captured as a CUDA graph. Its twin is
 :func:`mxfp4_matvec_reference`.
 
-Both take ``fast``: when every scale byte of the weight is at most :data:`FAST_MAX_SCALE` (:func:`scales_fit_bf16`,
-checked once per weight; every real checkpoint's are), four packed bytes become eight bf16 weights in a few 32-bit
-integer operations and two packed bf16 multiplies (``_fp4_pairs``), exactly, instead of a decode through fp32.
+:func:`mxfp4_matvec` takes ``fast``: when every scale byte of the weight is at most :data:`FAST_MAX_SCALE`
+(:func:`scales_fit_bf16`, checked once per weight; every real checkpoint's are), four packed bytes become eight bf16
+weights in a few 32-bit integer operations and two packed bf16 multiplies (``_fp4_pairs``), exactly, instead of
+being decoded through fp32.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def mxfp4_matvec(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, ex
 
 # (output rows, input features, warps) per program and step (K need not be a multiple: masked). _MATVEC: 16 x 256
 # with 4 warps was the fastest of the tiles tried at gpt-oss-20b shapes on an H100 (74/45 us for the two projections
-# of one token, 89/51 with 32 x 256). _MATVEC_FAST: see benchmarks/results/mxfp4_kernels-20b-h100-2026-12-07b.json.
+# of one token, 89/51 with 32 x 256). _MATVEC_FAST, the same tile with the fast decode: 69.2/40.8 us against
+# 74.0/45.9 with the general decode, one H200, the same run (benchmarks/results/mxfp4_kernels-20b-h200-2026-12-07-
+# fast-decode.json; other tiles not tried).
 _MATVEC = (16, 256, 4)
 _MATVEC_FAST = (16, 256, 4)
 
@@ -80,9 +83,9 @@ FAST_MAX_SCALE = 128   # E8M0 bytes up to this: 2^(s - 1), the factor _fp4_pairs
 
 
 def scales_fit_bf16(scales: torch.Tensor) -> bool:
-    """Whether every E8M0 byte of ``scales`` is at most :data:`FAST_MAX_SCALE`, so the kernels' ``fast`` decode is
-    exact (a decoded weight of at most 6 * 2^(128 - 127) = 12; real checkpoints' are far smaller). One read back to
-    the host: call it once per weight, never inside a captured step."""
+    """Whether every E8M0 byte of ``scales`` is at most :data:`FAST_MAX_SCALE`, so :func:`mxfp4_matvec`'s ``fast``
+    decode is exact (a decoded weight of at most 6 * 2^(128 - 127) = 12; real checkpoints' are far smaller). One
+    read back to the host: call it once per weight, never inside a captured step."""
     return int(scales.max()) <= FAST_MAX_SCALE
 
 GROUPED_MAX_TOKENS = 4096   # a prefill chunk's tokens at most (the table of rows per expert is E x tokens)
@@ -139,13 +142,11 @@ def _rows_kernel():
 
 
 def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor,
-                  tokens: int, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  fast: bool = False) -> torch.Tensor:
+                  tokens: int, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`mxfp4_matvec_reference` for ``x (P, K)`` rows of at most ``tokens`` tokens (P = tokens * k, a token
     routed to each expert at most once, so an expert has at most ``tokens`` rows): bf16/fp16 ``x``, fp32
     accumulation, result in ``x.dtype``. An expert's rows are taken ``BLOCK_M`` at a time. ``rows``:
-    :func:`expert_rows` of ``experts`` when the caller already has it (both projections of a layer share it).
-    ``fast``: the weight's scales fit :data:`FAST_MAX_SCALE` (:func:`scales_fit_bf16`); used for bf16 ``x``."""
+    :func:`expert_rows` of ``experts`` when the caller already has it (both projections of a layer share it)."""
     P, K = x.shape
     E, N, G, half_group = blocks.shape
     if K != G * 32 or half_group != 16:
@@ -160,27 +161,26 @@ def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, e
     # won the kernel benchmark with routing spread evenly (416 vs 620 us for gate_up at 64 tokens) but lost end to
     # end (64 sequences: 1,625 vs 3,170 tokens/s in benchmarks/decode_speed.py), most likely because real routing
     # gives some experts many rows and per_group decodes the weights again for every 16 of them (not profiled).
-    fast = fast and x.dtype == torch.bfloat16 and block_m >= _GROUPED_FAST_MIN_M
-    per_group = block_m == 16 and not fast
+    per_group = block_m == 16
     # Triton's tl.dot_scaled (the compiler decodes MXFP4 in registers on Hopper) was measured against this kernel and
     # mxfp4_matvec at gpt-oss-20b shapes on an H100 (benchmarks/results/mxfp4_kernels-20b-h100-2026-12-07.json, from
     # commit 0de6428): right only with the weights as its left operand, and then 1.3-1.7x slower from 16 tokens up
     # and no faster than mxfp4_matvec at one token (74.8 vs 74.8 us for gate_up, 41.3 vs 45.4 for down). Not used.
-    block_n, block_k, warps = (128, 32, 4) if per_group else _GROUPED_FAST if fast else (64, 64, 8)
+    # mxfp4_matvec's fast decode (_fp4_pairs: bf16 straight from the packed bits, each byte's scale gathered with it,
+    # even and odd values as two dots against x's even and odd columns) was tried here too, at commit 8181e93: exact,
+    # but 460/248 us against 285/198 at 16 tokens and 1,326/690 against 558/288 at 64 on an H200
+    # (benchmarks/results/mxfp4_kernels-20b-h200-2026-12-07-fast-decode.json). A scratch twin of it that decoded with
+    # plain Triton integer ops was as slow (1,322/688 us at 64 tokens, H100), so the cost lies in that structure
+    # (probably the per-byte scale gather or the half-width dots; not profiled), not in decoding fp4. Not used.
+    block_n, block_k, warps = (128, 32, 4) if per_group else (64, 64, 8)
     table, counts = rows if rows is not None else expert_rows(experts, E, tokens)
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
     grid = (E, -(-N // block_n))
     _grouped_kernel()[grid](x.contiguous(), blocks, scales, table, counts, out, N, K, tokens,
                             blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PER_GROUP=per_group, FAST=fast,
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PER_GROUP=per_group,
                             num_warps=warps)
     return out
-
-
-# The fast decode's tile (outputs, input features, warps), and the fewest rows per block it is used from (below it,
-# the per-group path): see benchmarks/results/mxfp4_kernels-20b-h100-2026-12-07b.json.
-_GROUPED_FAST = (64, 64, 8)
-_GROUPED_FAST_MIN_M = 16
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,7 +193,7 @@ def _grouped_kernel():
     @triton.jit
     def kernel(x_ptr, blocks_ptr, scales_ptr, table_ptr, counts_ptr, y_ptr, N, K, max_rows, stride_be, stride_bn,
                stride_se, stride_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               PER_GROUP: tl.constexpr, FAST: tl.constexpr):
+               PER_GROUP: tl.constexpr):
         e = tl.program_id(0)
         count = tl.load(counts_ptr + e)
         if count == 0:          # no row chose this expert: its weights are not read
@@ -208,7 +208,7 @@ def _grouped_kernel():
             mask_m = offs_m < count
             rows = tl.load(table_ptr + e64 * max_rows + offs_m, mask=mask_m, other=0).to(tl.int64)   # (M,)
             _grouped_rows(x_ptr, y_ptr, rows, mask_m, w_rows, s_rows, offs_n, mask_n, N, K,
-                          BLOCK_M, BLOCK_N, BLOCK_K, PER_GROUP, FAST)
+                          BLOCK_M, BLOCK_N, BLOCK_K, PER_GROUP)
 
     return kernel
 
@@ -219,11 +219,10 @@ def _grouped_rows_fn():
     import triton.language as tl
 
     pow2_pair, (e4m3_low, e4m3_high) = _pow2_pair(), _e4m3()
-    fp4_pairs, factor_bf16 = _fp4_pairs()
 
     @triton.jit
     def rows_block(x_ptr, y_ptr, rows, mask_m, w_rows, s_rows, offs_n, mask_n, N, K, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_GROUP: tl.constexpr, FAST: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_GROUP: tl.constexpr):
         """``y[rows, offs_n] = x[rows] @ W[offs_n]^T`` for one block of an expert's rows.
 
         Scales multiply as ``(v * (lo * 64)) * hi`` (``pow2_pair``), so byte 255 overflows only where the product
@@ -244,21 +243,6 @@ def _grouped_rows_fn():
                 part = tl.dot(x_even, tl.trans(e4m3_low(packed).to(x_even.dtype)))
                 part = tl.dot(x_odd, tl.trans(e4m3_high(packed).to(x_odd.dtype)), part)                # (M, N)
                 acc += part * tl.reshape(lo * 64.0, (1, BLOCK_N)) * tl.reshape(hi, (1, BLOCK_N))
-        elif FAST:
-            # exact bf16 weights straight from the packed bytes (_fp4_pairs), each byte's scale gathered with it; the
-            # even and odd values of a K tile are two dots against the even and odd columns of x, so no interleave
-            offs_j = tl.arange(0, BLOCK_K // 2)              # byte j holds values 2j (low nibble) and 2j + 1
-            offs_k = tl.arange(0, BLOCK_K)
-            for k0 in range(0, K, BLOCK_K):
-                mask_w = mask_n[:, None] & (k0 + 2 * offs_j < K)[None, :]
-                packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :], mask=mask_w, other=0)              # (N, K/2)
-                exponent = tl.load(s_rows + (k0 // 32 + offs_j // 16)[None, :], mask=mask_w, other=127)   # (N, K/2)
-                w_even, w_odd = fp4_pairs(packed, factor_bf16(exponent))                                 # (N, K/2)
-                xs = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
-                             mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)               # (M, K)
-                x_even, x_odd = tl.split(tl.reshape(xs, (BLOCK_M, BLOCK_K // 2, 2)))                    # (M, K/2)
-                acc = tl.dot(x_even, tl.trans(w_even), acc)
-                acc = tl.dot(x_odd, tl.trans(w_odd), acc)
         else:
             offs_j = tl.arange(0, BLOCK_K // 2)              # byte j holds values 2j (low nibble) and 2j + 1
             offs_g = tl.arange(0, BLOCK_K // 32)

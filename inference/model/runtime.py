@@ -278,7 +278,7 @@ class Experts(torch.nn.Module):
         if self.packed:
             blocks, scales = getattr(self, proj + "_blocks"), getattr(self, proj + "_scales")
             if rows is not None:   # several tokens: each expert read once for all its pairs
-                y = kernels.mxfp4_grouped(x, blocks, scales, flat, tokens, rows, fast=self._fast(proj))  # (n*k, out)
+                y = kernels.mxfp4_grouped(x, blocks, scales, flat, tokens, rows)                      # (n*k, out)
             elif x.is_cuda and kernels.available():   # decoded in registers (kernels.py)
                 y = kernels.mxfp4_matvec(x, blocks, scales, flat, fast=self._fast(proj))
             else:                                      # decoded to memory, then bmm

@@ -63,7 +63,7 @@ def mxfp4_matvec(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, ex
     if K != G * 32 or half_group != 16:
         raise ValueError(f"x has {K} features, blocks hold {G * 32}")
     out = torch.empty(n, N, dtype=torch.float32, device=x.device)
-    block_n, block_k, warps = _MATVEC_FAST if fast else _MATVEC
+    block_n, block_k, warps = _MATVEC
     grid = (n, -(-N // block_n))
     _kernel()[grid](x.contiguous(), blocks, scales, experts.contiguous(), out, N, K,
                     blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
@@ -71,13 +71,12 @@ def mxfp4_matvec(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, ex
     return out.to(x.dtype)
 
 
-# (output rows, input features, warps) per program and step (K need not be a multiple: masked). _MATVEC: 16 x 256
-# with 4 warps was the fastest of the tiles tried at gpt-oss-20b shapes on an H100 (74/45 us for the two projections
-# of one token, 89/51 with 32 x 256). _MATVEC_FAST, the same tile with the fast decode: 69.2/40.8 us against
-# 74.0/45.9 with the general decode, one H200, the same run (benchmarks/results/mxfp4_kernels-20b-h200-2026-12-07-
-# fast-decode.json; other tiles not tried).
+# (output rows, input features, warps) per program and step (K need not be a multiple: masked): 16 x 256 with 4 warps
+# was the fastest of the tiles tried at gpt-oss-20b shapes on an H100 (74/45 us for the two projections of one
+# token, 89/51 with 32 x 256). The fast decode uses the same tile (no other tried): 69.2/40.8 us against 74.0/45.9
+# with the general decode, one H200, the same run (benchmarks/results/mxfp4_kernels-20b-h200-2026-12-07-fast-
+# decode.json).
 _MATVEC = (16, 256, 4)
-_MATVEC_FAST = (16, 256, 4)
 
 FAST_MAX_SCALE = 128   # E8M0 bytes up to this: 2^(s - 1), the factor _fp4_pairs multiplies by, is a normal bf16
 
@@ -87,6 +86,7 @@ def scales_fit_bf16(scales: torch.Tensor) -> bool:
     decode is exact (a decoded weight of at most 6 * 2^(128 - 127) = 12; real checkpoints' are far smaller). One
     read back to the host: call it once per weight, never inside a captured step."""
     return int(scales.max()) <= FAST_MAX_SCALE
+
 
 GROUPED_MAX_TOKENS = 4096   # a prefill chunk's tokens at most (the table of rows per expert is E x tokens)
 

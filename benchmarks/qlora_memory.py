@@ -81,14 +81,31 @@ def build_packed(cfg, device: torch.device, dtype: torch.dtype, host_embedding: 
     return model
 
 
-def recipe_for(args, batch: int, seq: int):
+def recipe_for(args, batch: int, seq: int, offload: bool = False, tile: int = 0):
     from finetune.recipe import load_recipe
     root = Path(__file__).resolve().parent.parent
     return load_recipe(root / "recipes" / "gpt-oss-20b-lora.yaml", [
         "model.device=cuda" if args.device == "cuda" else "model.device=cpu", f"model.quantization={args.quantization}",
         f"model.embedding={args.embedding}", f"lora.r={args.rank}", f"lora.alpha={2 * args.rank}",
         f"train.batch_size={batch}", f"data.max_length={seq}", f"train.optimizer={args.optimizer}",
-        "train.gradient_checkpointing=true"])
+        "train.gradient_checkpointing=true", f"train.offload_activations={str(offload).lower()}",
+        f"train.mlp_tile_tokens={tile}", "train.kernels=fast"])
+
+
+def parse_run(spec: str) -> dict:
+    """``BATCHxSEQ[:o][:tN][:wN]``: o offloads the layer inputs, tN tiles the MoE blocks by N tokens, wN overrides
+    --warmup for this run (e.g. w0 for the longest sequences once the kernels are compiled)."""
+    size, *flags = spec.split(":")
+    batch, seq = (int(x) for x in size.split("x"))
+    run = {"batch": batch, "seq": seq, "offload": False, "tile": 0, "warmup": None}
+    for flag in flags:
+        if flag == "o":
+            run["offload"] = True
+        elif flag[:1] in ("t", "w") and flag[1:].isdigit():
+            run["tile" if flag[0] == "t" else "warmup"] = int(flag[1:])
+        else:
+            raise SystemExit(f"--runs: unknown flag {flag!r} in {spec!r} (o, tN, wN)")
+    return run
 
 
 def make_optimizer(params, name: str):
@@ -104,7 +121,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", choices=("20b", "120b", "tiny"), default="20b")
-    ap.add_argument("--runs", default="1x2048,2x2048,4x2048,1x8192", help="comma-separated BATCHxSEQ")
+    ap.add_argument("--runs", default="1x2048,2x2048,4x2048,1x8192",
+                    help="comma-separated BATCHxSEQ[:o][:tN][:wN] (o: train.offload_activations, tN: "
+                         "train.mlp_tile_tokens=N, wN: N warm-up steps for this run)")
+    ap.add_argument("--levers", default="", help="o, tN or both (o:t8192) for the --longest probes")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--quantization", default="mxfp4", choices=("mxfp4", "nf4"))
     ap.add_argument("--optimizer", default="adamw_8bit", choices=("adamw_torch", "adamw_8bit", "sgd"))
@@ -132,7 +152,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     cfg = config_for(args.shape)
-    first = [int(x) for x in args.runs.split(",")[0].split("x")]
+    first = [int(x) for x in args.runs.split(",")[0].split(":")[0].split("x")]
     plan = estimate(recipe_for(args, *first), cfg, device=device.type)
     host_embedding = cuda and plan.embedding == "cpu"
     from finetune.kernels import experts as moe
@@ -162,8 +182,18 @@ def main() -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = make_optimizer(params, args.optimizer)
-    fastpath.enable(pm)
-    fastpath.enable_checkpointing(pm)   # as the Trainer installs it for train.gradient_checkpointing=true
+    levers = {}
+
+    def use_levers(offload: bool, tile: int):
+        """Our path with these levers, checkpointing installed as the Trainer installs it."""
+        if levers == {"offload": offload, "tile": tile}:
+            return
+        fastpath.disable(pm)
+        fastpath.enable(pm, mlp_tile=tile)
+        fastpath.enable_checkpointing(pm, offload=offload)
+        levers.update(offload=offload, tile=tile)
+
+    use_levers(False, 0)
     pm.train()
     res["build_s"] = round(time.perf_counter() - t0, 1)
     res["lora_trainable_M"] = round(coverage["trainable"] / 1e6, 1)
@@ -182,10 +212,11 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def measure(batch: int, seq: int, steps: int, warmup: int) -> dict:
+    def measure(batch: int, seq: int, steps: int, warmup: int, offload: bool = False, tile: int = 0) -> dict:
         gen = torch.Generator(device="cpu").manual_seed(seq * 10 + batch)
-        row = {"batch": batch, "seq": seq}
-        est = estimate(recipe_for(args, batch, seq), cfg, device=device.type)
+        row = {"batch": batch, "seq": seq, "offload": offload, "mlp_tile_tokens": tile}
+        use_levers(offload, tile)
+        est = estimate(recipe_for(args, batch, seq, offload, tile), cfg, device=device.type)
         row["estimate_GiB"] = round(est.peak_bytes / 2**30, 2)
         row["estimate"] = {k: round(v / 2**30, 3) for k, v in est.gpu.items()}
         if cuda:
@@ -210,15 +241,19 @@ def main() -> None:
         if steps:
             row["step_s"] = round(statistics.median(times[warmup:]), 3)
             row["tok_s"] = round(batch * seq / row["step_s"])
+        import resource
+        row["host_max_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # so far
         if cuda:
             row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             row["reserved_GiB"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
             row["estimate_error"] = round(row["estimate_GiB"] / row["peak_GiB"] - 1, 3)
         return row
 
-    for run in args.runs.split(","):
-        batch, seq = (int(x) for x in run.split("x"))
-        row = measure(batch, seq, args.steps, args.warmup)
+    for spec in args.runs.split(","):
+        run = parse_run(spec)
+        batch, seq = run["batch"], run["seq"]
+        row = measure(batch, seq, args.steps, args.warmup if run["warmup"] is None else run["warmup"],
+                      run["offload"], run["tile"])
         res["runs"].append(row)
         print(f"  {batch} x {seq}: {json.dumps({k: v for k, v in row.items() if k != 'estimate'})}", flush=True)
         save()
@@ -241,8 +276,9 @@ def main() -> None:
     if args.longest:
         budgets = [float(b) for b in args.budget_gib.split(",")]
         probes = []
-        for seq in (2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536):
-            row = measure(1, seq, 0, 1)
+        probe_levers = parse_run("1x1" + (":" + args.levers if args.levers else ""))
+        for seq in (2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536, 98304, 131072):
+            row = measure(1, seq, 0, 1, probe_levers["offload"], probe_levers["tile"])
             probes.append(row)
             print(f"  probe 1 x {seq}: {json.dumps({k: v for k, v in row.items() if k != 'estimate'})}", flush=True)
             if "error" in row or row.get("peak_GiB", 0) > max(budgets):
@@ -254,10 +290,13 @@ def main() -> None:
         print(f"longest sequence (batch 1) within each budget (GiB): {res['longest_seq_within_budget']}", flush=True)
         save()
 
-    print("\n| batch x seq | peak GiB (reserved) | estimate GiB (error) | tokens/s |")
-    print("|---|---|---|---|")
+    print("\n| batch x seq | levers | peak GiB (reserved) | estimate GiB (error) | tokens/s |")
+    print("|---|---|---|---|---|")
     for row in res["runs"]:
-        print(f"| {row['batch']} x {row['seq']} | {row.get('peak_GiB', '-')} ({row.get('reserved_GiB', '-')}) | "
+        lever = "+".join((["offload"] if row["offload"] else []) +
+                         ([f"tiles of {row['mlp_tile_tokens']}"] if row["mlp_tile_tokens"] else [])) or "-"
+        print(f"| {row['batch']} x {row['seq']} | {lever} | {row.get('peak_GiB', '-')} "
+              f"({row.get('reserved_GiB', '-')}) | "
               f"{row['estimate_GiB']} ({row.get('estimate_error', '-')}) | {row.get('tok_s', row.get('error'))} |")
     save()
 

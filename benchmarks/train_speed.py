@@ -123,6 +123,80 @@ def print_histogram(hist):
           f"(layer, expert) pairs with no rows: {hist['experts_unused_any_layer']}")
 
 
+def length_mix(n: int, longest: int, seed: int = 0) -> list[int]:
+    """``n`` conversation lengths, log-normal around a 600-token median (sigma 0.9: a tenth under 190 tokens, a tenth
+    over 1,900), clipped to [32, longest]: chat SFT data is mostly short with a long tail."""
+    import math
+    import random
+    r = random.Random(seed)
+    return [min(longest, max(32, round(r.lognormvariate(math.log(600), 0.9)))) for _ in range(n)]
+
+
+def measure_packing(args, pm, opt, device, width: int, use) -> dict:
+    """Our path on the same sequences, padded (batches of ``--tokens // width`` sequences, each padded to its
+    longest, as the Trainer's collate pads) and packed (rows of ``width`` tokens, as many rows a step): real tokens
+    per second over all steps after one warm-up step each."""
+    from finetune.data.packing import plan
+    from finetune.kernels.loss import weighted_loss_sum
+    from finetune.model import fastpath
+    from finetune.train.trainer import packed_inputs
+    rows_per_step = max(1, args.tokens // width)
+    lengths = length_mix(args.packing, width)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    seqs = [torch.randint(0, 199_000, (n,), generator=gen) for n in lengths]
+    use("ours")
+
+    def batches(packed: bool):
+        groups = plan(lengths, width) if packed else [list(range(i, min(i + rows_per_step, len(seqs))))
+                                                      for i in range(0, len(seqs), rows_per_step)]
+        steps = [groups[i:i + rows_per_step] for i in range(0, len(groups), rows_per_step)] if packed \
+            else [[g] for g in groups]
+        for step in steps:
+            rows = [torch.cat([seqs[i] for i in row]) for row in step] if packed else [seqs[i] for i in step[0]]
+            longest = width if packed else max(len(r) for r in rows)
+            ids = torch.zeros(len(rows), longest, dtype=torch.long)
+            mask, weights = torch.zeros_like(ids), torch.zeros(len(rows), longest)
+            for b, r in enumerate(rows):
+                ids[b, :len(r)], mask[b, :len(r)], weights[b, 1:len(r)] = r, 1, 1.0
+            extra = None
+            if packed:
+                extra = packed_inputs([[lengths[i] for i in row] for row in step], width)
+                extra = {k: v.to(device) if torch.is_tensor(v) else v for k, v in extra.items()}
+                for b, row in enumerate(step):     # no sequence's first token is predicted from the one before
+                    start = 0
+                    for i in row:
+                        weights[b, start] = 0.0
+                        start += lengths[i]
+            yield ids.to(device), mask.to(device), weights.to(device), extra, sum(len(r) for r in rows)
+
+    out = {"sequences": len(lengths), "width": width, "rows_per_step": rows_per_step,
+           "real_tokens": sum(lengths), "median_length": sorted(lengths)[len(lengths) // 2]}
+    for mode in ("padded", "packed"):
+        work = list(batches(mode == "packed"))
+        times, slots, real = [], 0, 0
+        for i, (ids, mask, weights, extra, tokens) in enumerate(work):
+            sync(device)
+            t = time.perf_counter()
+            with fastpath.autocast(pm):
+                total, weight, _ = weighted_loss_sum(pm, ids, mask, weights, packed=extra)
+            (total / weight).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            if i:                                     # the first step warms up (kernel compilation)
+                times.append(time.perf_counter() - t)
+                slots += ids.numel()
+                real += tokens
+        out[mode] = {"steps": len(work), "real_tok_s": round(real / sum(times)) if times else None,
+                     "slot_tok_s": round(slots / sum(times)) if times else None,
+                     "real_share": round(real / slots, 3) if slots else None}
+        print(f"  packing: {mode}: {out[mode]}", flush=True)
+    if out["padded"]["real_tok_s"] and out["packed"]["real_tok_s"]:
+        out["gain"] = round(out["packed"]["real_tok_s"] / out["padded"]["real_tok_s"], 2)
+        print(f"  packing: packed / padded real tokens per second: {out['gain']}x", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,6 +212,10 @@ def main() -> None:
                          "script: fp32 LoRA matmuls), ours+keepN (N last layers not activation-checkpointed), "
                          "ours+recompute (plain full-layer checkpointing)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step of ours")
+    ap.add_argument("--packing", type=int, default=0, metavar="N",
+                    help="then measure data.packing on ours: N sequences of a realistic length mix (log-normal, "
+                         "median 600 tokens, at most the first --seqs length), padded batches against packed rows "
+                         "of the same tokens, real (not padding) tokens per second")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -277,6 +355,10 @@ def main() -> None:
             losses[path] = round(float(loss_of(path, ids)), 5)
     res["same_weights_loss"] = losses
     print(f"loss on one batch, same weights: {losses}", flush=True)
+
+    if args.packing:
+        res["packing"] = measure_packing(args, pm, opt, device, int(args.seqs.split(",")[0]), use)
+        save()
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

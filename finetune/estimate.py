@@ -44,6 +44,10 @@ CONTEXT_RESERVE = GIB // 2
 # decode scratch shares the step's memory with the logits.
 CHUNK_ROWS = loss.CHUNK_ROWS
 QUANTIZED_CHUNK_ROWS = loss.QUANTIZED_CHUNK_ROWS
+# Tokens per tile of the MoE blocks that train.mlp_tile_tokens=auto tries, largest first, while the run does not fit:
+# 8,192 tokens of gpt-oss-20b's block are about 1.2 GiB of intermediates and gradients; fewer tokens per tile mean
+# smaller grouped matmuls and one more MXFP4 decode of every expert per tile.
+MLP_TILES_AUTO = (8192, 4096, 2048)
 
 MXFP4_BYTES = 0.5 + 1 / 32                  # 4-bit codes + one uint8 scale per 32 weights
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # bitsandbytes: 4-bit codes, blocks of 64, double-quantized absmax
@@ -72,6 +76,10 @@ class Estimate:
     capacity_name: str | None    # e.g. "NVIDIA H200" or "--gpu-memory 80 GiB"
     warnings: list[str]
     config_source: str | None = None   # where the model's config.json came from (None: passed in code)
+    offload: bool = False              # resolved train.offload_activations
+    mlp_tile_tokens: int = 0           # resolved train.mlp_tile_tokens (0: untiled)
+    offloaded_bytes: int = 0           # pinned host memory holding the offloaded layer inputs
+    longest_fitting: int | None = None  # longest data.max_length that fits the capacity (None: no capacity known)
 
     @property
     def reserve_bytes(self) -> int:
@@ -171,8 +179,9 @@ def lora_parameters(recipe: Recipe, config) -> int:
 # ---------------------------------------------------------------- activations and the step's transients
 
 
-def layer_activation_bytes_per_token(recipe: Recipe, config, d: int) -> float:
-    """What one decoder layer keeps for its backward, per token, times :data:`ACTIVATION_FACTOR`."""
+def _layer_bytes_per_token(recipe: Recipe, config, d: int) -> tuple[float, float]:
+    """(attention half, MoE half) of what one decoder layer's forward keeps for its backward, per token, summed term
+    by term (every tensor alive at once; :data:`ACTIVATION_FACTOR` scales that to what is alive at the peak)."""
     H, I, E, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
     Hq, Hkv, D, r = config.num_attention_heads, config.num_key_value_heads, config.head_dim, recipe.lora.r
     attention = (2 * H * 4                        # input RMSNorm: the fp32 upcast input and its normalised copy
@@ -180,58 +189,86 @@ def layer_activation_bytes_per_token(recipe: Recipe, config, d: int) -> float:
                  + (Hq * D + 2 * Hkv * D) * d * 2  # q, k, v and their rotary-embedded copies
                  + Hq * D * d                     # attention output, the input of o_proj
                  + Hq * 4                         # fp32 log-sum-exp per head, kept by the flash backward
-                 + 2 * H * d)                     # o_proj output and the residual sum
+                 + 2 * H * d                      # o_proj output and the residual sum
+                 + len(recipe.lora.target_modules) * r * d)   # x @ A per adapted attention projection
     experts = (H * 4 * 2 + H * d                  # post-attention RMSNorm: fp32 intermediates and normed output
                + E * 4 * 2                        # router logits and their softmax, fp32
                + k * H * d                        # the token's row gathered once per chosen expert
                + k * 2 * I * d                    # gate_up matmul output (the SwiGLU's input)
                + k * I * d                        # SwiGLU output, the input of down
                + 2 * k * H * d                    # down matmul output and its routing-weighted rows
-               + H * d)                           # the k rows summed back per token
-    lora = (len(recipe.lora.target_modules) * r * d          # x @ A per adapted attention projection
-            + len(recipe.lora.target_experts) * k * r * d * 2)  # x @ A_e per routed row, and its (padded) copy
-    return (attention + experts + lora) * ACTIVATION_FACTOR
+               + H * d                            # the k rows summed back per token
+               + len(recipe.lora.target_experts) * k * r * d * 2)  # x @ A_e per routed row, and its (padded) copy
+    return attention, experts
 
 
-def activation_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int) -> dict[str, int]:
+def layer_activation_bytes_per_token(recipe: Recipe, config, d: int) -> float:
+    """What one decoder layer keeps for its backward, per token, times :data:`ACTIVATION_FACTOR`."""
+    return sum(_layer_bytes_per_token(recipe, config, d)) * ACTIVATION_FACTOR
+
+
+@dataclass(frozen=True)
+class Levers:
+    """The long-sequence memory levers as resolved for one run: ``offload`` (each checkpointed layer's input in host
+    memory), ``mlp_tile`` (tokens per tile of the MoE blocks, 0: untiled)."""
+    offload: bool = False
+    mlp_tile: int = 0
+
+
+def activation_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int,
+                     levers: Levers = Levers()) -> dict[str, int]:
     """Activations held at the start of the backward, by part (the recomputed layer is part of the backward phase,
     see :func:`step_bytes`)."""
     H, I, L, k = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_experts_per_tok
-    layer = round(tokens * layer_activation_bytes_per_token(recipe, config, d))
     if not recipe.train.gradient_checkpointing:
-        return {"activations: all layers": L * layer}
+        attention, moe = _layer_bytes_per_token(recipe, config, d)
+        # a tiled MoE block keeps only its input and recomputes the rest tile by tile in its backward
+        moe = H * d if levers.mlp_tile else moe * ACTIVATION_FACTOR
+        return {"activations: all layers": L * round(tokens * (attention * ACTIVATION_FACTOR + moe))}
     selective = 0
     if quantization == "none":
         # The selective-checkpoint policy keeps the expensive matmul outputs so the recompute skips them: expert
-        # gate_up and down outputs, attention output and its fp32 log-sum-exp. Packed experts keep none of them:
-        # decoding again is cheaper than holding them.
-        selective = tokens * (k * (2 * I + H) * d + config.num_attention_heads * config.head_dim * d
-                              + config.num_attention_heads * 4)
-    return {"activations: layer inputs": L * tokens * H * d,    # each layer's input, the checkpoint boundary
+        # gate_up and down outputs (not when the blocks are tiled), attention output and its fp32 log-sum-exp.
+        # Packed experts keep none of them: decoding again is cheaper than holding them.
+        kept = 0 if levers.mlp_tile else k * (2 * I + H) * d
+        selective = tokens * (kept + config.num_attention_heads * config.head_dim * d + config.num_attention_heads * 4)
+    return {"activations: layer inputs": 0 if levers.offload else L * tokens * H * d,   # the checkpoint boundary
             "activations: selective saves": L * selective}
 
 
-def step_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int) -> dict[str, int]:
+def offloaded_bytes(recipe: Recipe, config, d: int, levers: Levers) -> int:
+    """Pinned host memory holding the layer inputs when they are offloaded."""
+    return config.num_hidden_layers * recipe.train.batch_size * recipe.data.max_length * config.hidden_size * d \
+        if levers.offload else 0
+
+
+def step_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int,
+               levers: Levers = Levers()) -> dict[str, int]:
     """The two phases of a step that add short-lived memory on top of the held activations; the peak is the larger.
 
     ``backward of one layer``: its recomputed activations (under checkpointing), the largest gradients (gate_up's
-    output and its SwiGLU input's) and, for packed experts, the decoded MXFP4 slice. ``loss``: one chunk of logits,
-    their gradient and the fp32 loss pass, plus the hidden states' gradient rows the loss hands back.
+    output and its SwiGLU input's) and, for packed experts, the decoded MXFP4 slice; with tiled MoE blocks their
+    part counts one tile's tokens; with offloaded inputs, the layer's input back on the GPU. ``loss``: one chunk of
+    logits, their gradient and the fp32 loss pass, plus the hidden states' gradient rows the loss hands back.
     """
     H, I, E, k, V = (config.hidden_size, config.intermediate_size, config.num_local_experts,
                      config.num_experts_per_tok, config.vocab_size)
     packed = quantization != "none"
-    backward = tokens * k * 2 * I * d * 2                                # the gate_up gradients
+    moe_tokens = min(tokens, levers.mlp_tile) if levers.mlp_tile else tokens
+    backward = moe_tokens * k * 2 * I * d * 2                            # the gate_up gradients
     if recipe.train.gradient_checkpointing:
-        backward += tokens * layer_activation_bytes_per_token(recipe, config, d) / ACTIVATION_FACTOR
+        attention, moe = _layer_bytes_per_token(recipe, config, d)
+        backward += tokens * attention + moe_tokens * moe
     backward *= ACTIVATION_FACTOR
+    if levers.offload:
+        backward += tokens * H * d
     if packed:
         # finetune.kernels.experts decodes a slice of output features of all experts at a time (a multiple of 16
         # within the budget) and matmuls every routed row against it: the decoded slice plus that slice of the output.
         projection = E * H * 2 * I * d                                   # the largest expert projection, whole
         budget = experts.decode_budget(projection)                           # read at call time: it can be tuned
         columns = min(2 * I, max(16, budget // (E * H * d) // 16 * 16))
-        backward += min(projection, budget) + tokens * k * columns * d
+        backward += min(projection, budget) + moe_tokens * k * columns * d
     rows = min(tokens, QUANTIZED_CHUNK_ROWS if packed else CHUNK_ROWS)
     loss_phase = rows * V * (d + d + 4) + tokens * H * d
     return {"backward of one layer": round(backward), "loss (one chunk of logits)": round(loss_phase)}
@@ -259,38 +296,76 @@ def _device(recipe: Recipe) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _plan(recipe: Recipe, config, device: str, capacity_bytes: int | None) -> tuple[Estimate, str | None]:
-    """The estimate without warnings, and a note when ``embedding: auto`` moved the embedding to the CPU."""
+def _build(recipe: Recipe, config, device: str, capacity_bytes: int | None, embedding: str,
+           levers: Levers) -> Estimate:
+    """The estimate for one resolved set of choices (``embedding``: gpu | cpu)."""
     from finetune.model.lora import pick_dtype, pick_quantization
     dtype = pick_dtype(recipe, torch.device(device))[0]
     d = dtype.itemsize
     quantization = pick_quantization(recipe, torch.device(device))[0]
     tokens = recipe.train.batch_size * recipe.data.max_length
     trainable = lora_parameters(recipe, config)
-    phases = step_bytes(recipe, config, quantization, d, tokens)
+    phases = step_bytes(recipe, config, quantization, d, tokens, levers)
     phase = max(phases, key=phases.get)
     gpu = {**weight_bytes(config, quantization, d),
            "LoRA weights + grads": trainable * (4 + 4),
            "optimizer state": trainable * OPTIMIZER_BYTES[recipe.train.optimizer],
-           **activation_bytes(recipe, config, quantization, d, tokens),
+           **activation_bytes(recipe, config, quantization, d, tokens, levers),
            f"step peak: {phase}": phases[phase]}
-    est = Estimate(device=device, dtype=str(dtype).removeprefix("torch."), quantization=quantization,
-                   embedding="cpu" if device == "cpu" else recipe.model.embedding, tokens_per_step=tokens,
-                   trainable_params=trainable, gpu=gpu, peak_bytes=sum(gpu.values()),
-                   disk=disk_bytes(recipe, config, trainable), capacity_bytes=capacity_bytes, capacity_name=None,
-                   warnings=[])
-    if device == "cpu":     # the whole model is in host memory: nothing to move
-        return est, None
-    if est.embedding == "auto":
-        est.embedding = "cpu" if est.fits() is False else "gpu"
-    if est.embedding == "cpu":
-        saved = gpu["embedding"]
+    if embedding == "cpu" and device == "cuda":
         gpu["embedding"] = 0
-        est.peak_bytes -= saved
-        if recipe.model.embedding == "auto":
-            return est, (f"model.embedding=auto: the input embedding goes to the CPU, saving {_gib(saved)} GiB of GPU "
-                         f"memory (the run does not fit with it on the GPU)")
-    return est, None
+    return Estimate(device=device, dtype=str(dtype).removeprefix("torch."), quantization=quantization,
+                    embedding=embedding, tokens_per_step=tokens, trainable_params=trainable, gpu=gpu,
+                    peak_bytes=sum(gpu.values()), disk=disk_bytes(recipe, config, trainable),
+                    capacity_bytes=capacity_bytes, capacity_name=None, warnings=[], offload=levers.offload,
+                    mlp_tile_tokens=levers.mlp_tile, offloaded_bytes=offloaded_bytes(recipe, config, d, levers))
+
+
+def lever_limits(recipe: Recipe, device: str) -> tuple[str | None, str | None]:
+    """Why ``train.offload_activations`` / ``train.mlp_tile_tokens`` cannot apply to this run (None: they can)."""
+    from finetune.model.fastpath import choose
+    offload = ("the CPU holds activations in host memory already" if device != "cuda" else
+               "it needs train.gradient_checkpointing" if not recipe.train.gradient_checkpointing else None)
+    fast, why = choose(recipe.train.kernels, torch.device(device))
+    return offload, None if fast else f"it applies to the fast training path only ({why})"
+
+
+def _plan(recipe: Recipe, config, device: str, capacity_bytes: int | None) -> tuple[Estimate, list[str]]:
+    """The estimate without warnings, and notes on what ``auto`` chose or what a setting cannot do here.
+
+    ``auto`` settings start at their fastest choice and each lever is taken, in this order, only while the run does
+    not fit: the input embedding to the CPU, the layer inputs to host memory, the MoE blocks in tiles."""
+    train, notes = recipe.train, []
+    no_offload, no_tile = lever_limits(recipe, device)
+    for key, value, why in (("offload_activations", train.offload_activations, no_offload),
+                            ("mlp_tile_tokens", train.mlp_tile_tokens, no_tile)):
+        if why and value not in ("auto", False, 0):
+            notes.append(f"train.{key}={str(value).lower()} has no effect here: {why}")
+    levers = Levers(offload=train.offload_activations is True and not no_offload,
+                    mlp_tile=train.mlp_tile_tokens if isinstance(train.mlp_tile_tokens, int) and not no_tile else 0)
+    embedding = "cpu" if device == "cpu" or recipe.model.embedding == "cpu" else "gpu"
+    est = _build(recipe, config, device, capacity_bytes, embedding, levers)
+    if device == "cpu":     # the whole model is in host memory: nothing to move
+        return est, notes
+    # (lever, note, applies, take): taken in this order while the run does not fit; smaller tiles after larger
+    steps = [("embedding", "model.embedding=auto: the input embedding goes to the CPU",
+              recipe.model.embedding == "auto", lambda e, lv: ("cpu", lv)),
+             ("offload", "train.offload_activations=auto: each layer's checkpointed input goes to pinned host memory",
+              train.offload_activations == "auto" and not no_offload, lambda e, lv: (e, Levers(True, lv.mlp_tile))),
+             *(("tile", f"train.mlp_tile_tokens=auto: the MoE blocks run in tiles of {tile:,} tokens",
+                train.mlp_tile_tokens == "auto" and not no_tile,
+                lambda e, lv, tile=tile: (e, Levers(lv.offload, tile))) for tile in MLP_TILES_AUTO)]
+    saved: dict[str, tuple[str, int]] = {}
+    for lever, what, applies, take in steps:
+        if est.fits() is not False or not applies:
+            continue
+        embedding, levers = take(embedding, levers)
+        alt = _build(recipe, config, device, capacity_bytes, embedding, levers)
+        saved[lever] = (what, saved.get(lever, ("", 0))[1] + est.peak_bytes - alt.peak_bytes)
+        est = alt
+    notes += [f"{what}, saving {_gib(n)} GiB of GPU memory (the run does not fit without it)"
+              for what, n in saved.values()]
+    return est, notes
 
 
 def _levers(recipe: Recipe, est: Estimate) -> list[tuple[str, list[str]]]:
@@ -306,6 +381,12 @@ def _levers(recipe: Recipe, est: Estimate) -> list[tuple[str, list[str]]]:
         out.append(("model.embedding=cpu", ["model.embedding=cpu"]))
     if not train.gradient_checkpointing:
         out.append(("train.gradient_checkpointing=true", ["train.gradient_checkpointing=true"]))
+    no_offload, no_tile = lever_limits(recipe, est.device)
+    if not est.offload and not no_offload:
+        out.append(("train.offload_activations=true", ["train.offload_activations=true"]))
+    if not est.mlp_tile_tokens and not no_tile:
+        tile = MLP_TILES_AUTO[0]
+        out.append((f"train.mlp_tile_tokens={tile}", [f"train.mlp_tile_tokens={tile}"]))
     if train.batch_size > 1:   # the same examples per optimizer step, in more, smaller steps
         b, a = train.batch_size // 2, train.grad_accum * train.batch_size // (train.batch_size // 2)
         out.append((f"train.batch_size={b} train.grad_accum={a}", [f"train.batch_size={b}", f"train.grad_accum={a}"]))
@@ -350,15 +431,33 @@ def estimate(recipe: Recipe, config=None, *, device: str | None = None, capacity
     device = device or _device(recipe)
     if capacity_bytes is None:
         capacity_bytes, capacity_name = _capacity(device)
-    est, note = _plan(recipe, config, device, capacity_bytes)
+    est, notes = _plan(recipe, config, device, capacity_bytes)
     est.capacity_name, est.config_source = capacity_name, source
-    est.warnings += [note] if note else []
+    est.warnings += notes
     if device == "cuda" and recipe.train.kernels == "reference":
         est.warnings.append("train.kernels=reference: eager attention (a tokens x tokens score matrix per head) and "
                             "PEFT's dense expert update use more memory than this estimate, which models our path")
     if est.fits() is False:
         est.warnings.append(_does_not_fit(recipe, config, est))
+    if est.capacity_bytes is not None and device == "cuda":
+        est.longest_fitting = longest_fitting(recipe, config, device, est.capacity_bytes)
     return est
+
+
+def longest_fitting(recipe: Recipe, config, device: str, capacity_bytes: int, step: int = 1024) -> int:
+    """The longest ``data.max_length`` (a multiple of ``step`` up to the model's context) at which the recipe fits
+    ``capacity_bytes`` with its batch size and its ``auto`` levers taking what they need; 0 when none does."""
+    top = config.max_position_embeddings // step
+
+    def fits(n: int) -> bool:
+        return bool(_plan(apply_overrides(recipe, [f"data.max_length={n * step}"]), config, device,
+                          capacity_bytes)[0].fits())
+
+    lo, hi = 0, top                 # fits(lo) holds (0: nothing to check), the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo * step
 
 
 # ---------------------------------------------------------------- the report
@@ -382,6 +481,10 @@ def format_estimate(est: Estimate) -> str:
     lines = [f"Estimated memory for training on {est.device}: {est.dtype}, quantization {est.quantization}, "
              f"embedding on {est.embedding}, {est.tokens_per_step:,} tokens per step, "
              f"{est.trainable_params:,} LoRA parameters"]
+    if est.offload or est.mlp_tile_tokens:
+        lines.append("long-sequence levers: " + "; ".join(
+            ([f"layer inputs offloaded ({_gib(est.offloaded_bytes)} GiB of pinned host memory)"] if est.offload
+             else []) + ([f"MoE blocks in tiles of {est.mlp_tile_tokens:,} tokens"] if est.mlp_tile_tokens else [])))
     if est.config_source:
         lines.append(f"model config: {est.config_source}")
     lines.append(heading("GPU memory" if est.device == "cuda" else "host memory (device cpu)"))
@@ -397,6 +500,10 @@ def format_estimate(est: Estimate) -> str:
         spare = est.capacity_bytes - est.peak_bytes - est.reserve_bytes
         lines += [row(f"capacity ({est.capacity_name})", est.capacity_bytes),
                   f"  fits: yes, {_gib(spare)} GiB to spare" if est.fits() else f"  fits: NO, {_gib(-spare)} GiB over"]
+        if est.longest_fitting is not None:
+            lines.append(f"  longest sequence that fits: {est.longest_fitting:,} tokens per row (data.max_length, "
+                         f"same batch and settings, auto levers as needed)" if est.longest_fitting
+                         else "  longest sequence that fits: none (not even 1,024 tokens per row)")
     run = {name: n for name, n in est.disk.items() if not name.startswith("export ")}
     lines += [heading("disk"), *(row(name, n) for name, n in run.items()), row("run total", sum(run.values()))]
     lines += [row(name, n, "  (if exported later)") for name, n in est.disk.items() if name not in run]

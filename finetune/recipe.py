@@ -74,6 +74,9 @@ class DataConfig(_Section):
     format: Literal["auto", "openai", "sharegpt"] = Field("auto", description="conversation layout of each record")
     max_length: int = Field(2048, ge=16, description="tokens per example")
     overlong: Literal["drop", "truncate"] = Field("drop", description="what to do with examples longer than max_length")
+    packing: bool = Field(False, description="pack several training sequences into each row of max_length tokens "
+                                             "(train.batch_size then counts rows); attention and the loss never "
+                                             "cross from one sequence to the next")
     max_train_examples: int | None = Field(None, ge=1, description="cap on training examples (null: all)")
     max_eval_examples: int | None = Field(None, ge=1, description="cap on evaluation examples (null: all)")
 
@@ -208,6 +211,15 @@ class TrainConfig(_Section):
     save_steps: int | None = Field(None, ge=1, description="null: checkpoint at the end of each epoch")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk")
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
+    offload_activations: bool | Literal["auto"] = Field(
+        "auto", description="with gradient_checkpointing on CUDA: hold each layer's checkpointed input in pinned "
+                            "host memory instead of on the GPU (layers x tokens x hidden x 2 bytes; one copy each "
+                            "way per layer and step); auto: on when the memory estimate does not fit without it")
+    mlp_tile_tokens: int | Literal["auto"] = Field(
+        "auto", description="run each layer's MoE block (router + experts) over the step's tokens in tiles of this "
+                            "many, forward and backward, so its intermediates follow the tile, not the sequence "
+                            "(exact: tokens are routed independently; fast path only); 0: never; auto: "
+                            "8192 when the memory estimate does not fit otherwise")
     kernels: Literal["auto", "fast", "reference"] = Field(
         "auto", description="auto: our fast gpt-oss LoRA path on CUDA, the reference elsewhere; fast; reference "
                             "(transformers eager attention + PEFT's expert LoRA)")
@@ -218,6 +230,20 @@ class TrainConfig(_Section):
     def _max_steps(cls, value: int) -> int:
         if value != -1 and value < 1:
             raise ValueError(f"must be -1 (use epochs) or >= 1 (got {value})")
+        return value
+
+    @field_validator("mlp_tile_tokens", mode="before")
+    @classmethod
+    def _tile(cls, value):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"must be auto, 0 (never tile) or a number of tokens per tile (got {value!r})")
+        return value
+
+    @field_validator("offload_activations", mode="before")
+    @classmethod
+    def _offload(cls, value):
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError(f"must be auto, true or false (got {value!r})")
         return value
 
 

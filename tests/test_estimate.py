@@ -151,7 +151,8 @@ def test_embedding_auto_moves_to_the_cpu_only_when_needed():
 
 
 def test_a_run_that_does_not_fit_lists_the_unused_levers():
-    recipe = recipe_20b("model.quantization=none", "model.embedding=gpu", "train.gradient_checkpointing=false")
+    recipe = recipe_20b("model.quantization=none", "model.embedding=gpu", "train.gradient_checkpointing=false",
+                        "train.mlp_tile_tokens=0")
     est = estimate(recipe, GPT_OSS_20B, device="cuda", capacity_bytes=80 * GIB, capacity_name="--gpu-memory 80 GiB")
     assert est.fits() is False
     (warning,) = est.warnings
@@ -160,13 +161,19 @@ def test_a_run_that_does_not_fit_lists_the_unused_levers():
     eight_bit = f"train.optimizer=adamw_8bit: saves {6 * est.trainable_params / GIB:.2f} GiB"
     for lever in ("model.quantization=mxfp4: saves", "model.quantization=nf4: saves", eight_bit,
                   "model.embedding=cpu: saves", "train.gradient_checkpointing=true: saves",
-                  "train.batch_size=2 train.grad_accum=8: saves", "data.max_length=2048"):
+                  "train.batch_size=2 train.grad_accum=8: saves", "data.max_length=2048",
+                  "train.mlp_tile_tokens=8192: saves"):
         assert lever in warning
+    assert "train.offload_activations" not in warning          # nothing is checkpointed, so nothing to offload
     assert "fits: NO" in format_estimate(est)
     lean = recipe_20b("train.optimizer=adamw_8bit", "model.quantization=nf4", "model.embedding=cpu")
-    (warning,) = estimate(lean, GPT_OSS_20B, device="cuda", capacity_bytes=10 * GIB, capacity_name="10").warnings
+    *auto, warning = estimate(lean, GPT_OSS_20B, device="cuda", capacity_bytes=10 * GIB, capacity_name="10").warnings
+    # the automatic levers were taken first (each note says what it saved); what is left is listed
+    assert [a.split(":")[0] for a in auto] == ["train.offload_activations=auto", "train.mlp_tile_tokens=auto"]
+    assert "tiles of 2,048 tokens" in auto[1] and warning.startswith("does not fit")
     assert "train.batch_size=2" in warning
-    assert not any(used in warning for used in ("quantization", "optimizer", "embedding", "checkpointing"))
+    assert not any(used in warning for used in ("quantization", "optimizer", "embedding", "checkpointing",
+                                                "offload", "tile"))
 
 
 def test_adamw_8bit_quarters_the_optimizer_state():

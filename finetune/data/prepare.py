@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
+from finetune.data import packing
 from finetune.data.formats import DataError, Example, dataset_fingerprint, load_examples
 from finetune.recipe import Recipe, resolve_path
 from inference import harmony
@@ -135,6 +136,10 @@ def prepare(recipe: Recipe) -> PreparedData:
         "harmony_hash": harmony.rendering_hash(harmony_options(recipe), loss_weights(recipe),
                                                recipe.harmony.trained_turns),
     }
+    if recipe.data.packing:
+        rows = packing.plan([len(t.ids) for t in train], recipe.data.max_length)
+        stats["packed_rows"] = len(rows)
+        stats["packed_fill"] = stats["train_tokens"] / (len(rows) * recipe.data.max_length)
     return PreparedData(train, evals, cases, stats)
 
 

@@ -17,22 +17,45 @@ twin (:func:`_math_forward` / :func:`_math_backward`: dense scores in fp32), whi
 
 Layout: ``q (B, S, Hq, D)``, ``k``/``v (B, S, Hkv, D)``; a window ``w`` lets query ``i`` see keys ``i-w+1 .. i``
 (transformers' convention for gpt-oss's 128-token layers).
+
+Packed rows (``data.packing``): several conversations one after another in a row, described by :class:`Packed`
+(offsets of every sequence in the flattened ``B * S`` tokens, each sequence within one row). A token then sees only
+earlier tokens of its own sequence: flash attention's variable-length mode on CUDA, a block-diagonal mask in the
+plain twin. The window counts within the sequence, which is the same as counting within the row.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from inference.model.compiled import fused
 
 
-def _mask(n_q: int, n_k: int, window: int | None, device) -> torch.Tensor:
-    """(n_q, n_k) True where query i may see key j (causal, within the window)."""
+@dataclass(frozen=True)
+class Packed:
+    """Sequences packed into rows: ``cu_seqlens (n + 1,)`` int32 start offsets of the ``n`` sequences in the
+    flattened ``(B * S)`` tokens (then the total), every sequence inside one row; ``max_len`` the longest."""
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+    def segments(self, b: int, n: int) -> torch.Tensor:
+        """(B, S) index of the sequence each token belongs to."""
+        tokens = torch.arange(b * n, device=self.cu_seqlens.device, dtype=self.cu_seqlens.dtype)
+        return torch.searchsorted(self.cu_seqlens[1:].contiguous(), tokens, right=True).view(b, n)
+
+
+def _mask(n_q: int, n_k: int, window: int | None, device, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """(n_q, n_k) True where query i may see key j (causal, within the window); (B, 1, n, n) with ``segments (B, n)``:
+    also within the same packed sequence."""
     i = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)
     j = torch.arange(n_k, device=device)[None, :]
     keep = j <= i
     if window is not None:
         keep &= j > i - window
+    if segments is not None:
+        keep = (keep[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
     return keep
 
 
@@ -41,31 +64,32 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _scores(q, k, scale, window):
+def _scores(q, k, scale, window, packed=None):
     """Scores (B, Hq, S, S) in the accumulation dtype, masked entries at -inf; k expanded to the query heads."""
     groups = q.shape[2] // k.shape[2]
     qh = q.transpose(1, 2).to(_acc(q))                                   # (B, Hq, S, D)
     kh = k.transpose(1, 2).to(_acc(q)).repeat_interleave(groups, dim=1)  # (B, Hq, S, D)
     s = qh @ kh.transpose(-1, -2) * scale
-    return s.masked_fill(~_mask(q.shape[1], k.shape[1], window, q.device), float("-inf"))
+    segments = packed.segments(q.shape[0], q.shape[1]) if packed is not None else None
+    return s.masked_fill(~_mask(q.shape[1], k.shape[1], window, q.device, segments), float("-inf"))
 
 
-def _math_forward(q, k, v, scale, window):
+def _math_forward(q, k, v, scale, window, packed=None):
     """(out (B, S, Hq, D) in q's dtype, lse (B, Hq, S) fp32) of causal softmax attention without sinks."""
     groups = q.shape[2] // k.shape[2]
-    s = _scores(q, k, scale, window)
+    s = _scores(q, k, scale, window, packed)
     lse = torch.logsumexp(s, dim=-1)
     vh = v.transpose(1, 2).to(_acc(q)).repeat_interleave(groups, dim=1)
     out = torch.exp(s - lse[..., None]) @ vh                          # (B, Hq, S, D)
     return out.transpose(1, 2).to(q.dtype), lse
 
 
-def _math_backward(grad, q, k, v, out, lse, scale, window):
+def _math_backward(grad, q, k, v, out, lse, scale, window, packed=None):
     """The attention backward given the output and row log-sum-exp it was normalised with."""
     b, n, hq, d = q.shape
     hkv = k.shape[2]
     groups = hq // hkv
-    p = torch.exp(_scores(q, k, scale, window) - lse[..., None])     # (B, Hq, S, S)
+    p = torch.exp(_scores(q, k, scale, window, packed) - lse[..., None])     # (B, Hq, S, S)
     g = grad.transpose(1, 2).to(_acc(q))                                 # (B, Hq, S, D)
     vh = v.transpose(1, 2).to(_acc(q)).repeat_interleave(groups, dim=1)
     dv = p.transpose(-1, -2) @ g
@@ -108,40 +132,65 @@ def _sink_grad(grad, out_f, sinks, lse_c):
     return -(torch.exp(sinks.to(acc)[None, :, None] - lse_c) * delta).sum(dim=(0, 2)).to(sinks.dtype)
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) -> (B * S, H, D): flash's variable-length layout."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
 class _SinkAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, scale, window):
+    def forward(ctx, q, k, v, sinks, scale, window, packed):
+        b, n, hq, d = q.shape
         if uses_flash(q):
             left, right = _flash_window(window)
-            out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-                q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False, scale=scale,
-                window_size_left=left, window_size_right=right)
+            if packed is None:
+                out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+                    q, k, v, None, None, n, k.shape[1], 0.0, True, False, scale=scale,
+                    window_size_left=left, window_size_right=right)
+                lse = lse[:, :, :n]
+            else:                # variable length: out (B*S, Hq, D), lse (Hq, B*S)
+                cu = packed.cu_seqlens
+                out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+                    _flat(q), _flat(k), _flat(v), cu, cu, packed.max_len, packed.max_len, 0.0, True, False,
+                    scale=scale, window_size_left=left, window_size_right=right)
+                out, lse = out.view(b, n, hq, d), lse[:, :b * n].reshape(hq, b, n).transpose(0, 1)
             ctx.flash = (rng, unused)
         else:
-            out, lse = _math_forward(q, k, v, scale, window)
+            out, lse = _math_forward(q, k, v, scale, window, packed)
             ctx.flash = None
-        out_f, lse_c = _fold_sinks(out, lse[:, :, :q.shape[1]], sinks)
+        out_f, lse_c = _fold_sinks(out, lse, sinks)
         ctx.save_for_backward(q, k, v, sinks, out_f, lse_c)
-        ctx.scale, ctx.window = scale, window
+        ctx.scale, ctx.window, ctx.packed = scale, window, packed
         return out_f
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, sinks, out_f, lse_c = ctx.saved_tensors
         grad = grad.contiguous()
+        packed = ctx.packed
         if ctx.flash is not None:
             left, right = _flash_window(ctx.window)
             rng, unused = ctx.flash
-            dq, dk, dv = torch.ops.aten._flash_attention_backward(
-                grad, q, k, v, out_f, lse_c.contiguous(), None, None, q.shape[1], k.shape[1], 0.0, True, rng,
-                unused, scale=ctx.scale, window_size_left=left, window_size_right=right)
+            if packed is None:
+                dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                    grad, q, k, v, out_f, lse_c.contiguous(), None, None, q.shape[1], k.shape[1], 0.0, True, rng,
+                    unused, scale=ctx.scale, window_size_left=left, window_size_right=right)
+            else:
+                b, n, hq, _ = q.shape
+                cu = packed.cu_seqlens
+                dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                    _flat(grad), _flat(q), _flat(k), _flat(v), _flat(out_f),
+                    lse_c.transpose(0, 1).reshape(hq, b * n).contiguous(), cu, cu, packed.max_len, packed.max_len,
+                    0.0, True, rng, unused, scale=ctx.scale, window_size_left=left, window_size_right=right)
+                dq, dk, dv = dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
         else:
-            dq, dk, dv = _math_backward(grad, q, k, v, out_f, lse_c, ctx.scale, ctx.window)
+            dq, dk, dv = _math_backward(grad, q, k, v, out_f, lse_c, ctx.scale, ctx.window, packed)
         dsinks = _sink_grad(grad, out_f, sinks, lse_c) if ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dsinks, None, None
+        return dq, dk, dv, dsinks, None, None, None
 
 
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, scale: float,
-                   window: int | None = None) -> torch.Tensor:
-    """Causal attention with per-head sinks: ``q (B, S, Hq, D)``, ``k``/``v (B, S, Hkv, D)``, ``sinks (Hq,)``."""
-    return _SinkAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sinks, scale, window)
+                   window: int | None = None, packed: Packed | None = None) -> torch.Tensor:
+    """Causal attention with per-head sinks: ``q (B, S, Hq, D)``, ``k``/``v (B, S, Hkv, D)``, ``sinks (Hq,)``;
+    ``packed``: the sequences packed into the rows (attention stays within each)."""
+    return _SinkAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sinks, scale, window, packed)

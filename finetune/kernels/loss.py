@@ -97,8 +97,22 @@ def causal_lm_parts(model):
     return base.model, base.lm_head
 
 
+def _packed_masks(backbone, input_ids: torch.Tensor, position_ids: torch.Tensor) -> dict | None:
+    """For transformers' own attention (eager, sdpa): its block-diagonal masks of packed rows, made by its own mask
+    builders from the positions (gpt-oss's forward does not hand them the positions, so it would build plain causal
+    masks). Our attention needs none: it reads the sequences' offsets (``finetune.kernels.attention``)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    if backbone.config._attn_implementation not in ("eager", "sdpa"):
+        return None
+    shape = torch.empty(*input_ids.shape, 0, dtype=backbone.embed_tokens.weight.dtype, device=input_ids.device)
+    kwargs = {"config": backbone.config, "inputs_embeds": shape, "attention_mask": None, "cache": None,
+              "position_ids": position_ids}
+    return {"full_attention": create_causal_mask(**kwargs),
+            "sliding_attention": create_sliding_window_causal_mask(**kwargs)}
+
+
 def weighted_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor,
-                      chunk: int = CHUNK_ROWS, targets: torch.Tensor | None = None
+                      chunk: int = CHUNK_ROWS, targets: torch.Tensor | None = None, packed: dict | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum over tokens of ``weight * -log p(target | prefix)`` for a transformers causal LM (PEFT-wrapped or not).
 
@@ -107,8 +121,15 @@ def weighted_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     to ``input_ids`` (plain next-token prediction); Harmony training data differs only where history stores an answer
     with ``<|end|>`` and the model is trained to emit ``<|return|>``. Returns ``(weighted_sum, weight_total,
     token_count)``, where ``token_count`` counts the tokens with non-zero weight. ``chunk``: logits rows at once.
+    ``packed``: rows holding several sequences (``finetune.train.trainer.packed_inputs``: ``position_ids`` restarting
+    per sequence and the flash-attention offsets); transformers' attention then gets block-diagonal masks
+    (:func:`_packed_masks`), ours reads the offsets.
     """
     backbone, head = causal_lm_parts(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B,T,H)
+    if packed:
+        masks = _packed_masks(backbone, input_ids, packed["position_ids"])
+        hidden = backbone(input_ids=input_ids, attention_mask=masks, use_cache=False, **packed).last_hidden_state
+    else:
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return weighted_nll(hidden, head.weight, head.bias, input_ids if targets is None else targets, weights, chunk,
                         cross_entropy=linear_cross_entropy)

@@ -34,8 +34,9 @@ from typing import Any, Callable
 
 import torch
 
-from finetune.kernels.attention import sink_attention
+from finetune.kernels.attention import Packed, sink_attention
 from finetune.kernels.experts import moe_experts
+from finetune.kernels.tiles import recompute_context, tiled_mlp
 from inference.errors import UserError
 from inference.model.compiled import compile_works
 
@@ -77,8 +78,12 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     """transformers' attention-interface signature: ``query (B, Hq, S, D)``, ``key``/``value (B, Hkv, S, D)``."""
     if dropout:
         raise UserError("the fast attention path has no attention dropout")
+    # packed rows (data.packing): transformers' flash-attention keyword arguments, made by finetune.train.trainer's
+    # collate and passed down by the model's forward
+    cu = kwargs.get("cu_seq_lens_q")
+    packed = Packed(cu, int(kwargs["max_length_q"])) if cu is not None else None
     out = sink_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), s_aux,
-                         scaling, sliding_window)
+                         scaling, sliding_window, packed)
     return out, None                                                   # (B, S, Hq, D), no weights
 
 
@@ -145,23 +150,36 @@ def _selective_context(save: frozenset = SAVE_DEFAULT):
     return create_selective_checkpoint_contexts(_policy(save))
 
 
-def checkpoint_kwargs(model) -> dict:
-    """``activation_checkpointing_kwargs`` for transformers' ``activation_checkpointing_enable``: with our path on,
-    selective checkpointing that keeps what :data:`SAVE_DEFAULT` (or the ``save`` given to :func:`enable`) names;
-    plain non-reentrant checkpointing otherwise. The Trainer gets these (``finetune.train.trainer``), and so does
-    :func:`enable_checkpointing`."""
-    save = getattr(_base(model), "_finetune_save", None) if is_enabled(model) else None
-    if not save:   # plain recomputation: no dispatch mode asking a policy about every operation
-        return {"use_reentrant": False}
-    return {"use_reentrant": False, "context_fn": functools.partial(_selective_context, save)}
+def checkpoint_kwargs(model, offload: bool = False) -> dict:
+    """``activation_checkpointing_kwargs`` for transformers' Trainer: with our path on, selective checkpointing that
+    keeps what :data:`SAVE_DEFAULT` (or the ``save`` given to :func:`enable`) names; plain non-reentrant
+    checkpointing otherwise; with tiled MoE blocks, a recompute that marks its phase for them
+    (:func:`finetune.kernels.tiles.recompute_context`). ``offload`` (recipe ``train.offload_activations``):
+    transformers' own ``offload``, which holds what each checkpointed layer keeps (its input) in pinned host memory
+    (``torch.autograd.graph.save_on_cpu``; for a model on the GPU only). The Trainer gets these
+    (``finetune.train.trainer``), and so does :func:`enable_checkpointing`."""
+    enabled = is_enabled(model)
+    save = getattr(_base(model), "_finetune_save", None) if enabled else None
+    tiled = bool(getattr(_base(model), "_finetune_tile", 0)) if enabled else False
+    kwargs = {"use_reentrant": False}
+    inner = functools.partial(_selective_context, save) if save else None
+    if tiled:
+        kwargs["context_fn"] = functools.partial(recompute_context, inner)
+    elif inner is not None:   # without it: plain recomputation, no dispatch mode asking a policy about every op
+        kwargs["context_fn"] = inner
+    if offload and next(model.parameters()).is_cuda:   # on the CPU the activations are in host memory already
+        kwargs["offload"] = True
+    return kwargs
 
 
-def enable_checkpointing(model) -> None:
+def enable_checkpointing(model, offload: bool = False) -> None:
     """Activation checkpointing on every decoder layer, installed the one way training and the benchmarks share:
     transformers' own ``activation_checkpointing_enable`` with :func:`checkpoint_kwargs` (what the Trainer calls when
     a recipe sets ``train.gradient_checkpointing``). Call it after :func:`enable` / :func:`disable`: the policy
     follows the path."""
-    _base(model).activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(model))
+    kwargs = checkpoint_kwargs(model, offload)
+    offload = kwargs.pop("offload", False)     # transformers' own argument, as its Trainer pops it
+    _base(model).activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
 
 
 def autocast(model):
@@ -240,6 +258,36 @@ def _restore_wrappers(model, base, changed):
             del outer._finetune_experts
 
 
+def _tiled_forward(self, hidden_states):
+    """A gpt-oss MLP's forward (``(B, S, H) -> ((B, S, H), router scores)``) over its tokens in tiles of
+    ``self._finetune_tile`` (:func:`finetune.kernels.tiles.tiled_mlp`). The router scores, which the decoder layer
+    drops, are not returned (a model that asks for router logits keeps the untiled block: see :func:`_tile_mlps`)."""
+    b, s, h = hidden_states.shape
+    mlp = type(self).forward
+
+    def run(x):                                    # (t, H) -> (t, H)
+        return mlp(self, x[None])[0][0]
+
+    return tiled_mlp(run, hidden_states.reshape(b * s, h), self._finetune_tile).reshape(b, s, h), None
+
+
+def _tile_mlps(model, base):
+    tile = getattr(base, "_finetune_tile", 0)
+    if not tile or getattr(base.config, "output_router_logits", False):
+        return []
+    mlps = [layer.mlp for layer in base.model.layers]
+    for mlp in mlps:
+        mlp._finetune_tile = tile
+        mlp.forward = types.MethodType(_tiled_forward, mlp)
+    return mlps
+
+
+def _untile_mlps(model, base, mlps):
+    for mlp in mlps:
+        del mlp.forward
+        del mlp._finetune_tile
+
+
 def _compile_norms(model, base):
     if not (next(base.parameters()).is_cuda and compile_works()):
         return []
@@ -274,27 +322,36 @@ PATCHES: tuple[Patch, ...] = (
           "registered experts forward reads the LoRA factors with PEFT's get_delta_factors instead of PEFT "
           "forming W + B A for all experts",
           _bypass_wrappers, _restore_wrappers),
+    Patch("MoE blocks tiled",
+          "an instance forward on each layer's mlp when train.mlp_tile_tokens is set: the router and experts run "
+          "over the step's tokens in tiles, forward and backward (finetune.kernels.tiles), so their "
+          "intermediates follow the tile, not the sequence",
+          _tile_mlps, _untile_mlps),
     Patch("RMSNorms compiled",
           "nn.Module.compile on CUDA: gpt-oss's fp32 RMSNorm is six elementwise kernels in eager mode, one compiled",
           _compile_norms, _uncompile_norms),
 )
 
 
-def enable(model, save: frozenset | None = None) -> None:
+def enable(model, save: frozenset | None = None, mlp_tile: int = 0) -> None:
     """Switch a (PEFT-wrapped) gpt-oss model to our path: every change in :data:`PATCHES`; :func:`disable`
     undoes them. Prefer :func:`patched` where the path is needed for a block.
 
     Its forward must then run under :func:`autocast` (``finetune.train.trainer`` does): PEFT no longer casts activations
     to the fp32 LoRA weights. The path is for training batches (right-padded, no KV cache). ``save``: what
     selective checkpointing keeps (None: :data:`SAVE_DEFAULT`, or :data:`SAVE_QUANTIZED` for a quantized model;
-    empty: plain recomputation), installed by :func:`enable_checkpointing` or the Trainer.
+    empty: plain recomputation), installed by :func:`enable_checkpointing` or the Trainer. ``mlp_tile``: tokens per
+    tile of the MoE blocks (0: untiled; recipe ``train.mlp_tile_tokens``); tiled blocks keep no expert outputs, so
+    ``experts`` leaves ``save``.
     """
     from finetune.model.lora import is_quantized
     register()
     base = _base(model)
     if is_enabled(model):
         return
-    base._finetune_save = save if save is not None else SAVE_QUANTIZED if is_quantized(model) else SAVE_DEFAULT
+    save = save if save is not None else SAVE_QUANTIZED if is_quantized(model) else SAVE_DEFAULT
+    base._finetune_save = save - {"experts"} if mlp_tile else save
+    base._finetune_tile = mlp_tile
     setattr(base, _STATE, [(patch, patch.apply(model, base)) for patch in PATCHES])
 
 
@@ -307,13 +364,13 @@ def disable(model) -> None:
     for patch, before in reversed(applied):
         patch.undo(model, base, before)
     delattr(base, _STATE)
-    del base._finetune_save
+    del base._finetune_save, base._finetune_tile
 
 
 @contextlib.contextmanager
-def patched(model, save: frozenset | None = None):
+def patched(model, save: frozenset | None = None, mlp_tile: int = 0):
     """Our path on ``model`` for the block (:func:`enable`), undone on exit whatever happens (:func:`disable`)."""
-    enable(model, save)
+    enable(model, save, mlp_tile)
     try:
         yield model
     finally:

@@ -366,6 +366,9 @@ def _prepare_data(recipe: Recipe, echo):
          f"(trained turns: {s['trained_turns']}; {s['trained_tokens']:,} trained tokens of "
          f"{s['train_tokens']:,}; by channel {s['trained_tokens_by_channel']}), {s['eval_examples']} eval; "
          f"dropped as too long: {s['dropped_overlong']}, truncated: {s['truncated']}")
+    if recipe.data.packing:
+        echo(f"packing: {s['train_examples']} sequences into {s['packed_rows']} rows of up to "
+             f"{recipe.data.max_length:,} tokens ({s['packed_fill']:.1%} of the rows' tokens are real, not padding)")
     return prepared
 
 
@@ -414,13 +417,18 @@ def _load_model(recipe: Recipe, echo, plan):
     echo(format_coverage(coverage))
     fast, why_kernels = fastpath.choose(recipe.train.kernels, device)
     if fast:
-        fastpath.enable(model)
+        fastpath.enable(model, mlp_tile=plan.mlp_tile_tokens)
     echo(f"training path: {'fast (grouped expert LoRA, flash attention with sinks)' if fast else 'reference'} "
          f"({why_kernels})")
+    if plan.offload or plan.mlp_tile_tokens:
+        echo("long-sequence levers: " + "; ".join(
+            (["each layer's checkpointed input in pinned host memory (train.offload_activations)"] if plan.offload
+             else []) + ([f"MoE blocks in tiles of {plan.mlp_tile_tokens:,} tokens (train.mlp_tile_tokens)"]
+                         if plan.mlp_tile_tokens else [])))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model, tokenizer, {"device": device, "dtype": dtype, "model_dir": model_dir, "coverage": coverage,
                               "kernels": "fast" if fast else "reference", "quantization": quantization,
-                              "embedding": embedding, "estimate": plan.to_dict()}
+                              "embedding": embedding, "offload": plan.offload, "estimate": plan.to_dict()}
 
 
 def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, setup: dict,
@@ -541,7 +549,7 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
         tracker.log_metrics({f"eval_before.{k}": v for k, v in before.items() if isinstance(v, (int, float))}, 0)
 
     trainer = build_trainer(recipe, model, tokenizer, prepared.train, prepared.eval, run_dir, device, tracker,
-                            log_lines)
+                            log_lines, offload=setup["offload"])
     stop = stopping.Stop()
     trainer.add_callback(stopping.StopAtStepEnd(stop))
     found = checkpoints.latest(run_dir / "checkpoints", echo) if resume else None

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from finetune.data import packing
 from finetune.kernels.loss import CHUNK_ROWS, QUANTIZED_CHUNK_ROWS, weighted_loss_sum
 from finetune.model import fastpath
 from finetune.model.lora import is_quantized
@@ -28,17 +29,47 @@ from inference.evaluate import pad_weighted
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "sgd": "sgd"}
 
 
+PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def packed_inputs(lengths: list[list[int]], width: int) -> dict:
+    """What keeps packed sequences apart in the model, for rows of ``width`` tokens holding sequences of ``lengths``
+    (each row's padding counts as one more sequence): ``position_ids (B, width)`` restarting at 0 per sequence, and
+    transformers' flash-attention arguments: int32 offsets of every sequence in the flattened ``B * width`` tokens
+    and the longest sequence (a Python int, so no device sync is needed to read it)."""
+    positions, starts, longest = [], [0], 1
+    for row in lengths:
+        parts = list(row) + ([width - sum(row)] if width > sum(row) else [])
+        positions += [p for n in parts for p in range(n)]
+        for n in parts:
+            starts.append(starts[-1] + n)
+        longest = max(longest, *parts)
+    cu = torch.tensor(starts, dtype=torch.int32)
+    return {"position_ids": torch.tensor(positions).view(len(lengths), width), "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids`` with <|endoftext|>, weights with 0; ``labels`` hold the trained target of each
-    weighted position (the input token itself, or ``<|return|>`` where history stores ``<|end|>``), -100 elsewhere."""
+    weighted position (the input token itself, or ``<|return|>`` where history stores ``<|end|>``), -100 elsewhere.
+    Packed rows (a ``seq_lengths`` column) also get :func:`packed_inputs`."""
     ids, mask, weights, targets = pad_weighted([r["input_ids"] for r in rows], [r["loss_weights"] for r in rows],
                                                [r["targets"] for r in rows])
     labels = torch.where(weights > 0, targets, torch.full_like(ids, -100))
-    return {"input_ids": ids, "attention_mask": mask, "loss_weights": weights, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_weights": weights, "labels": labels}
+    if "seq_lengths" in rows[0]:
+        batch.update(packed_inputs([r["seq_lengths"] for r in rows], ids.shape[1]))
+    return batch
 
 
-def to_dataset(examples):
+def to_dataset(examples, pack_to: int | None = None):
+    """The examples as a ``datasets.Dataset``; with ``pack_to``, packed into rows of that many tokens
+    (:mod:`finetune.data.packing`), each row with its sequences' lengths."""
     from datasets import Dataset
+    if pack_to:
+        rows = packing.pack(examples, pack_to)
+        return Dataset.from_dict({"input_ids": [r.ids for r in rows], "loss_weights": [r.weights for r in rows],
+                                  "targets": [r.targets for r in rows], "seq_lengths": [r.lengths for r in rows]})
     return Dataset.from_dict({"input_ids": [e.ids for e in examples], "loss_weights": [e.weights for e in examples],
                               "targets": [e.targets for e in examples]})
 
@@ -56,9 +87,11 @@ def _trainer_class():
             fast = fastpath.is_enabled(model)
             if fast:
                 fastpath.check_right_padded(inputs["attention_mask"])
+            packed = {k: inputs[k] for k in PACKED_KEYS if k in inputs}
             with fastpath.autocast(model) if fast else contextlib.nullcontext():
                 total, weight, count = weighted_loss_sum(model, inputs["input_ids"], inputs["attention_mask"],
-                                                         inputs["loss_weights"], self.loss_chunk, inputs["labels"])
+                                                         inputs["loss_weights"], self.loss_chunk, inputs["labels"],
+                                                         packed or None)
             if model.training:
                 self.trained_tokens += int(count)
             # With num_items_in_batch (trained tokens of the whole accumulation window) the Trainer does not
@@ -192,16 +225,18 @@ def keep_freed_memory_on_cpu() -> bool:
 
 
 def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path, device: torch.device, tracker,
-                  log_lines: bool = True):
+                  log_lines: bool = True, offload: bool = False):
     """An SFTTrainer configured from the recipe; checkpoints go to ``run_dir/checkpoints``. ``log_lines=False``
-    prints no line per log (the bar shows the loss)."""
+    prints no line per log (the bar shows the loss). ``offload``: the estimate's resolved
+    ``train.offload_activations``."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig
 
     t = recipe.train
     if device.type == "cpu":
         keep_freed_memory_on_cpu()
-    steps_per_epoch = math.ceil(len(train) / (t.batch_size * t.grad_accum))
+    train_rows = to_dataset(train, recipe.data.max_length if recipe.data.packing else None)
+    steps_per_epoch = math.ceil(len(train_rows) / (t.batch_size * t.grad_accum))
     bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
     args = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
@@ -217,8 +252,9 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
         # rotation is finetune.train.checkpoints' (after a checkpoint is marked complete), never the Trainer's
         save_total_limit=None, save_only_model=False,
         activation_checkpointing=t.gradient_checkpointing,
-        # our path keeps the expert matmuls' and attention's outputs instead of recomputing them
-        activation_checkpointing_kwargs=fastpath.checkpoint_kwargs(model) if fastpath.is_enabled(model) else None,
+        # our path keeps the expert matmuls' and attention's outputs instead of recomputing them; offload moves
+        # each checkpointed layer's input to host memory (transformers' own option)
+        activation_checkpointing_kwargs=fastpath.checkpoint_kwargs(model, offload),
         use_cpu=device.type == "cpu", bf16=bf16,
         report_to="none", disable_tqdm=True, remove_unused_columns=False, prediction_loss_only=True,
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False,
@@ -228,7 +264,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
         router_aux_loss_coef=0.0,
     )
     trainer = _trainer_class()(
-        model=model, args=args, data_collator=collate, train_dataset=to_dataset(train),
+        model=model, args=args, data_collator=collate, train_dataset=train_rows,
         eval_dataset=to_dataset(evals) if evals else None, processing_class=tokenizer,
         callbacks=[])
     if is_quantized(model):

@@ -54,6 +54,44 @@ def test_flash_sink_attention_matches_reference_in_bf16(window):
         assert err <= 2 * ref_err + EPS32, name   # (+ one fp32 ulp: a floor far below any bf16 error)
 
 
+@pytest.mark.parametrize("window", [None, 128])
+def test_packed_flash_attention_is_each_sequences_own_attention_in_bf16(window):
+    """Flash attention's variable-length mode on packed rows (data.packing), against float64 attention over each
+    sequence alone, held to the error of flash on each sequence alone in bf16 against the same float64."""
+    from finetune.kernels.attention import Packed
+    from finetune.train.trainer import packed_inputs
+    g = torch.Generator().manual_seed(2)
+    rows, width, Hq, Hkv, D = [[200, 41, 150], [300, 91]], 400, 16, 2, 64   # the first row ends in 9 pads
+    args = packed_inputs(rows, width)
+    cu = args["cu_seq_lens_q"].tolist()
+    q, k, v = (torch.randn(len(rows), width, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    sinks = torch.randn(Hq, generator=g)
+    grad = torch.randn(len(rows), width, Hq, D, generator=g)
+
+    def per_sequence(dtype, device):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v, sinks)]
+        out = torch.zeros(q.shape, dtype=dtype, device=device)
+        for start, end in zip(cu[:-1], cu[1:]):
+            b, s = divmod(start, width)
+            part = slice(s, s + end - start)
+            o = sink_attention(*(t[b:b + 1, part] for t in leaves[:3]), leaves[3], 0.125, window)
+            o.backward(grad[b:b + 1, part].to(device, dtype))
+            out[b, part] = o[0].detach()
+        return [out] + [t.grad for t in leaves]
+
+    exact = per_sequence(torch.float64, "cpu")
+    alone = per_sequence(torch.bfloat16, CUDA)
+    leaves = [t.to(CUDA, torch.bfloat16).requires_grad_() for t in (q, k, v, sinks)]
+    packed = Packed(args["cu_seq_lens_q"].to(CUDA), args["max_length_q"])
+    out = sink_attention(*leaves, 0.125, window, packed)
+    out.backward(grad.to(CUDA, torch.bfloat16))
+    ours = [out.detach()] + [t.grad for t in leaves]
+    for name, o, a, e in zip(("out", "dq", "dk", "dv", "dsinks"), ours, alone, exact):
+        err, ref_err = rel(o, e.to(CUDA)), rel(a, e.to(CUDA))
+        print(f"{name}: packed {err:.2e}, each sequence alone {ref_err:.2e}")
+        assert err <= 2 * ref_err + EPS32, name
+
+
 def test_grouped_expert_lora_matches_reference_in_bf16():
     """The expert layer's kernels (grouped_mm, fused epilogues, LoRA side path) with the routing given: ours in bf16
     against float64, held to transformers' eager bf16 experts (LoRA folded into W) against the same float64."""

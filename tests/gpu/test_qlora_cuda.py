@@ -7,6 +7,7 @@ multiply the same numbers: the only differences are the matmuls' summation order
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -138,3 +139,39 @@ def test_packed_peft_model_round_trips_through_host_memory(tiny_model_dir):
     assert all(p is params[n] for n, p in model.named_parameters())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_offloaded_and_tiled_training_equal_the_plain_step_and_offload_frees_the_layer_inputs(tiny_model_dir):
+    """train.offload_activations (transformers' own offload: each checkpointed layer's input in pinned host memory)
+    gives bit-identical loss and gradients, and between forward and backward the GPU holds that many bytes less;
+    train.mlp_tile_tokens on top stays within fp32 rounding (float64 as the measure)."""
+    models = {k: m.to(CUDA) for k, m in _lora_models(tiny_model_dir).items()}
+    model = models["packed"]
+    exact = float64(copy.deepcopy(models["dense"]))
+    ids = torch.randint(0, 5000, (2, 512), generator=torch.Generator().manual_seed(6)).to(CUDA)
+    ones = torch.ones_like(ids)
+
+    def step(m, offload=False, tile=0, fast=True):
+        with fastpath.patched(m, mlp_tile=tile) if fast else contextlib.nullcontext():
+            fastpath.enable_checkpointing(m, offload=offload)
+            m.train()
+            m.zero_grad()
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            total, _, _ = weighted_loss_sum(m, ids, ones, ones.float())
+            held = torch.cuda.memory_allocated() - before          # what the forward leaves for the backward
+            total.backward()
+            m.get_base_model().activation_checkpointing_disable()
+        return total.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}, held
+
+    loss, grads, held = step(model)
+    loss_o, grads_o, held_o = step(model, offload=True)
+    loss_t, grads_t, _ = step(model, offload=True, tile=100)
+    loss_e, grads_e, _ = step(exact, fast=False)
+    assert loss_o == loss and all(torch.equal(grads_o[n], g) for n, g in grads.items())
+    cfg = model.get_base_model().config
+    inputs = cfg.num_hidden_layers * ids.numel() * cfg.hidden_size * 4          # fp32 layer inputs
+    assert held - held_o >= 0.9 * inputs, (held, held_o, inputs)
+    assert abs(loss_t - loss) <= FP32_MARGIN * max(abs(loss - loss_e), EPS32 * abs(loss_e))
+    for name, g in grads.items():
+        assert rel(grads_t[name], g) <= FP32_MARGIN * max(rel(g, grads_e[name]), EPS32), name

@@ -93,19 +93,56 @@ def recipe_for(args, batch: int, seq: int, offload: bool = False, tile: int = 0)
 
 
 def parse_run(spec: str) -> dict:
-    """``BATCHxSEQ[:o][:tN][:wN]``: o offloads the layer inputs, tN tiles the MoE blocks by N tokens, wN overrides
-    --warmup for this run (e.g. w0 for the longest sequences once the kernels are compiled)."""
+    """``BATCHxSEQ[:o][:tN][:wN][:s]``: o offloads the layer inputs, tN tiles the MoE blocks by N tokens, wN overrides
+    --warmup for this run (e.g. w0 for the longest sequences once the kernels are compiled), s records the allocator
+    in its last step and prints what is live at the peak (CUDA)."""
     size, *flags = spec.split(":")
     batch, seq = (int(x) for x in size.split("x"))
-    run = {"batch": batch, "seq": seq, "offload": False, "tile": 0, "warmup": None}
+    run = {"batch": batch, "seq": seq, "offload": False, "tile": 0, "warmup": None, "snapshot": False}
     for flag in flags:
-        if flag == "o":
-            run["offload"] = True
+        if flag in ("o", "s"):
+            run["offload" if flag == "o" else "snapshot"] = True
         elif flag[:1] in ("t", "w") and flag[1:].isdigit():
             run["tile" if flag[0] == "t" else "warmup"] = int(flag[1:])
         else:
-            raise SystemExit(f"--runs: unknown flag {flag!r} in {spec!r} (o, tN, wN)")
+            raise SystemExit(f"--runs: unknown flag {flag!r} in {spec!r} (o, s, tN, wN)")
     return run
+
+
+def live_at_peak(snapshot: dict, top: int = 30) -> list[dict]:
+    """Replay the allocator trace of ``torch.cuda.memory._snapshot()`` to its highest point and group the blocks live
+    there by where they were allocated (the innermost frames in finetune, transformers, peft or torch.utils): what
+    the peak is made of, beyond what was allocated before recording started."""
+    events = [e for e in snapshot["device_traces"][0] if e["action"] in ("alloc", "free_completed")]
+    total = best = best_at = 0
+    live = {}
+    for i, e in enumerate(events):                   # pass 1: where the peak is
+        total += e["size"] if e["action"] == "alloc" else -e["size"]
+        if total > best:
+            best, best_at = total, i
+    for e in events[:best_at + 1]:                   # pass 2: what is live there
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+
+    def where(e):
+        frames = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in e.get("frames", [])
+                  if any(k in f["filename"] for k in ("finetune/", "transformers/", "peft/", "torch/utils/",
+                                                      "torch/_functorch", "qlora_memory", "torchinductor"))][:3]
+        # backward allocations have no Python frames: their size (a multiple of the sequence) says what they are
+        return " < ".join(frames) or f"no Python frame, {e['size'] / 2**20:.1f} MiB blocks"
+
+    groups = {"peak reached in": {"where": "peak reached in: " + where(events[best_at]), "MiB": 0.0, "blocks": 0}}
+    for e in live.values():
+        key = where(e)
+        g = groups.setdefault(key, {"where": key, "MiB": 0.0, "blocks": 0})
+        g["MiB"] += e["size"] / 2**20
+        g["blocks"] += 1
+    rows = [groups.pop("peak reached in")] + sorted(groups.values(), key=lambda g: -g["MiB"])[:top]
+    for g in rows:
+        g["MiB"] = round(g["MiB"], 1)
+    return [{"where": "total above the start of recording", "MiB": round(best / 2**20, 1), "blocks": len(live)}] + rows
 
 
 def make_optimizer(params, name: str):
@@ -122,8 +159,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", choices=("20b", "120b", "tiny"), default="20b")
     ap.add_argument("--runs", default="1x2048,2x2048,4x2048,1x8192",
-                    help="comma-separated BATCHxSEQ[:o][:tN][:wN] (o: train.offload_activations, tN: "
-                         "train.mlp_tile_tokens=N, wN: N warm-up steps for this run)")
+                    help="comma-separated BATCHxSEQ[:o][:tN][:wN][:s] (o: train.offload_activations, tN: "
+                         "train.mlp_tile_tokens=N, wN: N warm-up steps for this run, s: what is live at its peak)")
     ap.add_argument("--levers", default="", help="o, tN or both (o:t8192) for the --longest probes")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--quantization", default="mxfp4", choices=("mxfp4", "nf4"))
@@ -141,6 +178,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from finetune.estimate import estimate
+    from finetune.kernels import attention
     from finetune.kernels.loss import QUANTIZED_CHUNK_ROWS, weighted_loss_sum
     from finetune.model import fastpath
     from finetune.model.lora import add_lora, is_quantized
@@ -161,7 +199,9 @@ def main() -> None:
            else f"{moe.DECODE_BUDGET_BYTES // 2**20} MiB",
            "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "rank": args.rank,
            "quantization": args.quantization, "optimizer": args.optimizer,
-           "embedding": "cpu" if host_embedding else "gpu", "runs": []}
+           "embedding": "cpu" if host_embedding else "gpu",
+           # steps above this many tokens run the attention backward per key/value head (None: never)
+           "whole_backward_tokens": attention.WHOLE_BACKWARD_TOKENS, "runs": []}
 
     def save():
         if args.json:
@@ -212,7 +252,8 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def measure(batch: int, seq: int, steps: int, warmup: int, offload: bool = False, tile: int = 0) -> dict:
+    def measure(batch: int, seq: int, steps: int, warmup: int, offload: bool = False, tile: int = 0,
+                snapshot: bool = False) -> dict:
         gen = torch.Generator(device="cpu").manual_seed(seq * 10 + batch)
         row = {"batch": batch, "seq": seq, "offload": offload, "mlp_tile_tokens": tile}
         use_levers(offload, tile)
@@ -228,11 +269,20 @@ def main() -> None:
                 ids = torch.randint(0, cfg.vocab_size - 1000, (batch, seq), generator=gen).to(device)
                 if cuda:
                     torch.cuda.synchronize()
+                record = snapshot and i == warmup + steps - 1
+                if record:
+                    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
                 t = time.perf_counter()
                 loss = step(ids)
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
+                if record:
+                    try:
+                        row["live_at_peak"] = live_at_peak(torch.cuda.memory._snapshot())
+                    except Exception as exc:   # a diagnostic: never lose the run's numbers to it
+                        row["live_at_peak"] = [{"where": f"snapshot analysis failed: {exc!r}", "MiB": 0, "blocks": 0}]
+                    torch.cuda.memory._record_memory_history(enabled=None)
                 row.setdefault("first_loss", round(float(loss), 4))
         except torch.OutOfMemoryError as exc:
             opt.zero_grad(set_to_none=True)
@@ -253,9 +303,12 @@ def main() -> None:
         run = parse_run(spec)
         batch, seq = run["batch"], run["seq"]
         row = measure(batch, seq, args.steps, args.warmup if run["warmup"] is None else run["warmup"],
-                      run["offload"], run["tile"])
+                      run["offload"], run["tile"], snapshot=run["snapshot"] and cuda)
         res["runs"].append(row)
-        print(f"  {batch} x {seq}: {json.dumps({k: v for k, v in row.items() if k != 'estimate'})}", flush=True)
+        shown = {k: v for k, v in row.items() if k not in ("estimate", "live_at_peak")}
+        print(f"  {batch} x {seq}: {json.dumps(shown)}", flush=True)
+        for g in row.get("live_at_peak", []):
+            print(f"    {g['MiB']:>10.1f} MiB {g['blocks']:>5}  {g['where']}", flush=True)
         save()
 
     if args.profile:

@@ -9,13 +9,17 @@ a ``GptOssConfig`` built in code instead.
 What is counted (``d`` = bytes of the compute dtype): frozen weights as they sit on the device (experts packed in
 MXFP4 at 4.25 bits unless quantization is ``none``, attention in NF4 under ``nf4``), LoRA weights and gradients in
 fp32 and the optimizer state, activations kept for the backward (all layers, or the layer inputs under gradient
-checkpointing, plus what selective checkpointing saves), and the larger of the step's two short-lived phases: the
-backward of one layer (its recomputed activations, gradients and, for packed experts, the MXFP4 decode slice) or the
-chunked loss. Everything is a worst case per step: every row padded to ``data.max_length``. The CUDA context is not
-part of torch's peak; it is reserved separately (:data:`CONTEXT_RESERVE`) when checking the fit.
+checkpointing, plus what selective checkpointing saves), and the largest of the step's short-lived phases: the
+backward of one layer (its recomputed activations, gradients and, for packed experts, the MXFP4 decode slice; on our
+path under checkpointing, counted tensor by tensor in its attention and MoE phases) or the chunked loss. Everything is
+a worst case per step: every row padded to ``data.max_length``. The CUDA context is not part of torch's peak; it is
+reserved separately (:data:`CONTEXT_RESERVE`) when checking the fit.
 
-Checked against measured peaks (``benchmarks/qlora_memory.py``, ``benchmarks/train_speed.py``; H200): within 1% for
-gpt-oss-20b MXFP4 at 2,048-8,192 tokens a step, gpt-oss-120b MXFP4 at 2,048, and gpt-oss-20b bf16 at 16,384.
+Checked against measured peaks (``benchmarks/qlora_memory.py``, ``benchmarks/train_speed.py``; H200 and H100),
+between 0.6% under and 1.5% over: QLoRA on gpt-oss-20b from 2,048 to 131,072 tokens a step (batch 1 to 4, MXFP4 and
+NF4, with and without the long-sequence levers) and gpt-oss-120b at 2,048 and 8,192 (``tests/test_estimate.py``
+replays every committed measurement); gpt-oss-20b bf16 within 1% at 16,384. The long-sequence factors were fitted
+on those same runs, and the per-head attention backward above 16,384 tokens is counted but not yet measured.
 
 ``model.embedding: auto`` is decided here: the input embedding stays on the GPU unless the run would then not fit.
 """
@@ -26,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from finetune.kernels import experts, loss
+from finetune.kernels import attention, experts, loss
 from finetune.recipe import Recipe, apply_overrides
 from inference.errors import UserError
 
@@ -47,7 +51,15 @@ QUANTIZED_CHUNK_ROWS = loss.QUANTIZED_CHUNK_ROWS
 # Tokens per tile of the MoE blocks that train.mlp_tile_tokens=auto tries, largest first, while the run does not fit:
 # 8,192 tokens of gpt-oss-20b's block are about 1.2 GiB of intermediates and gradients; fewer tokens per tile mean
 # smaller grouped matmuls and one more MXFP4 decode of every expert per tile.
-MLP_TILES_AUTO = (8192, 4096, 2048)
+MLP_TILES_AUTO = (8192, 4096, 2048, 1024)
+# The fast path's layer backward under checkpointing (_fast_backward_bytes) counts the tensors each phase holds. Two
+# factors calibrate the MoE phase against peaks measured on gpt-oss-20b shapes (H100, benchmarks/qlora_memory.py,
+# 2,048-131,072 tokens, benchmarks/results/qlora-20b-mxfp4-h100-2026-12-07-long.json): what it holds beside the
+# block measured 50,060 bytes a token where 47,488 are counted (x 1.06), and of the block's own intermediates and
+# gradients about three quarters are alive at once (199,700 of 265,472 bytes a token). The attention phase needs no
+# factor: 93,200 bytes a token measured, 93,184 counted.
+FAST_MOE_HELD = 1.06
+FAST_MOE_ALIVE = 0.76
 
 MXFP4_BYTES = 0.5 + 1 / 32                  # 4-bit codes + one uint8 scale per 32 weights
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # bitsandbytes: 4-bit codes, blocks of 64, double-quantized absmax
@@ -237,41 +249,79 @@ def activation_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: 
 
 
 def offloaded_bytes(recipe: Recipe, config, d: int, levers: Levers) -> int:
-    """Pinned host memory holding the layer inputs when they are offloaded."""
-    return config.num_hidden_layers * recipe.train.batch_size * recipe.data.max_length * config.hidden_size * d \
-        if levers.offload else 0
+    """Pinned host memory holding the layer inputs when they are offloaded. PyTorch's pinned-memory cache rounds each
+    block up to a power of two (measured: 33 GiB peak RSS at 131,072 tokens of gpt-oss-20b, 17 GiB of inputs)."""
+    if not levers.offload:
+        return 0
+    block = recipe.train.batch_size * recipe.data.max_length * config.hidden_size * d      # one layer's input
+    return config.num_hidden_layers * (1 << (block - 1).bit_length())
+
+
+def _fast_backward_bytes(recipe: Recipe, config, d: int, tokens: int, levers: Levers) -> dict[str, int]:
+    """The backward of one checkpointed decoder layer on the fast path (:mod:`finetune.model.fastpath`), in its two
+    phases: the tensors the code holds at each, counted per token (see :data:`FAST_MOE_HELD`)."""
+    H, I, E, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
+    Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    Q, K = Hq * D, Hkv * D
+    # the recomputed attention half: normed input, q, k, v as the kernel keeps them, its output, fp32 lse per head
+    held = H * d + (Q + 2 * K) * d + Q * d + 4 * Hq
+    grads = 2 * H * d                       # the gradient arriving at the layer, and the residual stream's
+    # flash attention's backward: dq, dk, dv and its scratch, an fp32 dq accumulator and, with fewer key/value heads
+    # than query heads, dk and dv expanded to every query head; above WHOLE_BACKWARD_TOKENS one key/value head at a
+    # time (each group's inputs copied, its scratch, its gradients)
+    if tokens > attention.WHOLE_BACKWARD_TOKENS and Hkv < Hq:
+        G = Hq // Hkv
+        scratch = G * D * (3 * d + 4 + 3 * d) + 4 * D * d + 4 * G
+    else:
+        scratch = Q * 4 + (2 * Q * d if Hkv < Hq else 0) + 4 * Hq
+    attention_phase = tokens * (held + grads + Q * d + Q * d + 2 * K * d + scratch + (H * d if levers.offload else 0))
+    # The MoE half: the attention half still held, the block's input, output and their gradients; then the block's
+    # intermediates and gradients for the tokens of one tile (all tokens untiled).
+    moe_tokens = min(tokens, levers.mlp_tile) if levers.mlp_tile else tokens
+    moe_terms = _layer_bytes_per_token(recipe, config, d)[1] + k * 2 * I * d * 2      # + the gate_up gradients
+    moe_phase = tokens * ((held + 4 * H * d) * FAST_MOE_HELD + (2 * H * d if levers.offload else 0)) + \
+        moe_tokens * moe_terms * FAST_MOE_ALIVE
+    # finetune.kernels.experts decodes a slice of output features of all experts at a time (a multiple of 16 within
+    # the budget) and matmuls every routed row against it: the decoded slice plus that slice of the output.
+    projection = E * H * 2 * I * d                                   # the largest expert projection, whole
+    budget = experts.decode_budget(projection)                       # read at call time: it can be tuned
+    columns = min(2 * I, max(16, budget // (E * H * d) // 16 * 16))
+    moe_phase += min(projection, budget) + moe_tokens * k * columns * d
+    return {"attention backward of one layer": round(attention_phase), "MoE backward of one layer": round(moe_phase)}
 
 
 def step_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int,
-               levers: Levers = Levers()) -> dict[str, int]:
-    """The two phases of a step that add short-lived memory on top of the held activations; the peak is the larger.
+               levers: Levers = Levers(), fast: bool = False) -> dict[str, int]:
+    """The phases of a step that add short-lived memory on top of what is held; the peak is the largest.
 
-    ``backward of one layer``: its recomputed activations (under checkpointing), the largest gradients (gate_up's
-    output and its SwiGLU input's) and, for packed experts, the decoded MXFP4 slice; with tiled MoE blocks their
-    part counts one tile's tokens; with offloaded inputs, the layer's input back on the GPU. ``loss``: one chunk of
-    logits, their gradient and the fp32 loss pass, plus the hidden states' gradient rows the loss hands back.
+    On the fast path under gradient checkpointing (``fast``), the backward of one layer in its attention and MoE
+    phases (:func:`_fast_backward_bytes`). Otherwise ``backward of one layer``: its recomputed activations (under
+    checkpointing), the largest gradients (gate_up's output and its SwiGLU input's) and, for packed experts, the
+    decoded MXFP4 slice; with tiled MoE blocks their part counts one tile's tokens; with offloaded inputs, the layer's
+    input back on the GPU. Both: ``loss``, one chunk of logits, their gradient and the fp32 loss pass, plus the
+    hidden states' gradient rows the loss hands back.
     """
     H, I, E, k, V = (config.hidden_size, config.intermediate_size, config.num_local_experts,
                      config.num_experts_per_tok, config.vocab_size)
     packed = quantization != "none"
+    rows = min(tokens, QUANTIZED_CHUNK_ROWS if packed else CHUNK_ROWS)
+    loss_phase = {"loss (one chunk of logits)": round(rows * V * (d + d + 4) + tokens * H * d)}
+    if fast and recipe.train.gradient_checkpointing:
+        return {**_fast_backward_bytes(recipe, config, d, tokens, levers), **loss_phase}
     moe_tokens = min(tokens, levers.mlp_tile) if levers.mlp_tile else tokens
     backward = moe_tokens * k * 2 * I * d * 2                            # the gate_up gradients
     if recipe.train.gradient_checkpointing:
-        attention, moe = _layer_bytes_per_token(recipe, config, d)
-        backward += tokens * attention + moe_tokens * moe
+        attention_half, moe = _layer_bytes_per_token(recipe, config, d)
+        backward += tokens * attention_half + moe_tokens * moe
     backward *= ACTIVATION_FACTOR
     if levers.offload:
         backward += tokens * H * d
     if packed:
-        # finetune.kernels.experts decodes a slice of output features of all experts at a time (a multiple of 16
-        # within the budget) and matmuls every routed row against it: the decoded slice plus that slice of the output.
-        projection = E * H * 2 * I * d                                   # the largest expert projection, whole
-        budget = experts.decode_budget(projection)                           # read at call time: it can be tuned
+        projection = E * H * 2 * I * d
+        budget = experts.decode_budget(projection)
         columns = min(2 * I, max(16, budget // (E * H * d) // 16 * 16))
         backward += min(projection, budget) + moe_tokens * k * columns * d
-    rows = min(tokens, QUANTIZED_CHUNK_ROWS if packed else CHUNK_ROWS)
-    loss_phase = rows * V * (d + d + 4) + tokens * H * d
-    return {"backward of one layer": round(backward), "loss (one chunk of logits)": round(loss_phase)}
+    return {"backward of one layer": round(backward), **loss_phase}
 
 
 def disk_bytes(recipe: Recipe, config, trainable: int) -> dict[str, int]:
@@ -305,12 +355,23 @@ def _build(recipe: Recipe, config, device: str, capacity_bytes: int | None, embe
     quantization = pick_quantization(recipe, torch.device(device))[0]
     tokens = recipe.train.batch_size * recipe.data.max_length
     trainable = lora_parameters(recipe, config)
-    phases = step_bytes(recipe, config, quantization, d, tokens, levers)
+    from finetune.model.fastpath import choose
+    # measured and calibrated for packed experts (QLoRA); bf16 LoRA keeps the older, term-summed model
+    fast = choose(recipe.train.kernels, torch.device(device))[0] and quantization != "none"
+    phases = step_bytes(recipe, config, quantization, d, tokens, levers, fast=fast)
     phase = max(phases, key=phases.get)
+    held = activation_bytes(recipe, config, quantization, d, tokens, levers)
+    grads = trainable * 4
+    if fast and recipe.train.gradient_checkpointing:
+        # the backward frees each layer's input as it fills that layer's LoRA gradients: the peak holds the larger
+        # of the two (the inputs at the first layer back, the gradients at the last), not both
+        room = {"LoRA grads | layer inputs": max(grads, held.pop("activations: layer inputs"))}
+    else:
+        room = {"LoRA grads": grads}
     gpu = {**weight_bytes(config, quantization, d),
-           "LoRA weights + grads": trainable * (4 + 4),
+           "LoRA weights": trainable * 4, **room,
            "optimizer state": trainable * OPTIMIZER_BYTES[recipe.train.optimizer],
-           **activation_bytes(recipe, config, quantization, d, tokens, levers),
+           **held,
            f"step peak: {phase}": phases[phase]}
     if embedding == "cpu" and device == "cuda":
         gpu["embedding"] = 0

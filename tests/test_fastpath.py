@@ -64,6 +64,31 @@ def test_sink_attention_matches_eager_values_and_all_gradients(window):
         assert_float64_close(a, b, b32, name)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_backward_one_key_value_head_at_a_time_is_the_whole_backward(monkeypatch, packed):
+    """Long steps run the attention backward per key/value head (WHOLE_BACKWARD_TOKENS): same gradients, bit for
+    bit, as all heads at once (the plain twin here; flash in tests/gpu/test_fastpath_cuda.py)."""
+    from finetune.kernels import attention
+    from finetune.train.trainer import packed_inputs
+    g = torch.Generator().manual_seed(3)
+    B, S, Hq, Hkv, D = 2, 11, 6, 3, 4
+    q, k, v = (torch.randn(B, S, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    sinks, grad = torch.randn(Hq, generator=g), torch.randn(B, S, Hq, D, generator=g)
+    layout = None
+    if packed:
+        args = packed_inputs([[4, 7], [11]], S)
+        layout = attention.Packed(args["cu_seq_lens_q"], args["max_length_q"])
+    results = []
+    for whole in (10**9, 0):
+        monkeypatch.setattr(attention, "WHOLE_BACKWARD_TOKENS", whole)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        sink_attention(*leaves, 0.5, 3, layout).backward(grad)
+        results.append([t.grad for t in leaves])
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), *results):
+        assert b.abs().max() > 1e-3, name
+        assert torch.equal(a, b), name
+
+
 def test_sink_attention_window_boundary_is_the_reference_one():
     """A key exactly ``window`` positions back is masked, one less is seen: moving it changes only the latter."""
     g = torch.Generator().manual_seed(1)
@@ -251,6 +276,9 @@ def test_readme_train_speed_smoke_command_measures_both_paths_on_the_same_batche
     best = max(("baseline", "baseline+noamp"), key=lambda p: row[p]["tok_s"])
     assert row["best_baseline"] == best
     assert row["ratio"] == round(row["ours"]["tok_s"] / row[best]["tok_s"], 2)
+    packing = res["packing"]                                   # --packing: the same sequences padded and packed
+    assert packing["sequences"] == 8 and packing["packed"]["steps"] <= packing["padded"]["steps"]
+    assert all(packing[m]["real_tok_s"] > 0 and 0 < packing[m]["real_share"] <= 1 for m in ("padded", "packed"))
     # The losses are rounded to 5 decimals (each up to 0.5e-5 off) from fp32 computations of the same maths, which
     # may differ by FP32_MARGIN times the fp32 error of that loss: measured here on the benchmark's own model (same
     # builder and seed) and a batch like its own, against float64.

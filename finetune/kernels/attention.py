@@ -32,6 +32,14 @@ import torch
 
 from inference.model.compiled import fused
 
+# Tokens of a step (batch x sequence) up to which the backward runs all heads in one call; above, one key/value head
+# at a time. Flash attention's
+# backward with fewer key/value heads than query heads holds, beside dq, dk, dv, an fp32 dq accumulator and dk, dv
+# expanded to every query head: 32 KB a token for gpt-oss's 64 x 64 heads, about a third of what a long sequence's
+# layer backward holds at its peak (benchmarks/qlora_memory.py --snapshot). Per key/value head (8 query heads) that
+# scratch is an eighth; eight launches instead of one cost nothing measurable at this many tokens.
+WHOLE_BACKWARD_TOKENS = 16384
+
 
 @dataclass(frozen=True)
 class Packed:
@@ -167,26 +175,42 @@ class _SinkAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, sinks, out_f, lse_c = ctx.saved_tensors
         grad = grad.contiguous()
-        packed = ctx.packed
-        if ctx.flash is not None:
-            left, right = _flash_window(ctx.window)
-            rng, unused = ctx.flash
-            if packed is None:
-                dq, dk, dv = torch.ops.aten._flash_attention_backward(
-                    grad, q, k, v, out_f, lse_c.contiguous(), None, None, q.shape[1], k.shape[1], 0.0, True, rng,
-                    unused, scale=ctx.scale, window_size_left=left, window_size_right=right)
-            else:
-                b, n, hq, _ = q.shape
-                cu = packed.cu_seqlens
-                dq, dk, dv = torch.ops.aten._flash_attention_backward(
-                    _flat(grad), _flat(q), _flat(k), _flat(v), _flat(out_f),
-                    lse_c.transpose(0, 1).reshape(hq, b * n).contiguous(), cu, cu, packed.max_len, packed.max_len,
-                    0.0, True, rng, unused, scale=ctx.scale, window_size_left=left, window_size_right=right)
-                dq, dk, dv = dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
-        else:
-            dq, dk, dv = _math_backward(grad, q, k, v, out_f, lse_c, ctx.scale, ctx.window, packed)
         dsinks = _sink_grad(grad, out_f, sinks, lse_c) if ctx.needs_input_grad[3] else None
+        b, n, hq, _ = q.shape
+        hkv = k.shape[2]
+        if b * n <= WHOLE_BACKWARD_TOKENS or hkv == hq:
+            dq, dk, dv = _backward(ctx, grad, q, k, v, out_f, lse_c)
+            return dq, dk, dv, dsinks, None, None, None
+        # One key/value head and its query heads at a time (see WHOLE_BACKWARD_TOKENS): the kernel's scratch
+        # follows one group; the gradients are each head's own, so the result is the same.
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        g = hq // hkv
+        for h in range(hkv):
+            heads = slice(h * g, (h + 1) * g)
+            dq[:, :, heads], dk[:, :, h:h + 1], dv[:, :, h:h + 1] = _backward(
+                ctx, grad[:, :, heads].contiguous(), q[:, :, heads].contiguous(), k[:, :, h:h + 1].contiguous(),
+                v[:, :, h:h + 1].contiguous(), out_f[:, :, heads].contiguous(), lse_c[:, heads].contiguous())
         return dq, dk, dv, dsinks, None, None, None
+
+
+def _backward(ctx, grad, q, k, v, out_f, lse_c):
+    """(dq, dk, dv) of the sink-free attention given the sink-folded output and log-sum-exp (module docstring)."""
+    packed = ctx.packed
+    if ctx.flash is None:
+        return _math_backward(grad, q, k, v, out_f, lse_c, ctx.scale, ctx.window, packed)
+    left, right = _flash_window(ctx.window)
+    rng, unused = ctx.flash
+    if packed is None:
+        return torch.ops.aten._flash_attention_backward(
+            grad, q, k, v, out_f, lse_c.contiguous(), None, None, q.shape[1], k.shape[1], 0.0, True, rng,
+            unused, scale=ctx.scale, window_size_left=left, window_size_right=right)
+    b, n, hq, _ = q.shape
+    cu = packed.cu_seqlens
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        _flat(grad), _flat(q), _flat(k), _flat(v), _flat(out_f),
+        lse_c.transpose(0, 1).reshape(hq, b * n).contiguous(), cu, cu, packed.max_len, packed.max_len,
+        0.0, True, rng, unused, scale=ctx.scale, window_size_left=left, window_size_right=right)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, scale: float,

@@ -186,10 +186,15 @@ class ProgressBar(TrainerCallback):
         from tqdm.auto import tqdm
         (tqdm.write if self.bar is not None else print)(text)
 
+    # On a GPU the first step compiles the kernels (Triton's and torch.compile's, for the shapes it meets), which
+    # can take a minute before the bar moves; both cache on disk, so a later run starts sooner. The bar says so.
+    FIRST_STEP_ON_GPU = "training (first step: compiling GPU kernels, cached on disk for later runs)"
+
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
-                        dynamic_ncols=True)
+        gpu = not args.use_cpu and torch.cuda.is_available()
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step,
+                        desc=self.FIRST_STEP_ON_GPU if gpu else "training", unit="step", dynamic_ncols=True)
 
     def show(self, values: dict) -> None:
         """Keep the latest loss (and eval loss) on the bar itself."""
@@ -199,6 +204,8 @@ class ProgressBar(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
+            if self.bar.desc != "training":
+                self.bar.set_description("training", refresh=False)
             self.bar.update(state.global_step - self.bar.n)
 
     def on_train_end(self, args, state, control, **kwargs):

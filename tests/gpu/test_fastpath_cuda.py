@@ -92,6 +92,37 @@ def test_packed_flash_attention_is_each_sequences_own_attention_in_bf16(window):
         assert err <= 2 * ref_err + EPS32, name
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_backward_per_key_value_head_is_as_exact_as_all_heads_at_once(monkeypatch, packed):
+    """Long steps run flash attention's backward one key/value head at a time (WHOLE_BACKWARD_TOKENS, for memory).
+    Each head's maths is its own, so its gradients must be as close to float64 as one call over all heads is (flash
+    accumulates dq with atomics, so the two need not agree bit for bit)."""
+    from finetune.train.trainer import packed_inputs
+    g = torch.Generator().manual_seed(4)
+    B, S, Hq, Hkv, D = 2, 640, 64, 8, 64              # gpt-oss's heads
+    q, k, v = (torch.randn(B, S, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    sinks, grad = torch.randn(Hq, generator=g), torch.randn(B, S, Hq, D, generator=g)
+    layout = cuda_layout = None
+    if packed:
+        args = packed_inputs([[300, 340], [17, 600]], S)
+        layout = attention.Packed(args["cu_seq_lens_q"], args["max_length_q"])
+        cuda_layout = attention.Packed(args["cu_seq_lens_q"].to(CUDA), args["max_length_q"])
+
+    def grads(dtype, device, whole, where):
+        monkeypatch.setattr(attention, "WHOLE_BACKWARD_TOKENS", whole)
+        leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v, sinks)]
+        sink_attention(*leaves, 0.125, 128, where).backward(grad.to(device, dtype))
+        return [t.grad for t in leaves]
+
+    exact = grads(torch.float64, "cpu", 10**9, layout)
+    whole = grads(torch.bfloat16, CUDA, 10**9, cuda_layout)
+    grouped = grads(torch.bfloat16, CUDA, 0, cuda_layout)
+    for name, o, a, e in zip(("dq", "dk", "dv", "dsinks"), grouped, whole, exact):
+        err, ref_err = rel(o, e.to(CUDA)), rel(a, e.to(CUDA))
+        print(f"{name}: per key/value head {err:.2e}, all heads at once {ref_err:.2e}")
+        assert err <= 2 * ref_err + EPS32, name
+
+
 def test_grouped_expert_lora_matches_reference_in_bf16():
     """The expert layer's kernels (grouped_mm, fused epilogues, LoRA side path) with the routing given: ours in bf16
     against float64, held to transformers' eager bf16 experts (LoRA folded into W) against the same float64."""

@@ -81,7 +81,7 @@ def build_packed(cfg, device: torch.device, dtype: torch.dtype, host_embedding: 
     return model
 
 
-def recipe_for(args, batch: int, seq: int, offload: bool = False, tile: int = 0):
+def recipe_for(args, batch: int, seq: int, offload: bool = False, tile: int = 0, host_head: bool = False):
     from finetune.recipe import load_recipe
     root = Path(__file__).resolve().parent.parent
     return load_recipe(root / "recipes" / "gpt-oss-20b-lora.yaml", [
@@ -89,23 +89,25 @@ def recipe_for(args, batch: int, seq: int, offload: bool = False, tile: int = 0)
         f"model.embedding={args.embedding}", f"lora.r={args.rank}", f"lora.alpha={2 * args.rank}",
         f"train.batch_size={batch}", f"data.max_length={seq}", f"train.optimizer={args.optimizer}",
         "train.gradient_checkpointing=true", f"train.offload_activations={str(offload).lower()}",
-        f"train.mlp_tile_tokens={tile}", "train.kernels=fast"])
+        f"train.mlp_tile_tokens={tile}", "train.kernels=fast", f"model.lm_head={'cpu' if host_head else 'gpu'}"])
 
 
 def parse_run(spec: str) -> dict:
-    """``BATCHxSEQ[:o][:tN][:wN][:s]``: o offloads the layer inputs, tN tiles the MoE blocks by N tokens, wN overrides
+    """``BATCHxSEQ[:o][:h][:tN][:wN][:s]``: o offloads the layer inputs, h keeps the output layer in host memory
+    (model.lm_head=cpu), tN tiles the MoE blocks by N tokens, wN overrides
     --warmup for this run (e.g. w0 for the longest sequences once the kernels are compiled), s records the allocator
     in its last step and prints what is live at the peak (CUDA)."""
     size, *flags = spec.split(":")
     batch, seq = (int(x) for x in size.split("x"))
-    run = {"batch": batch, "seq": seq, "offload": False, "tile": 0, "warmup": None, "snapshot": False}
+    run = {"batch": batch, "seq": seq, "offload": False, "tile": 0, "warmup": None, "snapshot": False,
+           "host_head": False}
     for flag in flags:
-        if flag in ("o", "s"):
-            run["offload" if flag == "o" else "snapshot"] = True
+        if flag in ("o", "s", "h"):
+            run[{"o": "offload", "s": "snapshot", "h": "host_head"}[flag]] = True
         elif flag[:1] in ("t", "w") and flag[1:].isdigit():
             run["tile" if flag[0] == "t" else "warmup"] = int(flag[1:])
         else:
-            raise SystemExit(f"--runs: unknown flag {flag!r} in {spec!r} (o, s, tN, wN)")
+            raise SystemExit(f"--runs: unknown flag {flag!r} in {spec!r} (o, h, s, tN, wN)")
     return run
 
 
@@ -159,9 +161,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", choices=("20b", "120b", "tiny"), default="20b")
     ap.add_argument("--runs", default="1x2048,2x2048,4x2048,1x8192",
-                    help="comma-separated BATCHxSEQ[:o][:tN][:wN][:s] (o: train.offload_activations, tN: "
-                         "train.mlp_tile_tokens=N, wN: N warm-up steps for this run, s: what is live at its peak)")
-    ap.add_argument("--levers", default="", help="o, tN or both (o:t8192) for the --longest probes")
+                    help="comma-separated BATCHxSEQ[:o][:h][:tN][:wN][:s] (o: train.offload_activations, h: "
+                         "model.lm_head=cpu, tN: train.mlp_tile_tokens=N, wN: N warm-up steps for this run, s: what "
+                         "is live at its peak)")
+    ap.add_argument("--levers", default="", help="o, h, tN or several (o:h:t8192) for the --longest probes")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--quantization", default="mxfp4", choices=("mxfp4", "nf4"))
     ap.add_argument("--optimizer", default="adamw_8bit", choices=("adamw_torch", "adamw_8bit", "sgd"))
@@ -234,6 +237,18 @@ def main() -> None:
         levers.update(offload=offload, tile=tile)
 
     use_levers(False, 0)
+    heads = {"gpu": pm.get_base_model().lm_head}
+
+    def use_head(host: bool):
+        """The output layer on the device, or in host memory as model.lm_head=cpu keeps it (off the device)."""
+        from finetune.model.lora import HostLMHead
+        base, resident = pm.get_base_model(), heads["gpu"]
+        if host and not isinstance(base.lm_head, HostLMHead):
+            resident.to("cpu")
+            base.lm_head = heads.setdefault("cpu", HostLMHead(resident))
+        elif not host and isinstance(base.lm_head, HostLMHead):
+            base.lm_head = resident.to(device)
+
     pm.train()
     res["build_s"] = round(time.perf_counter() - t0, 1)
     res["lora_trainable_M"] = round(coverage["trainable"] / 1e6, 1)
@@ -253,11 +268,13 @@ def main() -> None:
         return loss.detach()
 
     def measure(batch: int, seq: int, steps: int, warmup: int, offload: bool = False, tile: int = 0,
-                snapshot: bool = False) -> dict:
+                snapshot: bool = False, host_head: bool = False) -> dict:
         gen = torch.Generator(device="cpu").manual_seed(seq * 10 + batch)
-        row = {"batch": batch, "seq": seq, "offload": offload, "mlp_tile_tokens": tile}
+        row = {"batch": batch, "seq": seq, "offload": offload, "mlp_tile_tokens": tile,
+               "lm_head": "cpu" if host_head else "gpu"}
         use_levers(offload, tile)
-        est = estimate(recipe_for(args, batch, seq, offload, tile), cfg, device=device.type)
+        use_head(host_head)
+        est = estimate(recipe_for(args, batch, seq, offload, tile, host_head), cfg, device=device.type)
         row["estimate_GiB"] = round(est.peak_bytes / 2**30, 2)
         row["estimate"] = {k: round(v / 2**30, 3) for k, v in est.gpu.items()}
         if cuda:
@@ -303,7 +320,7 @@ def main() -> None:
         run = parse_run(spec)
         batch, seq = run["batch"], run["seq"]
         row = measure(batch, seq, args.steps, args.warmup if run["warmup"] is None else run["warmup"],
-                      run["offload"], run["tile"], snapshot=run["snapshot"] and cuda)
+                      run["offload"], run["tile"], snapshot=run["snapshot"] and cuda, host_head=run["host_head"])
         res["runs"].append(row)
         shown = {k: v for k, v in row.items() if k not in ("estimate", "live_at_peak")}
         print(f"  {batch} x {seq}: {json.dumps(shown)}", flush=True)
@@ -331,7 +348,8 @@ def main() -> None:
         probes = []
         probe_levers = parse_run("1x1" + (":" + args.levers if args.levers else ""))
         for seq in (2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536, 98304, 131072):
-            row = measure(1, seq, 0, 1, probe_levers["offload"], probe_levers["tile"])
+            row = measure(1, seq, 0, 1, probe_levers["offload"], probe_levers["tile"],
+                          host_head=probe_levers["host_head"])
             probes.append(row)
             print(f"  probe 1 x {seq}: {json.dumps({k: v for k, v in row.items() if k != 'estimate'})}", flush=True)
             if "error" in row or row.get("peak_GiB", 0) > max(budgets):
@@ -347,6 +365,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for row in res["runs"]:
         lever = "+".join((["offload"] if row["offload"] else []) +
+                         (["host lm_head"] if row.get("lm_head") == "cpu" else []) +
                          ([f"tiles of {row['mlp_tile_tokens']}"] if row["mlp_tile_tokens"] else [])) or "-"
         print(f"| {row['batch']} x {row['seq']} | {lever} | {row.get('peak_GiB', '-')} "
               f"({row.get('reserved_GiB', '-')}) | "

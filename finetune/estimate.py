@@ -21,12 +21,13 @@ NF4, with and without the long-sequence levers) and gpt-oss-120b at 2,048 and 8,
 replays every committed measurement); gpt-oss-20b bf16 within 1% at 16,384. The long-sequence factors were fitted
 on those same runs, and the per-head attention backward above 16,384 tokens is counted but not yet measured.
 
-``model.embedding: auto`` is decided here: the input embedding stays on the GPU unless the run would then not fit.
+The ``auto`` memory settings are decided here (:func:`_plan`): the input embedding and the output layer stay on the
+GPU, and the long-sequence levers off, unless the run would then not fit.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -91,6 +92,7 @@ class Estimate:
     offload: bool = False              # resolved train.offload_activations
     mlp_tile_tokens: int = 0           # resolved train.mlp_tile_tokens (0: untiled)
     offloaded_bytes: int = 0           # pinned host memory holding the offloaded layer inputs
+    lm_head: str = "gpu"               # resolved model.lm_head: gpu | cpu
     longest_fitting: int | None = None  # longest data.max_length that fits the capacity (None: no capacity known)
 
     @property
@@ -221,10 +223,12 @@ def layer_activation_bytes_per_token(recipe: Recipe, config, d: int) -> float:
 
 @dataclass(frozen=True)
 class Levers:
-    """The long-sequence memory levers as resolved for one run: ``offload`` (each checkpointed layer's input in host
-    memory), ``mlp_tile`` (tokens per tile of the MoE blocks, 0: untiled)."""
+    """The memory levers as resolved for one run: ``offload`` (each checkpointed layer's input in host memory),
+    ``mlp_tile`` (tokens per tile of the MoE blocks, 0: untiled), ``host_head`` (the output layer in host memory,
+    read by the loss in slices)."""
     offload: bool = False
     mlp_tile: int = 0
+    host_head: bool = False
 
 
 def activation_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int,
@@ -305,7 +309,14 @@ def step_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int,
                      config.num_experts_per_tok, config.vocab_size)
     packed = quantization != "none"
     rows = min(tokens, QUANTIZED_CHUNK_ROWS if packed else CHUNK_ROWS)
-    loss_phase = {"loss (one chunk of logits)": round(rows * V * (d + d + 4) + tokens * H * d)}
+    if levers.host_head:
+        # finetune.kernels.loss.streamed_cross_entropy: one slice of the output layer, a chunk of rows' fp32 logits
+        # and probabilities against it, the picked rows and their fp32 gradient accumulator
+        part = min(V, loss.HEAD_SLICE_ROWS)
+        loss_phase = {"loss (one slice of the output layer)":
+                      round(part * H * d + rows * part * (4 + 4 + d) + tokens * H * (d + 4 + d))}
+    else:
+        loss_phase = {"loss (one chunk of logits)": round(rows * V * (d + d + 4) + tokens * H * d)}
     if fast and recipe.train.gradient_checkpointing:
         return {**_fast_backward_bytes(recipe, config, d, tokens, levers), **loss_phase}
     moe_tokens = min(tokens, levers.mlp_tile) if levers.mlp_tile else tokens
@@ -375,11 +386,14 @@ def _build(recipe: Recipe, config, device: str, capacity_bytes: int | None, embe
            f"step peak: {phase}": phases[phase]}
     if embedding == "cpu" and device == "cuda":
         gpu["embedding"] = 0
+    if levers.host_head and device == "cuda":
+        gpu["lm_head"] = 0
     return Estimate(device=device, dtype=str(dtype).removeprefix("torch."), quantization=quantization,
                     embedding=embedding, tokens_per_step=tokens, trainable_params=trainable, gpu=gpu,
                     peak_bytes=sum(gpu.values()), disk=disk_bytes(recipe, config, trainable),
                     capacity_bytes=capacity_bytes, capacity_name=None, warnings=[], offload=levers.offload,
-                    mlp_tile_tokens=levers.mlp_tile, offloaded_bytes=offloaded_bytes(recipe, config, d, levers))
+                    mlp_tile_tokens=levers.mlp_tile, offloaded_bytes=offloaded_bytes(recipe, config, d, levers),
+                    lm_head="cpu" if levers.host_head or device == "cpu" else "gpu")
 
 
 def lever_limits(recipe: Recipe, device: str) -> tuple[str | None, str | None]:
@@ -395,7 +409,8 @@ def _plan(recipe: Recipe, config, device: str, capacity_bytes: int | None) -> tu
     """The estimate without warnings, and notes on what ``auto`` chose or what a setting cannot do here.
 
     ``auto`` settings start at their fastest choice and each lever is taken, in this order, only while the run does
-    not fit: the input embedding to the CPU, the layer inputs to host memory, the MoE blocks in tiles."""
+    not fit: the input embedding to the CPU, the layer inputs to host memory, the output layer to host memory (a
+    tenth of a second a step), the MoE blocks in tiles (slower the smaller)."""
     train, notes = recipe.train, []
     no_offload, no_tile = lever_limits(recipe, device)
     for key, value, why in (("offload_activations", train.offload_activations, no_offload),
@@ -403,7 +418,8 @@ def _plan(recipe: Recipe, config, device: str, capacity_bytes: int | None) -> tu
         if why and value not in ("auto", False, 0):
             notes.append(f"train.{key}={str(value).lower()} has no effect here: {why}")
     levers = Levers(offload=train.offload_activations is True and not no_offload,
-                    mlp_tile=train.mlp_tile_tokens if isinstance(train.mlp_tile_tokens, int) and not no_tile else 0)
+                    mlp_tile=train.mlp_tile_tokens if isinstance(train.mlp_tile_tokens, int) and not no_tile else 0,
+                    host_head=recipe.model.lm_head == "cpu" and device == "cuda")
     embedding = "cpu" if device == "cpu" or recipe.model.embedding == "cpu" else "gpu"
     est = _build(recipe, config, device, capacity_bytes, embedding, levers)
     if device == "cpu":     # the whole model is in host memory: nothing to move
@@ -412,10 +428,13 @@ def _plan(recipe: Recipe, config, device: str, capacity_bytes: int | None) -> tu
     steps = [("embedding", "model.embedding=auto: the input embedding goes to the CPU",
               recipe.model.embedding == "auto", lambda e, lv: ("cpu", lv)),
              ("offload", "train.offload_activations=auto: each layer's checkpointed input goes to pinned host memory",
-              train.offload_activations == "auto" and not no_offload, lambda e, lv: (e, Levers(True, lv.mlp_tile))),
+              train.offload_activations == "auto" and not no_offload,
+              lambda e, lv: (e, replace(lv, offload=True))),
+             ("lm_head", "model.lm_head=auto: the output layer goes to host memory (the loss reads it in slices)",
+              recipe.model.lm_head == "auto", lambda e, lv: (e, replace(lv, host_head=True))),
              *(("tile", f"train.mlp_tile_tokens=auto: the MoE blocks run in tiles of {tile:,} tokens",
                 train.mlp_tile_tokens == "auto" and not no_tile,
-                lambda e, lv, tile=tile: (e, Levers(lv.offload, tile))) for tile in MLP_TILES_AUTO)]
+                lambda e, lv, tile=tile: (e, replace(lv, mlp_tile=tile))) for tile in MLP_TILES_AUTO)]
     saved: dict[str, tuple[str, int]] = {}
     for lever, what, applies, take in steps:
         if est.fits() is not False or not applies:
@@ -440,6 +459,8 @@ def _levers(recipe: Recipe, est: Estimate) -> list[tuple[str, list[str]]]:
         out.append(("train.optimizer=adamw_8bit", ["train.optimizer=adamw_8bit"]))
     if est.embedding == "gpu":
         out.append(("model.embedding=cpu", ["model.embedding=cpu"]))
+    if est.lm_head == "gpu" and est.device == "cuda":
+        out.append(("model.lm_head=cpu", ["model.lm_head=cpu"]))
     if not train.gradient_checkpointing:
         out.append(("train.gradient_checkpointing=true", ["train.gradient_checkpointing=true"]))
     no_offload, no_tile = lever_limits(recipe, est.device)
@@ -539,8 +560,10 @@ def format_estimate(est: Estimate) -> str:
     def heading(text: str) -> str:
         return f"{text:<{width + 2}}{'GiB':>9}"
 
+    moved_head = est.device == "cuda" and est.lm_head == "cpu"
     lines = [f"Estimated memory for training on {est.device}: {est.dtype}, quantization {est.quantization}, "
-             f"embedding on {est.embedding}, {est.tokens_per_step:,} tokens per step, "
+             f"embedding on {est.embedding}, " + ("lm_head on cpu, " if moved_head else "") +
+             f"{est.tokens_per_step:,} tokens per step, "
              f"{est.trainable_params:,} LoRA parameters"]
     if est.offload or est.mlp_tile_tokens:
         lines.append("long-sequence levers: " + "; ".join(
@@ -549,8 +572,9 @@ def format_estimate(est: Estimate) -> str:
     if est.config_source:
         lines.append(f"model config: {est.config_source}")
     lines.append(heading("GPU memory" if est.device == "cuda" else "host memory (device cpu)"))
-    moved = est.device == "cuda" and est.embedding == "cpu"
-    lines += [row(name, n, "  (on the CPU)" if moved and name == "embedding" else "") for name, n in est.gpu.items()]
+    moved = {"embedding"} if est.device == "cuda" and est.embedding == "cpu" else set()
+    moved |= {"lm_head"} if moved_head else set()
+    lines += [row(name, n, "  (on the CPU)" if name in moved else "") for name, n in est.gpu.items()]
     lines.append(row("peak", est.peak_bytes))
     if est.reserve_bytes:
         lines.append(row(reserve, est.reserve_bytes))

@@ -61,6 +61,9 @@ class ModelConfig(_Section):
     embedding: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="where the input embedding lives: auto (on the GPU unless the memory estimate does not "
                             "fit, then on the CPU), gpu, cpu")
+    lm_head: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="where the output layer lives: auto (on the GPU unless the memory estimate does not fit, "
+                            "then in host memory, read by the loss in slices), gpu, cpu")
 
     _check_path = field_validator("name_or_path")(_no_nul)
 

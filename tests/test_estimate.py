@@ -153,7 +153,7 @@ def test_embedding_auto_moves_to_the_cpu_only_when_needed():
 
 def test_a_run_that_does_not_fit_lists_the_unused_levers():
     recipe = recipe_20b("model.quantization=none", "model.embedding=gpu", "train.gradient_checkpointing=false",
-                        "train.mlp_tile_tokens=0")
+                        "train.mlp_tile_tokens=0", "model.lm_head=gpu")
     est = estimate(recipe, GPT_OSS_20B, device="cuda", capacity_bytes=80 * GIB, capacity_name="--gpu-memory 80 GiB")
     assert est.fits() is False
     (warning,) = est.warnings
@@ -163,18 +163,20 @@ def test_a_run_that_does_not_fit_lists_the_unused_levers():
     for lever in ("model.quantization=mxfp4: saves", "model.quantization=nf4: saves", eight_bit,
                   "model.embedding=cpu: saves", "train.gradient_checkpointing=true: saves",
                   "train.batch_size=2 train.grad_accum=8: saves", "data.max_length=2048",
-                  "train.mlp_tile_tokens=8192: saves"):
+                  "train.mlp_tile_tokens=8192: saves", "model.lm_head=cpu: saves"):
         assert lever in warning
     assert "train.offload_activations" not in warning          # nothing is checkpointed, so nothing to offload
     assert "fits: NO" in format_estimate(est)
     lean = recipe_20b("train.optimizer=adamw_8bit", "model.quantization=nf4", "model.embedding=cpu")
     *auto, warning = estimate(lean, GPT_OSS_20B, device="cuda", capacity_bytes=10 * GIB, capacity_name="10").warnings
     # the automatic levers were taken first (each note says what it saved); what is left is listed
-    assert [a.split(":")[0] for a in auto] == ["train.offload_activations=auto", "train.mlp_tile_tokens=auto"]
-    assert f"tiles of {MLP_TILES_AUTO[-1]:,} tokens" in auto[1] and warning.startswith("does not fit")
+    # the output layer (a tenth of a second a step) before the tiles (slower the smaller)
+    assert [a.split(":")[0] for a in auto] == ["train.offload_activations=auto", "model.lm_head=auto",
+                                               "train.mlp_tile_tokens=auto"]
+    assert f"tiles of {MLP_TILES_AUTO[-1]:,} tokens" in auto[2] and warning.startswith("does not fit")
     assert "train.batch_size=2" in warning
     assert not any(used in warning for used in ("quantization", "optimizer", "embedding", "checkpointing",
-                                                "offload", "tile"))
+                                                "offload", "tile", "lm_head"))
 
 
 def test_adamw_8bit_quarters_the_optimizer_state():
@@ -282,7 +284,8 @@ def test_the_estimate_is_within_its_bar_of_every_committed_measurement(monkeypat
         monkeypatch.setattr(attention, "WHOLE_BACKWARD_TOKENS", res.get("whole_backward_tokens") or 10**12)
         args = argparse.Namespace(device="cuda", quantization=res["quantization"], embedding=res["embedding"],
                                   rank=res["rank"], optimizer=res["optimizer"])
-        recipe = recipe_for(args, run["batch"], run["seq"], bool(run.get("offload")), run.get("mlp_tile_tokens") or 0)
+        recipe = recipe_for(args, run["batch"], run["seq"], bool(run.get("offload")), run.get("mlp_tile_tokens") or 0,
+                            run.get("lm_head") == "cpu")
         est = estimate(recipe, config_for(res["shape"]), device="cuda").peak_bytes / GIB
         error = est / run["peak_GiB"] - 1
         errors.append(f"{name} {run['batch']}x{run['seq']}: {error:+.3f}")
@@ -301,3 +304,19 @@ def test_offloaded_inputs_are_reported_as_the_pinned_cache_holds_them():
         inputs = cfg.num_hidden_layers * seq * cfg.hidden_size * 2
         assert est.offload and inputs <= est.offloaded_bytes < 2 * inputs
     assert est.offloaded_bytes == 24 * GIB
+
+
+def test_the_output_layer_in_host_memory_frees_its_gigabyte():
+    """model.lm_head=cpu on a GPU: the 1.08 GiB layer leaves the GPU; the loss then holds one slice of it (and the
+    picked rows' fp32 gradient), which the estimate counts; on the CPU there is nothing to move."""
+    from benchmarks.qlora_memory import config_for
+    cfg = config_for("20b")
+    resident = estimate(recipe_20b("model.lm_head=gpu"), cfg, device="cuda")
+    host = estimate(recipe_20b("model.lm_head=cpu"), cfg, device="cuda")
+    assert (resident.lm_head, host.lm_head) == ("gpu", "cpu") and host.gpu["lm_head"] == 0
+    assert resident.gpu["lm_head"] == cfg.vocab_size * cfg.hidden_size * 2
+    assert 0.9 * GIB < resident.peak_bytes - host.peak_bytes <= resident.gpu["lm_head"]
+    assert "lm_head on cpu" in format_estimate(host) and "(on the CPU)" in format_estimate(host).split("lm_head")[2]
+    on_cpu = estimate(recipe_20b("model.lm_head=cpu", "model.device=cpu"), cfg)    # host memory already
+    assert on_cpu.gpu["lm_head"] > 0 and "lm_head on" not in format_estimate(on_cpu)
+

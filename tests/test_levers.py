@@ -5,6 +5,8 @@
 - ``train.offload_activations``: transformers' own ``offload`` holds each checkpointed layer's input in pinned host
   memory. It needs a GPU (pinned memory; on a CPU run the activations are in host memory already), so its equality
   and its saving are tested in ``tests/gpu/test_qlora_cuda.py``; here, that the Trainer's arguments carry it.
+- ``model.lm_head: cpu``: the output layer in host memory, read by the loss in slices of vocabulary rows
+  (finetune.kernels.loss.streamed_cross_entropy).
 
 Tiled is compared with the same model's untiled step, with float64 as the measure of fp32 rounding.
 """
@@ -108,3 +110,55 @@ def test_checkpoint_kwargs_carry_the_levers(tiny_model, tmp_path):
     with fastpath.patched(model):
         assert fastpath.checkpoint_kwargs(model)["context_fn"].func is fastpath._selective_context
     assert fastpath.checkpoint_kwargs(model, offload=True) == {"use_reentrant": False}
+
+
+@pytest.mark.parametrize("chunk, rows", [(8, 128), (1000, 999), (1, 1000)])
+def test_streamed_cross_entropy_is_the_cross_entropy(chunk, rows):
+    """Slices of vocabulary rows (targets on both sides of every boundary) and chunks of rows: the per-row losses and
+    the hidden states' gradient of the plain expression, to fp32 rounding (float64 as the measure)."""
+    from finetune.kernels.loss import linear_cross_entropy, streamed_cross_entropy
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 37, 16, 1000
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    targets = torch.randint(0, V, (N,), generator=g)
+    scale = torch.rand(N, generator=g)                      # a weighted sum, as the training loss is
+
+    def run(fn, dtype):
+        h = hidden.to(dtype, copy=True).requires_grad_()
+        losses = fn(h, weight.to(dtype), targets)
+        (losses.to(dtype) * scale.to(dtype)).sum().backward()
+        return losses.detach(), h.grad
+
+    ours = run(lambda h, w, t: streamed_cross_entropy(h, w, t, chunk, rows), torch.float32)
+    ref = run(lambda h, w, t: linear_cross_entropy(h, w, t, chunk), torch.float32)
+    exact = run(lambda h, w, t: torch.nn.functional.cross_entropy(h @ w.T, t, reduction="none"), torch.float64)
+    for name, a, b, e in zip(("losses", "grad"), ours, ref, exact):
+        assert b.abs().max() > 1e-3, name
+        assert_fp32_close(a, b, e, name)
+
+
+def test_output_layer_in_host_memory_gives_the_same_loss_and_gradients(tiny_model, tmp_path):
+    """model.lm_head=cpu: the tiny model's 201,088-row output layer as a HostLMHead (13 slices of rows), not a
+    parameter, left on the host by .to(); loss and every LoRA gradient are those of the resident layer."""
+    from finetune.model.lora import HostLMHead
+    model = _peft_tiny(tiny_model, tmp_path)
+    model.train()
+    batch = _batch()
+    ref_loss, ref = _loss_and_grads(model, batch)
+    exact_loss, exact = _loss_and_grads(float64(copy.deepcopy(model)), batch)
+    host = copy.deepcopy(model)
+    base = host.get_base_model()
+    resident = base.lm_head
+    base.lm_head = HostLMHead(resident)
+    assert not any(n.endswith("lm_head.weight") for n, _ in host.named_parameters())
+    assert host.to("meta").get_base_model().lm_head.weight.device.type == "cpu"     # .to() leaves it on the host
+    host = copy.deepcopy(model)
+    host.get_base_model().lm_head = HostLMHead(resident)
+    loss, grads = _loss_and_grads(host, batch)
+    assert_fp32_close(loss, ref_loss, exact_loss, "loss")
+    assert grads.keys() == ref.keys()
+    for name in grads:
+        assert ref[name].abs().max() > 0, name
+        assert_fp32_close(grads[name], ref[name], exact[name], name)
+    x = torch.randn(3, resident.in_features)
+    assert torch.allclose(host.get_base_model().lm_head(x), resident(x), rtol=1e-5, atol=1e-6)

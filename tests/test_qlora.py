@@ -174,7 +174,8 @@ def test_qlora_benchmark_smoke_on_cpu(repo_root):
     """The benchmark's CPU smoke command from its docstring: builds packed random weights, trains, estimates."""
     import sys
     proc = run([sys.executable, "benchmarks/qlora_memory.py", "--shape", "tiny", "--device", "cpu", "--runs",
-                "1x64,1x64:t16:w0", "--steps", "1", "--warmup", "1", "--optimizer", "adamw_torch"],
+                "1x64,1x64:t16:w0,1x64:h:w0", "--steps", "1", "--warmup", "1", "--optimizer", "adamw_torch"],
                cwd=repo_root)   # CLI_TIMEOUT_S
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| 1 x 64 | - |" in proc.stdout and "| 1 x 64 | tiles of 16 |" in proc.stdout and "estimate" in proc.stdout
+    assert "| 1 x 64 | host lm_head |" in proc.stdout

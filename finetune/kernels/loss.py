@@ -4,6 +4,10 @@ Past ``chunk`` weighted tokens, :func:`linear_cross_entropy` walks the output la
 forward and backward (the backward recomputes each chunk's logits, or, with a frozen output layer, keeps each
 chunk's input gradient from the forward), so a step holds ``chunk x 201,088`` floats instead of ``N x 201,088``.
 The weighting and the choice of rows are evaluation's (:mod:`inference.loss`), so the two report the same numbers.
+
+With the output layer in host memory (``model.lm_head: cpu``, :class:`finetune.model.lora.HostLMHead`),
+:func:`streamed_cross_entropy` reads it in slices of vocabulary rows instead, twice per step (once for each row's
+log-sum-exp, once for the gradient), so the GPU holds one slice of the 1.08 GiB layer at a time.
 """
 
 from __future__ import annotations
@@ -80,6 +84,71 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None
 
 
+# Vocabulary rows of a host-held output layer sent to the GPU at once: 16,384 x 2,880 bf16 is 90 MB, and a chunk of
+# rows' fp32 logits against it 16 MB per 256 rows.
+HEAD_SLICE_ROWS = 16384
+
+
+def _head_slices(weight: torch.Tensor, device: torch.device, rows: int):
+    """(first vocabulary row, that slice of ``weight (V, H)`` on ``device``) for each slice of ``rows`` rows."""
+    for v in range(0, weight.shape[0], rows):
+        yield v, weight[v:v + rows].to(device, non_blocking=True)
+
+
+class _StreamedCrossEntropy(torch.autograd.Function):
+    """Per-row ``-log softmax(hidden @ weight.T)[target]`` with ``weight`` frozen and anywhere (host memory), read in
+    slices of vocabulary rows: pass 1 builds each row's log-sum-exp (running max and sum, fp32) and target logit; pass
+    2, when ``hidden`` needs a gradient, accumulates ``d loss_i / d hidden_i = sum_v (p_iv - [v = t_i]) w_v`` in fp32,
+    kept until the backward scales it by the incoming gradient (loss ``i`` depends on row ``i`` alone: exact)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, rows):
+        # hidden (N, H) on the compute device, weight (V, H) anywhere, targets (N,) -> losses (N,) fp32
+        n, dev = hidden.shape[0], hidden.device
+        top = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+        total = torch.zeros(n, dtype=torch.float32, device=dev)
+        picked = torch.zeros(n, dtype=torch.float32, device=dev)
+        for v, w in _head_slices(weight, dev, rows):
+            for s in range(0, n, chunk):
+                logits = (hidden[s:s + chunk] @ w.T).float()                            # (c, slice)
+                m = torch.maximum(top[s:s + chunk], logits.max(dim=-1).values)
+                total[s:s + chunk] = total[s:s + chunk] * torch.exp(top[s:s + chunk] - m) + \
+                    torch.exp(logits - m[:, None]).sum(-1)
+                top[s:s + chunk] = m
+                t = targets[s:s + chunk] - v
+                inside = (t >= 0) & (t < w.shape[0])
+                picked[s:s + chunk] += torch.where(inside, logits.gather(1, t.clamp(0, w.shape[0] - 1)[:, None])
+                                                   .squeeze(1), 0.0)
+        lse = top + torch.log(total)
+        grad_rows = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)      # (N, H)
+            for v, w in _head_slices(weight, dev, rows):
+                for s in range(0, n, chunk):
+                    p = torch.exp((hidden[s:s + chunk] @ w.T).float() - lse[s:s + chunk, None])   # (c, slice)
+                    t = targets[s:s + chunk] - v
+                    inside = (t >= 0) & (t < w.shape[0])
+                    rows_in = torch.nonzero(inside).squeeze(1)
+                    p[rows_in, t[rows_in]] -= 1.0
+                    # in the compute dtype as the resident path's d_logits @ weight, summed over slices in fp32
+                    grad_rows[s:s + chunk] += (p.to(hidden.dtype) @ w).float()
+        ctx.save_for_backward(grad_rows)
+        ctx.dtype = hidden.dtype
+        return lse - picked
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_rows,) = ctx.saved_tensors
+        return (grad_rows * grad_losses[:, None]).to(ctx.dtype), None, None, None, None
+
+
+def streamed_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           chunk: int = CHUNK_ROWS, rows: int = HEAD_SLICE_ROWS) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets, reduction="none")`` for a frozen ``weight (V, H)`` held anywhere
+    (host memory), read ``rows`` vocabulary rows at a time; gradients for ``hidden`` only."""
+    return _StreamedCrossEntropy.apply(hidden, weight, targets, chunk, rows)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int = CHUNK_ROWS) -> torch.Tensor:
     """``F.cross_entropy(hidden @ weight.T, targets, reduction="none")`` in row chunks (same values, less memory).
@@ -131,5 +200,7 @@ def weighted_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         hidden = backbone(input_ids=input_ids, attention_mask=masks, use_cache=False, **packed).last_hidden_state
     else:
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # an output layer in host memory (finetune.model.lora.HostLMHead, which says so) is read in slices of rows
+    streamed = getattr(head, "streamed", False)
     return weighted_nll(hidden, head.weight, head.bias, input_ids if targets is None else targets, weights, chunk,
-                        cross_entropy=linear_cross_entropy)
+                        cross_entropy=streamed_cross_entropy if streamed else linear_cross_entropy)

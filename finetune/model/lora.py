@@ -150,19 +150,50 @@ class HostEmbedding(torch.nn.Module):
         return rows.to(input_ids.device, non_blocking=True)
 
 
+class HostLMHead(torch.nn.Module):
+    """A frozen output layer kept in (pinned) host memory, the other 1.08 GiB of gpt-oss's vocabulary.
+
+    Training never computes every logit: the loss reads the layer in slices of vocabulary rows
+    (:func:`finetune.kernels.loss.streamed_cross_entropy`, chosen by ``weighted_loss_sum`` for this module), twice a
+    step, about 2.2 GB over PCIe. ``forward`` (all logits, for small inputs) streams it the same way. ``weight`` is a
+    plain attribute, so ``model.to(device)`` leaves it on the host, as :class:`HostEmbedding`'s.
+    """
+
+    streamed = True      # what finetune.kernels.loss.weighted_loss_sum looks for
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        if head.bias is not None:
+            raise ValueError("an output layer with a bias cannot be kept in host memory")
+        weight = head.weight.detach().to("cpu")                                 # (V, H)
+        self.weight = weight.pin_memory() if torch.cuda.is_available() else weight
+        self.bias = None
+        self.out_features, self.in_features = self.weight.shape
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        from finetune.kernels.loss import HEAD_SLICE_ROWS
+        return torch.cat([hidden @ self.weight[v:v + HEAD_SLICE_ROWS].to(hidden.device, non_blocking=True).T
+                          for v in range(0, self.out_features, HEAD_SLICE_ROWS)], dim=-1)
+
+
 def load_for_training(recipe: Recipe, model_dir, device: torch.device, dtype: torch.dtype,
-                      quantization: str = "none", embedding: str = "gpu"):
+                      quantization: str = "none", embedding: str = "gpu", lm_head: str = "gpu"):
     """Base model (eager attention: the reference path, and the only one gpt-oss supports on CPU) + LoRA.
 
     ``quantization``: ``none`` (experts decoded to ``dtype``), ``mxfp4`` (experts kept packed, frozen) or ``nf4``
-    (mxfp4 plus NF4 attention projections). ``embedding``: ``cpu`` keeps the input embedding in host memory.
+    (mxfp4 plus NF4 attention projections). ``embedding``, ``lm_head``: ``cpu`` keeps the input embedding, the output
+    layer, in host memory.
     """
     host_embedding = embedding == "cpu" and device.type != "cpu"
+    host_head = lm_head == "cpu" and device.type != "cpu"
     model = load_model(model_dir, dtype=dtype, device=device, attn_implementation="eager",
                        packed_experts=Mxfp4Weight if quantization in ("mxfp4", "nf4") else None,
-                       cpu_keys=("model.embed_tokens.weight",) if host_embedding else ())
+                       cpu_keys=(("model.embed_tokens.weight",) if host_embedding else ()) +
+                       (("lm_head.weight",) if host_head else ()))
     if host_embedding:
         model.model.embed_tokens = HostEmbedding(model.model.embed_tokens)
+    if host_head:
+        model.lm_head = HostLMHead(model.lm_head)
     if quantization == "nf4":
         from finetune.model.quantize import quantize_attention_nf4
         quantize_attention_nf4(model, compute_dtype=dtype)

@@ -410,10 +410,12 @@ def _load_model(recipe: Recipe, echo, plan):
     echo(f"device: {device} ({why_device}); dtype: {str(dtype).removeprefix('torch.')} ({why_dtype}); "
          f"quantization: {quantization} ({why_quantization})"
          + (f"; embedding on the CPU (model.embedding={recipe.model.embedding})"
-            if device.type == "cuda" and embedding == "cpu" else ""))
+            if device.type == "cuda" and embedding == "cpu" else "")
+         + (f"; output layer in host memory, read by the loss in slices (model.lm_head={recipe.model.lm_head})"
+            if device.type == "cuda" and plan.lm_head == "cpu" else ""))
     model_dir = resolve_model(recipe.model.name_or_path)
     set_seed(recipe.train.seed)  # LoRA's A matrices are drawn here
-    model, coverage = load_for_training(recipe, model_dir, device, dtype, quantization, embedding)
+    model, coverage = load_for_training(recipe, model_dir, device, dtype, quantization, embedding, plan.lm_head)
     echo(format_coverage(coverage))
     fast, why_kernels = fastpath.choose(recipe.train.kernels, device)
     if fast:
@@ -428,7 +430,8 @@ def _load_model(recipe: Recipe, echo, plan):
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model, tokenizer, {"device": device, "dtype": dtype, "model_dir": model_dir, "coverage": coverage,
                               "kernels": "fast" if fast else "reference", "quantization": quantization,
-                              "embedding": embedding, "offload": plan.offload, "estimate": plan.to_dict()}
+                              "embedding": embedding, "lm_head": plan.lm_head, "offload": plan.offload,
+                              "estimate": plan.to_dict()}
 
 
 def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, setup: dict,
@@ -446,7 +449,8 @@ def _start_tracking(recipe: Recipe, run_dir: Path, previous: dict, stats: dict, 
             "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_dir": str(setup["model_dir"]),
             "model_fingerprint": fingerprint(setup["model_dir"]),
             "device": str(setup["device"]), "dtype": str(setup["dtype"]), "kernels": setup["kernels"],
-            "quantization": setup["quantization"], "embedding": setup["embedding"], "estimate": setup["estimate"],
+            "quantization": setup["quantization"], "embedding": setup["embedding"], "lm_head": setup["lm_head"],
+            "estimate": setup["estimate"],
             "versions": versions,
             "git_commit": git_commit(), "data": stats, "coverage": setup["coverage"]}
     write_json(run_dir / "run.json", info)

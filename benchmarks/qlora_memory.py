@@ -245,7 +245,9 @@ def main() -> None:
         base, resident = pm.get_base_model(), heads["gpu"]
         if host and not isinstance(base.lm_head, HostLMHead):
             resident.to("cpu")
-            base.lm_head = heads.setdefault("cpu", HostLMHead(resident))
+            if "cpu" not in heads:                # one pinned copy, made once
+                heads["cpu"] = HostLMHead(resident)
+            base.lm_head = heads["cpu"]
         elif not host and isinstance(base.lm_head, HostLMHead):
             base.lm_head = resident.to(device)
 

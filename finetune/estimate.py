@@ -261,10 +261,21 @@ def offloaded_bytes(recipe: Recipe, config, d: int, levers: Levers) -> int:
     return config.num_hidden_layers * (1 << (block - 1).bit_length())
 
 
+def _decode_bytes(config, d: int, moe_tokens: int) -> int:
+    """The packed experts' decode scratch: finetune.kernels.experts decodes a slice of output features of all experts
+    at a time (a multiple of 16 within the budget) and matmuls every routed row against it, so the decoded slice plus
+    that slice of the output."""
+    H, I, E, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
+    projection = E * H * 2 * I * d                                   # the largest expert projection, whole
+    budget = experts.decode_budget(projection)                       # read at call time: it can be tuned
+    columns = min(2 * I, max(16, budget // (E * H * d) // 16 * 16))
+    return min(projection, budget) + moe_tokens * k * columns * d
+
+
 def _fast_backward_bytes(recipe: Recipe, config, d: int, tokens: int, levers: Levers) -> dict[str, int]:
     """The backward of one checkpointed decoder layer on the fast path (:mod:`finetune.model.fastpath`), in its two
     phases: the tensors the code holds at each, counted per token (see :data:`FAST_MOE_HELD`)."""
-    H, I, E, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
+    H, I, k = config.hidden_size, config.intermediate_size, config.num_experts_per_tok
     Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     Q, K = Hq * D, Hkv * D
     # the recomputed attention half: normed input, q, k, v as the kernel keeps them, its output, fp32 lse per head
@@ -284,13 +295,7 @@ def _fast_backward_bytes(recipe: Recipe, config, d: int, tokens: int, levers: Le
     moe_tokens = min(tokens, levers.mlp_tile) if levers.mlp_tile else tokens
     moe_terms = _layer_bytes_per_token(recipe, config, d)[1] + k * 2 * I * d * 2      # + the gate_up gradients
     moe_phase = tokens * ((held + 4 * H * d) * FAST_MOE_HELD + (2 * H * d if levers.offload else 0)) + \
-        moe_tokens * moe_terms * FAST_MOE_ALIVE
-    # finetune.kernels.experts decodes a slice of output features of all experts at a time (a multiple of 16 within
-    # the budget) and matmuls every routed row against it: the decoded slice plus that slice of the output.
-    projection = E * H * 2 * I * d                                   # the largest expert projection, whole
-    budget = experts.decode_budget(projection)                       # read at call time: it can be tuned
-    columns = min(2 * I, max(16, budget // (E * H * d) // 16 * 16))
-    moe_phase += min(projection, budget) + moe_tokens * k * columns * d
+        moe_tokens * moe_terms * FAST_MOE_ALIVE + _decode_bytes(config, d, moe_tokens)
     return {"attention backward of one layer": round(attention_phase), "MoE backward of one layer": round(moe_phase)}
 
 
@@ -305,8 +310,7 @@ def step_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int,
     input back on the GPU. Both: ``loss``, one chunk of logits, their gradient and the fp32 loss pass, plus the
     hidden states' gradient rows the loss hands back.
     """
-    H, I, E, k, V = (config.hidden_size, config.intermediate_size, config.num_local_experts,
-                     config.num_experts_per_tok, config.vocab_size)
+    H, I, k, V = config.hidden_size, config.intermediate_size, config.num_experts_per_tok, config.vocab_size
     packed = quantization != "none"
     rows = min(tokens, QUANTIZED_CHUNK_ROWS if packed else CHUNK_ROWS)
     if levers.host_head:
@@ -328,10 +332,7 @@ def step_bytes(recipe: Recipe, config, quantization: str, d: int, tokens: int,
     if levers.offload:
         backward += tokens * H * d
     if packed:
-        projection = E * H * 2 * I * d
-        budget = experts.decode_budget(projection)
-        columns = min(2 * I, max(16, budget // (E * H * d) // 16 * 16))
-        backward += min(projection, budget) + moe_tokens * k * columns * d
+        backward += _decode_bytes(config, d, moe_tokens)
     return {"backward of one layer": round(backward), **loss_phase}
 
 

@@ -262,7 +262,7 @@ def test_shipped_gpu_recipes_fit_the_gpu_their_header_promises(recipe, shape, ca
 
 
 def _measured_runs():
-    """(file, run, whole_backward_tokens) for every QLoRA peak measured on the GPU and committed."""
+    """(file name, its results, one run) for every QLoRA peak measured on the GPU and committed."""
     for path in sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "results").glob("qlora-*.json")):
         res = json.loads(path.read_text())
         for run in res["runs"] + res.get("longest_probe", []):

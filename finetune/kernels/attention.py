@@ -33,11 +33,10 @@ import torch
 from inference.model.compiled import fused
 
 # Tokens of a step (batch x sequence) up to which the backward runs all heads in one call; above, one key/value head
-# at a time. Flash attention's
-# backward with fewer key/value heads than query heads holds, beside dq, dk, dv, an fp32 dq accumulator and dk, dv
-# expanded to every query head: 32 KB a token for gpt-oss's 64 x 64 heads, about a third of what a long sequence's
-# layer backward holds at its peak (benchmarks/qlora_memory.py --snapshot). Per key/value head (8 query heads) that
-# scratch is an eighth; eight launches instead of one cost nothing measurable at this many tokens.
+# at a time. Flash attention's backward with fewer key/value heads than query heads holds, beside dq, dk, dv, an fp32
+# dq accumulator and dk, dv expanded to every query head: 32 KB a token for gpt-oss's 64 x 64 heads, about a third
+# of what a long sequence's layer backward holds at its peak (finetune.estimate counts it; measured 93 KB a token in
+# all). Per key/value head (8 query heads) that scratch is an eighth, for eight launches instead of one.
 WHOLE_BACKWARD_TOKENS = 16384
 
 

@@ -89,10 +89,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 HEAD_SLICE_ROWS = 16384
 
 
-def _head_slices(weight: torch.Tensor, device: torch.device, rows: int):
+def head_slices(weight: torch.Tensor, device: torch.device, rows: int = HEAD_SLICE_ROWS):
     """(first vocabulary row, that slice of ``weight (V, H)`` on ``device``) for each slice of ``rows`` rows."""
     for v in range(0, weight.shape[0], rows):
         yield v, weight[v:v + rows].to(device, non_blocking=True)
+
+
+def _in_slice(targets: torch.Tensor, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each target's column within the slice starting at vocabulary row ``first``, clamped; whether it is in it)."""
+    t = targets - first
+    inside = (t >= 0) & (t < size)
+    return t.clamp(0, size - 1), inside
 
 
 class _StreamedCrossEntropy(torch.autograd.Function):
@@ -108,26 +115,23 @@ class _StreamedCrossEntropy(torch.autograd.Function):
         top = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
         total = torch.zeros(n, dtype=torch.float32, device=dev)
         picked = torch.zeros(n, dtype=torch.float32, device=dev)
-        for v, w in _head_slices(weight, dev, rows):
+        for v, w in head_slices(weight, dev, rows):
             for s in range(0, n, chunk):
                 logits = (hidden[s:s + chunk] @ w.T).float()                            # (c, slice)
                 m = torch.maximum(top[s:s + chunk], logits.max(dim=-1).values)
                 total[s:s + chunk] = total[s:s + chunk] * torch.exp(top[s:s + chunk] - m) + \
                     torch.exp(logits - m[:, None]).sum(-1)
                 top[s:s + chunk] = m
-                t = targets[s:s + chunk] - v
-                inside = (t >= 0) & (t < w.shape[0])
-                picked[s:s + chunk] += torch.where(inside, logits.gather(1, t.clamp(0, w.shape[0] - 1)[:, None])
-                                                   .squeeze(1), 0.0)
+                t, inside = _in_slice(targets[s:s + chunk], v, w.shape[0])
+                picked[s:s + chunk] += torch.where(inside, logits.gather(1, t[:, None]).squeeze(1), 0.0)
         lse = top + torch.log(total)
         grad_rows = None
         if ctx.needs_input_grad[0]:
             grad_rows = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)      # (N, H)
-            for v, w in _head_slices(weight, dev, rows):
+            for v, w in head_slices(weight, dev, rows):
                 for s in range(0, n, chunk):
                     p = torch.exp((hidden[s:s + chunk] @ w.T).float() - lse[s:s + chunk, None])   # (c, slice)
-                    t = targets[s:s + chunk] - v
-                    inside = (t >= 0) & (t < w.shape[0])
+                    t, inside = _in_slice(targets[s:s + chunk], v, w.shape[0])
                     rows_in = torch.nonzero(inside).squeeze(1)
                     p[rows_in, t[rows_in]] -= 1.0
                     # in the compute dtype as the resident path's d_logits @ weight, summed over slices in fp32

@@ -171,9 +171,8 @@ class HostLMHead(torch.nn.Module):
         self.out_features, self.in_features = self.weight.shape
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        from finetune.kernels.loss import HEAD_SLICE_ROWS
-        return torch.cat([hidden @ self.weight[v:v + HEAD_SLICE_ROWS].to(hidden.device, non_blocking=True).T
-                          for v in range(0, self.out_features, HEAD_SLICE_ROWS)], dim=-1)
+        from finetune.kernels.loss import head_slices
+        return torch.cat([hidden @ w.T for _, w in head_slices(self.weight, hidden.device)], dim=-1)
 
 
 def load_for_training(recipe: Recipe, model_dir, device: torch.device, dtype: torch.dtype,

@@ -125,6 +125,7 @@ def test_demo_run_directory(demo_run):
     assert recipe_to_dict(saved)["train"]["weight_decay"] == 0.0  # defaults are written out too
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "completed"
+    assert 0 < info["first_step_s"] < info["wall_time_s"]   # the wait before the progress bar first moves
     assert info["coverage"]["groups"]["experts"] > 0 and info["coverage"]["groups"]["attention"] > 0
     assert info["data"]["trained_tokens_by_channel"]["analysis"] > 0
     adapter_cfg = json.loads((run_dir / "adapter/adapter_config.json").read_text())

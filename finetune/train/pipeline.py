@@ -312,8 +312,9 @@ def run(recipe: Recipe, resume: bool = False, echo=print, log_lines: bool | None
             tracker.set_tags({"finetune.status": "interrupted"})
         tracker.close("KILLED" if stopped else "FAILED")
         raise
-    if "training_peak_gpu_bytes" in setup:
-        info["training_peak_gpu_bytes"] = setup["training_peak_gpu_bytes"]
+    for key in ("training_peak_gpu_bytes", "first_step_s"):
+        if key in setup:
+            info[key] = setup[key]
     _record(result, info, tracker, started, echo, recipe.tracking.log)
     if not keep_model:
         result.model = model = None
@@ -582,6 +583,8 @@ def _train_and_evaluate(recipe, model, tokenizer, prepared, run_dir, setup, trac
         stop.raise_if_requested(trainer.state.global_step)
     checkpoints.rotate(run_dir / "checkpoints", recipe.train.save_total_limit)   # a kill may have cut it short
     killpoints.reached("train-end")
+    if trainer.progress.first_step_s is not None:   # the wait before the bar moves (issue: a first step to trust)
+        setup["first_step_s"] = trainer.progress.first_step_s
     if cuda:   # measured against the estimate printed first (python -m finetune estimate)
         setup["training_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         echo(f"peak GPU memory while training: {setup['training_peak_gpu_bytes'] / 2**30:.2f} GiB "

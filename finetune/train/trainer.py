@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -181,6 +182,8 @@ class ProgressBar(TrainerCallback):
 
     def __init__(self):
         self.bar, self.postfix = None, {}
+        self.started = None          # time.perf_counter() at the start of training (or of its resumption)
+        self.first_step_s = None     # seconds from then to the end of the first optimizer step (kernels compiled)
 
     def write(self, text: str) -> None:
         from tqdm.auto import tqdm
@@ -193,6 +196,7 @@ class ProgressBar(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
         gpu = not args.use_cpu and torch.cuda.is_available()
+        self.started, self.first_step_s = time.perf_counter(), None
         self.bar = tqdm(total=state.max_steps, initial=state.global_step,
                         desc=self.FIRST_STEP_ON_GPU if gpu else "training", unit="step", dynamic_ncols=True)
 
@@ -203,6 +207,8 @@ class ProgressBar(TrainerCallback):
             self.bar.set_postfix(self.postfix, refresh=False)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step_s is None and self.started is not None:
+            self.first_step_s = round(time.perf_counter() - self.started, 2)
         if self.bar is not None:
             if self.bar.desc != "training":
                 self.bar.set_description("training", refresh=False)
@@ -278,7 +284,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, evals, run_dir: Path,
         trainer.loss_chunk = QUANTIZED_CHUNK_ROWS
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    bar = ProgressBar()
+    bar = trainer.progress = ProgressBar()      # the pipeline reads trainer.progress.first_step_s
     trainer.add_callback(bar)
     trainer.add_callback(MetricsCallback(run_dir, tracker, bar.write if log_lines else None, bar))
     trainer.add_callback(CompleteCheckpoints(trainer, t.save_total_limit))

@@ -190,7 +190,8 @@ class ProgressBar(TrainerCallback):
         (tqdm.write if self.bar is not None else print)(text)
 
     # On a GPU the first step compiles the kernels (Triton's and torch.compile's, for the shapes it meets), which
-    # can take a minute before the bar moves; both cache on disk, so a later run starts sooner. The bar says so.
+    # can take a minute before the bar moves; the bar says so. Both cache the kernels on disk, but on torch 2.11 a
+    # second run still waited 52 s (a per-process CPU probe, see fastpath's patch table); run.json's first_step_s.
     FIRST_STEP_ON_GPU = "training (first step: compiling GPU kernels, cached on disk for later runs)"
 
     def on_train_begin(self, args, state, control, **kwargs):

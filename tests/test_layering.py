@@ -152,11 +152,10 @@ def test_the_runtime_holds_no_training_code():
 
 def test_library_behaviour_is_changed_in_one_module():
     """finetune/model/fastpath.py is the one seam (its PATCHES table): no other module switches transformers'
-    attention or experts implementation, PEFT's input up-cast, an instance forward, the checkpointing function or
-    torch._dynamo's guard config."""
+    attention or experts implementation, PEFT's input up-cast, an instance forward or the checkpointing function."""
     needles = ("set_attn_implementation(", "set_experts_implementation(", "cast_input_dtype_enabled",
                ".forward = ", "MethodType(", "_gradient_checkpointing_func", "checkpointing_enable(",
-               "_compiled_call_impl", ".compile(dynamic", "enable_cpp_symbolic_shape_guards")
+               "_compiled_call_impl", ".compile(dynamic")
     seam = REPO / "finetune" / "model" / "fastpath.py"
     found = {str(p.relative_to(REPO)): [n for n in needles if n in p.read_text(encoding="utf-8")]
              for folder in ("finetune", "inference") for p in (REPO / folder).rglob("*.py")}

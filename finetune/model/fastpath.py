@@ -301,25 +301,9 @@ def _uncompile_norms(model, base, norms):
         norm._compiled_call_impl = None   # what nn.Module.compile set: back to the eager forward
 
 
-def _python_shape_guards(model, base):
-    import torch._dynamo
-    config = torch._dynamo.config
-    before = getattr(config, "enable_cpp_symbolic_shape_guards", None)
-    if before is not None:
-        config.enable_cpp_symbolic_shape_guards = False
-    return before
-
-
-def _restore_shape_guards(model, base, before):
-    if before is not None:
-        import torch._dynamo
-        torch._dynamo.config.enable_cpp_symbolic_shape_guards = before
-
-
 # Everything our path changes in transformers', PEFT's and torch's objects, and why. Each change is to one model's
-# objects (a config value through transformers' own setter, a PEFT layer's switch, an instance attribute) or one
-# torch._dynamo config value, never to a library's classes or modules, and :func:`disable` undoes each exactly
-# (tests/test_fastpath.py checks both).
+# objects (a config value through transformers' own setter, a PEFT layer's switch, an instance attribute), never to
+# a library's classes or modules, and :func:`disable` undoes each exactly (tests/test_fastpath.py checks both).
 PATCHES: tuple[Patch, ...] = (
     Patch("attention implementation",
           f"'{ATTENTION_IMPL}' through transformers' AttentionInterface registry: flash attention with gpt-oss's "
@@ -343,12 +327,6 @@ PATCHES: tuple[Patch, ...] = (
           "over the step's tokens in tiles, forward and backward (finetune.kernels.tiles), so their "
           "intermediates follow the tile, not the sequence",
           _tile_mlps, _untile_mlps),
-    Patch("symbolic-shape guards in Python",
-          "torch._dynamo.config.enable_cpp_symbolic_shape_guards off while our kernels compile (torch 2.13's default): "
-          "with it on, torch 2.11 builds each dynamic-shape guard as a C++ library, and its first build in a process "
-          "probes the host CPU's vector instructions in child processes; profiled at about 50 s of a 20b run's "
-          "first step on the GPU machine, on every run",
-          _python_shape_guards, _restore_shape_guards),
     Patch("RMSNorms compiled",
           "nn.Module.compile on CUDA: gpt-oss's fp32 RMSNorm is six elementwise kernels in eager mode, one compiled",
           _compile_norms, _uncompile_norms),

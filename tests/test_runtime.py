@@ -347,3 +347,24 @@ def test_adapter_name_used_twice(rt, adapter_dirs):
     msg = user_error(adapters.attach, rt, "one", adapters.read_adapter(adapter_dirs["one"], rt))
     assert "'one'" in msg and "twice" in msg
     assert rt.adapters == ["one", "two"]
+
+
+def test_compiled_kernels_take_python_floats_as_constants():
+    """compile_dynamic: shapes stay dynamic, a float argument is compiled in (no float64 CPU tensor among the graph's
+    inputs, which on the GPU is a C++ kernel and inductor's ~50 s CPU-ISA probe) and a new value recompiles."""
+    from inference.model.compiled import compile_dynamic
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([(type(x).__name__, getattr(x, "dtype", None)) for x in example_inputs])
+        return gm.forward
+
+    f = compile_dynamic(lambda x, alpha, limit: (x * alpha).clamp(max=limit), backend=backend)
+    x4, x6 = torch.linspace(0, 8, 4), torch.linspace(0, 8, 6)
+    torch.testing.assert_close(f(x4, 1.5, 7.0), (x4 * 1.5).clamp(max=7.0), rtol=0, atol=0)
+    torch.testing.assert_close(f(x6, 1.5, 7.0), (x6 * 1.5).clamp(max=7.0), rtol=0, atol=0)
+    assert len(graphs) == 1                                             # one graph for both lengths
+    assert all(dtype != torch.float64 and kind not in ("float", "SymFloat") for kind, dtype in graphs[0]), graphs
+    torch.testing.assert_close(f(x6, 0.5, 7.0), (x6 * 0.5).clamp(max=7.0), rtol=0, atol=0)
+    assert len(graphs) == 2                                             # the constant changed: compiled again
+    assert torch._dynamo.config.specialize_float is False              # torch's setting is back as it was

@@ -190,8 +190,9 @@ class ProgressBar(TrainerCallback):
         (tqdm.write if self.bar is not None else print)(text)
 
     # On a GPU the first step compiles the kernels (Triton's and torch.compile's, for the shapes it meets), which
-    # can take a minute before the bar moves; the bar says so. Both cache the kernels on disk, but on torch 2.11 a
-    # second run still waited 52 s (a per-process CPU probe, see fastpath's patch table); run.json's first_step_s.
+    # can take a minute before the bar moves; the bar says so. Both cache the kernels on disk. A second run on torch
+    # 2.11 still waited 52-55 s, nearly all in inductor's per-process CPU probe for one C++ kernel that
+    # inference.model.compiled.compile_dynamic now avoids; run.json's first_step_s records the wait.
     FIRST_STEP_ON_GPU = "training (first step: compiling GPU kernels, cached on disk for later runs)"
 
     def on_train_begin(self, args, state, control, **kwargs):

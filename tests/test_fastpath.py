@@ -295,6 +295,12 @@ def test_readme_train_speed_smoke_command_measures_both_paths_on_the_same_batche
     shares = res["expert_load"]["share_all_layers"]
     assert sum(shares) == pytest.approx(1.0, abs=len(shares) * 0.5e-4 + 1e-12)   # each share rounded to 4 decimals
     assert "ours / baseline" in done.stdout and "expert load" in done.stdout
+    kinds = res["profile_breakdown"]                           # --profile: one step of ours by kind of kernel
+    assert kinds["kernels_launched"] > 0 and kinds["kernel_ms"] > 0
+    assert sum(kinds["share"].values()) == pytest.approx(1.0, abs=len(kinds["share"]) * 0.5e-3)
+    assert kinds["share"]["matmul"] > 0                        # the LoRA and attention projections are aten::mm
+    assert not any(m in e["name"] for e in kinds["largest_outside_matmul_and_attention"]
+                   for m in ("aten::mm", "aten::addmm", "aten::bmm"))
 
 
 def _library_classes(model):

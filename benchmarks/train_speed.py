@@ -226,10 +226,11 @@ def kernel_breakdown(prof, cuda: bool) -> dict:
         low = name.lower()
         return next((k for k, marks in KINDS if any(m in low for m in marks)), "other elementwise/reduction")
 
+    kinds = [kind(name) for name, _, _ in rows]
     shares: dict[str, float] = {}
-    for name, _, t in rows:
-        shares[kind(name)] = shares.get(kind(name), 0.0) + t
-    rest = sorted((r for r in rows if kind(r[0]) not in ("matmul", "attention")), key=lambda r: -r[2])[:10]
+    for k, (_, _, t) in zip(kinds, rows):
+        shares[k] = shares.get(k, 0.0) + t
+    rest = sorted((r for k, r in zip(kinds, rows) if k not in ("matmul", "attention")), key=lambda r: -r[2])[:10]
     return {"kernel_ms": round(total / 1e3, 1), "kernels_launched": sum(c for _, c, _ in rows),
             "share": {k: round(v / total, 3) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
             "largest_outside_matmul_and_attention": [

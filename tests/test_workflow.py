@@ -308,3 +308,23 @@ def test_ui_command_serves_the_projects_store_on_localhost(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(int(pid)), 9)
         server.communicate(timeout=120)
+
+
+def test_the_collector_pause_restores_what_was_there_even_on_error():
+    """Loading the tokenizer pauses Python's garbage collector (finetune.train.pipeline): afterwards it is as before,
+    on (the usual case) or off (a user who turned it off), also when loading fails."""
+    import gc
+
+    from finetune.train.pipeline import _collector_paused
+    was = gc.isenabled()
+    try:
+        for before in (True, False):
+            (gc.enable if before else gc.disable)()
+            with _collector_paused():
+                assert not gc.isenabled()
+            assert gc.isenabled() is before
+            with pytest.raises(OSError), _collector_paused():
+                raise OSError("tokenizer.json unreadable")
+            assert gc.isenabled() is before
+    finally:
+        (gc.enable if was else gc.disable)()

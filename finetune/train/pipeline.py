@@ -349,9 +349,9 @@ def parked_on_host(model, device, echo=print):
 
 def _free_memory(device) -> None:
     """Give the GPU back what the last phase held (a full garbage collection for anything in a reference cycle,
-    then the caching allocator's free blocks). Nothing on CPU: there refcounting already returned the memory (the
-    evaluation engine has no cycles), and a full collection costs about 0.5 s with transformers, PEFT and MLflow
-    loaded, three times a run."""
+    then the caching allocator's free blocks). Nothing on CPU: refcounting already returned the evaluation engine
+    (it has no cycles), whatever a cycle holds of the training model goes at Python's next automatic collection, and
+    a forced one costs about 0.5 s with transformers, PEFT and MLflow loaded, three times a run."""
     if device.type != "cuda":
         return
     import gc

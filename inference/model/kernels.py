@@ -141,18 +141,9 @@ def _rows_kernel():
     return kernel
 
 
-def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor,
-                  tokens: int, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """:func:`mxfp4_matvec_reference` for ``x (P, K)`` rows of at most ``tokens`` tokens (P = tokens * k, a token
-    routed to each expert at most once, so an expert has at most ``tokens`` rows): bf16/fp16 ``x``, fp32
-    accumulation, result in ``x.dtype``. An expert's rows are taken ``BLOCK_M`` at a time. ``rows``:
-    :func:`expert_rows` of ``experts`` when the caller already has it (both projections of a layer share it)."""
-    P, K = x.shape
-    E, N, G, half_group = blocks.shape
-    if K != G * 32 or half_group != 16:
-        raise ValueError(f"x has {K} features, blocks hold {G * 32}")
-    if tokens > GROUPED_MAX_TOKENS:
-        raise ValueError(f"mxfp4_grouped takes at most {GROUPED_MAX_TOKENS} tokens, got {tokens}")
+def grouped_tile(tokens: int) -> tuple:
+    """:func:`mxfp4_grouped`'s tile for a step of ``tokens`` tokens: ``(BLOCK_M, PER_GROUP, BLOCK_N, BLOCK_K, warps,
+    stages, SWAP, DEINT)`` (the last two: see ``rows_block``)."""
     block_m = min(64, max(16, 1 << (tokens - 1).bit_length()))
     # Up to 16 rows per expert block: decoding the weights is the cost, so each 32-value group is multiplied
     # unscaled and its scale applied once to the (M, N) partial (per_group). More rows: one dot per K tile with the
@@ -161,7 +152,6 @@ def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, e
     # won the kernel benchmark with routing spread evenly (416 vs 620 us for gate_up at 64 tokens) but lost end to
     # end (64 sequences: 1,625 vs 3,170 tokens/s in benchmarks/decode_speed.py), most likely because real routing
     # gives some experts many rows and per_group decodes the weights again for every 16 of them (not profiled).
-    per_group = block_m == 16
     # Triton's tl.dot_scaled (the compiler decodes MXFP4 in registers on Hopper) was measured against this kernel and
     # mxfp4_matvec at gpt-oss-20b shapes on an H100 (benchmarks/results/mxfp4_kernels-20b-h100-2026-12-07.json, from
     # commit 0de6428): right only with the weights as its left operand, and then 1.3-1.7x slower from 16 tokens up
@@ -172,14 +162,34 @@ def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, e
     # (benchmarks/results/mxfp4_kernels-20b-h200-2026-12-07-fast-decode.json). A scratch twin of it that decoded with
     # plain Triton integer ops was as slow (1,322/688 us at 64 tokens, H100), so the cost lies in that structure
     # (probably the per-byte scale gather or the half-width dots; not profiled), not in decoding fp4. Not used.
+    per_group = block_m == 16
     block_n, block_k, warps = (128, 32, 4) if per_group else (64, 64, 8)
+    return block_m, per_group, block_n, block_k, warps, 3, False, False
+
+
+def mxfp4_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor,
+                  tokens: int, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  tile: tuple | None = None) -> torch.Tensor:
+    """:func:`mxfp4_matvec_reference` for ``x (P, K)`` rows of at most ``tokens`` tokens (P = tokens * k, a token
+    routed to each expert at most once, so an expert has at most ``tokens`` rows): bf16/fp16 ``x``, fp32
+    accumulation, result in ``x.dtype``. An expert's rows are taken ``BLOCK_M`` at a time. ``rows``:
+    :func:`expert_rows` of ``experts`` when the caller already has it (both projections of a layer share it).
+    ``tile``: ``(BLOCK_M, PER_GROUP, BLOCK_N, BLOCK_K, warps, stages, SWAP, DEINT)`` instead of
+    :func:`grouped_tile`'s choice (``benchmarks/mxfp4_kernels.py --sweep`` measures them)."""
+    P, K = x.shape
+    E, N, G, half_group = blocks.shape
+    if K != G * 32 or half_group != 16:
+        raise ValueError(f"x has {K} features, blocks hold {G * 32}")
+    if tokens > GROUPED_MAX_TOKENS:
+        raise ValueError(f"mxfp4_grouped takes at most {GROUPED_MAX_TOKENS} tokens, got {tokens}")
+    block_m, per_group, block_n, block_k, warps, stages, swap, deint = tile or grouped_tile(tokens)
     table, counts = rows if rows is not None else expert_rows(experts, E, tokens)
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
     grid = (E, -(-N // block_n))
     _grouped_kernel()[grid](x.contiguous(), blocks, scales, table, counts, out, N, K, tokens,
                             blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PER_GROUP=per_group,
-                            num_warps=warps)
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PER_GROUP=per_group, SWAP=swap,
+                            DEINT=deint, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -193,7 +203,7 @@ def _grouped_kernel():
     @triton.jit
     def kernel(x_ptr, blocks_ptr, scales_ptr, table_ptr, counts_ptr, y_ptr, N, K, max_rows, stride_be, stride_bn,
                stride_se, stride_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               PER_GROUP: tl.constexpr):
+               PER_GROUP: tl.constexpr, SWAP: tl.constexpr, DEINT: tl.constexpr):
         e = tl.program_id(0)
         count = tl.load(counts_ptr + e)
         if count == 0:          # no row chose this expert: its weights are not read
@@ -208,7 +218,7 @@ def _grouped_kernel():
             mask_m = offs_m < count
             rows = tl.load(table_ptr + e64 * max_rows + offs_m, mask=mask_m, other=0).to(tl.int64)   # (M,)
             _grouped_rows(x_ptr, y_ptr, rows, mask_m, w_rows, s_rows, offs_n, mask_n, N, K,
-                          BLOCK_M, BLOCK_N, BLOCK_K, PER_GROUP)
+                          BLOCK_M, BLOCK_N, BLOCK_K, PER_GROUP, SWAP, DEINT)
 
     return kernel
 
@@ -222,15 +232,24 @@ def _grouped_rows_fn():
 
     @triton.jit
     def rows_block(x_ptr, y_ptr, rows, mask_m, w_rows, s_rows, offs_n, mask_n, N, K, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_GROUP: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_GROUP: tl.constexpr, SWAP: tl.constexpr,
+                   DEINT: tl.constexpr):
         """``y[rows, offs_n] = x[rows] @ W[offs_n]^T`` for one block of an expert's rows.
+
+        ``SWAP``: the weights are the dot's left operand (``W x^T``, accumulated as ``(N, M)``): the decoded tile is
+        the operand the tensor cores can take from registers on Hopper, and the few rows are the dot's narrow side.
+        ``DEINT``: even and odd values (low and high nibbles) go to two half-width dots against x's even and odd
+        columns instead of being interleaved into one tile.
 
         Scales multiply as ``(v * (lo * 64)) * hi`` (``pow2_pair``), so byte 255 overflows only where the product
         does and a zero weight stays zero, as in ``unpack``."""
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if PER_GROUP:
             # one 32-value group (16 bytes) per step: two K=16 dots (even and odd values) with the exact unscaled
-            # weights, then the group's scale on the (M, N) partial. K is whole groups (checked by the caller).
+            # weights, then the group's scale on the partial. K is whole groups (checked by the caller).
             j = tl.arange(0, 16)
             for g in range(0, K // 32):
                 packed = tl.load(w_rows + g * 16 + j[None, :], mask=mask_n[:, None], other=0)         # (N, 16)
@@ -240,9 +259,14 @@ def _grouped_rows_fn():
                                  other=0.0)                                                              # (M, 16)
                 x_odd = tl.load(x_ptr + rows[:, None] * K + (g * 32 + 2 * j + 1)[None, :], mask=mask_m[:, None],
                                 other=0.0)
-                part = tl.dot(x_even, tl.trans(e4m3_low(packed).to(x_even.dtype)))
-                part = tl.dot(x_odd, tl.trans(e4m3_high(packed).to(x_odd.dtype)), part)                # (M, N)
-                acc += part * tl.reshape(lo * 64.0, (1, BLOCK_N)) * tl.reshape(hi, (1, BLOCK_N))
+                if SWAP:
+                    part = tl.dot(e4m3_low(packed).to(x_even.dtype), tl.trans(x_even))
+                    part = tl.dot(e4m3_high(packed).to(x_odd.dtype), tl.trans(x_odd), part)            # (N, M)
+                    acc += part * (lo * 64.0) * hi
+                else:
+                    part = tl.dot(x_even, tl.trans(e4m3_low(packed).to(x_even.dtype)))
+                    part = tl.dot(x_odd, tl.trans(e4m3_high(packed).to(x_odd.dtype)), part)            # (M, N)
+                    acc += part * tl.reshape(lo * 64.0, (1, BLOCK_N)) * tl.reshape(hi, (1, BLOCK_N))
         else:
             offs_j = tl.arange(0, BLOCK_K // 2)              # byte j holds values 2j (low nibble) and 2j + 1
             offs_g = tl.arange(0, BLOCK_K // 32)
@@ -255,15 +279,35 @@ def _grouped_rows_fn():
                                    mask=mask_n[:, None] & (k0 + 32 * offs_g < K)[None, :], other=127)  # (N, K/32)
                 lo, hi = pow2_pair(exponent)
                 lo, hi = (lo * 64.0)[:, :, None], hi[:, :, None]
-                low = tl.reshape(e4m3_low(packed).to(tl.float32), (BLOCK_N, BLOCK_K // 32, 16)) * lo * hi
-                high = tl.reshape(e4m3_high(packed).to(tl.float32), (BLOCK_N, BLOCK_K // 32, 16)) * lo * hi
-                w = tl.interleave(tl.reshape(low, (BLOCK_N, BLOCK_K // 2)),
-                                  tl.reshape(high, (BLOCK_N, BLOCK_K // 2)))                           # (N, K)
-                xs = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
-                             mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)          # (M, K)
-                acc += tl.dot(xs, tl.trans(w.to(xs.dtype)))
-        out = y_ptr + rows[:, None] * N + offs_n[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                low = tl.reshape(tl.reshape(e4m3_low(packed).to(tl.float32), (BLOCK_N, BLOCK_K // 32, 16)) * lo * hi,
+                                 (BLOCK_N, BLOCK_K // 2))                                               # (N, K/2)
+                high = tl.reshape(tl.reshape(e4m3_high(packed).to(tl.float32), (BLOCK_N, BLOCK_K // 32, 16)) * lo
+                                  * hi, (BLOCK_N, BLOCK_K // 2))
+                if DEINT:
+                    x_even = tl.load(x_ptr + rows[:, None] * K + (k0 + 2 * offs_j)[None, :],
+                                     mask=mask_m[:, None] & mask_j[None, :], other=0.0)                # (M, K/2)
+                    x_odd = tl.load(x_ptr + rows[:, None] * K + (k0 + 2 * offs_j + 1)[None, :],
+                                    mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+                    if SWAP:
+                        acc = tl.dot(low.to(x_even.dtype), tl.trans(x_even), acc)
+                        acc = tl.dot(high.to(x_odd.dtype), tl.trans(x_odd), acc)
+                    else:
+                        acc = tl.dot(x_even, tl.trans(low.to(x_even.dtype)), acc)
+                        acc = tl.dot(x_odd, tl.trans(high.to(x_odd.dtype)), acc)
+                else:
+                    w = tl.interleave(low, high)                                                       # (N, K)
+                    xs = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_k)[None, :],
+                                 mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)      # (M, K)
+                    if SWAP:
+                        acc = tl.dot(w.to(xs.dtype), tl.trans(xs), acc)
+                    else:
+                        acc = tl.dot(xs, tl.trans(w.to(xs.dtype)), acc)
+        if SWAP:
+            out = y_ptr + rows[None, :] * N + offs_n[:, None]
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+        else:
+            out = y_ptr + rows[:, None] * N + offs_n[None, :]
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     return rows_block
 

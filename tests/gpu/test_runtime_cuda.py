@@ -152,6 +152,29 @@ def test_grouped_mxfp4_equals_its_plain_twin():
             assert ((fused - exact).abs() <= bound).all(), (E, N, K, tokens)
 
 
+def test_every_grouped_tile_equals_its_plain_twin():
+    """Each way the grouped kernel can be tiled (per-group or per-weight scaling, weights as the dot's left operand,
+    even/odd values as two dots, 16 or 64 rows per block) is exact to the same bound, an expert's rows in one block
+    or several: the tiles benchmarks/mxfp4_kernels.py --sweep times are all right, whichever grouped_tile picks."""
+    from inference.model import kernels, mxfp4
+    g = torch.Generator().manual_seed(4)
+    E, N, K, k = 8, 256, 512, 4
+    blocks, scales = (t.to(CUDA) for t in mxfp4.pack(torch.randn(E, N, K, generator=g) * 0.02))
+    tiles = [(m, True, n, 32, 4, s, swap, False) for m in (16, 64) for n in (64, 128) for s in (3, 5)
+             for swap in (False, True)]
+    tiles += [(m, False, n, kk, w, 3, swap, deint) for m in (16, 64) for n, kk, w in ((64, 64, 4), (128, 128, 8))
+              for swap in (False, True) for deint in (False, True)]
+    for tokens in (5, 64, 300):
+        experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)]).flatten().to(CUDA)
+        x = torch.randn(tokens * k, K, generator=g).to(CUDA, torch.bfloat16)
+        exact = kernels.mxfp4_matvec_reference(x.double(), blocks, scales, experts)
+        magnitudes = kernels.mxfp4_matvec_reference(x.double().abs(), blocks & 0x77, scales, experts)
+        bound = K * EPS32 * magnitudes + torch.finfo(torch.bfloat16).eps * exact.abs()
+        for tile in tiles:
+            got = kernels.mxfp4_grouped(x, blocks, scales, experts, tokens, tile=tile).double()
+            assert ((got - exact).abs() <= bound).all(), (tokens, tile)
+
+
 def test_fast_decode_is_exact_for_every_code_and_scale_it_takes():
     """The matvec's fast decode (bf16 built from the packed bits, one packed multiply by 2^(s - 1)) on every fp4
     code and every scale byte up to FAST_MAX_SCALE, subnormal products included (byte 0 gives 0.5 * 2^-127); a

@@ -1,8 +1,9 @@
 """Exports at any size, shown on the tiny model: the layer-streamed forwards (ours and transformers' + PEFT's) give
-what the whole-model ones give, and so does the reference computed layer by layer; bf16 pass criteria derived from
-bf16's error, measured in the same run, pass a correct export and fail a broken merge; the plan predicts what lands
-on disk and refuses a disk too small; an MXFP4 merge that rounds a small adapter away is refused with what to ship
-instead, leaving nothing behind; the real-scale benchmark measures an export in a process of its own."""
+what the whole-model ones give, and so does the reference computed layer by layer; teacher-forced, each layer fed
+the reference's input, they give each layer's own output; bf16 pass criteria derived from bf16's error, measured in
+the same run, pass a correct export and fail a broken merge, free-running and layer by layer; the plan predicts
+what lands on disk and refuses a disk too small; an MXFP4 merge that rounds a small adapter away is refused with what
+to ship instead, leaving nothing behind; the real-scale benchmark measures an export in a process of its own."""
 
 from __future__ import annotations
 
@@ -96,21 +97,91 @@ def test_bf16_criteria_come_from_bf16s_measured_error_and_catch_broken_merges(ti
     assert not dropped.passed and any("effect kept" in f for f in dropped.failures)
 
     # one expert's LoRA zeroed in one layer, then merged
-    broken = tmp_path / "broken-adapter"
-    shutil.copytree(adapter, broken)
-    tensors = load_file(str(broken / "adapter_model.safetensors"))
-    E = json.loads((tiny_model_dir / "config.json").read_text())["num_local_experts"]
-    zeroed = 0
-    for key, t in tensors.items():
-        if "layers.0.mlp.experts" in key and "lora_B" in key:     # B (out, r * E): column k * E + e is expert e's
-            t[:, 0::E] = 0
-            zeroed += 1
-    assert zeroed == 2
-    save_file(tensors, str(broken / "adapter_model.safetensors"))
-    merge(tiny_model_dir, broken, tmp_path / "broken", "bf16", progress=False)
+    merge(tiny_model_dir, one_expert_zeroed(tiny_model_dir, adapter, tmp_path / "broken-adapter"),
+          tmp_path / "broken", "bf16", progress=False)
     bad = parity.Check("broken merge", "trained", parity.compare(parity.runtime_logits(
         tmp_path / "broken", ref.probes, CPU16, progress=False), ref.trained, ref.base), bf16_merge)
     assert not bad.passed, bad.line()
+
+
+def one_expert_zeroed(model_dir: Path, adapter: Path, out: Path, layer: int = 0) -> Path:
+    """A copy of ``adapter`` with expert 0's LoRA zeroed in decoder layer ``layer`` (a merge that lost one expert)."""
+    shutil.copytree(adapter, out)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    E = json.loads((model_dir / "config.json").read_text())["num_local_experts"]
+    zeroed = 0
+    for key, t in tensors.items():
+        if f"layers.{layer}.mlp.experts" in key and "lora_B" in key:   # B (out, r * E): column k * E + e is expert e's
+            t[:, 0::E] = 0
+            zeroed += 1
+    assert zeroed == 2
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_teacher_forced_layers_are_the_forwards_own(tiny_model_dir, adapter, probes):
+    """Layer by layer, teacher-forced: the entry followed runs free (its logits are the free forward's, bit for bit;
+    each layer's output is the next one's input); fed those inputs back, our runtime gives the same outputs bit for
+    bit, and transformers + PEFT (loaded whole or layer-streamed, its own modules hooked) gives them within float32
+    noise, though it pads all probes into one batch where ours groups them."""
+    sequences = [p.ids for p in probes]
+    free = streamed.logits(tiny_model_dir, sequences, {"a": adapter, None: None})
+    run = streamed.layers(tiny_model_dir, sequences, {"a": adapter, None: None}, follow="a")
+    assert all(torch.equal(x, y) for x, y in zip(run.logits["a"], free["a"]))
+    layers = len(run.inputs)
+    assert layers == 2 and all(torch.equal(x, y) for i in range(layers - 1)
+                               for x, y in zip(run.outputs["a"][i], run.inputs[i + 1]))
+    assert [x.shape for x in run.inputs[0]] == [(len(s), x.shape[-1]) for s, x in zip(sequences, run.inputs[0])]
+    # the base fed the adapter's inputs differs from the base running free after the first layer
+    assert not torch.equal(run.logits[None][0], free[None][0])
+    fed = streamed.layers(tiny_model_dir, sequences, {"a": adapter, None: None}, inputs=run.inputs)
+    for name in ("a", None):
+        assert all(torch.equal(x, y) for i in range(layers) for x, y in zip(fed.outputs[name][i],
+                                                                            run.outputs[name][i]))
+    for where in (CPU32, CPU32_STREAMED):
+        outputs, logits = parity.transformers_layers(tiny_model_dir, probes, run.inputs, adapter, where, False)
+        for i in range(layers):
+            for x, y, h in zip(outputs[i], run.outputs["a"][i], run.inputs[i], strict=True):
+                assert float((x - y).norm() / (y - h).norm()) < parity.FLOAT32_LAYER["max_rel_err"]
+        assert parity.compare(logits, run.logits["a"]).max_abs < parity.IDENTICAL["max_abs"]
+
+
+def test_layer_wise_check_passes_a_bf16_merge_and_fails_a_lost_adapter(tiny_model_dir, adapter, probes, tmp_path):
+    """The layer-wise bounds come from the trained model's own bf16 error on the same inputs, measured in the same
+    run: a correct bf16 merge passes them (our runtime and transformers); the adapter dropped (the base alone)
+    fails every layer; one expert's LoRA zeroed in layer 0 and merged fails at layer 0, and only there."""
+    ref = parity.Reference(tiny_model_dir, adapter, probes, CPU32, progress=False)
+    layers = ref.layers(progress=False)
+    budget = layers.bf16
+    assert budget.worst_rel_err[0] > 1e-3 and budget.worst_kept_err > 0     # bf16 has an error, and it was measured
+    criteria = parity.layer_criteria("bf16-merge", budget)
+    k = 2 * parity.MARGIN
+    assert criteria["max_rel_err"] == k * budget.worst_rel_err[0]
+    assert criteria["max_kept_err"] == k * budget.worst_kept_err
+
+    def check(model_dir: Path, transformers: bool = False) -> parity.LayerCheck:
+        run = parity.transformers_layers if transformers else parity.runtime_layers
+        outputs = run(model_dir, ref.probes, layers.inputs, where=CPU32, progress=False)
+        return parity.LayerCheck(model_dir.name, "trained", parity.compare_layers(*outputs, layers), criteria)
+
+    merge(tiny_model_dir, adapter, tmp_path / "merged", "bf16", progress=False)
+    for transformers in (False, True):
+        good = check(tmp_path / "merged", transformers)
+        assert good.passed, good.line()
+        assert 0 < good.comparison.worst_rel_err[0] and "layer by layer" in good.line()
+
+    dropped = check(tiny_model_dir)
+    assert not dropped.passed and dropped.comparison.kept == [0.0, 0.0], dropped.line()
+    assert any("adapter effect kept 0 off 1 by more than" in f and "in 2 of 2 layers" in f for f in dropped.failures)
+
+    merge(tiny_model_dir, one_expert_zeroed(tiny_model_dir, adapter, tmp_path / "broken-adapter"),
+          tmp_path / "broken", "bf16", progress=False)
+    broken = check(tmp_path / "broken")
+    assert not broken.passed, broken.line()
+    assert broken.failures == [f"relative error {broken.comparison.rel_err[0]:.4g} > {criteria['max_rel_err']:.4g} "
+                               "in 1 of 2 layers (worst: layer 0)",
+                               f"adapter effect kept {broken.comparison.kept[0]:.4g} off 1 by more than "
+                               f"{criteria['max_kept_err']:.4g} in 1 of 2 layers (worst: layer 0)"]
 
 
 @pytest.fixture

@@ -6,13 +6,14 @@ Formats (:data:`FORMATS`):
   ``target_parameters``, no ``modules_to_save``) with a README whose commands name the export where it lies; checked
   with ``PeftModel.from_pretrained`` on transformers and with our runtime.
 - ``merged-bf16``: an HF-layout gpt-oss with the adapter folded in, experts dense bf16 (:mod:`finetune.ship.merge`);
-  checked with transformers and our runtime.
+  checked with transformers and our runtime, layer by layer against the trained model (within 2 * MARGIN of the
+  trained model's own bf16 error, measured in the same run), and the two consumers against each other.
 - ``merged-mxfp4``: the same with experts requantized to MXFP4 in the original layout (scale rounding ``"best"``: per
   group the lower-error of the OCP and the gpt-oss convention), plus ``quality_report.json`` (the rounding used;
   per-tensor quantization error, next to what pure ``down`` and pure ``up`` rounding would have reached, and adapter
   update kept; KL, top-1 agreement and adapter effect kept against the trained model, held-out data apart); checked
-  with transformers (its own MXFP4 dequantization) and our runtime, and refused when the expert updates were rounded
-  away (:func:`_requantized_check`).
+  with transformers (its own MXFP4 dequantization) and our runtime, and refused when a layer keeps less than
+  ``--min-effect-kept`` of the adapter's effect or the expert updates were rounded away (:func:`_requantized_check`).
 - ``gguf``: the MXFP4 merge as one GGUF in llama.cpp's gpt-oss layout; ``gguf-lora``: the adapter as a GGUF LoRA
   beside the base GGUF it was checked on; ``ollama``: the merged GGUF with a Modelfile (:mod:`finetune.ship.ollama`).
   All three checked by llama.cpp itself (llama-cpp-python).
@@ -20,9 +21,10 @@ Formats (:data:`FORMATS`):
 Before anything is written the plan is printed and the disk checked (:mod:`finetune.ship.plan`). The reference and
 every consumer run where :class:`finetune.ship.parity.Where` says: the GPU when there is one, loaded whole when the
 model fits, else layer by layer. Every export is written to a temporary directory beside its destination, checked
-(:mod:`finetune.ship.parity`), and only then renamed into place: a failed check, an error or Ctrl-C leaves nothing
-that looks complete. The result lands in ``parity.json`` inside the export, in the run's ``run.json`` and in its
-MLflow run.
+(:mod:`finetune.ship.parity`: a lossy format against the trained model layer by layer, where errors cannot
+compound; free-running logits reported beside), and only then renamed into place: a failed check, an error or
+Ctrl-C leaves nothing that looks complete. The result lands in ``parity.json`` inside the export, in the run's
+``run.json`` and in its MLflow run.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from inference.files import write_json
 FORMATS = ("peft", "merged-bf16", "merged-mxfp4", "gguf", "gguf-lora", "ollama")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 HELD_OUT = 3           # held-out conversations of the run's eval set added to the fixed probes
-MIN_EFFECT_KEPT = 0.8  # an MXFP4 merge must keep this share of the adapter's effect on the logits (see parity)
+MIN_EFFECT_KEPT = 0.8  # an MXFP4 merge must keep this share of the adapter's effect in every layer (see parity)
 # How the MXFP4 merge picks each 32-value group's scale (inference.model.mxfp4): the lower-error of the OCP rule
 # ("down") and gpt-oss's quantizer ("up"), never worse than either; the export line and quality_report.json name it.
 SCALE_ROUNDING = "best"
@@ -363,15 +365,43 @@ def _export_bf16(run: _Run, ref, out: Path, scratch: Path, echo=print, **_) -> t
     where = ref.where
     merged = merge(run.model_dir, run.adapter_dir, out, "bf16", device=where.device)
     echo(f"  merged {len(merged.merged)} tensors on the {where.device.type.upper()}; parity:")
+    layers = _layer_reference(ref, echo)
+    criteria = parity.layer_criteria("bf16-merge", layers.bf16)
+    budget = parity.budget_of(layers.bf16)
+    exact = _float32(where)
     hf = parity.transformers_logits(out, ref.probes, where=where)
     checks = parity.run_checks([
+        # free-running: at real size errors compound over layers (see parity), so these numbers are reported only
         lambda: Check(f"transformers (merged-bf16; {where.describe(out, dense=True)})", "trained model",
-                      parity.compare(hf, ref.trained, ref.base), parity.criteria("bf16-merge", ref.precision)),
+                      parity.compare(hf, ref.trained, ref.base), {}, decides=False),
+        lambda: parity.LayerCheck(f"transformers (merged-bf16; {exact.describe(out, dense=True)})", "trained model",
+                                  parity.compare_layers(*parity.transformers_layers(out, ref.probes, layers.inputs,
+                                                                                    where=exact), layers),
+                                  criteria, budget),
+        lambda: parity.LayerCheck(f"our runtime (merged-bf16; {exact.device.type.upper()}, float32, layer-streamed)",
+                                  "trained model", parity.compare_layers(*parity.runtime_layers(
+                                      out, ref.probes, layers.inputs, exact), layers), criteria, budget),
         lambda: Check(f"our runtime (merged-bf16; {where.describe(out)})", "transformers (merged-bf16)",
                       parity.compare(parity.runtime_logits(out, ref.probes, where), hf),
                       parity.without_kept(parity.criteria("same", ref.precision))),
     ], echo)
     return checks, merged.summary()
+
+
+def _layer_reference(ref, echo) -> "parity.LayerReference":
+    """The trained model layer by layer (measured once per export command), with its bf16 budget printed."""
+    fresh = ref._layers is None
+    layers = ref.layers(ref.progress)
+    if fresh:
+        echo(f"  reference layer by layer (each layer fed the trained model's own input; float32, layer-streamed); "
+             f"its own bf16 error on those inputs, the budget: {layers.bf16.line()}")
+    return layers
+
+
+def _float32(where: "parity.Where") -> "parity.Where":
+    """The layer-wise checks compute in float32 wherever the others run: their budget is bf16's error."""
+    import torch
+    return parity.Where(where.device, torch.float32, where.budget)
 
 
 def _mxfp4_merge(run: _Run, ref, out: Path, min_effect_kept: float, echo) -> tuple[list, dict, list]:
@@ -392,16 +422,23 @@ def _mxfp4_merge(run: _Run, ref, out: Path, min_effect_kept: float, echo) -> tup
          f"{summary.get('mean_rel_error', 0):.4f} (all down {summary.get('mean_rel_error_down', 0):.4f}, all up "
          f"{summary.get('mean_rel_error_up', 0):.4f}), adapter update kept {summary.get('mean_delta_kept', 1):.4f} "
          f"(min {summary.get('min_delta_kept', 1):.4f})")
+    layers = _layer_reference(ref, echo)
+    exact = _float32(where)
+    by_layer = parity.compare_layers(*parity.runtime_layers(out, ref.probes, layers.inputs, exact), layers)
     report = {"scale_rounding": merged.scale_rounding, "scale_rounding_means": SCALE_ROUNDING_MEANS,
               "tensors": merged.to_dict(), "vs_trained": vs_trained.__dict__,
+              "vs_trained_layer_by_layer": by_layer.to_dict(),
               "vs_trained_held_out": vs_held.__dict__ if vs_held else None,
               "held_out_conversations": len(held_out), "reference": where.describe(run.model_dir),
               "reference_precision": ref.precision.__dict__ if ref.precision else None}
     (out / "quality_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     echo("  parity:")
     checks = parity.run_checks([
-        lambda: _requantized_check(f"our runtime (merged-mxfp4, packed; {where.describe(out)})", vs_trained,
-                                   summary, min_effect_kept),
+        # free-running: at real size errors compound over layers (see parity), so these numbers are reported only
+        lambda: Check(f"our runtime (merged-mxfp4, packed; {where.describe(out)})", "trained model", vs_trained, {},
+                      decides=False),
+        lambda: _requantized_check(f"our runtime (merged-mxfp4, packed; {exact.device.type.upper()}, float32, "
+                                   "layer-streamed)", by_layer, summary, min_effect_kept),
         lambda: Check(f"transformers Mxfp4Config(dequantize=True) ({where.describe(out, dense=True)})",
                       "our runtime (merged-mxfp4)", parity.compare(parity.transformers_logits(out, ref.probes,
                                                                                                 where=where), ours),
@@ -410,14 +447,17 @@ def _mxfp4_merge(run: _Run, ref, out: Path, min_effect_kept: float, echo) -> tup
     return checks, report, ours
 
 
-def _requantized_check(consumer: str, vs_trained, summary: dict, min_effect_kept: float) -> Check:
-    """The MXFP4 merge against the trained model: the share of the adapter's effect on the logits it kept, and the
-    share of the expert updates it kept in weight space (measured exactly by the merge). Both must reach
-    ``min_effect_kept``: attention LoRA survives requantization untouched, so the logits alone can look fine while
-    every expert update was rounded away."""
+def _requantized_check(consumer: str, by_layer: "parity.LayerComparison", summary: dict,
+                       min_effect_kept: float) -> "parity.LayerCheck":
+    """The MXFP4 merge against the trained model, layer by layer: the share of the adapter's effect kept in every
+    layer (and on the teacher-forced logits), and the share of the expert updates kept in weight space (measured
+    exactly by the merge). All must reach ``min_effect_kept``: attention LoRA survives requantization untouched, so
+    the layers' outputs alone can look fine while every expert update was rounded away."""
     kept = summary.get("mean_delta_kept")
     extra = {} if kept is None else {"expert_update_kept": round(kept, 4)}
-    check = Check(consumer, "trained model", vs_trained, {"min_kept": min_effect_kept}, extra)
+    check = parity.LayerCheck(consumer, "trained model", by_layer, parity.layer_criteria("mxfp4-merge",
+                              min_kept=min_effect_kept), f"--min-effect-kept {min_effect_kept:g}; expert updates "
+                              f"kept in weight space ≥ {min_effect_kept:g}", extra)
     if kept is not None and kept < min_effect_kept:
         check.failures.append(f"expert updates kept {kept:.4f} < {min_effect_kept} in weight space (MXFP4's grid "
                               "rounded them away)")
@@ -575,6 +615,7 @@ def _write_parity(out: Path, result: ExportResult, run: _Run, ref) -> None:
             "reference_seconds": round(getattr(ref, "seconds", 0.0), 1), "probes": len(ref.probes),
             "reference": ref.where.describe(run.model_dir),
             "reference_precision": ref.precision.__dict__ if ref.precision is not None else None,
+            "reference_bf16_layer_by_layer": ref._layers.bf16.to_dict() if ref._layers is not None else None,
             "checks": [c.to_dict() for c in result.checks]}
     (out / "parity.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 

@@ -9,12 +9,18 @@ decoder layer reads that layer's tensors from the safetensors files (MXFP4 exper
 run as one right-padded batch, so each layer is read once. Device memory holds one dense layer (1.6 GB at 20b in
 bf16) plus embedding and head; PEFT's LoRA weights stay resident (they are small).
 
-Nothing of transformers or PEFT is patched: parameters are swapped on the modules they belong to, between calls.
+:func:`layers` runs the same teacher-forced (:func:`teacher_forced`, which hooks a model loaded whole as well): each
+decoder layer is fed a given input (a reference's hidden states) in place of what the layer before computed, and
+its output is recorded, per sequence ``(T, H)``, the currency of :func:`inference.model.streamed.layers`.
+
+Nothing of transformers or PEFT is patched: parameters are swapped, and hooks registered, on the module instances they
+belong to, between calls, and the hooks are removed when the forward returns.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +35,22 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapter_dir: str |
            device: str | torch.device, progress: bool = True) -> list[torch.Tensor]:
     """Logits ``(T, V)`` (float32, CPU) of each sequence from transformers' ``GptOssForCausalLM`` (eager attention),
     with ``PeftModel.from_pretrained(adapter_dir)`` on top when given, holding one decoder layer at a time."""
+    return _forward(model_dir, sequences, adapter_dir, dtype, device, progress)[0]
+
+
+def layers(model_dir: str | Path, sequences: list[list[int]], adapter_dir: str | Path | None, dtype: torch.dtype,
+           device: str | torch.device, inputs: list[list[torch.Tensor]], progress: bool = True
+           ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """Teacher-forced, as :func:`inference.model.streamed.layers`: decoder layer ``l`` runs on ``inputs[l]`` (per
+    sequence ``(T, H)``) whatever the layer before it computed. Returns each layer's output per sequence ``(T, H)``
+    and the logits ``(T, V)`` of the final norm and head on the last layer's output (float32, CPU)."""
+    logits_, outputs = _forward(model_dir, sequences, adapter_dir, dtype, device, progress, inputs)
+    return outputs, logits_
+
+
+def _forward(model_dir: str | Path, sequences: list[list[int]], adapter_dir: str | Path | None, dtype: torch.dtype,
+             device: str | torch.device, progress: bool, inputs: list[list[torch.Tensor]] | None = None):
+    """Logits, and with ``inputs`` each layer's outputs (fed those inputs), holding one decoder layer at a time."""
     from tqdm.auto import tqdm
     from transformers import GptOssForCausalLM
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
@@ -60,15 +82,65 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapter_dir: str |
             handles.append(layer.register_forward_pre_hook(_loader(files, i, dtype, device, loaded)))
             handles.append(layer.register_forward_hook(_unloader(bar, loaded)))
         try:
-            ids, mask = streamed.padded(sequences, device)   # right padding: real tokens keep positions 0..T-1
-            top.eval()
-            with torch.no_grad():
-                out = top(input_ids=ids, attention_mask=mask).logits
-            return [out[row, :len(s)].float().cpu() for row, s in enumerate(sequences)]
+            with teacher_forced(model.model.layers, sequences, inputs) as outputs:
+                return run(top, sequences, device), outputs
         finally:
             for h in handles:
                 h.remove()
             bar.close()
+
+
+def run(model, sequences: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Logits ``(T, V)`` (float32, CPU) of each sequence, all in one right-padded batch: real tokens keep positions
+    0..T-1."""
+    ids, mask = streamed.padded(sequences, device)
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).logits                               # (B, T, V)
+    return [out[row, :len(s)].float().cpu() for row, s in enumerate(sequences)]
+
+
+@contextmanager
+def teacher_forced(decoder_layers, sequences: list[list[int]], inputs: list[list[torch.Tensor]] | None):
+    """Hooks on transformers' decoder layer instances (a model loaded whole or layer-streamed) while the block runs:
+    a forward pre-hook replaces layer ``l``'s ``hidden_states`` with ``inputs[l]`` (per sequence ``(T, H)``,
+    right-padded into the batch ``(B, T, H)`` that :func:`run` makes), and a forward hook records its output per
+    sequence, float32 on the CPU. Yields the list ``[layer][sequence]`` that fills as the model runs; with no
+    ``inputs``, nothing is hooked and it stays empty."""
+    outputs: list[list[torch.Tensor]] = []
+    handles = []
+    if inputs is not None:
+        if len(inputs) != len(decoder_layers):
+            raise ValueError(f"{len(inputs)} layers of inputs for a model of {len(decoder_layers)}")
+        for i, layer in enumerate(decoder_layers):
+            handles.append(layer.register_forward_pre_hook(_feeder(inputs[i], sequences), with_kwargs=True))
+            handles.append(layer.register_forward_hook(_recorder(sequences, outputs)))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _feeder(rows: list[torch.Tensor], sequences: list[list[int]]):
+    def hook(layer, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]                                # (B, T, H)
+        fed = torch.zeros_like(hidden)             # padding: never attended to, dropped from every output
+        for row, (x, s) in enumerate(zip(rows, sequences, strict=True)):
+            if x.shape[0] != len(s):
+                raise ValueError(f"sequence {row}: {x.shape[0]} input positions for {len(s)} tokens")
+            fed[row, :len(s)] = x.to(fed.device, fed.dtype)
+        if args:
+            return (fed, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fed}
+    return hook
+
+
+def _recorder(sequences: list[list[int]], outputs: list):
+    def hook(layer, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output                          # (B, T, H)
+        outputs.append([hidden[row, :len(s)].float().cpu() for row, s in enumerate(sequences)])
+    return hook
 
 
 def _with_adapter(model, adapter_dir: Path, device: torch.device):

@@ -24,6 +24,7 @@ A :class:`Check` turns a comparison into pass/fail under named criteria; a faile
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -76,6 +77,7 @@ class Check:
     comparison: Comparison
     criteria: dict[str, float]          # max_abs / min_top1 / max_kl / min_kept / max_kept
     extra: dict = field(default_factory=dict)
+    decides: bool = True                # False: reported only (its numbers), another check decides
     passed: bool = False
     failures: list[str] = field(default_factory=list)
 
@@ -97,14 +99,136 @@ class Check:
         self.passed = not self.failures
 
     def line(self) -> str:
-        status = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
         extra = "".join(f", {k} {v}" for k, v in self.extra.items())
-        return f"{self.consumer} vs {self.against}: {self.comparison.line()}{extra} -> {status}"
+        if not self.decides:
+            return (f"{self.consumer} vs {self.against}, free-running logits: {self.comparison.line()}{extra}; "
+                    "not a pass criterion here (free-running errors compound over layers; the layer-by-layer "
+                    "check decides)")
+        status = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        return (f"{self.consumer} vs {self.against}, free-running logits: {self.comparison.line()}{extra}; budget "
+                f"{budget_text(self.criteria)} -> {status}")
 
     def to_dict(self) -> dict:
-        return {"consumer": self.consumer, "against": self.against, "passed": self.passed,
-                "failures": self.failures, "criteria": self.criteria, "extra": self.extra,
-                **asdict(self.comparison)}
+        return {"consumer": self.consumer, "against": self.against, "kind": "free-running logits",
+                "decides": self.decides, "passed": self.passed, "failures": self.failures,
+                "criteria": self.criteria, "extra": self.extra, **asdict(self.comparison)}
+
+
+def budget_text(criteria: dict[str, float]) -> str:
+    """Criteria as a reader wants them on a check line: ``max |Δlogit| ≤ 0.001, KL ≤ 0.01, ...``."""
+    words = {"max_abs": "max |Δlogit| ≤", "max_kl": "KL ≤", "min_top1": "top-1 ≥", "min_kept": "effect kept ≥",
+             "max_kept": "effect kept ≤"}
+    return ", ".join(f"{words[k]} {v:.4g}" for k, v in criteria.items() if k in words) or "none"
+
+
+@dataclass
+class LayerComparison:
+    """An artifact's decoder layers against the trained model's, each fed the trained model's input ``h_l`` (the
+    errors of one layer never reach the next). Per layer ``l``, over real positions (``a_l`` the artifact's output,
+    ``r_l`` the trained model's, ``b_l`` the base's, all on ``h_l``):
+
+    - ``rel_err[l] = ||a_l - r_l|| / ||r_l - h_l||``: the error relative to the layer's own residual update;
+    - ``kept[l] = <a_l - b_l, r_l - b_l> / ||r_l - b_l||^2``: the adapter's effect kept in this layer (None where the
+      adapter does not move the layer: ``||r_l - b_l||`` below :data:`UNTOUCHED` of the update).
+
+    ``logits``: final norm and head on the last layer's output, compared as :func:`compare` does (one layer's error
+    and the head's, no cascade)."""
+
+    rel_err: list[float]
+    kept: list[float | None]
+    logits: Comparison
+    positions: int
+
+    @property
+    def worst_rel_err(self) -> tuple[float, int]:
+        """(the largest relative error, its layer)."""
+        return max((e, i) for i, e in enumerate(self.rel_err))
+
+    @property
+    def kept_range(self) -> tuple[tuple[float, int], tuple[float, int]] | None:
+        """((the smallest effect kept, its layer), (the largest, its layer)), or None when no layer is adapted."""
+        pairs = [(k, i) for i, k in enumerate(self.kept) if k is not None]
+        return (min(pairs), max(pairs)) if pairs else None
+
+    @property
+    def worst_kept_err(self) -> float:
+        """The largest ``|1 - kept[l]|`` over adapted layers (0 when none is)."""
+        return max((abs(1 - k) for k in self.kept if k is not None), default=0.0)
+
+    def line(self) -> str:
+        err, layer = self.worst_rel_err
+        kept = self.kept_range
+        kept_text = "-" if kept is None else (f"{kept[0][0]:.4f} (layer {kept[0][1]}) .. {kept[1][0]:.4f} "
+                                              f"(layer {kept[1][1]})")
+        return (f"relative error worst {err:.2e} (layer {layer}), adapter effect kept {kept_text} over "
+                f"{len(self.rel_err)} layers ({self.positions} positions); teacher-forced logits: {self.logits.line()}")
+
+    def to_dict(self) -> dict:
+        return {"rel_err": self.rel_err, "kept": self.kept, "positions": self.positions,
+                "worst_rel_err": self.worst_rel_err[0], "worst_rel_err_layer": self.worst_rel_err[1],
+                "worst_kept_err": self.worst_kept_err, "logits": asdict(self.logits)}
+
+
+@dataclass
+class LayerCheck:
+    """One consumer of one artifact compared layer by layer with the trained model (:class:`LayerComparison`);
+    ``criteria`` (:func:`layer_criteria`): ``max_rel_err`` and ``max_kept_err`` (``|1 - kept|``) or ``min_kept``,
+    each in every layer, and ``logits``, :class:`Check` criteria for the teacher-forced logits. ``budget`` says
+    where the bounds came from."""
+
+    consumer: str
+    against: str
+    comparison: LayerComparison
+    criteria: dict
+    budget: str = ""
+    extra: dict = field(default_factory=dict)
+    passed: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        c, k = self.comparison, self.criteria
+        self.failures = []
+
+        def over(values: list[tuple[int, float]], what: str, bound: float, sign: str) -> None:
+            if values:
+                layer, value = max(values, key=lambda v: abs(v[1] - (1 if "kept" in what else 0)))
+                self.failures.append(f"{what} {value:.4g} {sign} {bound:.4g} in {len(values)} of {len(c.rel_err)} "
+                                     f"layers (worst: layer {layer})")
+
+        if "max_rel_err" in k:
+            over([(i, e) for i, e in enumerate(c.rel_err) if e > k["max_rel_err"]], "relative error",
+                 k["max_rel_err"], ">")
+        adapted = [(i, x) for i, x in enumerate(c.kept) if x is not None]
+        if "max_kept_err" in k:
+            over([(i, x) for i, x in adapted if abs(1 - x) > k["max_kept_err"]], "adapter effect kept",
+                 k["max_kept_err"], "off 1 by more than")
+        if "min_kept" in k:
+            over([(i, x) for i, x in adapted if x < k["min_kept"]], "adapter effect kept", k["min_kept"], "<")
+        if k.get("logits"):
+            logits = Check(self.consumer, self.against, c.logits, k["logits"])
+            self.failures += [f"teacher-forced logits: {f}" for f in logits.failures]
+        self.passed = not self.failures
+
+    def budget_line(self) -> str:
+        k = self.criteria
+        parts = [f"relative error ≤ {k['max_rel_err']:.3g}" if "max_rel_err" in k else "",
+                 f"|1 - effect kept| ≤ {k['max_kept_err']:.3g}" if "max_kept_err" in k else "",
+                 f"effect kept ≥ {k['min_kept']:.3g}" if "min_kept" in k else ""]
+        text = ", ".join(p for p in parts if p) + " in every layer"
+        if k.get("logits"):
+            text += f"; teacher-forced logits {budget_text(k['logits'])}"
+        return text + (f" ({self.budget})" if self.budget else "")
+
+    def line(self) -> str:
+        status = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        extra = "".join(f", {k} {v}" for k, v in self.extra.items())
+        return (f"{self.consumer} vs {self.against}, layer by layer (each layer fed the trained model's input): "
+                f"{self.comparison.line()}{extra}; budget {self.budget_line()} -> {status}")
+
+    def to_dict(self) -> dict:
+        return {"consumer": self.consumer, "against": self.against, "kind": "layer by layer", "decides": True,
+                "passed": self.passed, "failures": self.failures, "criteria": self.criteria, "budget": self.budget,
+                "extra": self.extra, **self.comparison.to_dict()}
 
 
 # -- probes and the reference ---------------------------------------------------------------------------------------
@@ -210,7 +334,9 @@ class Reference:
         self.model_dir, self.adapter_dir = Path(model_dir), Path(adapter_dir)
         self.where = where or Where.pick()
         self.seconds = 0.0          # set by the caller that timed it
+        self.progress = progress
         self.engine = None
+        self._layers: LayerReference | None = None
         self.streamed = not self.where.fits(self.model_dir)
         if self.streamed:
             self.probes = _greedy_streamed(self.model_dir, self.adapter_dir, prompts, self.where, progress)
@@ -234,6 +360,14 @@ class Reference:
                                   "reference in float32 (bf16's own error)", progress)
             self.precision = compare(self.trained, out["trained"], out[None])
 
+    def layers(self, progress: bool = True) -> "LayerReference":
+        """The trained model layer by layer (:class:`LayerReference`), measured on first use, float32 and bf16,
+        layer-streamed on the reference's device whatever ``where.dtype`` says."""
+        if self._layers is None:
+            self._layers = LayerReference.measure(self.model_dir, self.adapter_dir, self.probes, self.where.device,
+                                                  progress)
+        return self._layers
+
     def logits_with(self, adapter: str | None) -> list["torch.Tensor"]:
         """Logits of the loaded reference model (whole) with one of its adapters, or the base with None."""
         return _model_logits(self.engine.model, self.probes, adapter)
@@ -254,6 +388,42 @@ class Reference:
 
     def continuation(self, probe: Probe) -> list[int]:
         return probe.ids[probe.prompt_len:]
+
+
+@dataclass
+class LayerReference:
+    """The trained model layer by layer, on the probes (all per layer, per probe ``(T, H)``, float32 on the CPU):
+    ``inputs`` its hidden states entering each layer (free-running, float32), ``trained`` each layer's output on
+    them, ``base`` the base's layer on the same inputs; the teacher-forced logits of both (final norm and head on
+    the last layer's output); and ``bf16``, the budget: the trained model's own layers computed in bf16 on the same
+    inputs, compared with their float32 selves (:class:`LayerComparison`)."""
+
+    inputs: list[list["torch.Tensor"]]
+    trained: list[list["torch.Tensor"]]
+    base: list[list["torch.Tensor"]]
+    trained_logits: list["torch.Tensor"]
+    base_logits: list["torch.Tensor"]
+    bf16: LayerComparison | None = None
+
+    @classmethod
+    def measure(cls, model_dir: Path, adapter_dir: Path, probes: list[Probe], device, progress: bool = True
+                ) -> "LayerReference":
+        """Two layer-streamed passes of our runtime on ``device``: float32, the trained model free-running and the
+        base fed its inputs; then the trained model in bf16 fed the same inputs (its error is the budget)."""
+        import torch
+
+        from inference.model import streamed
+        sequences = [p.ids for p in probes]
+        with _layer_bar("reference layer by layer, float32", progress) as tick:
+            exact = streamed.layers(model_dir, sequences, {"trained": adapter_dir, None: None}, torch.float32,
+                                    device, tick, follow="trained")
+        ref = cls(exact.inputs, exact.outputs["trained"], exact.outputs[None], exact.logits["trained"],
+                  exact.logits[None])
+        with _layer_bar("reference layer by layer, bf16 (the budget)", progress) as tick:
+            low = streamed.layers(model_dir, sequences, {"trained": adapter_dir}, torch.bfloat16, device, tick,
+                                  inputs=exact.inputs)
+        ref.bf16 = compare_layers(low.outputs["trained"], low.logits["trained"], ref)
+        return ref
 
 
 def _bar(total: int, desc: str, progress: bool, unit: str = "token"):
@@ -280,15 +450,21 @@ def _model_logits(model, probes: list[Probe], adapter: str | None) -> list["torc
 def streamed_logits(model_dir: Path, probes: list[Probe], adapters: dict, where: Where, desc: str,
                     progress: bool = True, last_only: bool = False) -> dict:
     """:func:`inference.model.streamed.logits` with a progress bar over its layers."""
-    from tqdm.auto import tqdm
-
     from inference.model import streamed
-    with tqdm(desc=desc + " (layer-streamed)", unit="layer", leave=False, disable=not progress) as bar:
+    with _layer_bar(desc + " (layer-streamed)", progress) as tick:
+        return streamed.logits(model_dir, [p.ids for p in probes], adapters, where.dtype, where.device, tick,
+                               last_only)
+
+
+@contextmanager
+def _layer_bar(desc: str, progress: bool):
+    """A progress bar over a layer-streamed pass; yields the ``progress(done, total)`` callback it takes."""
+    from tqdm.auto import tqdm
+    with tqdm(desc=desc, unit="layer", leave=False, disable=not progress) as bar:
         def tick(done, total):
             bar.total = total
             bar.update(done - bar.n)
-        return streamed.logits(model_dir, [p.ids for p in probes], adapters, where.dtype, where.device, tick,
-                               last_only)
+        yield tick
 
 
 def runtime_logits(model_dir: Path, probes: list[Probe], where: Where | None = None,
@@ -317,12 +493,28 @@ def transformers_logits(model_dir: Path, probes: list[Probe], adapter_dir: Path 
     adapter, where ``where`` says (default: float32 on the CPU). Loaded whole with ``from_pretrained`` when its dense
     weights fit (MXFP4 checkpoints through ``Mxfp4Config(dequantize=True)``, transformers' own path for them); else
     layer-streamed through transformers' own modules (:mod:`finetune.ship.hf_streamed`)."""
+    return _transformers(model_dir, probes, adapter_dir, where, progress)[0]
+
+
+def transformers_layers(model_dir: Path, probes: list[Probe], inputs: list[list["torch.Tensor"]],
+                        adapter_dir: Path | None = None, where: Where | None = None, progress: bool = True
+                        ) -> tuple[list[list["torch.Tensor"]], list["torch.Tensor"]]:
+    """transformers as in :func:`transformers_logits`, teacher-forced: each decoder layer fed ``inputs[l]`` (per
+    probe ``(T, H)``; :func:`finetune.ship.hf_streamed.teacher_forced`). Returns each layer's outputs per probe and
+    the logits of the final norm and head on the last one."""
+    logits, outputs = _transformers(model_dir, probes, adapter_dir, where, progress, inputs)
+    return outputs, logits
+
+
+def _transformers(model_dir: Path, probes: list[Probe], adapter_dir: Path | None, where: Where | None,
+                  progress: bool, inputs: list | None = None):
     import torch
+
+    from finetune.ship import hf_streamed
     where = where or Where(torch.device("cpu"), torch.float32, 1 << 62)
+    sequences = [p.ids for p in probes]
     if not where.fits(model_dir, dense=True):
-        from finetune.ship import hf_streamed
-        return hf_streamed.logits(model_dir, [p.ids for p in probes], adapter_dir, where.dtype, where.device,
-                                  progress)
+        return hf_streamed._forward(model_dir, sequences, adapter_dir, where.dtype, where.device, progress, inputs)
     from transformers import GptOssForCausalLM, Mxfp4Config
     from transformers.utils import logging as hf_logging
     verbosity = hf_logging.get_verbosity()
@@ -334,20 +526,42 @@ def transformers_logits(model_dir: Path, probes: list[Probe], adapter_dir: Path 
         extra = {"quantization_config": Mxfp4Config(dequantize=True)} if quant.get("quant_method") == "mxfp4" else {}
         model = GptOssForCausalLM.from_pretrained(str(model_dir), dtype=where.dtype, attn_implementation="eager",
                                                   local_files_only=True, device_map=str(where.device), **extra)
+        top = model
         if adapter_dir is not None:
             from peft import PeftModel
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+            top = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    model.eval()
     try:
-        with torch.no_grad():
-            return [model(input_ids=torch.tensor([p.ids], device=where.device)).logits[0].float().cpu()
-                    for p in probes]
+        if inputs is None:
+            # one probe at a time, unpadded, as a user would call it
+            top.eval()
+            with torch.no_grad():
+                return [top(input_ids=torch.tensor([s], device=where.device)).logits[0].float().cpu()
+                        for s in sequences], None
+        with hf_streamed.teacher_forced(model.model.layers, sequences, inputs) as outputs:
+            return hf_streamed.run(top, sequences, where.device), outputs
     finally:
-        del model
+        del model, top
         _free(where)
+
+
+def runtime_layers(model_dir: Path, probes: list[Probe], inputs: list[list["torch.Tensor"]],
+                   where: Where | None = None, adapter_dir: Path | None = None, progress: bool = True
+                   ) -> tuple[list[list["torch.Tensor"]], list["torch.Tensor"]]:
+    """Our runtime teacher-forced (:func:`inference.model.streamed.layers`, float32 where ``where`` says, one layer
+    at a time whatever fits): each decoder layer fed ``inputs[l]`` (per probe ``(T, H)``). Returns each layer's
+    outputs per probe and the logits of the final norm and head on the last one."""
+    import torch
+
+    from inference.model import streamed
+    where = where or Where(torch.device("cpu"), torch.float32, 1 << 62)
+    name = "a" if adapter_dir else None
+    with _layer_bar(f"our runtime on {model_dir.name}, layer by layer", progress) as tick:
+        out = streamed.layers(model_dir, [p.ids for p in probes], {name: adapter_dir}, torch.float32, where.device,
+                              tick, inputs=inputs)
+    return out.outputs[name], out.logits[name]
 
 
 # -- pass criteria --------------------------------------------------------------------------------------------------
@@ -368,6 +582,44 @@ BF16_WEIGHTS = {"max_kl": 1e-2, "min_top1": 0.97, "min_kept": 0.98, "max_kept": 
 # scales with (2 * MARGIN) ** 2. tests/test_ship_scale.py shows on the tiny model that the bf16 thresholds derived
 # this way pass a correct export and fail a broken one.
 MARGIN = 2.0
+
+# Layer by layer (LayerCheck), measured on the tiny model with tests/test_ship_scale.py's adapter, float32 on the CPU:
+# - UNTOUCHED: a layer whose adapter effect ||r - b|| is below this share of its update ||r - h|| has no effect to
+#   keep (kept is None there). A layer the adapter leaves alone gives exactly 0; an adapted one gives ~0.3.
+UNTOUCHED = 1e-5
+# - FLOAT32_LAYER: the floor of every layer-wise bound, float32 noise: transformers + PEFT against our runtime (the
+#   same weights, two float32 consumers) differ by relative error 4e-7 and |1 - kept| 3e-8 per layer; the floors
+#   leave 25x (and 3,000x) room for other BLAS builds. For the teacher-forced logits the floor is IDENTICAL.
+FLOAT32_LAYER = {"max_rel_err": 1e-5, "max_kept_err": 1e-4}
+# - the budget of a bf16 merge: the trained model's own layers computed in bf16 on the reference's inputs, against
+#   float32 (LayerReference.bf16, measured in the same run): relative error 0.0099 / 0.0104 in layers 0 / 1, |1 -
+#   kept| 0.0014 / 0.0007; teacher-forced logits max |Δlogit| 0.071, KL 3.5e-5, kept 0.9994. A merge rounded to bf16
+#   once and computed in float32 must stay within 2 * MARGIN of bf16's WORST layer (a per-layer |1 - kept| is a
+#   projection that can be near 0 by chance in one layer; the worst layer's is not): measured, the correct merge
+#   0.0123 / 0.0033 and 0.0013 / 0.0002 (bounds 0.042 and 0.0055); one expert's LoRA zeroed in layer 0, 0.117 and
+#   0.114 there; the adapter dropped (the base alone), 0.34 / 0.32 and kept 0 in both.
+
+
+def layer_criteria(kind: str, budget: LayerComparison | None = None, min_kept: float | None = None) -> dict:
+    """Pass criteria of a :class:`LayerCheck`: ``"bf16-merge"`` (a merge rounded to bf16, from ``budget``, the
+    reference's own bf16 error, see :data:`FLOAT32_LAYER`'s comment) or ``"mxfp4-merge"`` (``min_kept`` of the
+    adapter's effect in every layer and on the teacher-forced logits: MXFP4's rounding error has no bf16 bound)."""
+    if kind == "mxfp4-merge":
+        return {"min_kept": min_kept, "logits": {"min_kept": min_kept}}
+    if kind != "bf16-merge" or budget is None:
+        raise ValueError(f"layer_criteria({kind!r}): expected 'bf16-merge' with a budget, or 'mxfp4-merge'")
+    k = 2 * MARGIN
+    logits = {key: v for key, v in derived(budget.logits).items() if key != "min_top1"}   # max_abs bounds top-1
+    return {"max_rel_err": max(k * budget.worst_rel_err[0], FLOAT32_LAYER["max_rel_err"]),
+            "max_kept_err": max(k * budget.worst_kept_err, FLOAT32_LAYER["max_kept_err"]),
+            "logits": loosest(logits, IDENTICAL)}
+
+
+def budget_of(budget: LayerComparison) -> str:
+    """Where bf16-merge bounds come from, for the check line."""
+    err, layer = budget.worst_rel_err
+    return (f"{2 * MARGIN:g}x the trained model's own bf16 error on the same inputs, worst layer: relative error "
+            f"{err:.2e} (layer {layer}), |1 - effect kept| {budget.worst_kept_err:.2e}")
 
 
 def criteria(kind: str, precision: Comparison | None = None) -> dict[str, float]:
@@ -481,6 +733,30 @@ def compare(artifact: list["torch.Tensor"], reference: list["torch.Tensor"],
     kept = num / max(den, 1e-30) if base is not None else None
     return Comparison(max_abs=max_abs, top1=agree / positions, kl=max(kl / positions, 0.0), effect_kept=kept,
                       positions=positions)
+
+
+def compare_layers(outputs: list[list["torch.Tensor"]], logits: list["torch.Tensor"], ref: "LayerReference"
+                   ) -> LayerComparison:
+    """An artifact's per-layer outputs ``[layer][probe] (T, H)`` on the reference's inputs, and its teacher-forced
+    logits, against the trained model's and the base's (see :class:`LayerComparison`). Sums in float64."""
+    if len(outputs) != len(ref.inputs):
+        raise ValueError(f"{len(outputs)} layers of outputs for {len(ref.inputs)} layers of the reference")
+    rel_err, kept = [], []
+    for a_l, h_l, r_l, b_l in zip(outputs, ref.inputs, ref.trained, ref.base):
+        err = update = effect = along = 0.0
+        for a, h, r, b in zip(a_l, h_l, r_l, b_l, strict=True):
+            a, h, r, b = a.double(), h.double(), r.double(), b.double()         # (T, H)
+            if a.shape != r.shape:
+                raise ValueError(f"layer outputs differ in shape: {tuple(a.shape)} vs {tuple(r.shape)}")
+            err += float(((a - r) ** 2).sum())
+            update += float(((r - h) ** 2).sum())
+            e = r - b
+            effect += float((e * e).sum())
+            along += float(((a - b) * e).sum())
+        rel_err.append((err / max(update, 1e-300)) ** 0.5)
+        kept.append(along / effect if effect > UNTOUCHED ** 2 * update else None)
+    return LayerComparison(rel_err, kept, compare(logits, ref.trained_logits, ref.base_logits),
+                           sum(x.shape[0] for x in ref.inputs[0]))
 
 
 def run_checks(checks: list[Callable[[], Check]], echo=print) -> list[Check]:

@@ -7,6 +7,11 @@ then the final norm and the head. Device memory holds one layer (gpt-oss-20b: 1.
 0.4 GB packed) plus the hidden states, so a merged bf16 gpt-oss-20b (39 GB) is checked on a 24 GB card, or a 20b on
 a CPU-only machine in bounded host memory. Several adapters (and the base, ``None``) are computed in the same pass.
 
+:func:`layers` is the same pass teacher-forced: every entry runs each layer on one given input (a reference's hidden
+states) and each layer's output is kept, per sequence ``(T, H)``, so two models are compared layer by layer without
+one layer's error feeding the next (what :mod:`finetune.ship.parity`'s layer-wise checks need at real size, where a
+free-running comparison is chaotic).
+
 Each layer is :class:`inference.model.runtime.Layer` itself, and sequences run in the padded batches of :func:`batches`,
 as :func:`model_logits` runs them through a model loaded whole: the two give the same logits, operation for operation
 (tests/test_ship_scale.py checks they are equal). Batching matters on a GPU: a prefill decodes each routed expert
@@ -15,6 +20,7 @@ once per batch and layer, not once per sequence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -76,6 +82,87 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
 
     ``progress(done, total)`` is called after each of the ``num_hidden_layers + 2`` steps (embedding, layers, head).
     """
+    return _run(model_dir, sequences, adapters, dtype, device, progress, last_only)
+
+
+@dataclass
+class Layers:
+    """What :func:`layers` gives: per decoder layer, per sequence, ``(T, H)`` float32 tensors on the CPU (real
+    positions only), and the logits ``(T, V)`` of the final norm and head on the last layer's output."""
+
+    inputs: list[list[torch.Tensor]]                       # [layer][sequence]: the input every entry was fed
+    outputs: dict[str | None, list[list[torch.Tensor]]]    # [name][layer][sequence]: each entry's layer output
+    logits: dict[str | None, list[torch.Tensor]]           # [name][sequence]
+
+
+def layers(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str | None, str | Path | None]
+           | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+           progress: Callable[[int, int], None] | None = None, *, follow: str | None = None,
+           inputs: list[list[torch.Tensor]] | None = None) -> Layers:
+    """Teacher-forced layers: every layer of every entry of ``adapters`` (as in :func:`logits`) run on the same
+    input, and its output kept. The input of layer ``l`` is either ``inputs[l]`` (per sequence ``(T, H)``, e.g. a
+    reference's, from an earlier call) or, with ``follow``, that entry's own hidden states: it runs free (its
+    outputs and logits are :func:`logits`'s, bit for bit) and the other entries run each layer on its input. Errors
+    of one entry then never compound from layer to layer. ``logits``: final norm and head on the last layer's
+    output, which saw the same input for every entry.
+
+    Holds ``(layers + 1) * positions * H`` floats per entry on the CPU: gpt-oss-20b, 1,000 positions, 0.3 GB."""
+    if (follow is None) == (inputs is None):
+        raise ValueError("layers(): give exactly one of follow (an entry of adapters) or inputs (per layer)")
+    kept: list = []
+    outputs: dict = {}
+
+    def feed(index: int, hidden: dict, groups: list[list[int]]) -> dict:
+        if follow is not None:
+            given = hidden[follow]
+            kept.append(_per_sequence(given, groups, sequences))
+        else:
+            given = _batched(inputs[index], groups, sequences, dtype, device)
+            kept.append([x.float().cpu() for x in inputs[index]])
+        return {name: given for name in hidden}
+
+    def record(index: int, hidden: dict, groups: list[list[int]]) -> None:
+        for name, hs in hidden.items():
+            outputs.setdefault(name, []).append(_per_sequence(hs, groups, sequences))
+
+    if inputs is not None and len(inputs) != read_config(Path(model_dir)).num_hidden_layers:
+        raise ValueError(f"layers(): {len(inputs)} layers of inputs for {model_dir}")
+    logits_ = _run(model_dir, sequences, adapters, dtype, device, progress, False, feed, record)
+    return Layers(kept, outputs, logits_)
+
+
+def _per_sequence(hidden: list[torch.Tensor], groups: list[list[int]], sequences: list[list[int]]
+                  ) -> list[torch.Tensor]:
+    """Per-batch hidden states ``(B, T, H)`` → each sequence's real positions ``(T_i, H)``, float32 on the CPU."""
+    out: list = [None] * len(sequences)
+    for group, h in zip(groups, hidden):
+        for i, rows in _rows(h, group, sequences, False):
+            out[i] = rows[0].float().cpu()
+    return out
+
+
+def _batched(rows: list[torch.Tensor], groups: list[list[int]], sequences: list[list[int]], dtype, device
+             ) -> list[torch.Tensor]:
+    """Per-sequence ``(T_i, H)`` → the batches' ``(B, T, H)``, right-padded with zeros (padded positions are never
+    attended to and are dropped from every output)."""
+    out = []
+    for group in groups:
+        longest = max(len(sequences[i]) for i in group)
+        x = torch.zeros(len(group), longest, rows[group[0]].shape[-1], dtype=dtype, device=device)
+        for row, i in enumerate(group):
+            if rows[i].shape[0] != len(sequences[i]):
+                raise ValueError(f"sequence {i}: {rows[i].shape[0]} input positions for {len(sequences[i])} tokens")
+            x[row, :len(sequences[i])] = rows[i].to(device, dtype)
+        out.append(x)
+    return out
+
+
+def _run(model_dir: str | Path, sequences: list[list[int]], adapters: dict | None, dtype: torch.dtype,
+         device: str | torch.device, progress: Callable[[int, int], None] | None, last_only: bool,
+         feed: Callable | None = None, record: Callable | None = None) -> dict[str | None, list[torch.Tensor]]:
+    """The layer-streamed forward behind :func:`logits` and :func:`layers`. Before layer ``i``,
+    ``feed(i, hidden, groups)`` may replace every entry's per-batch hidden states ``(B, T, H)`` with others; after
+    it, ``record(i, hidden, groups)`` sees its outputs (``groups``: the sequences of each batch)."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
 
     from inference.model.adapters import attach_layer, read_adapter
@@ -119,9 +206,13 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
             layer = Layer(mine, cfg, window, dtype)
             for name, adapter in read.items():
                 attach_layer(layer, i, name, adapter)
+            if feed is not None:
+                hidden = feed(i, hidden, groups)
             for name in adapters:
                 hidden[name] = [layer(h, cos, sin, q, None, i, name if name in read else None, m)
                                 for h, (cos, sin), q, m in zip(hidden[name], rotary, qpos, masks[name])]
+            if record is not None:
+                record(i, hidden, groups)
             del layer, mine
             step()
         norm = RMSNorm(weight(files, "model.norm.weight"), cfg.rms_norm_eps)

@@ -388,11 +388,12 @@ def _export_bf16(run: _Run, ref, out: Path, scratch: Path, echo=print, **_) -> t
     return checks, merged.summary()
 
 
-def _layer_reference(ref, echo) -> "parity.LayerReference":
-    """The trained model layer by layer (measured once per export command), with its bf16 budget printed."""
-    fresh = ref._layers is None
-    layers = ref.layers(ref.progress)
-    if fresh:
+def _layer_reference(ref, echo, budget: bool = True) -> "parity.LayerReference":
+    """The trained model layer by layer (measured once per export command), with its bf16 error when ``budget`` is
+    asked for (printed when measured)."""
+    fresh = ref._layers is None or (budget and ref._layers.bf16 is None)
+    layers = ref.layers(ref.progress, budget)
+    if fresh and budget:
         echo(f"  reference layer by layer (each layer fed the trained model's own input; float32, layer-streamed); "
              f"its own bf16 error on those inputs, the budget: {layers.bf16.line()}")
     return layers
@@ -422,7 +423,7 @@ def _mxfp4_merge(run: _Run, ref, out: Path, min_effect_kept: float, echo) -> tup
          f"{summary.get('mean_rel_error', 0):.4f} (all down {summary.get('mean_rel_error_down', 0):.4f}, all up "
          f"{summary.get('mean_rel_error_up', 0):.4f}), adapter update kept {summary.get('mean_delta_kept', 1):.4f} "
          f"(min {summary.get('min_delta_kept', 1):.4f})")
-    layers = _layer_reference(ref, echo)
+    layers = _layer_reference(ref, echo, budget=False)     # MXFP4's bounds are --min-effect-kept, not bf16's error
     exact = _float32(where)
     by_layer = parity.compare_layers(*parity.runtime_layers(out, ref.probes, layers.inputs, exact), layers)
     report = {"scale_rounding": merged.scale_rounding, "scale_rounding_means": SCALE_ROUNDING_MEANS,
@@ -615,7 +616,8 @@ def _write_parity(out: Path, result: ExportResult, run: _Run, ref) -> None:
             "reference_seconds": round(getattr(ref, "seconds", 0.0), 1), "probes": len(ref.probes),
             "reference": ref.where.describe(run.model_dir),
             "reference_precision": ref.precision.__dict__ if ref.precision is not None else None,
-            "reference_bf16_layer_by_layer": ref._layers.bf16.to_dict() if ref._layers is not None else None,
+            "reference_bf16_layer_by_layer": ref._layers.bf16.to_dict() if ref._layers is not None
+            and ref._layers.bf16 is not None else None,
             "checks": [c.to_dict() for c in result.checks]}
     (out / "parity.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 

@@ -372,12 +372,15 @@ class Reference:
                                   "reference in float32 (bf16's own error)", progress)
             self.precision = compare(self.trained, out["trained"], out[None])
 
-    def layers(self, progress: bool = True) -> "LayerReference":
-        """The trained model layer by layer (:class:`LayerReference`), measured on first use, float32 and bf16,
-        layer-streamed on the reference's device whatever ``where.dtype`` says."""
+    def layers(self, progress: bool = True, budget: bool = True) -> "LayerReference":
+        """The trained model layer by layer (:class:`LayerReference`), measured on first use in float32, and with
+        ``budget`` its bf16 error too (what a bf16 merge is held to), layer-streamed on the reference's device
+        whatever ``where.dtype`` says."""
         if self._layers is None:
             self._layers = LayerReference.measure(self.model_dir, self.adapter_dir, self.probes, self.where.device,
                                                   progress)
+        if budget and self._layers.bf16 is None:
+            self._layers.measure_bf16(self.model_dir, self.adapter_dir, self.probes, self.where.device, progress)
         return self._layers
 
     def logits_with(self, adapter: str | None) -> list["torch.Tensor"]:
@@ -408,7 +411,7 @@ class LayerReference:
     ``inputs`` its hidden states entering each layer (free-running, float32), ``trained`` each layer's output on
     them, ``base`` the base's layer on the same inputs; the teacher-forced logits of both (final norm and head on
     the last layer's output); and ``bf16``, the budget: the trained model's own layers computed in bf16 on the same
-    inputs, compared with their float32 selves (:class:`LayerComparison`)."""
+    inputs, compared with their float32 selves (:class:`LayerComparison`; measured only when asked for)."""
 
     inputs: list[list["torch.Tensor"]]
     trained: list[list["torch.Tensor"]]
@@ -420,22 +423,28 @@ class LayerReference:
     @classmethod
     def measure(cls, model_dir: Path, adapter_dir: Path, probes: list[Probe], device, progress: bool = True
                 ) -> "LayerReference":
-        """Two layer-streamed passes of our runtime on ``device``: float32, the trained model free-running and the
-        base fed its inputs; then the trained model in bf16 fed the same inputs (its error is the budget)."""
+        """One layer-streamed pass of our runtime on ``device`` in float32: the trained model free-running and the
+        base fed its inputs."""
         import torch
 
         from inference.model import streamed
-        sequences = [p.ids for p in probes]
         with _layer_bar("reference layer by layer, float32", progress) as tick:
-            exact = streamed.layers(model_dir, sequences, {"trained": adapter_dir, None: None}, torch.float32,
-                                    device, tick, follow="trained")
-        ref = cls(exact.inputs, exact.outputs["trained"], exact.outputs[None], exact.logits["trained"],
-                  exact.logits[None])
+            exact = streamed.layers(model_dir, [p.ids for p in probes], {"trained": adapter_dir, None: None},
+                                    torch.float32, device, tick, follow="trained")
+        return cls(exact.inputs, exact.outputs["trained"], exact.outputs[None], exact.logits["trained"],
+                   exact.logits[None])
+
+    def measure_bf16(self, model_dir: Path, adapter_dir: Path, probes: list[Probe], device, progress: bool = True
+                     ) -> LayerComparison:
+        """The budget (``bf16``): the trained model in bf16 fed the same inputs, one more layer-streamed pass."""
+        import torch
+
+        from inference.model import streamed
         with _layer_bar("reference layer by layer, bf16 (the budget)", progress) as tick:
-            low = streamed.layers(model_dir, sequences, {"trained": adapter_dir}, torch.bfloat16, device, tick,
-                                  inputs=exact.inputs)
-        ref.bf16 = compare_layers(low.outputs["trained"], low.logits["trained"], ref)
-        return ref
+            low = streamed.layers(model_dir, [p.ids for p in probes], {"trained": adapter_dir}, torch.bfloat16,
+                                  device, tick, inputs=self.inputs)
+        self.bf16 = compare_layers(low.outputs["trained"], low.logits["trained"], self)
+        return self.bf16
 
 
 def _bar(total: int, desc: str, progress: bool, unit: str = "token"):
@@ -526,7 +535,11 @@ def _transformers(model_dir: Path, probes: list[Probe], adapter_dir: Path | None
     where = where or Where(torch.device("cpu"), torch.float32, 1 << 62)
     sequences = [p.ids for p in probes]
     if not where.fits(model_dir, dense=True):
-        return hf_streamed._forward(model_dir, sequences, adapter_dir, where.dtype, where.device, progress, inputs)
+        if inputs is None:
+            return hf_streamed.logits(model_dir, sequences, adapter_dir, where.dtype, where.device, progress), None
+        outputs, logits = hf_streamed.layers(model_dir, sequences, adapter_dir, where.dtype, where.device, inputs,
+                                             progress)
+        return logits, outputs
     from transformers import GptOssForCausalLM, Mxfp4Config
     from transformers.utils import logging as hf_logging
     verbosity = hf_logging.get_verbosity()

@@ -107,7 +107,7 @@ def layers(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
     output, which saw the same input for every entry.
 
     Holds ``(layers + 1) * positions * H`` floats per entry on the CPU: gpt-oss-20b, 1,000 positions, 0.3 GB."""
-    if (follow is None) == (inputs is None):
+    if (follow is None) == (inputs is None) or (follow is not None and follow not in (adapters or {None: None})):
         raise ValueError("layers(): give exactly one of follow (an entry of adapters) or inputs (per layer)")
     kept: list = []
     outputs: dict = {}

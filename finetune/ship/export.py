@@ -391,7 +391,7 @@ def _export_bf16(run: _Run, ref, out: Path, scratch: Path, echo=print, **_) -> t
 def _layer_reference(ref, echo, budget: bool = True) -> "parity.LayerReference":
     """The trained model layer by layer (measured once per export command), with its bf16 error when ``budget`` is
     asked for (printed when measured)."""
-    fresh = ref._layers is None or (budget and ref._layers.bf16 is None)
+    fresh = ref.by_layer is None or (budget and ref.by_layer.bf16 is None)
     layers = ref.layers(ref.progress, budget)
     if fresh and budget:
         echo(f"  reference layer by layer (each layer fed the trained model's own input; float32, layer-streamed); "
@@ -616,8 +616,8 @@ def _write_parity(out: Path, result: ExportResult, run: _Run, ref) -> None:
             "reference_seconds": round(getattr(ref, "seconds", 0.0), 1), "probes": len(ref.probes),
             "reference": ref.where.describe(run.model_dir),
             "reference_precision": ref.precision.__dict__ if ref.precision is not None else None,
-            "reference_bf16_layer_by_layer": ref._layers.bf16.to_dict() if ref._layers is not None
-            and ref._layers.bf16 is not None else None,
+            "reference_bf16_layer_by_layer": ref.by_layer.bf16.to_dict() if ref.by_layer is not None
+            and ref.by_layer.bf16 is not None else None,
             "checks": [c.to_dict() for c in result.checks]}
     (out / "parity.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 

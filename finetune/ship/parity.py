@@ -348,7 +348,7 @@ class Reference:
         self.seconds = 0.0          # set by the caller that timed it
         self.progress = progress
         self.engine = None
-        self._layers: LayerReference | None = None
+        self.by_layer: LayerReference | None = None     # the trained model layer by layer, once measured (layers())
         self.streamed = not self.where.fits(self.model_dir)
         if self.streamed:
             self.probes = _greedy_streamed(self.model_dir, self.adapter_dir, prompts, self.where, progress)
@@ -376,12 +376,12 @@ class Reference:
         """The trained model layer by layer (:class:`LayerReference`), measured on first use in float32, and with
         ``budget`` its bf16 error too (what a bf16 merge is held to), layer-streamed on the reference's device
         whatever ``where.dtype`` says."""
-        if self._layers is None:
-            self._layers = LayerReference.measure(self.model_dir, self.adapter_dir, self.probes, self.where.device,
+        if self.by_layer is None:
+            self.by_layer = LayerReference.measure(self.model_dir, self.adapter_dir, self.probes, self.where.device,
                                                   progress)
-        if budget and self._layers.bf16 is None:
-            self._layers.measure_bf16(self.model_dir, self.adapter_dir, self.probes, self.where.device, progress)
-        return self._layers
+        if budget and self.by_layer.bf16 is None:
+            self.by_layer.measure_bf16(self.model_dir, self.adapter_dir, self.probes, self.where.device, progress)
+        return self.by_layer
 
     def logits_with(self, adapter: str | None) -> list["torch.Tensor"]:
         """Logits of the loaded reference model (whole) with one of its adapters, or the base with None."""

@@ -221,6 +221,14 @@ def test_plan_predicts_sizes_and_refuses_a_disk_too_small(small_run, tiny_model_
     plan = planning.make(tiny_model_dir, small_run / "adapter", dests, where)
     text = "\n".join(plan.lines())
     assert "plan: peft" in text and "merged-bf16" in text and "disk at" in text and "expected time" in text
+    # the layer-by-layer checks' passes (the trained model once, merged-bf16's budget and two consumers, our runtime
+    # on the one MXFP4 merge) are in the time, and a peft export makes none
+    assert plan.layer_passes == 5 and "5 layer-by-layer passes" in text
+    alone = {f: planning.make(tiny_model_dir, small_run / "adapter", {f: dests[f]}, where) for f in dests}
+    assert [alone[f].layer_passes for f in dests] == [0, 4, 2]
+    rate, bf16 = planning.RATES["cpu"], alone["merged-bf16"]
+    assert bf16.seconds == pytest.approx(rate["fixed"] + 5 * bf16.model_bytes / rate["reference"]
+                                         + bf16.sizes["merged-bf16"] / rate["merge"])
     plan.check_disk()                                     # this disk holds a tiny export
     for fmt in ("merged-bf16", "merged-mxfp4"):
         merge(tiny_model_dir, small_run / "adapter", dests[fmt], fmt.removeprefix("merged-"), progress=False)

@@ -34,6 +34,9 @@ HEADROOM = 1 * GiB          # left free on a filesystem after the export (logs, 
 RATES = {"cuda": {"fixed": 13.0, "reference": 0.7e9, "peft": 1.3e9, "merge": 0.42e9, "gguf": 0.06e9},
          "cpu": {"fixed": 5.0, "reference": 25e6, "peft": 25e6, "merge": 15e6, "gguf": 15e6}}
 RATE_SOURCE = {"cuda": "gpt-oss-20b and -120b shapes on an H100 host", "cpu": "the tiny model on a 2-core CPU"}
+# The lossy formats are decided layer by layer (finetune.ship.parity.LayerCheck): each such pass reads the model once,
+# layer-streamed in float32, counted here at the reference's throughput (not yet measured at real size).
+MXFP4_FAMILY = ("merged-mxfp4", "gguf", "ollama")     # share one MXFP4 merge per command (export.py reuses it)
 
 
 @dataclass
@@ -57,11 +60,22 @@ class Plan:
             if fmt == "ollama" and "gguf" in self.formats:
                 return 0.0                                  # a link to the gguf export's file and a Modelfile
             return self.sizes[fmt] / rate["gguf" if fmt in ("gguf", "gguf-lora", "ollama") else "merge"]
-        return rate["fixed"] + self.model_bytes / rate["reference"] + sum(cost(f) for f in self.formats)
+        return (rate["fixed"] + (1 + self.layer_passes) * self.model_bytes / rate["reference"]
+                + sum(cost(f) for f in self.formats))
+
+    @property
+    def layer_passes(self) -> int:
+        """Layer-streamed passes of the layer-by-layer checks: the trained model's layers once (float32) when a
+        lossy format is asked for; for merged-bf16 its bf16 budget and its two consumers (transformers, our
+        runtime); one for our runtime on the MXFP4 merge that merged-mxfp4, gguf and ollama share."""
+        bf16 = "merged-bf16" in self.formats
+        mxfp4 = any(f in self.formats for f in MXFP4_FAMILY)
+        return (1 if bf16 or mxfp4 else 0) + (3 if bf16 else 0) + (1 if mxfp4 else 0)
 
     def lines(self) -> list[str]:
         out = [f"plan: {', '.join(f'{f} ({_size(self.sizes[f])})' for f in self.formats)}",
-               f"checks run on: {self.reference}"]
+               f"checks run on: {self.reference}" + (f"; {self.layer_passes} layer-by-layer passes (float32)"
+                                                      if self.layer_passes else "")]
         for mount, need in self.need.items():
             out.append(f"disk at {mount}: needs {_size(need)} (with scratch and {_size(HEADROOM)} headroom), "
                        f"{_size(self.free[mount])} free")

@@ -134,16 +134,42 @@ def test_teacher_forced_layers_are_the_forwards_own(tiny_model_dir, adapter, pro
     assert [x.shape for x in run.inputs[0]] == [(len(s), x.shape[-1]) for s, x in zip(sequences, run.inputs[0])]
     # the base fed the adapter's inputs differs from the base running free after the first layer
     assert not torch.equal(run.logits[None][0], free[None][0])
-    fed = streamed.layers(tiny_model_dir, sequences, {"a": adapter, None: None}, inputs=run.inputs)
+    # every entry was held to the followed entry's experts: (T, k) per layer and sequence, its own top-k
+    k = json.loads((tiny_model_dir / "config.json").read_text())["num_experts_per_tok"]
+    assert [[tuple(r.shape) for r in layer] for layer in run.routing] == [[(len(s), k) for s in sequences]] * layers
+    fed = streamed.layers(tiny_model_dir, sequences, {"a": adapter, None: None}, inputs=run.inputs,
+                          routing=run.routing)
     for name in ("a", None):
         assert all(torch.equal(x, y) for i in range(layers) for x, y in zip(fed.outputs[name][i],
                                                                             run.outputs[name][i]))
     for where in (CPU32, CPU32_STREAMED):
-        outputs, logits = parity.transformers_layers(tiny_model_dir, probes, run.inputs, adapter, where, False)
+        outputs, logits = parity.transformers_layers(tiny_model_dir, probes, run.inputs, adapter, where, False,
+                                                     run.routing)
         for i in range(layers):
             for x, y, h in zip(outputs[i], run.outputs["a"][i], run.inputs[i], strict=True):
                 assert float((x - y).norm() / (y - h).norm()) < parity.FLOAT32_LAYER["max_rel_err"]
         assert parity.compare(logits, run.logits["a"]).max_abs < parity.IDENTICAL["max_abs"]
+
+
+def test_held_routing_sends_tokens_to_the_given_experts_in_both_runtimes(tiny_model_dir, adapter, probes):
+    """Routing held fixed is real and the same in our runtime and in transformers' (a hook on its router): a model
+    held to its own top-k choice is the model routing itself, bit for bit; held to other experts (each token's
+    shifted by one) every layer's output changes, and transformers held to them agrees with ours within float32
+    noise."""
+    sequences = [p.ids for p in probes]
+    own = streamed.layers(tiny_model_dir, sequences, {"a": adapter}, follow="a")
+    free = streamed.layers(tiny_model_dir, sequences, {"a": adapter}, inputs=own.inputs)
+    held = streamed.layers(tiny_model_dir, sequences, {"a": adapter}, inputs=own.inputs, routing=own.routing)
+    E = json.loads((tiny_model_dir / "config.json").read_text())["num_local_experts"]
+    moved = [[(r + 1) % E for r in layer] for layer in own.routing]
+    other = streamed.layers(tiny_model_dir, sequences, {"a": adapter}, inputs=own.inputs, routing=moved)
+    for i in range(len(own.inputs)):
+        for x, y, z in zip(free.outputs["a"][i], held.outputs["a"][i], other.outputs["a"][i], strict=True):
+            assert torch.equal(x, y) and not torch.allclose(x, z)
+    outputs, _ = parity.transformers_layers(tiny_model_dir, probes, own.inputs, adapter, CPU32, False, moved)
+    for i in range(len(own.inputs)):
+        for x, y, h in zip(outputs[i], other.outputs["a"][i], own.inputs[i], strict=True):
+            assert float((x - y).norm() / (y - h).norm()) < parity.FLOAT32_LAYER["max_rel_err"]
 
 
 def test_layer_wise_check_passes_a_bf16_merge_and_fails_a_lost_adapter(tiny_model_dir, adapter, probes, tmp_path):
@@ -161,7 +187,7 @@ def test_layer_wise_check_passes_a_bf16_merge_and_fails_a_lost_adapter(tiny_mode
 
     def check(model_dir: Path, transformers: bool = False) -> parity.LayerCheck:
         run = parity.transformers_layers if transformers else parity.runtime_layers
-        outputs = run(model_dir, ref.probes, layers.inputs, where=CPU32, progress=False)
+        outputs = run(model_dir, ref.probes, layers.inputs, where=CPU32, progress=False, routing=layers.routing)
         return parity.LayerCheck(model_dir.name, "trained", parity.compare_layers(*outputs, layers), criteria)
 
     merge(tiny_model_dir, adapter, tmp_path / "merged", "bf16", progress=False)

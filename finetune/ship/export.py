@@ -375,12 +375,13 @@ def _export_bf16(run: _Run, ref, out: Path, scratch: Path, echo=print, **_) -> t
         lambda: Check(f"transformers (merged-bf16; {where.describe(out, dense=True)})", "trained model",
                       parity.compare(hf, ref.trained, ref.base), {}, decides=False),
         lambda: parity.LayerCheck(f"transformers (merged-bf16; {exact.describe(out, dense=True)})", "trained model",
-                                  parity.compare_layers(*parity.transformers_layers(out, ref.probes, layers.inputs,
-                                                                                    where=exact), layers),
+                                  parity.compare_layers(*parity.transformers_layers(
+                                      out, ref.probes, layers.inputs, where=exact, routing=layers.routing), layers),
                                   criteria, budget),
         lambda: parity.LayerCheck(f"our runtime (merged-bf16; {exact.device.type.upper()}, float32, layer-streamed)",
                                   "trained model", parity.compare_layers(*parity.runtime_layers(
-                                      out, ref.probes, layers.inputs, exact), layers), criteria, budget),
+                                      out, ref.probes, layers.inputs, exact, routing=layers.routing), layers),
+                                  criteria, budget),
         lambda: Check(f"our runtime (merged-bf16; {where.describe(out)})", "transformers (merged-bf16)",
                       parity.compare(parity.runtime_logits(out, ref.probes, where), hf),
                       parity.without_kept(parity.criteria("same", ref.precision))),
@@ -425,7 +426,8 @@ def _mxfp4_merge(run: _Run, ref, out: Path, min_effect_kept: float, echo) -> tup
          f"(min {summary.get('min_delta_kept', 1):.4f})")
     layers = _layer_reference(ref, echo, budget=False)     # MXFP4's bounds are --min-effect-kept, not bf16's error
     exact = _float32(where)
-    by_layer = parity.compare_layers(*parity.runtime_layers(out, ref.probes, layers.inputs, exact), layers)
+    by_layer = parity.compare_layers(*parity.runtime_layers(out, ref.probes, layers.inputs, exact,
+                                                            routing=layers.routing), layers)
     report = {"scale_rounding": merged.scale_rounding, "scale_rounding_means": SCALE_ROUNDING_MEANS,
               "tensors": merged.to_dict(), "vs_trained": vs_trained.__dict__,
               "vs_trained_layer_by_layer": by_layer.to_dict(),

@@ -39,17 +39,19 @@ def logits(model_dir: str | Path, sequences: list[list[int]], adapter_dir: str |
 
 
 def layers(model_dir: str | Path, sequences: list[list[int]], adapter_dir: str | Path | None, dtype: torch.dtype,
-           device: str | torch.device, inputs: list[list[torch.Tensor]], progress: bool = True
-           ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+           device: str | torch.device, inputs: list[list[torch.Tensor]], progress: bool = True,
+           routing: list[list[torch.Tensor]] | None = None) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """Teacher-forced, as :func:`inference.model.streamed.layers`: decoder layer ``l`` runs on ``inputs[l]`` (per
     sequence ``(T, H)``) whatever the layer before it computed. Returns each layer's output per sequence ``(T, H)``
-    and the logits ``(T, V)`` of the final norm and head on the last layer's output (float32, CPU)."""
-    logits_, outputs = _forward(model_dir, sequences, adapter_dir, dtype, device, progress, inputs)
+    and the logits ``(T, V)`` of the final norm and head on the last layer's output (float32, CPU). ``routing``
+    (per layer, per sequence ``(T, k)``): the experts each token is sent to (:func:`teacher_forced`)."""
+    logits_, outputs = _forward(model_dir, sequences, adapter_dir, dtype, device, progress, inputs, routing)
     return outputs, logits_
 
 
 def _forward(model_dir: str | Path, sequences: list[list[int]], adapter_dir: str | Path | None, dtype: torch.dtype,
-             device: str | torch.device, progress: bool, inputs: list[list[torch.Tensor]] | None = None):
+             device: str | torch.device, progress: bool, inputs: list[list[torch.Tensor]] | None = None,
+             routing: list[list[torch.Tensor]] | None = None):
     """Logits, and with ``inputs`` each layer's outputs (fed those inputs), holding one decoder layer at a time."""
     from tqdm.auto import tqdm
     from transformers import GptOssForCausalLM
@@ -82,7 +84,7 @@ def _forward(model_dir: str | Path, sequences: list[list[int]], adapter_dir: str
             handles.append(layer.register_forward_pre_hook(_loader(files, i, dtype, device, loaded)))
             handles.append(layer.register_forward_hook(_unloader(bar, loaded)))
         try:
-            with teacher_forced(model.model.layers, sequences, inputs) as outputs:
+            with teacher_forced(model.model.layers, sequences, inputs, routing) as outputs:
                 return run(top, sequences, device), outputs
         finally:
             for h in handles:
@@ -101,20 +103,25 @@ def run(model, sequences: list[list[int]], device: torch.device) -> list[torch.T
 
 
 @contextmanager
-def teacher_forced(decoder_layers, sequences: list[list[int]], inputs: list[list[torch.Tensor]] | None):
+def teacher_forced(decoder_layers, sequences: list[list[int]], inputs: list[list[torch.Tensor]] | None,
+                   routing: list[list[torch.Tensor]] | None = None):
     """Hooks on transformers' decoder layer instances (a model loaded whole or layer-streamed) while the block runs:
     a forward pre-hook replaces layer ``l``'s ``hidden_states`` with ``inputs[l]`` (per sequence ``(T, H)``,
     right-padded into the batch ``(B, T, H)`` that :func:`run` makes), and a forward hook records its output per
-    sequence, float32 on the CPU. Yields the list ``[layer][sequence]`` that fills as the model runs; with no
-    ``inputs``, nothing is hooked and it stays empty."""
+    sequence, float32 on the CPU. With ``routing`` (per layer, per sequence ``(T, k)``), a forward hook on the
+    layer's router replaces its top-k with those experts, weighted as gpt-oss weighs its own choice (softmax of the
+    router's logits at them), as :class:`inference.model.runtime.Layer`'s ``route`` does. Yields the list
+    ``[layer][sequence]`` that fills as the model runs; with no ``inputs``, nothing is hooked and it stays empty."""
     outputs: list[list[torch.Tensor]] = []
     handles = []
     if inputs is not None:
-        if len(inputs) != len(decoder_layers):
+        if len(inputs) != len(decoder_layers) or (routing is not None and len(routing) != len(decoder_layers)):
             raise ValueError(f"{len(inputs)} layers of inputs for a model of {len(decoder_layers)}")
         for i, layer in enumerate(decoder_layers):
             handles.append(layer.register_forward_pre_hook(_feeder(inputs[i], sequences), with_kwargs=True))
             handles.append(layer.register_forward_hook(_recorder(sequences, outputs)))
+            if routing is not None:
+                handles.append(layer.mlp.router.register_forward_hook(_router(routing[i], sequences)))
     try:
         yield outputs
     finally:
@@ -133,6 +140,23 @@ def _feeder(rows: list[torch.Tensor], sequences: list[list[int]]):
         if args:
             return (fed, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": fed}
+    return hook
+
+
+def _router(rows: list[torch.Tensor], sequences: list[list[int]]):
+    """A forward hook on ``GptOssTopKRouter`` (which returns logits, scores, indices over the batch's ``B*T`` rows):
+    each real token sent to its given experts ``(T_i, k)``; padded rows to experts 0..k-1 (their outputs are
+    dropped)."""
+    def hook(router, args, output):
+        logits = output[0]                                                                   # (B*T, E)
+        k = rows[0].shape[-1]
+        longest = logits.shape[0] // len(sequences)
+        fixed = torch.arange(k, device=logits.device).repeat(len(sequences), longest, 1)    # (B, T, k)
+        for row, (x, s) in enumerate(zip(rows, sequences, strict=True)):
+            fixed[row, :len(s)] = x.to(logits.device)
+        fixed = fixed.view(-1, k)
+        scores = torch.nn.functional.softmax(logits.gather(1, fixed), dim=1, dtype=logits.dtype)
+        return (logits, scores, fixed) + tuple(output[3:])
     return hook
 
 

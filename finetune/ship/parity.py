@@ -408,23 +408,28 @@ class Reference:
 @dataclass
 class LayerReference:
     """The trained model layer by layer, on the probes (all per layer, per probe ``(T, H)``, float32 on the CPU):
-    ``inputs`` its hidden states entering each layer (free-running, float32), ``trained`` each layer's output on
-    them, ``base`` the base's layer on the same inputs; the teacher-forced logits of both (final norm and head on
-    the last layer's output); and ``bf16``, the budget: the trained model's own layers computed in bf16 on the same
-    inputs, compared with their float32 selves (:class:`LayerComparison`; measured only when asked for)."""
+    ``inputs`` its hidden states entering each layer (free-running, float32), ``routing`` the experts its router
+    chose for each token in each layer ``(T, k)``, ``trained`` each layer's output on them, ``base`` the base's layer
+    on the same inputs and held to the same experts; the teacher-forced logits of both (final norm and head on the
+    last layer's output); and ``bf16``, the budget: the trained model's own layers computed in bf16 on the same
+    inputs and experts, compared with their float32 selves (:class:`LayerComparison`; measured only when asked
+    for). Every artifact's layer is held to ``routing`` too: a top-k choice is discrete, and at gpt-oss-20b shapes
+    the adapter alone sends about one position in ten to other experts, which would swamp the weights' differences
+    (see :func:`inference.model.streamed.layers`)."""
 
     inputs: list[list["torch.Tensor"]]
     trained: list[list["torch.Tensor"]]
     base: list[list["torch.Tensor"]]
     trained_logits: list["torch.Tensor"]
     base_logits: list["torch.Tensor"]
+    routing: list[list["torch.Tensor"]]
     bf16: LayerComparison | None = None
 
     @classmethod
     def measure(cls, model_dir: Path, adapter_dir: Path, probes: list[Probe], device, progress: bool = True
                 ) -> "LayerReference":
         """One layer-streamed pass of our runtime on ``device`` in float32: the trained model free-running and the
-        base fed its inputs."""
+        base fed its inputs and its experts."""
         import torch
 
         from inference.model import streamed
@@ -432,7 +437,7 @@ class LayerReference:
             exact = streamed.layers(model_dir, [p.ids for p in probes], {"trained": adapter_dir, None: None},
                                     torch.float32, device, tick, follow="trained")
         return cls(exact.inputs, exact.outputs["trained"], exact.outputs[None], exact.logits["trained"],
-                   exact.logits[None])
+                   exact.logits[None], exact.routing)
 
     def measure_bf16(self, model_dir: Path, adapter_dir: Path, probes: list[Probe], device, progress: bool = True
                      ) -> LayerComparison:
@@ -442,7 +447,7 @@ class LayerReference:
         from inference.model import streamed
         with _layer_bar("reference layer by layer, bf16 (the budget)", progress) as tick:
             low = streamed.layers(model_dir, [p.ids for p in probes], {"trained": adapter_dir}, torch.bfloat16,
-                                  device, tick, inputs=self.inputs)
+                                  device, tick, inputs=self.inputs, routing=self.routing)
         self.bf16 = compare_layers(low.outputs["trained"], low.logits["trained"], self)
         return self.bf16
 
@@ -518,17 +523,18 @@ def transformers_logits(model_dir: Path, probes: list[Probe], adapter_dir: Path 
 
 
 def transformers_layers(model_dir: Path, probes: list[Probe], inputs: list[list["torch.Tensor"]],
-                        adapter_dir: Path | None = None, where: Where | None = None, progress: bool = True
+                        adapter_dir: Path | None = None, where: Where | None = None, progress: bool = True,
+                        routing: list[list["torch.Tensor"]] | None = None
                         ) -> tuple[list[list["torch.Tensor"]], list["torch.Tensor"]]:
     """transformers as in :func:`transformers_logits`, teacher-forced: each decoder layer fed ``inputs[l]`` (per
     probe ``(T, H)``; :func:`finetune.ship.hf_streamed.teacher_forced`). Returns each layer's outputs per probe and
     the logits of the final norm and head on the last one."""
-    logits, outputs = _transformers(model_dir, probes, adapter_dir, where, progress, inputs)
+    logits, outputs = _transformers(model_dir, probes, adapter_dir, where, progress, inputs, routing)
     return outputs, logits
 
 
 def _transformers(model_dir: Path, probes: list[Probe], adapter_dir: Path | None, where: Where | None,
-                  progress: bool, inputs: list | None = None):
+                  progress: bool, inputs: list | None = None, routing: list | None = None):
     import torch
 
     from finetune.ship import hf_streamed
@@ -538,7 +544,7 @@ def _transformers(model_dir: Path, probes: list[Probe], adapter_dir: Path | None
         if inputs is None:
             return hf_streamed.logits(model_dir, sequences, adapter_dir, where.dtype, where.device, progress), None
         outputs, logits = hf_streamed.layers(model_dir, sequences, adapter_dir, where.dtype, where.device, inputs,
-                                             progress)
+                                             progress, routing)
         return logits, outputs
     from transformers import GptOssForCausalLM, Mxfp4Config
     from transformers.utils import logging as hf_logging
@@ -565,7 +571,7 @@ def _transformers(model_dir: Path, probes: list[Probe], adapter_dir: Path | None
             with torch.no_grad():
                 return [top(input_ids=torch.tensor([s], device=where.device)).logits[0].float().cpu()
                         for s in sequences], None
-        with hf_streamed.teacher_forced(model.model.layers, sequences, inputs) as outputs:
+        with hf_streamed.teacher_forced(model.model.layers, sequences, inputs, routing) as outputs:
             return hf_streamed.run(top, sequences, where.device), outputs
     finally:
         del model, top
@@ -573,11 +579,13 @@ def _transformers(model_dir: Path, probes: list[Probe], adapter_dir: Path | None
 
 
 def runtime_layers(model_dir: Path, probes: list[Probe], inputs: list[list["torch.Tensor"]],
-                   where: Where | None = None, adapter_dir: Path | None = None, progress: bool = True
+                   where: Where | None = None, adapter_dir: Path | None = None, progress: bool = True,
+                   routing: list[list["torch.Tensor"]] | None = None
                    ) -> tuple[list[list["torch.Tensor"]], list["torch.Tensor"]]:
     """Our runtime teacher-forced (:func:`inference.model.streamed.layers`, float32 where ``where`` says, one layer
-    at a time whatever fits): each decoder layer fed ``inputs[l]`` (per probe ``(T, H)``). Returns each layer's
-    outputs per probe and the logits of the final norm and head on the last one."""
+    at a time whatever fits): each decoder layer fed ``inputs[l]`` (per probe ``(T, H)``) and, with ``routing``,
+    held to those experts. Returns each layer's outputs per probe and the logits of the final norm and head on the
+    last one."""
     import torch
 
     from inference.model import streamed
@@ -585,7 +593,7 @@ def runtime_layers(model_dir: Path, probes: list[Probe], inputs: list[list["torc
     name = "a" if adapter_dir else None
     with _layer_bar(f"our runtime on {model_dir.name}, layer by layer", progress) as tick:
         out = streamed.layers(model_dir, [p.ids for p in probes], {name: adapter_dir}, torch.float32, where.device,
-                              tick, inputs=inputs)
+                              tick, inputs=inputs, routing=routing)
     return out.outputs[name], out.logits[name]
 
 

@@ -519,12 +519,21 @@ class Layer(torch.nn.Module):
         experts = {k.removeprefix("mlp.experts.").replace("_proj", ""): v for k, v in t.items()
                    if k.startswith("mlp.experts.")}
         self.experts = Experts(experts, getattr(cfg, "swiglu_alpha", 1.702), cfg.swiglu_limit, dtype)
+        # None: each token's top-k experts, as gpt-oss routes. Else a function of the router logits (B*T, E) giving
+        # the experts (B*T, k): inference.model.streamed.layers records one model's choices with it and holds
+        # another model to them, so a comparison of two models' layers sees their weights, not a flipped top-k.
+        self.route = None
 
     def forward(self, x, cos, sin, qpos, cache, index, adapter, masks):
         x = x + self.attn(self.input_norm(x), cos, sin, qpos, cache, index, adapter, masks)
         h = self.post_norm(x)
         flat = h.reshape(-1, h.shape[-1])                                   # (B*T, H)
-        top, indices = torch.topk(self.router(flat, adapter), self.top_k, dim=-1)   # (B*T, k)
+        logits = self.router(flat, adapter)                                 # (B*T, E)
+        if self.route is None:
+            top, indices = torch.topk(logits, self.top_k, dim=-1)          # (B*T, k)
+        else:
+            indices = self.route(logits)
+            top = logits.gather(1, indices)
         weights = F.softmax(top, dim=1, dtype=top.dtype)
         return x + self.experts(flat, indices, weights, adapter).view_as(h)
 

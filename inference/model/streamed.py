@@ -93,18 +93,26 @@ class Layers:
     inputs: list[list[torch.Tensor]]                       # [layer][sequence]: the input every entry was fed
     outputs: dict[str | None, list[list[torch.Tensor]]]    # [name][layer][sequence]: each entry's layer output
     logits: dict[str | None, list[torch.Tensor]]           # [name][sequence]
+    routing: list[list[torch.Tensor]] | None = None        # [layer][sequence]: (T, k) experts every entry was held to
 
 
 def layers(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str | None, str | Path | None]
            | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
            progress: Callable[[int, int], None] | None = None, *, follow: str | None = None,
-           inputs: list[list[torch.Tensor]] | None = None) -> Layers:
+           inputs: list[list[torch.Tensor]] | None = None, routing: list[list[torch.Tensor]] | None = None) -> Layers:
     """Teacher-forced layers: every layer of every entry of ``adapters`` (as in :func:`logits`) run on the same
     input, and its output kept. The input of layer ``l`` is either ``inputs[l]`` (per sequence ``(T, H)``, e.g. a
     reference's, from an earlier call) or, with ``follow``, that entry's own hidden states: it runs free (its
     outputs and logits are :func:`logits`'s, bit for bit) and the other entries run each layer on its input. Errors
     of one entry then never compound from layer to layer. ``logits``: final norm and head on the last layer's
     output, which saw the same input for every entry.
+
+    Routing is held fixed the same way: with ``follow``, that entry's experts (each token's top-k) are recorded and
+    every other entry's layer sends each token to them (its own router logits still weigh them), returned as
+    ``routing``; with ``inputs``, ``routing`` (from such a call) does the same, or each entry routes itself when
+    None. A top-k choice is discrete: a tiny difference can send a token to another expert, which changes that
+    token's output wholly, and at gpt-oss-20b shapes with random weights an adapter's attention update alone moves
+    about one position in ten across a top-4 boundary (the two-layer measurement in the README).
 
     Holds ``(layers + 1) * positions * H`` floats per entry on the CPU: gpt-oss-20b, 1,000 positions, 0.3 GB."""
     if (follow is None) == (inputs is None) or (follow is not None and follow not in (adapters or {None: None})):
@@ -125,10 +133,54 @@ def layers(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
         for name, hs in hidden.items():
             outputs.setdefault(name, []).append(_per_sequence(hs, groups, sequences))
 
-    if inputs is not None and len(inputs) != read_config(Path(model_dir)).num_hidden_layers:
+    cfg = read_config(Path(model_dir))
+    if inputs is not None and len(inputs) != cfg.num_hidden_layers:
         raise ValueError(f"layers(): {len(inputs)} layers of inputs for {model_dir}")
-    logits_ = _run(model_dir, sequences, adapters, dtype, device, progress, False, feed, record)
-    return Layers(kept, outputs, logits_)
+    if routing is not None and (inputs is None or len(routing) != len(inputs)):
+        raise ValueError("layers(): routing goes with inputs, one entry per layer")
+    k = cfg.num_experts_per_tok
+    groups = batches([len(s) for s in sequences])
+    chosen: dict[tuple[int, int], torch.Tensor] = {}       # (layer, batch) -> (B*T, k): the followed entry's
+
+    def route(index: int, name, b: int):
+        if follow is not None and name == follow:
+            def record_choice(logits):
+                chosen[index, b] = torch.topk(logits, k, dim=-1).indices
+                return chosen[index, b]
+            return record_choice
+        if follow is not None:
+            return lambda logits: chosen[index, b]
+        if routing is None:
+            return None
+        fixed = _batched_routing(routing[index], groups[b], sequences, k, device)
+        return lambda logits: fixed
+
+    if follow is not None:      # the followed entry runs first in each layer: the others are held to its choices
+        given = {None: None} if adapters is None else adapters
+        adapters = {follow: given[follow], **given}
+    logits_ = _run(model_dir, sequences, adapters, dtype, device, progress, False, feed, record, route)
+    if follow is not None:
+        routing = [[None] * len(sequences) for _ in range(cfg.num_hidden_layers)]
+        for (index, b), experts in chosen.items():
+            group = groups[b]
+            longest = max(len(sequences[i]) for i in group)
+            per_row = experts.view(len(group), longest, k)
+            for row, i in enumerate(group):
+                routing[index][i] = per_row[row, :len(sequences[i])].cpu()
+    return Layers(kept, outputs, logits_, routing)
+
+
+def _batched_routing(rows: list[torch.Tensor], group: list[int], sequences: list[list[int]], k: int, device
+                     ) -> torch.Tensor:
+    """Per-sequence experts ``(T_i, k)`` of one batch → ``(B*T, k)`` as the batch's router sees its rows; padded
+    positions get experts 0..k-1 (their outputs are dropped)."""
+    longest = max(len(sequences[i]) for i in group)
+    out = torch.arange(k, device=device).repeat(len(group), longest, 1)                     # (B, T, k)
+    for row, i in enumerate(group):
+        if rows[i].shape != (len(sequences[i]), k):
+            raise ValueError(f"sequence {i}: routing {tuple(rows[i].shape)} for {len(sequences[i])} tokens")
+        out[row, :len(sequences[i])] = rows[i].to(device)
+    return out.view(-1, k)
 
 
 def _per_sequence(hidden: list[torch.Tensor], groups: list[list[int]], sequences: list[list[int]]
@@ -159,10 +211,13 @@ def _batched(rows: list[torch.Tensor], groups: list[list[int]], sequences: list[
 
 def _run(model_dir: str | Path, sequences: list[list[int]], adapters: dict | None, dtype: torch.dtype,
          device: str | torch.device, progress: Callable[[int, int], None] | None, last_only: bool,
-         feed: Callable | None = None, record: Callable | None = None) -> dict[str | None, list[torch.Tensor]]:
+         feed: Callable | None = None, record: Callable | None = None, route: Callable | None = None
+         ) -> dict[str | None, list[torch.Tensor]]:
     """The layer-streamed forward behind :func:`logits` and :func:`layers`. Before layer ``i``,
     ``feed(i, hidden, groups)`` may replace every entry's per-batch hidden states ``(B, T, H)`` with others; after
-    it, ``record(i, hidden, groups)`` sees its outputs (``groups``: the sequences of each batch)."""
+    it, ``record(i, hidden, groups)`` sees its outputs (``groups``: the sequences of each batch). ``route(i, name,
+    b)`` gives the layer's ``route`` (:class:`inference.model.runtime.Layer`) for entry ``name`` on batch ``b``; entries
+    run in the order of ``adapters``."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
 
     from inference.model.adapters import attach_layer, read_adapter
@@ -209,8 +264,11 @@ def _run(model_dir: str | Path, sequences: list[list[int]], adapters: dict | Non
             if feed is not None:
                 hidden = feed(i, hidden, groups)
             for name in adapters:
-                hidden[name] = [layer(h, cos, sin, q, None, i, name if name in read else None, m)
-                                for h, (cos, sin), q, m in zip(hidden[name], rotary, qpos, masks[name])]
+                out = []
+                for b, (h, (cos, sin), q, m) in enumerate(zip(hidden[name], rotary, qpos, masks[name])):
+                    layer.route = route(i, name, b) if route is not None else None
+                    out.append(layer(h, cos, sin, q, None, i, name if name in read else None, m))
+                hidden[name] = out
             if record is not None:
                 record(i, hidden, groups)
             del layer, mine

@@ -26,7 +26,8 @@ bf16-sized perturbation flips MoE routing and cascades (the trained model in bf1
 :class:`LayerReference` holds the trained model's input ``h_l`` to every decoder layer (float32, layer-streamed), its
 output ``r_l`` and the base's ``b_l`` on it; an artifact's layer ``l`` runs on the same ``h_l`` (ours:
 :func:`inference.model.streamed.layers`; transformers: :func:`finetune.ship.hf_streamed.teacher_forced`), so errors
-never compound and the router, which LoRA does not adapt, sees the same input. :class:`LayerComparison`: per layer
+never compound, and sends each token to the experts the trained model's router chose there (the base too), so a
+top-k choice flipped by a small difference cannot swamp the weights' difference. :class:`LayerComparison`: per layer
 the relative error ``||a_l - r_l|| / ||r_l - h_l||`` and the effect kept ``<a_l - b_l, r_l - b_l> / ||r_l - b_l||^2``,
 plus the teacher-forced logits (final norm and head on the last layer's output). A :class:`LayerCheck` holds them to
 a budget measured in the same run (:func:`layer_criteria`): the trained model's own layers in bf16 on the same inputs.

@@ -130,13 +130,11 @@ def teacher_forced(decoder_layers, sequences: list[list[int]], inputs: list[list
 
 
 def _feeder(rows: list[torch.Tensor], sequences: list[list[int]]):
+    everyone = list(range(len(sequences)))        # run() pads every sequence into one batch
+
     def hook(layer, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]                                # (B, T, H)
-        fed = torch.zeros_like(hidden)             # padding: never attended to, dropped from every output
-        for row, (x, s) in enumerate(zip(rows, sequences, strict=True)):
-            if x.shape[0] != len(s):
-                raise ValueError(f"sequence {row}: {x.shape[0]} input positions for {len(s)} tokens")
-            fed[row, :len(s)] = x.to(fed.device, fed.dtype)
+        fed = streamed.batched_inputs(rows, everyone, sequences, hidden.dtype, hidden.device)
         if args:
             return (fed, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": fed}
@@ -147,14 +145,11 @@ def _router(rows: list[torch.Tensor], sequences: list[list[int]]):
     """A forward hook on ``GptOssTopKRouter`` (which returns logits, scores, indices over the batch's ``B*T`` rows):
     each real token sent to its given experts ``(T_i, k)``; padded rows to experts 0..k-1 (their outputs are
     dropped)."""
+    everyone = list(range(len(sequences)))        # run() pads every sequence into one batch
+
     def hook(router, args, output):
         logits = output[0]                                                                   # (B*T, E)
-        k = rows[0].shape[-1]
-        longest = logits.shape[0] // len(sequences)
-        fixed = torch.arange(k, device=logits.device).repeat(len(sequences), longest, 1)    # (B, T, k)
-        for row, (x, s) in enumerate(zip(rows, sequences, strict=True)):
-            fixed[row, :len(s)] = x.to(logits.device)
-        fixed = fixed.view(-1, k)
+        fixed = streamed.batched_routing(rows, everyone, sequences, logits.device)          # (B*T, k)
         scores = torch.nn.functional.softmax(logits.gather(1, fixed), dim=1, dtype=logits.dtype)
         return (logits, scores, fixed) + tuple(output[3:])
     return hook

@@ -125,7 +125,7 @@ def layers(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
             given = hidden[follow]
             kept.append(_per_sequence(given, groups, sequences))
         else:
-            given = _batched(inputs[index], groups, sequences, dtype, device)
+            given = [batched_inputs(inputs[index], group, sequences, dtype, device) for group in groups]
             kept.append([x.float().cpu() for x in inputs[index]])
         return {name: given for name in hidden}
 
@@ -152,7 +152,7 @@ def layers(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
             return lambda logits: chosen[index, b]
         if routing is None:
             return None
-        fixed = _batched_routing(routing[index], groups[b], sequences, k, device)
+        fixed = batched_routing(routing[index], groups[b], sequences, device)
         return lambda logits: fixed
 
     if follow is not None:      # the followed entry runs first in each layer: the others are held to its choices
@@ -163,17 +163,16 @@ def layers(model_dir: str | Path, sequences: list[list[int]], adapters: dict[str
         routing = [[None] * len(sequences) for _ in range(cfg.num_hidden_layers)]
         for (index, b), experts in chosen.items():
             group = groups[b]
-            longest = max(len(sequences[i]) for i in group)
-            per_row = experts.view(len(group), longest, k)
-            for row, i in enumerate(group):
-                routing[index][i] = per_row[row, :len(sequences[i])].cpu()
+            for i, rows in _rows(experts.view(len(group), -1, k), group, sequences, False):    # (1, T_i, k)
+                routing[index][i] = rows[0].cpu()
     return Layers(kept, outputs, logits_, routing)
 
 
-def _batched_routing(rows: list[torch.Tensor], group: list[int], sequences: list[list[int]], k: int, device
-                     ) -> torch.Tensor:
-    """Per-sequence experts ``(T_i, k)`` of one batch → ``(B*T, k)`` as the batch's router sees its rows; padded
-    positions get experts 0..k-1 (their outputs are dropped)."""
+def batched_routing(rows: list[torch.Tensor], group: list[int], sequences: list[list[int]], device) -> torch.Tensor:
+    """Per-sequence experts ``(T_i, k)`` of the sequences in ``group`` (one batch) → ``(B*T, k)`` as the batch's
+    router sees its rows; padded positions get experts 0..k-1 (their outputs are dropped). Also what
+    :mod:`finetune.ship.hf_streamed` holds transformers' router to (its one batch: every sequence)."""
+    k = rows[group[0]].shape[-1]
     longest = max(len(sequences[i]) for i in group)
     out = torch.arange(k, device=device).repeat(len(group), longest, 1)                     # (B, T, k)
     for row, i in enumerate(group):
@@ -193,20 +192,18 @@ def _per_sequence(hidden: list[torch.Tensor], groups: list[list[int]], sequences
     return out
 
 
-def _batched(rows: list[torch.Tensor], groups: list[list[int]], sequences: list[list[int]], dtype, device
-             ) -> list[torch.Tensor]:
-    """Per-sequence ``(T_i, H)`` → the batches' ``(B, T, H)``, right-padded with zeros (padded positions are never
-    attended to and are dropped from every output)."""
-    out = []
-    for group in groups:
-        longest = max(len(sequences[i]) for i in group)
-        x = torch.zeros(len(group), longest, rows[group[0]].shape[-1], dtype=dtype, device=device)
-        for row, i in enumerate(group):
-            if rows[i].shape[0] != len(sequences[i]):
-                raise ValueError(f"sequence {i}: {rows[i].shape[0]} input positions for {len(sequences[i])} tokens")
-            x[row, :len(sequences[i])] = rows[i].to(device, dtype)
-        out.append(x)
-    return out
+def batched_inputs(rows: list[torch.Tensor], group: list[int], sequences: list[list[int]], dtype, device
+                   ) -> torch.Tensor:
+    """Per-sequence hidden states ``(T_i, H)`` of the sequences in ``group`` (one batch) → ``(B, T, H)``,
+    right-padded with zeros (padded positions are never attended to and are dropped from every output). Also what
+    :mod:`finetune.ship.hf_streamed` feeds transformers' layers (its one batch: every sequence)."""
+    longest = max(len(sequences[i]) for i in group)
+    x = torch.zeros(len(group), longest, rows[group[0]].shape[-1], dtype=dtype, device=device)
+    for row, i in enumerate(group):
+        if rows[i].shape[0] != len(sequences[i]):
+            raise ValueError(f"sequence {i}: {rows[i].shape[0]} input positions for {len(sequences[i])} tokens")
+        x[row, :len(sequences[i])] = rows[i].to(device, dtype)
+    return x
 
 
 def _run(model_dir: str | Path, sequences: list[list[int]], adapters: dict | None, dtype: torch.dtype,

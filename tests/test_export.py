@@ -200,7 +200,10 @@ def test_merged_bf16_folds_the_adapter_into_every_weight(run_dir):
         dense = mxfp4.unpack(base[name + "_blocks"], base[name + "_scales"]).transpose(1, 2).double()
         assert_bf16_of(merged[name], dense + delta, dense.abs() + abs_experts[name], r + 2, name)
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
-    hf_free, hf, ours, same = passed_checks(result.path)
+    weights, hf_free, hf, ours, same = passed_checks(result.path)
+    # the files read back: every adapted tensor the nearest bf16 of the exact merge but for rounding ties
+    assert weights["kind"] == "weights read back" and weights["wrong"] == 0 and weights["tensors"] == 12
+    assert weights["differ"] < 1e-3 * weights["values"] and weights["min_expert_kept"] > 0.99
     # free-running vs the trained model: reported, not deciding; layer by layer (transformers and our runtime on the
     # merged file) within 4x the trained model's own bf16 error, measured in the same run; the two consumers agree
     assert hf_free["kind"] == "free-running logits" and hf_free["decides"] is False and hf_free["effect_kept"] > 0.98
@@ -212,7 +215,8 @@ def test_merged_bf16_folds_the_adapter_into_every_weight(run_dir):
     assert hf["consumer"].startswith("transformers") and ours["consumer"].startswith("our runtime")
     assert same["against"] == "transformers (merged-bf16)" and same["max_abs"] <= 1e-3
     checks = [line for line in lines if " vs " in line]
-    assert len(checks) == 4 and all("free-running logits" in line or "layer by layer" in line for line in checks)
+    assert len(checks) == 5 and all(kind in line for line, kind in zip(checks, (
+        "weights read back", "free-running logits", "layer by layer", "layer by layer", "free-running logits")))
     assert all("budget" in line or "not a pass criterion" in line for line in checks)
     # --force replaces an earlier export as a whole (any format; peft is the quickest to make again)
     (result.path / "stale.txt").write_text("from before")
@@ -251,7 +255,12 @@ def test_merged_mxfp4_requantizes_with_mx_rounding_and_reports_quality(shipped, 
     assert 0 < vs_trained["kl"] and 0.5 < vs_trained["top1"] < 1 and 0.8 < vs_trained["effect_kept"] < 1.05
     assert report["held_out_conversations"] == 3 and report["vs_trained_held_out"]["positions"] > 0
     assert report["reference"] == "CPU, float32, whole" and report["reference_precision"] is None
-    runtime_free, runtime, transformers = passed_checks(result.path)
+    weights, runtime_free, runtime, transformers = passed_checks(result.path)
+    # the files read back: every group the nearest MXFP4 encoding of the exact merge but for ties; the update each
+    # expert tensor kept, measured from the files, is what the merge reported
+    assert weights["kind"] == "weights read back" and weights["wrong"] == 0 and weights["format"] == "mxfp4"
+    kept = {t["name"]: t["kept"] for t in weights["per_tensor"]}
+    assert all(abs(kept[t["name"]] - t["delta_kept"]) < 1e-4 for t in tensors)
     assert transformers["consumer"].startswith("transformers Mxfp4Config") and transformers["max_abs"] <= 1e-3
     assert runtime_free["decides"] is False and runtime_free["effect_kept"] == vs_trained["effect_kept"]
     assert runtime["kind"] == "layer by layer" and runtime["criteria"]["min_kept"] == 0.8

@@ -210,6 +210,54 @@ def test_layer_wise_check_passes_a_bf16_merge_and_fails_a_lost_adapter(tiny_mode
                                f"{criteria['max_kept_err']:.4g} in 1 of 2 layers (worst: layer 0)"]
 
 
+@pytest.mark.parametrize("experts", ["bf16", "mxfp4"])
+def test_weights_read_back_pass_a_merge_and_name_the_expert_a_merge_lost(tiny_model_dir, adapter, tmp_path, experts):
+    """Every adapted tensor of a merged export, read back, is the format's nearest encoding of the exact merge but
+    for rounding ties (a handful of values); a merge that lost expert 0's LoRA in layer 0 fails on exactly the two
+    tensors of that layer and names expert 0, whose update kept in weight space is 0 (routing plays no part)."""
+    from finetune.ship import weights
+    merge(tiny_model_dir, adapter, tmp_path / "merged", experts, progress=False)
+    good = weights.check(tiny_model_dir, adapter, tmp_path / "merged", experts, progress=False)
+    assert good.passed, good.line()
+    summary = good.summary()
+    assert summary["tensors"] == 12 and summary["wrong"] == 0 and summary["differ"] < 1e-3 * summary["values"]
+    assert 0.5 < summary["min_expert_kept"] <= 1.0001 and "-> PASS" in good.line()
+
+    merge(tiny_model_dir, one_expert_zeroed(tiny_model_dir, adapter, tmp_path / "broken-adapter"),
+          tmp_path / "broken", experts, progress=False)
+    broken = weights.check(tiny_model_dir, adapter, tmp_path / "broken", experts, progress=False)
+    assert not broken.passed
+    bad = {t.name: t for t in broken.tensors if t.wrong}
+    assert sorted(bad) == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    assert all(t.wrong_experts == [0] and t.min_expert == 0 and abs(t.min_expert_kept) < 1e-6 for t in bad.values())
+    assert len(broken.failures) == 2 and all("(experts 0) are not a rounding of the merge" in f
+                                             for f in broken.failures), broken.failures
+
+
+def test_weights_read_back_refuse_a_missing_or_misshapen_tensor(tiny_model_dir, adapter, tmp_path):
+    """A tensor the adapter changes that the export lacks, or holds in another dtype or shape, is a failure naming
+    it, not a crash."""
+    from finetune.ship import weights
+    merge(tiny_model_dir, adapter, tmp_path / "merged", "bf16", progress=False)
+    shard = next((tmp_path / "merged").glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    q, e = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.experts.down_proj"
+    assert q in tensors and e in tensors, "the tiny merge fits one shard"
+    tensors[q] = tensors[q].float()
+    del tensors[e]
+    save_file(tensors, str(shard))
+    index = tmp_path / "merged" / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"].pop(e)
+        index.write_text(json.dumps(data))
+    check = weights.check(tiny_model_dir, adapter, tmp_path / "merged", "bf16", progress=False)
+    assert not check.passed
+    assert sorted(check.failures) == [f"{e}: {e} missing from the export",
+                                      f"{q}: written as F32 {tuple(tensors[q].shape)}, expected BF16 "
+                                      f"{tuple(tensors[q].shape)}"]
+
+
 @pytest.fixture
 def small_run(tiny_model_dir, adapter, tmp_path) -> Path:
     run = tmp_path / "run"
@@ -221,13 +269,13 @@ def small_run(tiny_model_dir, adapter, tmp_path) -> Path:
 def test_merge_a_chunk_of_experts_at_a_time_is_the_merge_at_once(tiny_model_dir, adapter, tmp_path):
     """At real size experts are merged a chunk at a time (gpt-oss-20b: 16 of 32 experts per 1 GiB chunk); the tiny
     model fits one chunk, so here each chunk is one expert: the merged files are the same, byte for byte."""
-    from finetune.ship.merge import _expert_chunks
+    from finetune.ship.merge import expert_chunks
     from inference.model.checkpoint import TensorFiles
     with TensorFiles(tiny_model_dir) as files:
         key = next(k for k in files.names() if k.endswith("gate_up_proj_blocks"))
         experts = files.shapes[key][0]
-        assert _expert_chunks(files, key.removesuffix("_blocks")) == [slice(0, experts)]
-        assert len(_expert_chunks(files, key.removesuffix("_blocks"), 1)) == experts > 1
+        assert expert_chunks(files, key.removesuffix("_blocks")) == [slice(0, experts)]
+        assert len(expert_chunks(files, key.removesuffix("_blocks"), 1)) == experts > 1
     for fmt in ("bf16", "mxfp4"):
         once = merge(tiny_model_dir, adapter, tmp_path / f"{fmt}-once", fmt, progress=False)
         chunked = merge(tiny_model_dir, adapter, tmp_path / f"{fmt}-chunked", fmt, progress=False,

@@ -8,6 +8,7 @@ Owns the export formats and everything between a run directory and a checked art
   reference runs, expected time); a disk too small is refused here, before anything is written.
 - :mod:`.merge`: the adapter folded into the base tensor by tensor (on the GPU when there is one), bf16 or MXFP4
   requantized, written in shards as it goes.
+- :mod:`.weights`: a merged export's files read back, every adapted tensor held against the exact merge.
 - :mod:`.parity`: probes, the trained model as reference, each artifact's consumers, comparisons and pass criteria.
 - :mod:`.gguf`: llama.cpp's gpt-oss GGUF and GGUF LoRA, and llama.cpp runs for the checks.
 - :mod:`.ollama`: the Ollama Modelfile (a Harmony template rendering what our renderer renders).

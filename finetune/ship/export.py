@@ -23,7 +23,9 @@ every consumer run where :class:`finetune.ship.parity.Where` says: the GPU when 
 model fits, else layer by layer. Every export is written to a temporary directory beside its destination, checked
 (:mod:`finetune.ship.parity`: a lossy format against the trained model layer by layer, where errors cannot
 compound; free-running logits reported beside), and only then renamed into place: a failed check, an error or
-Ctrl-C leaves nothing that looks complete. The result lands in ``parity.json`` inside the export, in the run's
+Ctrl-C leaves nothing that looks complete. A merged export's files are also read back, every adapted tensor held
+against the exact merge (:mod:`finetune.ship.weights`): logits see an expert's update only through the tokens routed
+to it, weights see all of it. The result lands in ``parity.json`` inside the export, in the run's
 ``run.json`` and in its MLflow run.
 """
 
@@ -361,6 +363,7 @@ def vllm_rank_warning(rank) -> str | None:
 
 
 def _export_bf16(run: _Run, ref, out: Path, scratch: Path, echo=print, **_) -> tuple[list, dict]:
+    from finetune.ship import weights
     from finetune.ship.merge import merge
     where = ref.where
     merged = merge(run.model_dir, run.adapter_dir, out, "bf16", device=where.device)
@@ -371,6 +374,8 @@ def _export_bf16(run: _Run, ref, out: Path, scratch: Path, echo=print, **_) -> t
     exact = _float32(where)
     hf = parity.transformers_logits(out, ref.probes, where=where)
     checks = parity.run_checks([
+        lambda: weights.check(run.model_dir, run.adapter_dir, out, "bf16", device=where.device,
+                              progress=ref.progress),
         # free-running: at real size errors compound over layers (see parity), so these numbers are reported only
         lambda: Check(f"transformers (merged-bf16; {where.describe(out, dense=True)})", "trained model",
                       parity.compare(hf, ref.trained, ref.base), {}, decides=False),
@@ -409,6 +414,7 @@ def _float32(where: "parity.Where") -> "parity.Where":
 def _mxfp4_merge(run: _Run, ref, out: Path, min_effect_kept: float, echo) -> tuple[list, dict, list]:
     """The MXFP4 merge into ``out`` with its quality report and checks (shared by merged-mxfp4 and the GGUFs); also
     returns our runtime's logits on it."""
+    from finetune.ship import weights
     from finetune.ship.merge import merge
     where = ref.where
     merged = merge(run.model_dir, run.adapter_dir, out, "mxfp4", scale_rounding=SCALE_ROUNDING, device=where.device)
@@ -437,6 +443,8 @@ def _mxfp4_merge(run: _Run, ref, out: Path, min_effect_kept: float, echo) -> tup
     (out / "quality_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     echo("  parity:")
     checks = parity.run_checks([
+        lambda: weights.check(run.model_dir, run.adapter_dir, out, "mxfp4", SCALE_ROUNDING, where.device,
+                              progress=ref.progress),
         # free-running: at real size errors compound over layers (see parity), so these numbers are reported only
         lambda: Check(f"our runtime (merged-mxfp4, packed; {where.describe(out)})", "trained model", vs_trained, {},
                       decides=False),

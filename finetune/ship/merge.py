@@ -168,7 +168,7 @@ def _merge_other(src: TensorFiles, name: str, adapter: Adapter, shards: ShardWri
     used.add(module)
 
 
-def _expert_chunks(src: TensorFiles, base: str, budget: int = EXPERT_CHUNK_BYTES) -> list[slice]:
+def expert_chunks(src: TensorFiles, base: str, budget: int = EXPERT_CHUNK_BYTES) -> list[slice]:
     """Slices of the expert axis whose float32 rows hold at most ``budget`` bytes (at least one expert each)."""
     key = base + "_blocks" if base + "_blocks" in src else base
     shape = src.shapes[key]
@@ -178,7 +178,7 @@ def _expert_chunks(src: TensorFiles, base: str, budget: int = EXPERT_CHUNK_BYTES
     return [slice(e, min(E, e + step)) for e in range(0, E, step)]
 
 
-def _expert_rows(src: TensorFiles, base: str, experts: slice, device: torch.device) -> torch.Tensor:
+def expert_rows(src: TensorFiles, base: str, experts: slice, device: torch.device) -> torch.Tensor:
     """Experts ``experts`` of an expert weight as rows ``(e, out, in)`` in float32 on ``device`` (MXFP4 decoded)."""
     if base + "_blocks" in src:
         blocks = src.rows(base + "_blocks", experts).to(device)
@@ -201,8 +201,8 @@ def _merge_expert(src: TensorFiles, base: str, adapter: Adapter, shards: ShardWr
     outputs: list[list[torch.Tensor]] = [[], []]
     stats = []
     max_abs = kept = delta_sq = rows_sq = 0.0
-    for chunk in _expert_chunks(src, base, chunk_bytes):
-        rows = _expert_rows(src, base, chunk, device)                   # (e, out, in) float32
+    for chunk in expert_chunks(src, base, chunk_bytes):
+        rows = expert_rows(src, base, chunk, device)                   # (e, out, in) float32
         delta = None
         if lora is not None:
             delta = torch.einsum("eri,ero->eoi", lora.A[chunk], lora.B[chunk]) * lora.scale

@@ -90,17 +90,16 @@ def test_bf16_criteria_come_from_bf16s_measured_error_and_catch_broken_merges(ti
     good = parity.compare(parity.transformers_logits(tiny_model_dir, ref.probes, adapter, CPU16, progress=False),
                           ref.trained, ref.base)
     assert parity.Check("transformers + PEFT", "trained", good, same).passed, good.line()
-    bf16_merge = parity.criteria("bf16-merge", p)
 
     # the adapter dropped: the base alone
-    dropped = parity.Check("dropped", "trained", parity.compare(ref.base, ref.trained, ref.base), bf16_merge)
+    dropped = parity.Check("dropped", "trained", parity.compare(ref.base, ref.trained, ref.base), same)
     assert not dropped.passed and any("effect kept" in f for f in dropped.failures)
 
     # one expert's LoRA zeroed in one layer, then merged
     merge(tiny_model_dir, one_expert_zeroed(tiny_model_dir, adapter, tmp_path / "broken-adapter"),
           tmp_path / "broken", "bf16", progress=False)
     bad = parity.Check("broken merge", "trained", parity.compare(parity.runtime_logits(
-        tmp_path / "broken", ref.probes, CPU16, progress=False), ref.trained, ref.base), bf16_merge)
+        tmp_path / "broken", ref.probes, CPU16, progress=False), ref.trained, ref.base), same)
     assert not bad.passed, bad.line()
 
 
@@ -234,6 +233,31 @@ def test_weights_read_back_pass_a_merge_and_name_the_expert_a_merge_lost(tiny_mo
                                              for f in broken.failures), broken.failures
 
 
+@pytest.mark.parametrize("experts", ["bf16", "mxfp4"])
+def test_weights_read_back_catch_one_value_one_step_off(tiny_model_dir, adapter, tmp_path, experts):
+    """One value of one expert moved to the neighbouring grid value (bf16: one ulp; MXFP4: the adjacent e2m1 code)
+    where the exact merge is not near a tie: the check finds exactly that one value (or group) and that expert."""
+    from finetune.ship import weights
+    out = tmp_path / "merged"
+    merge(tiny_model_dir, adapter, out, experts, progress=False)
+    shard = next(out.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    name, expert = "model.layers.1.mlp.experts.gate_up_proj", 2
+    if experts == "bf16":
+        t = tensors[name]                                          # (E, in, out) bf16: one ulp up, as integer bits
+        bits = t[expert, 5, 7:8].view(torch.int16)
+        t[expert, 5, 7:8] = (bits + 1).view(torch.bfloat16)
+    else:
+        blocks = tensors[name + "_blocks"]                         # (E, out, G, 16): the low nibble's magnitude +-1
+        byte = int(blocks[expert, 5, 0, 0])
+        mag = byte & 0x7
+        blocks[expert, 5, 0, 0] = (byte & 0xF8) | (mag + 1 if mag < 7 else mag - 1)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    check = weights.check(tiny_model_dir, adapter, out, experts, progress=False)
+    bad = [t for t in check.tensors if t.wrong]
+    assert not check.passed and [(t.name, t.wrong, t.wrong_experts) for t in bad] == [(name, 1, [expert])]
+
+
 def test_weights_read_back_refuse_a_missing_or_misshapen_tensor(tiny_model_dir, adapter, tmp_path):
     """A tensor the adapter changes that the export lacks, or holds in another dtype or shape, is a failure naming
     it, not a crash."""
@@ -301,8 +325,10 @@ def test_plan_predicts_sizes_and_refuses_a_disk_too_small(small_run, tiny_model_
     alone = {f: planning.make(tiny_model_dir, small_run / "adapter", {f: dests[f]}, where) for f in dests}
     assert [alone[f].layer_passes for f in dests] == [0, 4, 2]
     rate, bf16 = planning.RATES["cpu"], alone["merged-bf16"]
+    # ... and so is reading the merged export back (finetune.ship.weights), once per merge
     assert bf16.seconds == pytest.approx(rate["fixed"] + 5 * bf16.model_bytes / rate["reference"]
-                                         + bf16.sizes["merged-bf16"] / rate["merge"])
+                                         + bf16.sizes["merged-bf16"] / rate["merge"]
+                                         + bf16.sizes["merged-bf16"] / rate["read_back"])
     plan.check_disk()                                     # this disk holds a tiny export
     for fmt in ("merged-bf16", "merged-mxfp4"):
         merge(tiny_model_dir, small_run / "adapter", dests[fmt], fmt.removeprefix("merged-"), progress=False)

@@ -13,10 +13,13 @@ of ``x``, up to what the merge's float32 arithmetic may legitimately move:
   per element (r products summed, one scaling, one addition). ``slack`` is four times that bound.
 - bf16: ``|written - x| <= |bf16(x) - x| + slack``. A correct float32 merge can differ from ``bf16(x)`` only where
   ``x`` lies within its float32 error of a rounding midpoint, and then by that distance (twice it at most).
-- MXFP4 (the export's scale rounding): the group's squared error ``||written - x||^2`` may exceed the nearest
-  encoding's by ``sum 2 (|written - x| + |nearest - x| + 2 slack) slack``, the most a perturbation of ``slack`` per
-  element can change which encoding is nearest. Groups whose largest magnitude sits within ``slack`` of a boundary of
-  the scale rules (a power of two, or six times one) may take either scale; they are counted, not judged.
+- MXFP4 (the export's scale rounding): the group must be the quantizer's encoding of ``x`` up to ties. On the same
+  scale as ``pack(x)``, every value a nearest grid value (as for bf16). On another scale, one the rule weighs for
+  ``x`` (down or up), with a squared error ``||written - x||^2`` within ``sum 2 (|written - x| + |nearest - x| + 2
+  slack) slack`` of the nearest's, the most a perturbation of ``slack`` per element can change which scale wins.
+  Groups whose largest magnitude sits within ``slack`` of a boundary of the scale rules (a power of two, or six times
+  one) may take either scale; they are counted, not judged. Values are compared, not codes (-0 and +0 are one
+  value).
 
 Anything else (a lost expert, a wrong scale or transpose, a tensor from the wrong layer, a missing tensor) leaves
 numbers that are not a rounding of the merge, and the check names the tensor and the experts. It also reports how much
@@ -137,88 +140,143 @@ def check(model_dir: str | Path, adapter_dir: str | Path, export_dir: str | Path
     from finetune.ship.merge import expert_chunks, expert_rows
     device = torch.device(device)
     adapter = read_adapter(adapter_dir, read_config(model_dir), torch.float64, device)
-    targets = [(m + ".weight", lora, None) for m, lora in sorted(adapter.linear.items())]
-    targets += [(f"{layer}.mlp.experts.{proj}_proj", lora, proj) for layer, loras in sorted(adapter.experts.items())
+    targets = [(m + ".weight", lora, False) for m, lora in sorted(adapter.linear.items())]
+    targets += [(f"{layer}.mlp.experts.{proj}_proj", lora, True) for layer, loras in sorted(adapter.experts.items())
                 for proj, lora in sorted(loras.items())]
     accounts = []
     with TensorFiles(model_dir) as base, TensorFiles(export_dir) as out, tqdm(
             total=len(targets), desc=f"weights read back ({device.type})", unit="tensor", leave=False,
             disable=not progress) as bar:
-        for name, lora, proj in targets:
-            if proj is None:
-                accounts.append(_linear(base, out, name, lora, device))
+        for name, lora, is_experts in targets:
+            if is_experts:
+                account = _experts(base, out, name, lora, experts, scale_rounding, device, chunk_bytes,
+                                   expert_chunks, expert_rows)
             else:
-                accounts.append(_experts(base, out, name, lora, experts, scale_rounding, device, chunk_bytes,
-                                         expert_chunks, expert_rows))
+                account = _linear(base, out, name, lora, device)
+            accounts.append(account)
             bar.update(1)
     return WeightCheck(consumer or f"the export's files ({'merged-' + experts})", experts, accounts)
-
-
-def _slack(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, experts: bool) -> torch.Tensor:
-    """Four times float32's error bound for ``W + scale * B A`` per element (float64, ``W``'s shape)."""
-    r = A.shape[-2]
-    size = (torch.einsum("eri,ero->eoi", A.abs(), B.abs()) if experts else B.abs() @ A.abs()) * scale
-    return (W.abs() + size).mul_(SLACK_FACTOR * (r + 2) * 2.0 ** -24)
-
-
-class _Sums:
-    """Running numerators and denominators of one tensor's account (float64 scalars, per expert where asked)."""
-
-    def __init__(self):
-        self.values = self.differ = self.wrong = self.ambiguous = 0
-        self.along = self.along_nearest = self.norm = 0.0
-        self.per_expert: list[tuple[int, float]] = []    # (expert, kept)
-        self.wrong_experts: list[int] = []
-
-    def add(self, written, nearest, W, delta, differ, wrong, start: int | None, ambiguous: int = 0) -> None:
-        """One chunk: ``written``/``nearest``/``W``/``delta`` ``(e, out, in)`` (or ``(out, in)``) float64; ``differ``
-        and ``wrong`` boolean per value or group, same leading dims."""
-        self.values += differ.numel()
-        self.differ += int(differ.sum())
-        self.wrong += int(wrong.sum())
-        self.ambiguous += ambiguous
-        if start is None:
-            along = ((written - W) * delta).sum()
-            self.along += float(along)
-            self.along_nearest += float(((nearest - W) * delta).sum())
-            self.norm += float(delta.square().sum())
-            return
-        along = ((written - W) * delta).flatten(1).sum(1)                                  # (e,)
-        norm = delta.square().flatten(1).sum(1)
-        self.along += float(along.sum())
-        self.along_nearest += float(((nearest - W) * delta).sum())
-        self.norm += float(norm.sum())
-        kept = (along / norm.clamp_min(1e-300)).tolist()
-        self.per_expert += [(start + i, k) for i, (k, n) in enumerate(zip(kept, norm.tolist())) if n > 0]
-        bad = wrong.flatten(1).any(1).nonzero().flatten().tolist()
-        self.wrong_experts += [start + i for i in bad]
-
-    def account(self, name: str) -> TensorAccount:
-        norm = max(self.norm, 1e-300)
-        worst = min(self.per_expert, key=lambda p: p[1]) if self.per_expert else (None, None)
-        return TensorAccount(name, self.values, self.differ, self.wrong, self.along / norm, self.along_nearest / norm,
-                             self.ambiguous, worst[1], worst[0], self.wrong_experts)
 
 
 def _problem(name: str, problem: str) -> TensorAccount:
     return TensorAccount(name, 0, 0, 0, 0.0, 0.0, problem=problem)
 
 
+class _Sums:
+    """One tensor's account as its chunks of experts land (float64 sums; per expert for expert tensors)."""
+
+    def __init__(self, name: str, per_expert: bool):
+        self.name, self.per_expert = name, per_expert
+        self.values = self.differ = self.wrong = self.ambiguous = 0
+        self.along = self.along_nearest = self.norm = 0.0
+        self.kept: list[tuple[int, float]] = []          # (expert, kept)
+        self.wrong_experts: list[int] = []
+
+    def account(self) -> TensorAccount:
+        norm = max(self.norm, 1e-300)
+        worst = min(self.kept, key=lambda p: p[1]) if self.per_expert and self.kept else (None, None)
+        return TensorAccount(self.name, self.values, self.differ, self.wrong, self.along / norm,
+                             self.along_nearest / norm, self.ambiguous, worst[1], worst[0], self.wrong_experts)
+
+
+class _Chunk:
+    """A chunk of ``e`` experts (a linear weight is one "expert") of one adapted tensor, as the runtime holds it:
+    ``W (e, out, in)`` float32 (the base, decoded: exact), ``A (e, r, in)``, ``B (e, r, out)`` float64. Holds the
+    update ``delta`` and the exact merge ``x``, float64 ``(e, out, in)``, and accounts a written tensor against them.
+    Whole-chunk passes are few (the merge, the rounding, one comparison, the update kept); the slack and the error
+    test run only where the written number or group differs from the nearest encoding (rounding ties, or errors)."""
+
+    PIECE = 1 << 20          # values (bf16) or groups (MXFP4) examined at a time where they differ
+
+    def __init__(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, start: int):
+        self.W, self.A, self.B, self.scale, self.start = W, A, B, scale, start
+        self.delta = torch.einsum("eri,ero->eoi", A, B).mul_(scale)
+        self.x = self.delta + W
+        # ||delta_e||^2 = scale^2 tr((A A^T)(B B^T)): (r, r) products instead of a pass over (out, in)
+        self.norm = torch.einsum("eri,esi->ers", A, A).mul_(torch.einsum("ero,eso->ers", B, B)).sum((1, 2)) * scale ** 2
+
+    def along(self, written: torch.Tensor) -> torch.Tensor:
+        """``<written - W, delta>`` per expert ``(e,)``, float64."""
+        t = written.to(torch.float64).sub_(self.W)
+        return t.mul_(self.delta).flatten(1).sum(1)
+
+    def slack(self, j: int, o: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """Four times float32's error bound for ``W + scale * B A`` at rows ``o``, columns ``i`` (same shape) of
+        expert ``j``: ``(r + 2) 2^-24 (|W| + scale sum_r |B||A|)`` (r products, one scaling, one addition)."""
+        r = self.A.shape[1]
+        size = (self.A[j].abs()[:, i] * self.B[j].abs()[:, o]).sum(0).mul_(self.scale)        # (r, ...) -> (...)
+        return (self.W[j][o, i].abs().double() + size).mul_(SLACK_FACTOR * (r + 2) * 2.0 ** -24)
+
+    def bf16(self, written: torch.Tensor, sums: _Sums) -> None:
+        """``written (e, out, in)`` bf16: each value must be ``bf16(x)`` or within the slack of being as near."""
+        nearest = self.x.to(torch.bfloat16)
+        differ = written != nearest                                                       # (e, out, in)
+        along = self.along(written)
+        extra = 0.0
+        for j in differ.flatten(1).any(1).nonzero().flatten().tolist():
+            flat = differ[j].flatten().nonzero().flatten()
+            wrong = 0
+            for piece in flat.split(self.PIECE):
+                o, i = piece // differ.shape[2], piece % differ.shape[2]
+                x, w, n = self.x[j][o, i], written[j][o, i].double(), nearest[j][o, i].double()
+                wrong += int(((w - x).abs() > (n - x).abs() + self.slack(j, o, i)).sum())
+                extra += float(((n - w) * self.delta[j][o, i]).sum())
+            sums.wrong += wrong
+            if wrong and sums.per_expert:
+                sums.wrong_experts.append(self.start + j)
+        self._finish(sums, differ.numel(), int(differ.sum()), along, extra)
+
+    def mxfp4(self, blocks: torch.Tensor, scales: torch.Tensor, scale_rounding: str, sums: _Sums) -> None:
+        """``blocks (e, out, G, 16)``, ``scales (e, out, G)``: each group's squared error from ``x`` must be the
+        nearest encoding's, or within what the slack can change, or the group sits at a scale-rule boundary."""
+        n_blocks, n_scales = mxfp4.pack(self.x.float(), scale_rounding)
+        written = mxfp4.unpack(blocks, scales)                                            # (e, out, in)
+        # by value: codes differ where values do not (-0 and +0; any scale of an all-zero group)
+        differ = (written != mxfp4.unpack(n_blocks, n_scales)).unflatten(-1, (-1, mxfp4.GROUP)).any(-1)  # (e, out, G)
+        along = self.along(written)
+        del written
+        extra = 0.0
+        cols = torch.arange(mxfp4.GROUP, device=blocks.device)
+        for j in differ.flatten(1).any(1).nonzero().flatten().tolist():
+            flat = differ[j].flatten().nonzero().flatten()
+            wrong = 0
+            for piece in flat.split(self.PIECE // mxfp4.GROUP):
+                o, g = piece // differ.shape[2], piece % differ.shape[2]                  # (n,) groups
+                i = g[:, None] * mxfp4.GROUP + cols                                       # (n, 32) columns
+                o2 = o[:, None].expand_as(i)
+                x = self.x[j][o2, i]
+                w = mxfp4.unpack(blocks[j][o, g][:, None], scales[j][o, g][:, None]).double()    # (n, 32)
+                n = mxfp4.unpack(n_blocks[j][o, g][:, None], n_scales[j][o, g][:, None]).double()
+                bad, amb = _wrong_groups(w, n, x, self.slack(j, o2, i), scales[j][o, g], n_scales[j][o, g])
+                wrong += int(bad.sum())
+                sums.ambiguous += int(amb.sum())
+                extra += float(((n - w) * self.delta[j][o2, i]).sum())
+            sums.wrong += wrong
+            if wrong and sums.per_expert:
+                sums.wrong_experts.append(self.start + j)
+        self._finish(sums, differ.numel(), int(differ.sum()), along, extra)
+
+    def _finish(self, sums: _Sums, values: int, differ: int, along: torch.Tensor, extra: float) -> None:
+        sums.values += values
+        sums.differ += differ
+        sums.along += float(along.sum())
+        sums.along_nearest += float(along.sum()) + extra
+        sums.norm += float(self.norm.sum())
+        if sums.per_expert:
+            sums.kept += [(self.start + k, a / n) for k, (a, n) in enumerate(zip(along.tolist(), self.norm.tolist()))
+                          if n > 0]
+
+
 def _linear(base: TensorFiles, out: TensorFiles, name: str, lora, device) -> TensorAccount:
-    """An attention projection: bf16 in every merged export, ``(out, in)``."""
+    """An attention projection: bf16 in every merged export, ``(out, in)``; held as one "expert"."""
     if name not in out:
         return _problem(name, "missing from the export")
     if out.dtypes[name] != "BF16" or out.shapes[name] != base.shapes[name]:
         return _problem(name, f"written as {out.dtypes[name]} {out.shapes[name]}, expected BF16 {base.shapes[name]}")
-    W = base[name].to(device, torch.float64)
-    delta = (lora.B @ lora.A) * lora.scale                                               # (out, r) @ (r, in)
-    x = W + delta
-    slack = _slack(W, lora.A, lora.B, lora.scale, experts=False)
-    written = out[name].to(device, torch.float64)
-    nearest = x.to(torch.bfloat16).to(torch.float64)
-    sums = _Sums()
-    sums.add(written, nearest, W, delta, written != nearest, (written - x).abs() > (nearest - x).abs() + slack, None)
-    return sums.account(name)
+    sums = _Sums(name, per_expert=False)
+    chunk = _Chunk(base[name].to(device, torch.float32)[None], lora.A[None], lora.B.T[None], lora.scale, 0)
+    chunk.bf16(out[name].to(device)[None], sums)                  # lora: A (r, in), B (out, r) -> B^T (r, out)
+    return sums.account()
 
 
 def _experts(base: TensorFiles, out: TensorFiles, name: str, lora, experts: str, scale_rounding: str, device,
@@ -229,51 +287,53 @@ def _experts(base: TensorFiles, out: TensorFiles, name: str, lora, experts: str,
     missing = [k for k in keys if k not in out]
     if missing:
         return _problem(name, f"{', '.join(missing)} missing from the export")
-    sums = _Sums()
-    for chunk in expert_chunks(base, name, chunk_bytes // 2):                 # merge's budget is for float32 rows
-        W = expert_rows(base, name, chunk, device).double()                   # (e, out, in), exact
-        A, B = lora.A[chunk], lora.B[chunk]                                   # (e, r, in), (e, r, out)
-        delta = torch.einsum("eri,ero->eoi", A, B) * lora.scale
-        x = W + delta
-        slack = _slack(W, A, B, lora.scale, experts=True)
+    sums = _Sums(name, per_expert=True)
+    for span in expert_chunks(base, name, chunk_bytes // 2):                  # merge's budget is for float32 rows
+        W = expert_rows(base, name, span, device)                              # (e, out, in) float32, exact
+        chunk = _Chunk(W, lora.A[span], lora.B[span], lora.scale, span.start)
+        shape = tuple(W.shape)
         if packed:
-            blocks, scales = out.rows(name + "_blocks", chunk), out.rows(name + "_scales", chunk)
-            if blocks.dtype != torch.uint8 or scales.shape != x.shape[:-1] + (x.shape[-1] // mxfp4.GROUP,):
-                return _problem(name, f"written as {tuple(blocks.shape)}/{tuple(scales.shape)}, which does not "
-                                      f"encode {tuple(x.shape)}")
-            written = mxfp4.unpack(blocks.to(device), scales.to(device)).double()
-            n_blocks, n_scales = mxfp4.pack(x.float(), scale_rounding)
-            nearest = mxfp4.unpack(n_blocks, n_scales).double()
-            differ = (n_scales != scales.to(device)) | (n_blocks != blocks.to(device)).any(-1)   # (e, out, G)
-            wrong, ambiguous = _wrong_groups(written, nearest, x, slack)
-            sums.add(written, nearest, W, delta, differ, wrong, chunk.start, int((ambiguous & differ).sum()))
+            blocks, scales = out.rows(name + "_blocks", span), out.rows(name + "_scales", span)
+            want = shape[:2] + (shape[2] // mxfp4.GROUP,)
+            if blocks.dtype != torch.uint8 or tuple(scales.shape) != want or tuple(blocks.shape) != want + (16,):
+                return _problem(name, f"written as {tuple(blocks.shape)} / {tuple(scales.shape)}, which does not "
+                                      f"encode {shape} per chunk")
+            chunk.mxfp4(blocks.to(device), scales.to(device), scale_rounding, sums)
         else:
-            rows = out.rows(name, chunk)                                      # transformers' (e, in, out) bf16
-            if rows.dtype != torch.bfloat16 or tuple(rows.shape) != (x.shape[0], x.shape[2], x.shape[1]):
+            rows = out.rows(name, span)                                        # transformers' (e, in, out) bf16
+            if rows.dtype != torch.bfloat16 or tuple(rows.shape) != (shape[0], shape[2], shape[1]):
                 return _problem(name, f"written as {rows.dtype} {tuple(rows.shape)}, expected bf16 "
-                                      f"{(x.shape[0], x.shape[2], x.shape[1])} per chunk")
-            written = rows.to(device).transpose(1, 2).double()
-            nearest = x.to(torch.bfloat16).double()
-            sums.add(written, nearest, W, delta, written != nearest,
-                     (written - x).abs() > (nearest - x).abs() + slack, chunk.start)
-        del W, delta, x, slack, written, nearest
-    return sums.account(name)
+                                      f"{(shape[0], shape[2], shape[1])} per chunk")
+            chunk.bf16(rows.to(device).transpose(1, 2), sums)
+        del W, chunk
+    return sums.account()
 
 
-def _wrong_groups(written, nearest, x, slack) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per 32-value group ``(e, out, G)``: wrong (farther from ``x`` than the nearest encoding plus the slack allows,
-    and not at a scale boundary) and ambiguous (at a scale boundary)."""
-    g = lambda t: t.unflatten(-1, (-1, mxfp4.GROUP))                        # noqa: E731  (e, out, G, 32)
-    ew, en, s = g(written - x).abs(), g(nearest - x).abs(), g(slack)
-    excess = ew.square().sum(-1) - en.square().sum(-1)
-    allowed = (2 * (ew + en + 2 * s) * s).sum(-1)
-    amax, smax = g(x).abs().amax(-1), s.amax(-1)
+def _wrong_groups(written, nearest, x, slack, w_scale, n_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups ``(n, 32)`` -> ``(n,)`` where the written group is not the quantizer's encoding of ``x`` up to ties:
+    wrong, and ambiguous (at a scale-rule boundary: either scale is right). ``w_scale``/``n_scale``: the groups' E8M0
+    bytes ``(n,)``, written and nearest. On the nearest's scale, every value must be a nearest grid value (within the
+    slack of as near); on another scale, that scale must be one the rule weighs for ``x`` (down or up) and the group's
+    squared error within what the slack can change of the nearest's. (A whole-group error bound alone would be too
+    loose: it scales with the group's quantization error, and one value moved by a lost update hides in it.)"""
+    ew, en = (written - x).abs(), (nearest - x).abs()
+    values_ok = (ew <= en + slack).all(-1)
+    amax = x.abs().amax(-1)
+    _, e = torch.frexp(amax)                                   # amax = m 2^e, m in [0.5, 1): the rules of mxfp4._pack
+    down = torch.where(amax > 0, (e - 1 - mxfp4.E2M1_EMAX).clamp(-mxfp4.SCALE_BIAS, mxfp4.SCALE_BIAS), 0)
+    up = (down + (torch.ldexp(amax, -down) > mxfp4.E2M1_MAX).long()).clamp(max=mxfp4.SCALE_BIAS)
+    w_exp = w_scale.long() - mxfp4.SCALE_BIAS
+    weighed = (w_exp == down) | (w_exp == up)
+    excess = (ew.square().sum(-1) - en.square().sum(-1)).abs()
+    allowed = (2 * (ew + en + 2 * slack) * slack).sum(-1)
+    smax = slack.amax(-1)
     ambiguous = _near_pow2(amax, smax) | _near_pow2(amax / mxfp4.E2M1_MAX, smax / mxfp4.E2M1_MAX)
-    return (excess > allowed) & ~ambiguous, ambiguous
+    ok = torch.where(w_scale == n_scale, values_ok, weighed & (excess <= allowed)) | ambiguous
+    return ~ok, ambiguous
 
 
 def _near_pow2(v: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
     """Whether ``v`` lies within ``tol`` of a power of two (float64, elementwise; zero is never near one)."""
-    m, e = torch.frexp(v)                                      # v = m * 2**e, m in [0.5, 1)
+    _, e = torch.frexp(v)                                      # v = m * 2**e, m in [0.5, 1)
     below = torch.ldexp(torch.full_like(v, 0.5), e)            # the power of two at or below v
     return (v > 0) & ((v - below <= tol) | (2 * below - v <= tol))

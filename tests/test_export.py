@@ -1,7 +1,7 @@
 """Exports of the README demo's trained run, each reloaded by its real consumer: PEFT (transformers + PeftModel),
-merged bf16 and MXFP4 (transformers and our runtime), GGUF, GGUF LoRA and Ollama (llama.cpp itself); and every
-refusal. Weights in the artifacts are checked against the merge formula computed here from the adapter file, not
-from the code under test."""
+merged bf16 and MXFP4 (transformers and our runtime), GGUF, GGUF LoRA and Ollama (read back by gguf-py against the
+writer's plan, and run by llama.cpp itself); and every refusal. Weights in the artifacts are checked against the merge
+formula computed here from the adapter file, not from the code under test."""
 
 from __future__ import annotations
 
@@ -301,12 +301,23 @@ def test_merged_mxfp4_rounding_is_no_worse_than_either_convention(shipped, run_d
 
 
 def test_gguf_export_runs_in_llama_cpp(shipped):
-    # (the GGUF's layout, metadata and bit-exact MXFP4 codes are checked in test_gguf.py on a small vocabulary:
-    # reading a 201k-token vocabulary back with gguf-py takes half a minute)
+    # (the GGUF's layout, metadata and bit-exact MXFP4 codes are checked against the checkpoint in test_gguf.py on a
+    # small vocabulary; here the export's own read-back parses the 201k-token vocabulary, about 15 s on 2 cores)
     result = shipped["gguf"]
-    assert result.passed and (result.path / "model.gguf").stat().st_size > 50e6
+    size = (result.path / "model.gguf").stat().st_size
+    assert result.passed and size > 50e6
     assert json.loads((result.path / "quality_report.json").read_text())["vs_trained"]["positions"] > 0
-    (llama,) = [c for c in passed_checks(result.path) if c["consumer"].startswith("llama.cpp")]
+    checks = passed_checks(result.path)
+    # the MXFP4 merge's four checks, then the file read back against the writer's plan, then llama.cpp
+    assert [c["kind"] for c in checks] == ["weights read back", "free-running logits", "layer by layer",
+                                           "free-running logits", "file read back", "free-running logits"]
+    read_back, llama = checks[4:]
+    assert read_back["consumer"] == "gguf-py (model.gguf read back)" and read_back["decides"] is True
+    # every tensor of the tiny model (embedding, final norm, head; 19 a layer) and nearly all the file's bytes (the
+    # rest is the 201k-token vocabulary, also compared, as metadata)
+    assert read_back["tensors"] == read_back["file_tensors"] == read_back["planned_tensors"] == 3 + 2 * 19
+    assert 0.8 * size < read_back["bytes"] < size and read_back["keys"] > 30
+    assert llama["consumer"].startswith("llama.cpp")
     assert llama["against"] == "our runtime (same MXFP4 merge)"
     assert llama["extra"]["tokenizer_equal"] is True and llama["top1"] >= 0.9 and llama["kl"] < 0.05
     same, total = map(int, llama["extra"]["greedy_same"].split("/"))
@@ -328,7 +339,11 @@ def test_gguf_lora_export_carries_the_expert_updates_into_llama_cpp(shipped):
     for part in ("gate", "up", "down"):
         assert {f"blk.1.ffn_{part}_exps.weight.lora_a", f"blk.1.ffn_{part}_exps.weight.lora_b"} <= names
     assert "blk.0.attn_q.weight.lora_a" in names
-    (check,) = passed_checks(result.path)
+    base, adapter, check = passed_checks(result.path)
+    assert (base["kind"], adapter["kind"]) == ("file read back", "file read back")
+    assert base["consumer"] == "gguf-py (base.gguf read back)" and base["tensors"] == base["file_tensors"] == 41
+    assert adapter["consumer"] == "gguf-py (adapter.gguf read back)"
+    assert adapter["tensors"] == adapter["file_tensors"] == len(reader.tensors)
     assert check["against"] == "trained model" and 0.9 <= check["effect_kept"] <= 1.1
     # the base GGUF the adapter was checked against ships beside it, and the README's lines name both where they are
     assert (result.path / "base.gguf").read_bytes()[:4] == b"GGUF"   # the file llama.cpp just ran the check on
@@ -347,7 +362,10 @@ def test_ollama_export_has_modelfile_and_gguf(shipped):
     assert stops == ['PARAMETER stop "<|return|>"', 'PARAMETER stop "<|call|>"']
     assert "<|start|>system<|message|>" in text and "Reasoning: low" in text  # the recipe's reasoning effort
     assert "ollama create" in (result.path / "README.md").read_text()
-    assert any(c["consumer"].startswith("llama.cpp") for c in passed_checks(result.path))
+    # the gguf export's file, so its checks: the read back and llama.cpp's
+    checks = passed_checks(result.path)
+    assert checks == passed_checks(shipped["gguf"].path)
+    assert [c["consumer"] for c in checks[-2:]] == ["gguf-py (model.gguf read back)", "llama.cpp (model.gguf)"]
 
 
 def test_modelfile_template_carries_the_recipes_options():

@@ -475,6 +475,94 @@ def test_rslora_alpha_keeps_peft_scale(adapter_dir, small_dir, tmp_path):
     assert field(reader, "adapter.lora.alpha") / 8 == pytest.approx(16 / 8 ** 0.5, rel=1e-6)   # PEFT: alpha/sqrt(r)
 
 
+# --------------------------------------------------------------------------------------------------- read back
+
+TWO_D = ["token_embd.weight"] + [f"blk.{i}.attn_{p}.weight" for i in range(2) for p in ("q", "k", "v", "output")] + [
+    "output.weight"]                                     # the weights weight_type applies to, in the writer's order
+
+
+def read_back_passes(result, file) -> None:
+    """``result`` passed, having compared every tensor the file holds (bytes too) and every metadata key."""
+    import gguf
+    reader = gguf.GGUFReader(file)
+    assert result.passed and result.failures == [], result.failures
+    assert result.tensors == result.file_tensors == result.planned_tensors == len(reader.tensors)
+    assert result.nbytes == sum(int(t.n_bytes) for t in reader.tensors)
+    assert result.keys == len([k for k in reader.fields if not k.startswith("GGUF.")])
+    assert result.line().endswith("-> PASS") and f"{result.tensors} of {result.tensors} tensors" in result.line()
+    assert result.to_dict()["kind"] == "file read back" and result.to_dict()["decides"] is True
+
+
+@pytest.mark.parametrize("weight_type", ["bf16", "f32"])
+def test_model_gguf_reads_back_as_planned(small_ggufs, small_dir, weight_type):
+    result = export.read_back_model(small_dir, small_ggufs[weight_type], weight_type=weight_type)
+    read_back_passes(result, small_ggufs[weight_type])
+    assert result.tensors == 3 + 2 * 19 and result.keys > 30       # embedding, norm, head; 19 a layer; tokenizer
+
+
+def test_lora_gguf_reads_back_as_planned(lora_gguf, adapter_dir, small_dir):
+    result = export.read_back_lora(adapter_dir, small_dir, lora_gguf)
+    read_back_passes(result, lora_gguf)
+    assert result.tensors == 30
+
+
+def test_one_flipped_expert_byte_fails_naming_that_tensor(small_ggufs, small_dir, tmp_path):
+    import gguf
+    broken = tmp_path / "broken.gguf"
+    shutil.copyfile(small_ggufs["bf16"], broken)
+    t = tensor(gguf.GGUFReader(broken), "blk.1.ffn_up_exps.weight")
+    with open(broken, "r+b") as f:                       # one byte in the middle of the tensor's MXFP4 data
+        f.seek(t.data_offset + t.n_bytes // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x10]))
+    result = export.read_back_model(small_dir, broken)
+    assert not result.passed and result.failures == [f"blk.1.ffn_up_exps.weight: 1 of {t.n_bytes:,} bytes differ"]
+    assert result.tensors == 41                          # every tensor still compared: the others are as planned
+    assert result.line().endswith(f"-> FAIL: blk.1.ffn_up_exps.weight: 1 of {t.n_bytes:,} bytes differ")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(broken.read_bytes()[:t.data_offset])
+    (failure,) = export.read_back_model(small_dir, truncated).failures
+    assert failure.startswith("truncated.gguf: not a readable GGUF")
+
+
+def test_another_adapters_lora_fails_naming_its_tensors(adapter_dir, small_dir, tmp_path):
+    import gguf
+    other = make_adapter(small_dir, tmp_path / "other" / adapter_dir.name, seed=2, modules=ATTENTION + ("lm_head",))
+    other_gguf = export.write_lora(other, small_dir, tmp_path / "other.gguf")
+    result = export.read_back_lora(adapter_dir, small_dir, other_gguf)
+    names = [t.name for t in gguf.GGUFReader(other_gguf).tensors]
+    # same names, shapes, rank and alpha (the metadata passes); every tensor's values are another seed's
+    assert len(result.failures) == len(names) == 30 and result.tensors == 30
+    assert [f.split(": ")[0] for f in result.failures] == names
+    assert all(f.endswith("bytes differ") and ".lora_" in f for f in result.failures)
+    assert result.line().endswith("; and 27 more")
+
+
+def test_read_back_names_types_metadata_and_missing_tensors(small_ggufs, small_dir, adapter_dir, tmp_path):
+    # an f32 file where the plan says bf16: the 2-D weights' types
+    result = export.read_back_model(small_dir, small_ggufs["f32"], weight_type="bf16")
+    assert result.failures == [f"{name}: type F32, planned BF16" for name in TWO_D]
+    assert result.tensors == 41 - len(TWO_D)
+    # a config llama.cpp reads differently (2 experts per token in the file, 3 in the source)
+    edited = edited_copy(small_dir, tmp_path / "m", config={"num_experts_per_tok": 3})
+    assert export.read_back_model(edited, small_ggufs["bf16"], name=small_dir.name).failures == [
+        "metadata gpt-oss.expert_used_count: 2, planned 3"]
+    # an adapter without expert LoRA against the file with it, and the other way round
+    attention = make_adapter(small_dir, tmp_path / "attention" / adapter_dir.name, seed=1,
+                             modules=ATTENTION + ("lm_head",), experts=())
+    experts = {f"blk.{i}.ffn_{p}_exps.weight.lora_{ab}" for i in range(2) for p in ("gate", "up", "down")
+               for ab in "ab"}
+    result = export.read_back_lora(attention, small_dir, export.write_lora(adapter_dir, small_dir,
+                                                                            tmp_path / "full.gguf"))
+    extra = {f.split(": ")[0] for f in result.failures if f.endswith(": in the file, not planned")}
+    assert extra == experts and result.file_tensors == 30 and result.planned_tensors == 18
+    result = export.read_back_lora(adapter_dir, small_dir, export.write_lora(attention, small_dir,
+                                                                              tmp_path / "attention.gguf"))
+    missing = {f.split(": ")[0] for f in result.failures if f.endswith(": missing from the file")}
+    assert missing == experts and result.file_tensors == 18
+
+
 # ------------------------------------------------------------------------------------------------------ refusals
 
 def user_error(fn, *args, **kwargs) -> str:

@@ -16,7 +16,10 @@ Formats (:data:`FORMATS`):
   ``--min-effect-kept`` of the adapter's effect or the expert updates were rounded away (:func:`_requantized_check`).
 - ``gguf``: the MXFP4 merge as one GGUF in llama.cpp's gpt-oss layout; ``gguf-lora``: the adapter as a GGUF LoRA
   beside the base GGUF it was checked on; ``ollama``: the merged GGUF with a Modelfile (:mod:`finetune.ship.ollama`).
-  All three checked by llama.cpp itself (llama-cpp-python).
+  Each GGUF file is read back with gguf-py and must hold exactly the tensors (bit for bit) and metadata the writer
+  plans from the checked MXFP4 merge, the base or the adapter (:func:`finetune.ship.gguf.read_back_model`): this
+  holds at any size. All three are also run by llama.cpp itself (llama-cpp-python), free-running, which decides as
+  well: meaningful on the tiny model, while at real size with random weights its logits are chaotic.
 
 Before anything is written the plan is printed and the disk checked (:mod:`finetune.ship.plan`). The reference and
 every consumer run where :class:`finetune.ship.parity.Where` says: the GPU when there is one, loaded whole when the
@@ -496,8 +499,14 @@ def _export_gguf(run: _Run, ref, out: Path, scratch: Path, min_effect_kept: floa
         checks, report, ours = _mxfp4_merge(run, ref, merged_dir, min_effect_kept, echo)
     gguf_file = gguf.write_model(merged_dir, out / "model.gguf")
     shutil.copy2(merged_dir / "quality_report.json", out / "quality_report.json")
-    checks += parity.run_checks([lambda: _llama_check("llama.cpp (model.gguf)", gguf_file, None, merged_dir, ref,
-                                                      ours, "our runtime (same MXFP4 merge)")], echo)
+    checks += parity.run_checks([
+        # the file holds exactly the planned tensors of the checked merge, which holds at any size; llama.cpp's own
+        # forward is checked free-running only (meaningful on the tiny model, chaotic at real size)
+        lambda: gguf.read_back_model(merged_dir, gguf_file, consumer="gguf-py (model.gguf read back)",
+                                     against="the GGUF writer's plan from the checked MXFP4 merge"),
+        lambda: _llama_check("llama.cpp (model.gguf)", gguf_file, None, merged_dir, ref, ours,
+                             "our runtime (same MXFP4 merge)"),
+    ], echo)
     return checks, report
 
 
@@ -509,8 +518,15 @@ def _export_gguf_lora(run: _Run, ref, out: Path, scratch: Path, echo=print, dest
     lora_gguf = gguf.write_lora(run.adapter_dir, run.model_dir, out / "adapter.gguf")
     (out / "README.md").write_text(gguf_lora_readme(run, dest or out), encoding="utf-8")
     echo("  parity:")
-    checks = parity.run_checks([lambda: _llama_check("llama.cpp (base.gguf + adapter.gguf)", base_gguf, lora_gguf,
-                                                     None, ref, ref.trained, "trained model")], echo)
+    checks = parity.run_checks([
+        lambda: gguf.read_back_model(run.model_dir, base_gguf, consumer="gguf-py (base.gguf read back)",
+                                     against="the GGUF writer's plan from the base model"),
+        lambda: gguf.read_back_lora(run.adapter_dir, run.model_dir, lora_gguf,
+                                    consumer="gguf-py (adapter.gguf read back)",
+                                    against="the GGUF writer's plan from the run's adapter"),
+        lambda: _llama_check("llama.cpp (base.gguf + adapter.gguf)", base_gguf, lora_gguf, None, ref, ref.trained,
+                             "trained model"),
+    ], echo)
     return checks, {"base_gguf": "base.gguf", "base_model": str(run.model_dir)}
 
 

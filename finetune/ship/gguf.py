@@ -9,12 +9,19 @@ This module owns the mapping from our HF-layout gpt-oss (``inference.model.check
 - :func:`write_lora`: an adapter as ``llama_adapter_lora_init`` loads it (``<base tensor>.lora_a`` / ``.lora_b``,
   expert LoRA as 3-D per-expert tensors for llama.cpp's ``mul_mat_id`` LoRA path), with ``adapter.lora.alpha`` chosen
   so that llama.cpp's ``alpha / rank`` is PEFT's scale.
+- :func:`read_back_model`, :func:`read_back_lora`: a written file read back with gguf-py (memory-mapped, one tensor in
+  memory at a time) and held against the writer's own plan, re-made from the same source: the set of tensor names,
+  each tensor's GGML type, shape and bytes (MXFP4 experts bit for bit), every metadata key and value. It proves the
+  file holds exactly what the writer planned from that source, at any size (:class:`ReadBack`). The plan itself (names,
+  layouts, the gate/up split) it shares with the writer, so a mistake there passes it: ``tests/test_gguf.py`` checks
+  the plan against the checkpoint independently, and llama.cpp's runs on the tiny model check that llama.cpp computes
+  with it what our runtime does.
 - :func:`llama_logits`, :func:`llama_greedy`, :func:`llama_tokenize`: llama.cpp (through llama-cpp-python) on a GGUF,
   for parity checks against :mod:`inference.model.runtime`.
 
 Shapes are written in numpy order (outermost first); GGUF stores them reversed, so a numpy ``(E, I, H)`` tensor is
 GGML's ``ne = {H, I, E}``. ``H`` hidden, ``I`` expert intermediate size, ``E`` experts, ``V`` vocabulary, ``r`` rank.
-Both writers need the ``gguf`` package and the helpers need ``llama_cpp``: the project's ``gguf`` extra.
+The writers and read-backs need the ``gguf`` package and the helpers need ``llama_cpp``: the project's ``gguf`` extra.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import contextlib
 import json
 import os
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -98,6 +106,15 @@ class _Tensor:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.np_dtype).itemsize
+
+    @property
+    def ggml_shape(self) -> list[int]:
+        """GGML's ``ne`` as the file's tensor info holds it: innermost first, in elements (MXFP4: 32 per 17 bytes)."""
+        gguf = _gguf()
+        shape = self.shape
+        if self.qtype == "MXFP4":
+            shape = gguf.quants.quant_shape_from_byte_shape(shape, gguf.GGMLQuantizationType.MXFP4)
+        return [int(n) for n in reversed(shape)]
 
 
 def _write(writer, tensors: list[_Tensor], out_file: Path, what: str) -> Path:
@@ -355,6 +372,14 @@ def write_model(model_dir: str | Path, out_file: str | Path, *, weight_type: str
     ``weight_type`` ("bf16" or "f32") is for the 2-D weights other than experts and router (embedding, attention,
     output); norms, biases, sinks and the router are F32, experts keep their MXFP4 codes bit for bit.
     """
+    with _model_plan(model_dir, weight_type, name) as (writer, tensors):
+        return _write(writer, tensors, Path(out_file), "GGUF model")
+
+
+@contextlib.contextmanager
+def _model_plan(model_dir: str | Path, weight_type: str, name: str | None):
+    """:func:`write_model`'s plan, shared with :func:`read_back_model`: a GGUFWriter (no file yet) holding every
+    key/value of the file, and the tensors, each read from the checkpoint (open while the block runs) when asked."""
     gguf = _gguf()
     if weight_type not in WEIGHT_TYPES:
         raise UserError(f"weight_type: expected one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
@@ -370,7 +395,7 @@ def write_model(model_dir: str | Path, out_file: str | Path, *, weight_type: str
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hparams(writer, cfg, rope)
         _add_tokenizer(writer, model_dir, cfg)
-        return _write(writer, _plan_tensors(cfg, source, weight_type), Path(out_file), "GGUF model")
+        yield writer, _plan_tensors(cfg, source, weight_type)
 
 
 # ------------------------------------------------------------------------------------------------------- the LoRA
@@ -406,9 +431,15 @@ def write_lora(adapter_dir: str | Path, model_dir: str | Path, out_file: str | P
     columns ``::2`` go to ``ffn_gate_exps`` and ``1::2`` to ``ffn_up_exps``. Anything trained that llama.cpp has no
     tensor for refuses the whole export.
     """
+    writer, tensors = _lora_plan(Path(adapter_dir), Path(model_dir), name)
+    return _write(writer, tensors, Path(out_file), "GGUF LoRA")
+
+
+def _lora_plan(adapter_dir: Path, model_dir: Path, name: str | None) -> tuple[object, list[_Tensor]]:
+    """:func:`write_lora`'s plan, shared with :func:`read_back_lora`: a GGUFWriter (no file yet) holding every
+    key/value of the file, and the tensors (the adapter, float32, in memory: a few MB to a few hundred)."""
     from inference.model.adapters import read_adapter
     gguf = _gguf()
-    adapter_dir, model_dir = Path(adapter_dir), Path(model_dir)
     cfg = read_config(model_dir)
     adapter = read_adapter(adapter_dir, cfg, torch.float32, "cpu")
     scales = {lora.scale for lora in adapter.linear.values()} | {
@@ -451,7 +482,182 @@ def write_lora(adapter_dir: str | Path, model_dir: str | Path, out_file: str | P
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     # llama.cpp scales by alpha / r (r from lora_b's shape); PEFT by lora_alpha / r, or / sqrt(r) with rsLoRA.
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, scale * rank)
-    return _write(writer, tensors, Path(out_file), "GGUF LoRA")
+    return writer, tensors
+
+
+# ------------------------------------------------------------------------------------------------- reading back
+
+COMPARE_BYTES = 1 << 26          # bytes compared per step: the comparison's temporaries stay at 64 MiB
+
+
+@dataclass
+class ReadBack:
+    """A GGUF file read back with gguf-py against the writer's plan for it (:func:`read_back_model`,
+    :func:`read_back_lora`), shaped like :class:`finetune.ship.weights.WeightCheck` for ``parity.json``.
+
+    ``tensors``: tensors whose bytes were compared (type and shape as planned), of ``file_tensors`` in the file and
+    ``planned_tensors`` planned; ``nbytes``: their bytes; ``keys``: metadata keys planned (each compared). Passes when
+    the file holds exactly the planned tensors, types, shapes, bytes and metadata."""
+
+    consumer: str
+    against: str
+    tensors: int = 0
+    file_tensors: int = 0
+    planned_tensors: int = 0
+    nbytes: int = 0
+    keys: int = 0
+    seconds: float = 0.0
+    decides: bool = True
+    passed: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.passed = not self.failures
+
+    def line(self) -> str:
+        status = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures[:3]) + (
+            f"; and {len(self.failures) - 3} more" if len(self.failures) > 3 else "")
+        return (f"{self.consumer} vs {self.against}, file read back: {self.tensors} of {self.file_tensors} tensors "
+                f"({self.nbytes:,} bytes) and {self.keys} metadata keys compared with the plan, bit for bit, in "
+                f"{self.seconds:.1f} s -> {status}")
+
+    def to_dict(self) -> dict:
+        return {"consumer": self.consumer, "against": self.against, "kind": "file read back", "decides": True,
+                "passed": self.passed, "failures": self.failures, "tensors": self.tensors,
+                "file_tensors": self.file_tensors, "planned_tensors": self.planned_tensors, "bytes": self.nbytes,
+                "keys": self.keys, "seconds": round(self.seconds, 1)}
+
+
+def read_back_model(model_dir: str | Path, gguf_file: str | Path, *, weight_type: str = "bf16",
+                    name: str | None = None, consumer: str | None = None, against: str | None = None) -> ReadBack:
+    """Read ``gguf_file`` back and hold it against what :func:`write_model` plans from ``model_dir`` with the same
+    ``weight_type`` and ``name``: every tensor's name, GGML type, shape and bytes (MXFP4 experts bit for bit), and
+    every metadata key and value. Memory-mapped, one tensor in memory at a time; at any model size."""
+    gguf_file = Path(gguf_file)
+    with _model_plan(model_dir, weight_type, name) as (writer, tensors):
+        return _read_back(gguf_file, writer, tensors, consumer or f"gguf-py ({gguf_file.name} read back)",
+                          against or f"the GGUF writer's plan from {model_dir}")
+
+
+def read_back_lora(adapter_dir: str | Path, model_dir: str | Path, lora_file: str | Path, *,
+                   name: str | None = None, consumer: str | None = None, against: str | None = None) -> ReadBack:
+    """Read ``lora_file`` back and hold it against what :func:`write_lora` plans from the adapter at ``adapter_dir``
+    (for the gpt-oss at ``model_dir``): every ``.lora_a`` / ``.lora_b`` tensor bit for bit, and every metadata key
+    (``adapter.lora.alpha`` included)."""
+    lora_file = Path(lora_file)
+    writer, tensors = _lora_plan(Path(adapter_dir), Path(model_dir), name)
+    return _read_back(lora_file, writer, tensors, consumer or f"gguf-py ({lora_file.name} read back)",
+                      against or f"the GGUF writer's plan from {adapter_dir}")
+
+
+def _read_back(path: Path, writer, tensors: list[_Tensor], consumer: str, against: str) -> ReadBack:
+    """``path`` parsed by gguf-py's GGUFReader (memory-mapped) and compared with a writer's plan: metadata, then the
+    planned tensors in order (each produced from its source only now, as when written), then tensors nobody planned."""
+    from tqdm.auto import tqdm
+    gguf = _gguf()
+    started = time.time()
+    planned_kv = writer.kv_data[0]
+    result = ReadBack(consumer, against, planned_tensors=len(tensors), keys=len(planned_kv))
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError, KeyError) as exc:      # gguf-py's ways of saying "not a GGUF I can parse"
+        result.failures = [f"{path.name}: not a readable GGUF ({exc})"]
+    else:
+        held = {t.name: t for t in reader.tensors}
+        result.file_tensors = len(held)
+        result.failures = _kv_problems(reader.fields, planned_kv)
+        with tqdm(total=sum(t.nbytes for t in tensors), desc=f"reading back {path.name}", unit="B",
+                  unit_scale=True, delay=3.0, leave=False) as bar:
+            for t in tensors:
+                problem, compared = _tensor_problem(held.get(t.name), t)
+                if problem:
+                    result.failures.append(f"{t.name}: {problem}")
+                result.tensors += 1 if compared else 0
+                result.nbytes += compared
+                bar.update(t.nbytes)
+        planned = {t.name for t in tensors}
+        result.failures += [f"{name}: in the file, not planned" for name in held if name not in planned]
+        del reader, held                                 # the memory map closes with its last view
+    result.seconds = time.time() - started
+    result.passed = not result.failures
+    return result
+
+
+def _tensor_problem(held, planned: _Tensor) -> tuple[str | None, int]:
+    """A tensor of the file (gguf-py's ReaderTensor, or None) against the writer's plan for it: what differs (None
+    when its type, shape and every byte are the plan's) and how many bytes were compared (0: type or shape wrong)."""
+    if held is None:
+        return "missing from the file", 0
+    if held.tensor_type.name != planned.qtype:
+        return f"type {held.tensor_type.name}, planned {planned.qtype}", 0
+    shape = [int(n) for n in held.shape]
+    if shape != planned.ggml_shape:
+        return f"shape {shape}, planned {planned.ggml_shape} (GGML order, innermost first)", 0
+    data = planned.load()
+    if data.dtype != planned.np_dtype or data.nbytes != planned.nbytes:    # a planning bug, as _write refuses it
+        return f"the plan produced {data.dtype} {data.shape}, planned {planned.qtype} {planned.shape}", 0
+    want = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    got = np.asarray(held.data).reshape(-1).view(np.uint8)                 # memory-mapped: read as compared
+    if got.size != want.size:
+        return f"{got.size:,} bytes, planned {want.size:,}", 0
+    differ = _bytes_differ(got, want)
+    return (f"{differ:,} of {want.size:,} bytes differ" if differ else None), want.size
+
+
+def _bytes_differ(got: np.ndarray, want: np.ndarray) -> int:
+    """How many bytes of ``got`` differ from ``want`` (uint8 vectors of one size), COMPARE_BYTES at a time. A chunk
+    is first compared as 64-bit words (about 15x faster than byte by byte: the common case is equal); only a chunk
+    that differs is counted byte by byte."""
+    differ = 0
+    for i in range(0, want.size, COMPARE_BYTES):
+        a, b = got[i:i + COMPARE_BYTES], want[i:i + COMPARE_BYTES]
+        n = a.size - a.size % 8
+        if not (np.array_equal(a[:n].view(np.uint64), b[:n].view(np.uint64)) and np.array_equal(a[n:], b[n:])):
+            differ += int(np.count_nonzero(a != b))
+    return differ
+
+
+def _kv_problems(fields: dict, planned: dict) -> list[str]:
+    """The file's metadata (gguf-py's ReaderFields by key) against the writer's (``gguf.GGUFValue`` by key): each key
+    missing, not planned, or with another type or value, by name. Values compare as the file stores them (FLOAT32
+    rounded to float32, arrays item by item)."""
+    got = {k: f for k, f in fields.items() if not k.startswith("GGUF.")}   # the reader's header pseudo-fields
+    problems = [f"metadata {k}: missing from the file" for k in planned if k not in got]
+    for key, value in planned.items():
+        if key in got:
+            types, want = _stored(value)
+            have_types, have = got[key].types, got[key].contents()
+            if have_types != types:
+                problems.append(f"metadata {key}: type {'/'.join(t.name for t in have_types)}, planned "
+                                f"{'/'.join(t.name for t in types)}")
+            elif have != want:
+                problems.append(f"metadata {key}: {_difference(have, want)}")
+    problems += [f"metadata {k}: in the file, not planned" for k in got if k not in planned]
+    return problems
+
+
+def _stored(value) -> tuple[list, object]:
+    """A planned ``gguf.GGUFValue`` as gguf-py reads it back: its types (``[ARRAY, item type]`` for an array, the item
+    type inferred as GGUFWriter infers it) and its value (FLOAT32 rounded to float32)."""
+    T = _gguf().GGUFValueType
+
+    def item(x, t):
+        return float(np.float32(x)) if t == T.FLOAT32 else x
+
+    if value.type != T.ARRAY:
+        return [value.type], item(value.value, value.type)
+    sub = value.sub_type or (T.UINT8 if isinstance(value.value, bytes) else T.get_type(value.value[0]))
+    return [T.ARRAY, sub], [item(x, sub) for x in value.value]
+
+
+def _difference(have, want) -> str:
+    """``have, planned want``, short: a long list is named by its length or its first differing item."""
+    if not (isinstance(have, list) and isinstance(want, list)):
+        return f"{have!r}, planned {want!r}"
+    if len(have) != len(want):
+        return f"{len(have):,} items, planned {len(want):,}"
+    i = next(i for i, (a, b) in enumerate(zip(have, want)) if a != b)
+    return f"item {i} of {len(want):,} is {have[i]!r}, planned {want[i]!r}"
 
 
 # ----------------------------------------------------------------------------------------------- llama.cpp helpers

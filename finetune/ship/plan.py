@@ -32,11 +32,15 @@ HEADROOM = 1 * GiB          # left free on a filesystem after the export (logs, 
 # merged-mxfp4 63 s, merged-bf16 127 s, gguf 256 s; 120b peft 86 s). CPU: the tiny model on 2 cores, where fixed costs
 # weigh more, so a big model on a CPU is a guess from them. The plan says which.
 # read_back: a merged export's files read again and held against the exact merge (finetune.ship.weights), output
-# bytes: on the CPU measured with two gpt-oss-20b-shaped layers (3.3 GB of bf16 experts in 46.5 s on 2 cores, 2026-12-08,
-# while other work shared them); on the GPU not measured yet, taken as the merge's rate.
+# bytes: on the CPU measured with two gpt-oss-20b-shaped layers (3.3 GB of bf16 experts in 42-47 s on 2 cores,
+# 2026-12-08, while other work shared them); on the GPU not measured yet, taken as the merge's rate.
+# gguf_read_back: a written GGUF read back against the writer's plan (finetune.ship.gguf.read_back_*), its bytes,
+# plus gguf_parse seconds per model GGUF (gguf-py parsing the 201k-token vocabulary): from one 20b-sized expert tensor
+# re-made and compared on 2 cores (0.8 s per 141 MB) and the tiny GGUF's parse (14 s), both devices (CPU work).
 RATES = {"cuda": {"fixed": 13.0, "reference": 0.7e9, "peft": 1.3e9, "merge": 0.42e9, "gguf": 0.06e9,
-                  "read_back": 0.42e9},
-         "cpu": {"fixed": 5.0, "reference": 25e6, "peft": 25e6, "merge": 15e6, "gguf": 15e6, "read_back": 60e6}}
+                  "read_back": 0.42e9, "gguf_read_back": 0.17e9, "gguf_parse": 14.0},
+         "cpu": {"fixed": 5.0, "reference": 25e6, "peft": 25e6, "merge": 15e6, "gguf": 15e6, "read_back": 60e6,
+                 "gguf_read_back": 0.17e9, "gguf_parse": 14.0}}
 RATE_SOURCE = {"cuda": "gpt-oss-20b and -120b shapes on an H100 host", "cpu": "the tiny model on a 2-core CPU"}
 # The lossy formats are decided layer by layer (finetune.ship.parity.LayerCheck): each such pass reads the model once,
 # layer-streamed in float32, counted here at the reference's throughput (not yet measured at real size).
@@ -66,8 +70,11 @@ class Plan:
             return self.sizes[fmt] / rate["gguf" if fmt in ("gguf", "gguf-lora", "ollama") else "merge"]
         merges = ([self.sizes["merged-bf16"]] if "merged-bf16" in self.formats else []) + (
             [self.model_bytes] if any(f in self.formats for f in MXFP4_FAMILY) else [])   # each merge read back once
+        ggufs = ([self.model_bytes] if "gguf" in self.formats or "ollama" in self.formats else []) + (
+            [self.sizes["gguf-lora"]] if "gguf-lora" in self.formats else [])      # model.gguf once; base + adapter
         return (rate["fixed"] + (1 + self.layer_passes) * self.model_bytes / rate["reference"]
-                + sum(cost(f) for f in self.formats) + sum(merges) / rate["read_back"])
+                + sum(cost(f) for f in self.formats) + sum(merges) / rate["read_back"]
+                + sum(ggufs) / rate["gguf_read_back"] + len(ggufs) * rate["gguf_parse"])
 
     @property
     def layer_passes(self) -> int:

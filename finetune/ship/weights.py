@@ -28,6 +28,7 @@ of the adapter's update each tensor kept in weight space, beside what the format
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class WeightCheck:
     fmt: str                     # "bf16" or "mxfp4": how the export stores experts
     tensors: list[TensorAccount]
     against: str = "exact merge (base + adapter in float64)"
+    seconds: float = 0.0
     decides: bool = True
     passed: bool = False
     failures: list[str] = field(default_factory=list)
@@ -114,12 +116,13 @@ class WeightCheck:
         return (f"{self.consumer} vs {self.against}, weights read back: {s['tensors']} adapted tensors, "
                 f"{s['values']:,} {'values and groups' if self.fmt == 'mxfp4' else 'values'} checked, "
                 f"{s['differ']:,} differ from the nearest encoding{' (rounding ties)' if self.passed else ''}{amb}"
-                f"{kept}; budget: each the "
+                f"{kept}, in {self.seconds:.1f} s; budget: each the "
                 f"format's nearest encoding of the exact merge within float32's error -> {status}")
 
     def to_dict(self) -> dict:
         return {"consumer": self.consumer, "against": self.against, "kind": "weights read back", "decides": True,
-                "passed": self.passed, "failures": self.failures, "format": self.fmt, **self.summary(),
+                "passed": self.passed, "failures": self.failures, "format": self.fmt, "seconds": round(self.seconds, 1),
+                **self.summary(),
                 "per_tensor": [asdict(t) for t in self.tensors]}
 
 
@@ -138,6 +141,7 @@ def check(model_dir: str | Path, adapter_dir: str | Path, export_dir: str | Path
     from tqdm.auto import tqdm
 
     from finetune.ship.merge import expert_chunks, expert_rows
+    started = time.perf_counter()
     device = torch.device(device)
     adapter = read_adapter(adapter_dir, read_config(model_dir), torch.float64, device)
     targets = [(m + ".weight", lora, False) for m, lora in sorted(adapter.linear.items())]
@@ -155,7 +159,8 @@ def check(model_dir: str | Path, adapter_dir: str | Path, export_dir: str | Path
                 account = _linear(base, out, name, lora, device)
             accounts.append(account)
             bar.update(1)
-    return WeightCheck(consumer or f"the export's files ({'merged-' + experts})", experts, accounts)
+    return WeightCheck(consumer or f"the export's files ({'merged-' + experts})", experts, accounts,
+                       seconds=time.perf_counter() - started)
 
 
 def _problem(name: str, problem: str) -> TensorAccount:

@@ -486,6 +486,7 @@ def read_back_passes(result, file) -> None:
     import gguf
     reader = gguf.GGUFReader(file)
     assert result.passed and result.failures == [], result.failures
+    assert result.parsed is False            # the header was the plan's, byte for byte: no parse needed
     assert result.tensors == result.file_tensors == result.planned_tensors == len(reader.tensors)
     assert result.nbytes == sum(int(t.n_bytes) for t in reader.tensors)
     assert result.keys == len([k for k in reader.fields if not k.startswith("GGUF.")])
@@ -518,6 +519,7 @@ def test_one_flipped_expert_byte_fails_naming_that_tensor(small_ggufs, small_dir
         f.write(bytes([byte ^ 0x10]))
     result = export.read_back_model(small_dir, broken)
     assert not result.passed and result.failures == [f"blk.1.ffn_up_exps.weight: 1 of {t.n_bytes:,} bytes differ"]
+    assert not result.parsed                             # found at the offsets the plan's header implies
     assert result.tensors == 41                          # every tensor still compared: the others are as planned
     assert result.line().endswith(f"-> FAIL: blk.1.ffn_up_exps.weight: 1 of {t.n_bytes:,} bytes differ")
     truncated = tmp_path / "truncated.gguf"
@@ -546,8 +548,8 @@ def test_read_back_names_types_metadata_and_missing_tensors(small_ggufs, small_d
     assert result.tensors == 41 - len(TWO_D)
     # a config llama.cpp reads differently (2 experts per token in the file, 3 in the source)
     edited = edited_copy(small_dir, tmp_path / "m", config={"num_experts_per_tok": 3})
-    assert export.read_back_model(edited, small_ggufs["bf16"], name=small_dir.name).failures == [
-        "metadata gpt-oss.expert_used_count: 2, planned 3"]
+    result = export.read_back_model(edited, small_ggufs["bf16"], name=small_dir.name)
+    assert result.parsed and result.failures == ["metadata gpt-oss.expert_used_count: 2, planned 3"]
     # an adapter without expert LoRA against the file with it, and the other way round
     attention = make_adapter(small_dir, tmp_path / "attention" / adapter_dir.name, seed=1,
                              modules=ATTENTION + ("lm_head",), experts=())

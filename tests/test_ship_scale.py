@@ -329,11 +329,11 @@ def test_plan_predicts_sizes_and_refuses_a_disk_too_small(small_run, tiny_model_
     assert bf16.seconds == pytest.approx(rate["fixed"] + 5 * bf16.model_bytes / rate["reference"]
                                          + bf16.sizes["merged-bf16"] / rate["merge"]
                                          + bf16.sizes["merged-bf16"] / rate["read_back"])
-    # a GGUF LoRA export reads base.gguf and adapter.gguf back: their bytes and one vocabulary parse
+    # a GGUF LoRA export reads base.gguf and adapter.gguf back: their bytes and one header (the vocabulary's)
     lora = planning.make(tiny_model_dir, small_run / "adapter", {"gguf-lora": tmp_path / "g"}, where)
     assert lora.seconds == pytest.approx(rate["fixed"] + lora.model_bytes / rate["reference"]
                                          + lora.sizes["gguf-lora"] / rate["gguf"]
-                                         + lora.sizes["gguf-lora"] / rate["gguf_read_back"] + rate["gguf_parse"])
+                                         + lora.sizes["gguf-lora"] / rate["gguf_read_back"] + rate["gguf_header"])
     plan.check_disk()                                     # this disk holds a tiny export
     for fmt in ("merged-bf16", "merged-mxfp4"):
         merge(tiny_model_dir, small_run / "adapter", dests[fmt], fmt.removeprefix("merged-"), progress=False)

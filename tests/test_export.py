@@ -204,6 +204,7 @@ def test_merged_bf16_folds_the_adapter_into_every_weight(run_dir):
     # the files read back: every adapted tensor the nearest bf16 of the exact merge but for rounding ties
     assert weights["kind"] == "weights read back" and weights["wrong"] == 0 and weights["tensors"] == 12
     assert weights["differ"] < 1e-3 * weights["values"] and weights["min_expert_kept"] > 0.99
+    assert weights["untouched"] == len(base) - 12 - 4   # every other tensor (4 experts' scales pair their blocks)
     # free-running vs the trained model: reported, not deciding; layer by layer (transformers and our runtime on the
     # merged file) within 4x the trained model's own bf16 error, measured in the same run; the two consumers agree
     assert hf_free["kind"] == "free-running logits" and hf_free["decides"] is False and hf_free["effect_kept"] > 0.98

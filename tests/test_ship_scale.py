@@ -258,9 +258,10 @@ def test_weights_read_back_catch_one_value_one_step_off(tiny_model_dir, adapter,
     assert not check.passed and [(t.name, t.wrong, t.wrong_experts) for t in bad] == [(name, 1, [expert])]
 
 
-def test_weights_read_back_refuse_a_missing_or_misshapen_tensor(tiny_model_dir, adapter, tmp_path):
+def test_weights_read_back_refuse_a_missing_misshapen_changed_or_extra_tensor(tiny_model_dir, adapter, tmp_path):
     """A tensor the adapter changes that the export lacks, or holds in another dtype or shape, is a failure naming
-    it, not a crash."""
+    it, not a crash; so is an untouched tensor that is not the base's (the embedding: the layer checks never see it)
+    and one the base does not have."""
     from finetune.ship import weights
     merge(tiny_model_dir, adapter, tmp_path / "merged", "bf16", progress=False)
     shard = next((tmp_path / "merged").glob("*.safetensors"))
@@ -269,17 +270,24 @@ def test_weights_read_back_refuse_a_missing_or_misshapen_tensor(tiny_model_dir, 
     assert q in tensors and e in tensors, "the tiny merge fits one shard"
     tensors[q] = tensors[q].float()
     del tensors[e]
+    tensors["model.embed_tokens.weight"][3, 5] += 1
+    tensors["model.extra.weight"] = torch.zeros(2)
     save_file(tensors, str(shard))
     index = tmp_path / "merged" / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
         data["weight_map"].pop(e)
+        data["weight_map"]["model.extra.weight"] = shard.name
         index.write_text(json.dumps(data))
     check = weights.check(tiny_model_dir, adapter, tmp_path / "merged", "bf16", progress=False)
     assert not check.passed
-    assert sorted(check.failures) == [f"{e}: {e} missing from the export",
+    assert sorted(check.failures) == sorted([f"{e}: {e} missing from the export",
+                                      "model.embed_tokens.weight: not the base's, though the adapter does not "
+                                      "change it",
+                                      "model.extra.weight: in the export, not in the base",
                                       f"{q}: written as F32 {tuple(tensors[q].shape)}, expected BF16 "
-                                      f"{tuple(tensors[q].shape)}"]
+                                      f"{tuple(tensors[q].shape)}"])
+    assert check.untouched == 25 and "25 untouched tensors" in check.line()          # the embedding among them
 
 
 @pytest.fixture

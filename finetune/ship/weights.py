@@ -1,5 +1,7 @@
 """Whether a merged export holds the merge: every tensor the adapter changes, read back from the export's files and
-held against the exact merged weight, number by number (bf16) or 32-value group by group (MXFP4).
+held against the exact merged weight, number by number (bf16) or 32-value group by group (MXFP4); every other tensor
+against the base's, bit for bit (the layer checks feed each layer the trained model's input, so they never see the
+embedding), and nothing extra.
 
 Why it exists: the layer-by-layer logits check (:mod:`finetune.ship.parity`) sees an expert's update only through the
 probe tokens routed to that expert. At gpt-oss-20b size a merge that lost one expert's whole LoRA update kept 0.998 of
@@ -75,12 +77,15 @@ class WeightCheck:
     tensors: list[TensorAccount]
     against: str = "exact merge (base + adapter in float64)"
     seconds: float = 0.0
+    untouched: int = 0                # tensors the adapter does not change, each found identical to the base's
+    untouched_bytes: int = 0
+    untouched_problems: list[str] = field(default_factory=list)   # one of them missing or changed; anything extra
     decides: bool = True
     passed: bool = False
     failures: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.failures = []
+        self.failures = list(self.untouched_problems)
         for t in self.tensors:
             if t.problem:
                 self.failures.append(f"{t.name}: {t.problem}")
@@ -113,16 +118,19 @@ class WeightCheck:
         if s["min_expert_kept"] is not None:
             kept += f", ≥ {s['min_expert_kept']:.4f} per expert ({s['min_expert']})"
         amb = f", {s['ambiguous']:,} at a scale boundary" if s["ambiguous"] else ""
+        amb += (f"; {self.untouched} untouched tensors ({self.untouched_bytes:,} bytes) the base's, bit for bit"
+                if self.untouched else "")
         return (f"{self.consumer} vs {self.against}, weights read back: {s['tensors']} adapted tensors, "
                 f"{s['values']:,} {'values and groups' if self.fmt == 'mxfp4' else 'values'} checked, "
                 f"{s['differ']:,} differ from the nearest encoding{' (rounding ties)' if self.passed else ''}{amb}"
                 f"{kept}, in {self.seconds:.1f} s; budget: each the "
-                f"format's nearest encoding of the exact merge within float32's error -> {status}")
+                f"format's nearest encoding of the exact merge within float32's error, every other tensor the base's "
+                f"-> {status}")
 
     def to_dict(self) -> dict:
         return {"consumer": self.consumer, "against": self.against, "kind": "weights read back", "decides": True,
                 "passed": self.passed, "failures": self.failures, "format": self.fmt, "seconds": round(self.seconds, 1),
-                **self.summary(),
+                "untouched": self.untouched, "untouched_bytes": self.untouched_bytes, **self.summary(),
                 "per_tensor": [asdict(t) for t in self.tensors]}
 
 
@@ -159,8 +167,69 @@ def check(model_dir: str | Path, adapter_dir: str | Path, export_dir: str | Path
                 account = _linear(base, out, name, lora, device)
             accounts.append(account)
             bar.update(1)
+        adapted = {name for name, _, _ in targets}
+        n, nbytes, problems = _untouched(base, out, adapted, experts, scale_rounding, device, chunk_bytes,
+                                         expert_chunks, expert_rows)
     return WeightCheck(consumer or f"the export's files ({'merged-' + experts})", experts, accounts,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, untouched=n, untouched_bytes=nbytes,
+                       untouched_problems=problems)
+
+
+def _untouched(base: TensorFiles, out: TensorFiles, adapted: set[str], experts: str, scale_rounding: str, device,
+               chunk_bytes: int, expert_chunks, expert_rows) -> tuple[int, int, list[str]]:
+    """Every tensor the adapter does not change, against the base: the merge copies it (a bf16 export decodes MXFP4
+    experts, exactly; an MXFP4 export keeps their codes), so it must be bit for bit what the base gives; and the
+    export holds nothing the base does not. Returns (tensors checked, their bytes, problems). Without this, a broken
+    embedding, router or norm would pass: the layer-by-layer checks feed every layer the trained model's input."""
+    packed = experts == "mxfp4"
+    expected, problems, n, nbytes = set(), [], 0, 0
+    for name in base.names():
+        if name.endswith("_scales"):
+            continue
+        stem = name.removesuffix("_blocks")
+        expert = name.endswith("_blocks") or (".mlp.experts." in name and name.endswith(("gate_up_proj", "down_proj")))
+        keys = ([stem + "_blocks", stem + "_scales"] if packed else [stem]) if expert else [name]
+        expected.update(keys)
+        if stem in adapted or name in adapted:
+            continue
+        missing = [k for k in keys if k not in out]
+        if missing:
+            problems += [f"{k}: missing from the export" for k in missing]
+            continue
+        if expert and not (packed and name.endswith("_blocks")):      # decoded (bf16) or quantized (dense source)
+            same = _same_experts(base, out, stem, packed, scale_rounding, device, chunk_bytes, expert_chunks,
+                                 expert_rows)
+        else:                                                          # copied as stored
+            same = all(out.dtypes[k] == base.dtypes[k] and out.shapes[k] == base.shapes[k] and torch.equal(
+                _bytes(out[k]), _bytes(base[k])) for k in keys)
+        if not same:
+            problems.append(f"{stem}: not the base's, though the adapter does not change it")
+        n += 1
+        nbytes += sum(out.nbytes(k) for k in keys)
+    problems += [f"{k}: in the export, not in the base" for k in sorted(set(out.names()) - expected)]
+    return n, nbytes, problems
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's storage as bytes (so NaN payloads and -0 compare as written)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _same_experts(base: TensorFiles, out: TensorFiles, stem: str, packed: bool, scale_rounding: str, device,
+                  chunk_bytes: int, expert_chunks, expert_rows) -> bool:
+    """An unadapted expert tensor as the merge writes it from the base: bf16 ``(E, in, out)`` of the decoded
+    weight, or (a dense source) MXFP4 codes of it."""
+    for span in expert_chunks(base, stem, chunk_bytes // 2):
+        rows = expert_rows(base, stem, span, device)                           # (e, out, in) float32
+        if packed:
+            blocks, scales = mxfp4.pack(rows, scale_rounding)
+            want = [blocks, scales]
+            got = [out.rows(stem + "_blocks", span), out.rows(stem + "_scales", span)]
+        else:
+            want, got = [rows.transpose(1, 2).to(torch.bfloat16)], [out.rows(stem, span)]
+        if any(g.dtype != w.dtype or g.shape != w.shape or not torch.equal(g.to(device), w) for g, w in zip(got, want)):
+            return False
+    return True
 
 
 def _problem(name: str, problem: str) -> TensorAccount:

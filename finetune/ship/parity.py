@@ -93,6 +93,7 @@ class Check:
     decides: bool = True                # False: reported only (its numbers), another check decides
     passed: bool = False
     failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0   # its own run (set by run_checks); consumer passes shared by several checks come before
 
     def __post_init__(self):
         c, k = self.comparison, self.criteria
@@ -123,7 +124,7 @@ class Check:
 
     def to_dict(self) -> dict:
         return {"consumer": self.consumer, "against": self.against, "kind": "free-running logits",
-                "decides": self.decides, "passed": self.passed, "failures": self.failures,
+                "decides": self.decides, "passed": self.passed, "failures": self.failures, "seconds": self.seconds,
                 "criteria": self.criteria, "extra": self.extra, **asdict(self.comparison)}
 
 
@@ -197,6 +198,7 @@ class LayerCheck:
     extra: dict = field(default_factory=dict)
     passed: bool = False
     failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0   # its own run (set by run_checks); consumer passes shared by several checks come before
 
     def __post_init__(self):
         c, k = self.comparison, self.criteria
@@ -240,8 +242,8 @@ class LayerCheck:
 
     def to_dict(self) -> dict:
         return {"consumer": self.consumer, "against": self.against, "kind": "layer by layer", "decides": True,
-                "passed": self.passed, "failures": self.failures, "criteria": self.criteria, "budget": self.budget,
-                "extra": self.extra, **self.comparison.to_dict()}
+                "passed": self.passed, "failures": self.failures, "seconds": self.seconds, "criteria": self.criteria,
+                "budget": self.budget, "extra": self.extra, **self.comparison.to_dict()}
 
 
 # -- probes and the reference ---------------------------------------------------------------------------------------
@@ -792,10 +794,13 @@ def compare_layers(outputs: list[list["torch.Tensor"]], logits: list["torch.Tens
 
 
 def run_checks(checks: list[Callable[[], Check]], echo=print) -> list[Check]:
-    """Run each check, printing its line as it lands."""
+    """Run each check, printing its line as it lands; each records how long it took (``seconds``, in parity.json)."""
+    import time
     out = []
     for make in checks:
+        started = time.perf_counter()
         check = make()
+        check.seconds = round(time.perf_counter() - started, 1)
         echo("  " + check.line())
         out.append(check)
     return out

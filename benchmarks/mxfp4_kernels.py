@@ -72,6 +72,11 @@ def sweep_tiles(tokens: int) -> list[tuple]:
             for swap in (False, True):
                 for deint in (False, True):
                     tiles.append((block_m, False, block_n, block_k, warps, 3, swap, deint))
+        # narrow output blocks with long input steps: more programs (E x N/32) and more bytes in flight per step,
+        # for the few rows per expert of a decode step, where the kernel reads at a fifth of HBM's bandwidth
+        for block_n, block_k, warps, stages in ((32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 8, 4)):
+            for swap in (False, True):
+                tiles.append((block_m, False, block_n, block_k, warps, stages, swap, False))
     return tiles
 
 

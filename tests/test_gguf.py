@@ -587,6 +587,17 @@ def edited_copy(model_dir, target, *, config: dict | None = None, tensors=None):
     return target
 
 
+def test_a_config_without_bos_takes_the_tokenizers_startoftext(small_dir, small_ggufs, tmp_path):
+    """openai/gpt-oss-20b's published config.json names no bos_token_id (transformers reads None): the GGUF gets the
+    tokenizer's own <|startoftext|>, as from a config that names it, and reads back as planned."""
+    import gguf
+    edited = edited_copy(small_dir, tmp_path / "m", config={"bos_token_id": None})
+    out = export.write_model(edited, tmp_path / "nobos.gguf", name=small_dir.name)
+    bos = [gguf.GGUFReader(f).fields["tokenizer.ggml.bos_token_id"].contents() for f in (out, small_ggufs["bf16"])]
+    assert bos[0] == bos[1] == 258
+    assert export.read_back_model(edited, out, name=small_dir.name).passed
+
+
 def test_dense_experts_are_refused(small_dir, tmp_path):
     def densify(state):
         blocks = state.pop("model.layers.0.mlp.experts.gate_up_proj_blocks")

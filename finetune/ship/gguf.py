@@ -54,7 +54,7 @@ LLAMA_YARN_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}
 # (<|return|> and <|call|> are on that list, and <|end|> is taken off it when both are present); naming them as the
 # eot/eom ids as well keeps llama.cpp from guessing an eot token from the texts (it would pick <|end|> or
 # <|endoftext|>, whichever its hash map yields first).
-RETURN, CALL = "<|return|>", "<|call|>"
+RETURN, CALL, START_OF_TEXT = "<|return|>", "<|call|>", "<|startoftext|>"
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
@@ -342,7 +342,12 @@ def _add_tokenizer(writer, model_dir: Path, cfg) -> None:
     writer.add_key_value(K.LIST, tokens, T.ARRAY, sub_type=T.STRING)
     writer.add_key_value(K.TOKEN_TYPE, types, T.ARRAY, sub_type=T.INT32)
     writer.add_key_value(K.MERGES, merges, T.ARRAY, sub_type=T.STRING)
-    writer.add_bos_token_id(first(cfg.bos_token_id))
+    # openai/gpt-oss-20b's and -120b's published config.json name no bos_token_id (transformers then says None);
+    # the tokenizer's own BOS is <|startoftext|>, which llama.cpp's converter writes too
+    bos = first(cfg.bos_token_id)
+    bos = ids.get(START_OF_TEXT) if bos is None else bos
+    if bos is not None:
+        writer.add_bos_token_id(bos)
     writer.add_eos_token_id(ids[RETURN])
     writer.add_eot_token_id(ids[RETURN])
     writer.add_eom_token_id(ids[CALL])

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.ship.merge import expert_chunks, expert_rows
 from inference.model import mxfp4
 from inference.model.adapters import read_adapter
 from inference.model.checkpoint import TensorFiles, read_config
@@ -147,8 +148,6 @@ def check(model_dir: str | Path, adapter_dir: str | Path, export_dir: str | Path
     expert weights: ``"bf16"`` (dense, transformers' ``(E, in, out)``) or ``"mxfp4"`` (``*_blocks``/``*_scales``,
     quantized with ``scale_rounding``). Runs on ``device`` a tensor (experts: a chunk of experts) at a time."""
     from tqdm.auto import tqdm
-
-    from finetune.ship.merge import expert_chunks, expert_rows
     started = time.perf_counter()
     device = torch.device(device)
     adapter = read_adapter(adapter_dir, read_config(model_dir), torch.float64, device)
@@ -161,22 +160,20 @@ def check(model_dir: str | Path, adapter_dir: str | Path, export_dir: str | Path
             disable=not progress) as bar:
         for name, lora, is_experts in targets:
             if is_experts:
-                account = _experts(base, out, name, lora, experts, scale_rounding, device, chunk_bytes,
-                                   expert_chunks, expert_rows)
+                account = _experts(base, out, name, lora, experts, scale_rounding, device, chunk_bytes)
             else:
                 account = _linear(base, out, name, lora, device)
             accounts.append(account)
             bar.update(1)
         adapted = {name for name, _, _ in targets}
-        n, nbytes, problems = _untouched(base, out, adapted, experts, scale_rounding, device, chunk_bytes,
-                                         expert_chunks, expert_rows)
+        n, nbytes, problems = _untouched(base, out, adapted, experts, scale_rounding, device, chunk_bytes)
     return WeightCheck(consumer or f"the export's files ({'merged-' + experts})", experts, accounts,
                        seconds=time.perf_counter() - started, untouched=n, untouched_bytes=nbytes,
                        untouched_problems=problems)
 
 
 def _untouched(base: TensorFiles, out: TensorFiles, adapted: set[str], experts: str, scale_rounding: str, device,
-               chunk_bytes: int, expert_chunks, expert_rows) -> tuple[int, int, list[str]]:
+               chunk_bytes: int) -> tuple[int, int, list[str]]:
     """Every tensor the adapter does not change, against the base: the merge copies it (a bf16 export decodes MXFP4
     experts, exactly; an MXFP4 export keeps their codes), so it must be bit for bit what the base gives; and the
     export holds nothing the base does not. Returns (tensors checked, their bytes, problems). Without this, a broken
@@ -197,8 +194,7 @@ def _untouched(base: TensorFiles, out: TensorFiles, adapted: set[str], experts: 
             problems += [f"{k}: missing from the export" for k in missing]
             continue
         if expert and not (packed and name.endswith("_blocks")):      # decoded (bf16) or quantized (dense source)
-            same = _same_experts(base, out, stem, packed, scale_rounding, device, chunk_bytes, expert_chunks,
-                                 expert_rows)
+            same = _same_experts(base, out, stem, packed, scale_rounding, device, chunk_bytes)
         else:                                                          # copied as stored
             same = all(out.dtypes[k] == base.dtypes[k] and out.shapes[k] == base.shapes[k] and torch.equal(
                 _bytes(out[k]), _bytes(base[k])) for k in keys)
@@ -216,7 +212,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _same_experts(base: TensorFiles, out: TensorFiles, stem: str, packed: bool, scale_rounding: str, device,
-                  chunk_bytes: int, expert_chunks, expert_rows) -> bool:
+                  chunk_bytes: int) -> bool:
     """An unadapted expert tensor as the merge writes it from the base: bf16 ``(E, in, out)`` of the decoded
     weight, or (a dense source) MXFP4 codes of it."""
     for span in expert_chunks(base, stem, chunk_bytes // 2):
@@ -354,7 +350,7 @@ def _linear(base: TensorFiles, out: TensorFiles, name: str, lora, device) -> Ten
 
 
 def _experts(base: TensorFiles, out: TensorFiles, name: str, lora, experts: str, scale_rounding: str, device,
-             chunk_bytes: int, expert_chunks, expert_rows) -> TensorAccount:
+             chunk_bytes: int) -> TensorAccount:
     """One expert projection ``(E, out, in)`` (as the runtime holds it), a chunk of experts at a time."""
     packed = experts == "mxfp4"
     keys = [name + "_blocks", name + "_scales"] if packed else [name]
@@ -393,10 +389,8 @@ def _wrong_groups(written, nearest, x, slack, w_scale, n_scale) -> tuple[torch.T
     ew, en = (written - x).abs(), (nearest - x).abs()
     values_ok = (ew <= en + slack).all(-1)
     amax = x.abs().amax(-1)
-    _, e = torch.frexp(amax)                                   # amax = m 2^e, m in [0.5, 1): the rules of mxfp4._pack
-    down = torch.where(amax > 0, (e - 1 - mxfp4.E2M1_EMAX).clamp(-mxfp4.SCALE_BIAS, mxfp4.SCALE_BIAS), 0)
-    up = (down + (torch.ldexp(amax, -down) > mxfp4.E2M1_MAX).long()).clamp(max=mxfp4.SCALE_BIAS)
-    w_exp = w_scale.long() - mxfp4.SCALE_BIAS
+    down, up = mxfp4.scale_rule(amax.float())                  # as the quantizer saw x: in float32
+    w_exp = w_scale.int() - mxfp4.SCALE_BIAS
     weighed = (w_exp == down) | (w_exp == up)
     excess = (ew.square().sum(-1) - en.square().sum(-1)).abs()
     allowed = (2 * (ew + en + 2 * slack) * slack).sum(-1)

@@ -186,19 +186,27 @@ def _pack(values: torch.Tensor, scale_rounding: str, measure: bool):
     return blocks, scales, PackStats(scale_rounding, *totals) if measure else None
 
 
+def scale_rule(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared exponents ``(down, up)`` int32 the two conventions give groups of largest magnitude ``amax``
+    (float32, finite): down, the OCP rule ``floor(log2(amax)) - 2`` (0 for an all-zero group); up, the smallest
+    with ``amax / 2**up <= 6``."""
+    _, e = torch.frexp(amax)                      # amax = m * 2**e, m in [0.5, 1): floor(log2(amax)) = e - 1
+    down = torch.where(amax > 0, (e - 1 - E2M1_EMAX).clamp(-SCALE_BIAS, SCALE_BIAS), 0)
+    # amax / 2**down is in [4, 8) (below 4 only when clamped at 2**-127): the up scale is the down one, or twice it
+    # when that ratio is above 6. The ratio is exact (a power-of-two scaling of a normal float).
+    up = (down + (_ldexp(amax, -down) > E2M1_MAX).to(torch.int32)).clamp(max=SCALE_BIAS)
+    return down, up
+
+
 def _pack_groups(x: torch.Tensor, rounding: str, measure: bool):
     """Codes ``(n, 32)`` uint8 and shared exponents ``(n,)`` int32 of float32 groups ``x (n, 32)``; with ``measure``,
     the sums that make :class:`PackStats` (in its field order, after ``scale_rounding``)."""
     amax = x.abs().amax(dim=-1)                                                         # (n,)
     if not bool(torch.isfinite(amax).all()):
         raise ValueError("cannot quantize inf or NaN to MXFP4")
-    _, e = torch.frexp(amax)                      # amax = m * 2**e, m in [0.5, 1): floor(log2(amax)) = e - 1
-    down = torch.where(amax > 0, (e - 1 - E2M1_EMAX).clamp(-SCALE_BIAS, SCALE_BIAS), 0)
+    down, up = scale_rule(amax)
     if rounding == "down" and not measure:
         return _encode(x, down), down, None
-    # amax / 2**down is in [4, 8) (below 4 only when clamped at 2**-127): the up scale is the down one, or twice it
-    # when that ratio is above 6. The ratio is exact (a power-of-two scaling of a normal float).
-    up = (down + (_ldexp(amax, -down) > E2M1_MAX).to(torch.int32)).clamp(max=SCALE_BIAS)
     if rounding == "up" and not measure:
         return _encode(x, up), up, None
     code_down, code_up = _encode(x, down), _encode(x, up)
